@@ -1,0 +1,1 @@
+"""The ``memdec`` command line: thin commands over ``memdec_core.api``."""

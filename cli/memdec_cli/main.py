@@ -1,0 +1,83 @@
+"""The ``memdec`` command group, its error handling and plugin-provided commands.
+
+Commands are attached when ``main`` runs, not at import, so importing this module has no side
+effects. Neither this module nor ``memdec --help`` / ``memdec plugins`` imports torch or faiss.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from memdec_core import __version__
+from memdec_core.errors import MemdecError
+
+
+class MemdecGroup(click.Group):
+    """Turns a MemdecError into one line on stderr and exit 1 (a traceback with MEMDEC_DEBUG=1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MemdecError as error:
+            if _debug():
+                raise
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+def _debug() -> bool:
+    return os.environ.get("MEMDEC_DEBUG", "") not in ("", "0")
+
+
+def build_cli() -> click.Group:
+    """The command group with the built-in commands and every plugin's commands."""
+    from memdec_cli import eval_command, list_command, plugins_command
+
+    @click.group(cls=MemdecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="memdec")
+    def cli():
+        """memdec: adapt a language model to a domain, and compare the ways of doing it.
+
+        \b
+        Methods, combiners and domains come from plugins; see them with
+          memdec plugins            which plugins are installed
+          memdec list methods       what each kind of component offers
+        Start with:
+          memdec eval --domain path/to/corpus --base MODEL --method base,knn-lm
+        """
+
+    for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command):
+        cli.add_command(command)
+    _add_plugin_commands(cli)
+    return cli
+
+
+def _add_plugin_commands(cli: click.Group) -> None:
+    from memdec_core.plugins import get_plugin_manager
+
+    try:
+        get_plugin_manager().hook.memdec_register_commands(cli=cli)
+    except Exception as error:  # a plugin's broken command must not take the CLI down
+        if _debug():
+            raise
+        click.echo(f"Warning: a plugin failed to add its commands: {type(error).__name__}: {error}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        build_cli().main(args=argv, prog_name="memdec")
+    except MemdecError as error:  # raised while building the CLI, e.g. a duplicate component
+        if _debug():
+            raise
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Options shared by commands (and by plugins' commands): windows, budgets, component settings."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from memdec_core.errors import ConfigError
+
+
+def window_options(command):
+    """--context, --stride, --batch-size, --max-train-tokens, --max-eval-tokens."""
+    options = [
+        click.option("--context", type=click.IntRange(min=2), default=None,
+                     help="Window length in tokens [default: min(1024, the model's maximum)]."),
+        click.option("--stride", type=click.IntRange(min=1), default=None,
+                     help="New tokens scored per window [default: context / 2, as in the paper]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Windows per forward pass."),
+        click.option("--max-train-tokens", type=click.IntRange(min=2), default=None,
+                     help="Use only the first N tokens of the train split (quick runs on a CPU)."),
+        click.option("--max-eval-tokens", type=click.IntRange(min=2), default=None,
+                     help="Use only the first N tokens of the valid and test splits."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens):
+    from memdec_core.evaluate import EvalSettings
+
+    return EvalSettings(context=context, stride=stride, batch_size=batch_size,
+                        max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens)
+
+
+set_option = click.option(
+    "--set", "assignments", multiple=True, metavar="METHOD.KEY=VALUE",
+    help="Override a method setting, e.g. --set knn-lm.k=256 --set knn-lm.temperatures=1,10,100 "
+         "(see each method's settings in its documentation).")
+
+
+def parse_assignments(assignments: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``("knn-lm.k=64",)`` → ``{"knn-lm": {"k": "64"}}``."""
+    parsed: dict[str, dict[str, str]] = {}
+    for assignment in assignments:
+        target, equals, value = assignment.partition("=")
+        method, dot, key = target.partition(".")
+        if not (equals and dot and method and key):
+            raise click.BadParameter(f"{assignment!r} is not METHOD.KEY=VALUE", param_hint="--set")
+        parsed.setdefault(method, {})[key] = value
+    return parsed
+
+
+def typed_settings(kind: str, raw: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """Convert each component's string settings to its Config field types."""
+    from memdec_core import registry
+
+    return {name: registry.get(kind, name).settings_from_text(values) for name, values in raw.items()}
+
+
+def split_list(values: tuple[str, ...]) -> list[str]:
+    """Repeated and comma-separated values, in order: ("base,knn-lm", "x") → [base, knn-lm, x]."""
+    items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+    if not items:
+        raise ConfigError("empty list")
+    return items

@@ -1,0 +1,94 @@
+"""Artifacts: directories with a ``memdec.json`` manifest, written atomically, cached by content.
+
+A directory is built under a temporary name beside its target and renamed into place only when
+complete, so an interrupted build leaves nothing that a rerun could mistake for a finished one.
+Nothing here uses pickle: loading an artifact never executes code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from memdec_core import __version__
+from memdec_core.errors import ArtifactError
+
+MANIFEST = "memdec.json"
+
+
+def cache_root() -> Path:
+    """``MEMDEC_CACHE``, or ``~/.cache/memdec``."""
+    return Path(os.environ.get("MEMDEC_CACHE") or Path.home() / ".cache" / "memdec").expanduser()
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (model, data hash, settings)."""
+    payload = json.dumps(parts, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists():  # another process finished the same artifact first
+            shutil.rmtree(temporary)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, artifact_type: str, **fields: Any) -> dict:
+    """Write ``memdec.json``: type, version, time, command line and the given fields."""
+    manifest = {"type": artifact_type, "memdec_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": " ".join(sys.argv), **fields}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    return manifest
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def read_manifest(folder: Path, expected_type: str) -> dict:
+    """Read and check ``memdec.json``; a missing, corrupt or foreign manifest raises ArtifactError."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder} is not a memdec artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is corrupt: {error}") from error
+    if manifest.get("type") != expected_type:
+        raise ArtifactError(f"{folder} holds a {manifest.get('type')!r} artifact, not a {expected_type!r}")
+    return manifest
+
+
+def write_readme(folder: Path, title: str, lines: list[str]) -> None:
+    """A short model-card style README so an artifact explains itself."""
+    body = "\n".join(lines)
+    (Path(folder) / "README.md").write_text(f"# {title}\n\nMade by memdec {__version__}.\n\n{body}\n")
+
+
+def cached_artifact(kind: str, key: str) -> Path:
+    """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet)."""
+    return cache_root() / kind / key

@@ -1,0 +1,78 @@
+"""Combiners from user code: ``path/to/file.py:Name``, a registered name, a class or an instance."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from memdec_core.errors import ConfigError, MemdecError, UnknownComponentError
+from memdec_core.interfaces import Combiner
+
+
+def resolve_combiner(spec: Any) -> type[Combiner]:
+    """A Combiner class for ``spec``: a registered name, ``file.py[:Name]``, a class or an instance.
+
+    An instance fixes its knobs: its config is the only one tried on validation.
+    """
+    if isinstance(spec, Combiner):
+        return _fixed(spec)
+    if isinstance(spec, type) and issubclass(spec, Combiner):
+        return spec
+    if isinstance(spec, str) and (".py" in spec or "/" in spec):
+        return load_combiner_file(spec)
+    if isinstance(spec, str):
+        from memdec_core import registry
+
+        return registry.get("combiners", spec)
+    raise ConfigError(f"not a combiner: {spec!r} (give a name, file.py:Name, or a Combiner)")
+
+
+def _fixed(instance: Combiner) -> type[Combiner]:
+    config = instance.config
+    return type(type(instance).__name__, (type(instance),),
+                {"grid": classmethod(lambda cls: [dataclasses.replace(config)])})
+
+
+def load_combiner_file(spec: str) -> type[Combiner]:
+    """Import ``file.py`` and pick the Combiner named after the colon (or its only one)."""
+    path_text, _, wanted = spec.partition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"combiner file not found: {path}")
+    candidates = _combiners_in(_import_file(path))
+    if wanted:
+        by_component_name = {cls.name: cls for cls in candidates.values() if cls.name}
+        if wanted not in candidates and wanted not in by_component_name:
+            raise UnknownComponentError(f"combiner in {path.name}", wanted, list(candidates))
+        return candidates.get(wanted) or by_component_name[wanted]
+    if len(candidates) != 1:
+        found = ", ".join(sorted(candidates)) or "none"
+        raise ConfigError(f"{path} defines {len(candidates)} combiners ({found}); "
+                          f"name one as {path}:Name")
+    return next(iter(candidates.values()))
+
+
+def _import_file(path: Path):
+    module_name = f"memdec_user_combiner_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except MemdecError:
+        raise
+    except Exception as error:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"cannot import combiner file {path}: {type(error).__name__}: {error}") from error
+    return module
+
+
+def _combiners_in(module) -> dict[str, type[Combiner]]:
+    """Concrete Combiner classes defined in the module (not imported into it), by attribute name."""
+    return {attribute: value for attribute, value in vars(module).items()
+            if inspect.isclass(value) and issubclass(value, Combiner) and not inspect.isabstract(value)
+            and value.__module__ == module.__name__}

@@ -1,0 +1,194 @@
+"""Corpora → token streams → sliding windows.
+
+A corpus is a registered Domain or a folder holding ``train``, ``valid`` and ``test`` files as
+plain text (documents separated by a blank line) or JSONL (one ``{"text": ...}`` per line),
+optionally gzipped. Each split becomes one token stream: documents joined by the tokenizer's
+end-of-text token. Windows cut a stream so that every predicted token has exactly one global
+position: position ``p`` is the input token whose hidden state predicts token ``p + 1``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memdec_core.errors import ConfigError, DataError
+from memdec_core.interfaces import SPLITS
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+
+
+@dataclass
+class Corpus:
+    """The documents of each split, with a hash of their text (part of artifact cache keys)."""
+
+    name: str
+    documents: dict[str, list[str]]
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for split in SPLITS:
+            if not self.documents.get(split):
+                raise DataError(f"corpus {self.name!r}: the {split} split is empty")
+        self.hashes = {split: _text_hash(docs) for split, docs in self.documents.items()}
+
+
+def _text_hash(documents: list[str]) -> str:
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(document.encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:20]
+
+
+def load_corpus(domain: str) -> Corpus:
+    """A registered domain by name, or a corpus folder by path."""
+    from memdec_core import registry
+
+    if domain in registry.components("domains"):
+        component = registry.get("domains", domain)()
+        return Corpus(domain, {split: component.documents(split) for split in SPLITS})
+    path = Path(domain).expanduser()
+    if path.is_dir():
+        return load_corpus_folder(path)
+    if path.exists() or "/" in domain or domain.startswith("."):
+        raise DataError(f"corpus folder not found: {domain}")
+    return Corpus(domain, {split: registry.get("domains", domain)().documents(split) for split in SPLITS})
+
+
+def load_corpus_folder(folder: Path) -> Corpus:
+    return Corpus(folder.name, {split: read_split(folder, split) for split in SPLITS})
+
+
+def read_split(folder: Path, split: str) -> list[str]:
+    candidates = [folder / f"{split}{suffix}" for suffix in SUFFIXES]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise DataError(f"corpus folder {folder} has no {split} split "
+                        f"(expected one of: {', '.join(p.name for p in candidates)})")
+    if len(found) > 1:
+        raise DataError(f"corpus folder {folder} has several {split} files: "
+                        f"{', '.join(p.name for p in found)}; keep one")
+    return read_documents(found[0])
+
+
+def read_documents(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path}: {error}") from error
+    if ".jsonl" in path.name:
+        return _jsonl_documents(text, path)
+    return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def _jsonl_documents(text: str, path: Path) -> list[str]:
+    documents = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number}: each line needs a \"text\" string")
+        if record["text"].strip():
+            documents.append(record["text"])
+    return documents
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> np.ndarray:
+    """One int32 token stream: the documents joined by the end-of-text (or BOS) token."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    pieces = []
+    for ids in encoded:
+        if separator is not None:
+            pieces.append([separator])
+        pieces.append(ids)
+    return np.fromiter((t for piece in pieces for t in piece), dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens ``[start, end)`` fed to the model; positions ``[score_from, end - 1)`` are scored.
+
+    Position ``p`` predicts token ``p + 1``; the scored positions are the last ones of the window.
+    """
+
+    start: int
+    end: int
+    score_from: int
+
+    @property
+    def n_scored(self) -> int:
+        return self.end - 1 - self.score_from
+
+
+def make_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """Sliding windows of at most ``context`` tokens; each scores the ``stride`` newest positions.
+
+    The first window scores every position it holds; every position in ``[0, n_tokens - 1)`` is
+    scored exactly once, with at least ``context - stride`` tokens of left context after the first.
+    """
+    check_window_settings(context, stride)
+    if n_tokens < 2:
+        raise DataError(f"a token stream of {n_tokens} token(s) has nothing to predict")
+    windows, end = [], min(context, n_tokens)
+    windows.append(Window(0, end, 0))
+    while end < n_tokens:
+        score_from = end - 1  # predicts token `end`, the first one not yet scored
+        # The window must hold the input token at score_from, so it spans at most context tokens from it.
+        new_end = min(end + stride, n_tokens, score_from + context)
+        windows.append(Window(max(0, new_end - context), new_end, score_from))
+        end = new_end
+    return windows
+
+
+def check_window_settings(context: int, stride: int) -> None:
+    if context < 2:
+        raise ConfigError(f"context must be at least 2 tokens, got {context}")
+    if not 0 < stride <= context:
+        raise ConfigError(f"stride must be between 1 and context ({context}), got {stride}")
+
+
+@dataclass
+class TokenizedCorpus:
+    """Token streams per split, for one tokenizer."""
+
+    corpus: Corpus
+    streams: dict[str, np.ndarray]
+    tokenizer_fingerprint: str
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Hash the tokens, not the text: it then also changes with the tokenizer and any truncation.
+        self.hashes = {split: hashlib.sha256(stream.tobytes()).hexdigest()[:20]
+                       for split, stream in self.streams.items()}
+
+    def data_hash(self, split: str) -> str:
+        return self.hashes[split]
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, *, context: int,
+                    max_tokens: dict[str, int] | None = None) -> TokenizedCorpus:
+    """Tokenise every split; each must hold at least one full window of ``context`` tokens."""
+    max_tokens = max_tokens or {}
+    streams = {}
+    for split in SPLITS:
+        stream = tokenize_documents(tokenizer, corpus.documents[split])
+        if max_tokens.get(split):
+            stream = stream[: max_tokens[split]]
+        if len(stream) < context:
+            raise DataError(f"corpus {corpus.name!r}: the {split} split has {len(stream)} tokens, "
+                            f"shorter than one window of {context}; use a smaller --context or more text")
+        streams[split] = stream
+    return TokenizedCorpus(corpus, streams, tokenizer_fingerprint)

@@ -1,0 +1,257 @@
+"""Token-weighted sliding-window perplexity, of a base model alone or mixed with a memory.
+
+The engine runs the base model once per split over batches of windows and hands each batch's
+scored positions (gold targets, logits, optionally the ``last_ffn_input`` hidden states) to the
+caller. A mixture method evaluates its whole knob grid on each validation batch in that single
+pass, picks the best setting on validation only, and scores the test split with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from memdec_core.data import TokenizedCorpus, Window, make_windows
+from memdec_core.errors import ConfigError
+from memdec_core.interfaces import Combiner
+from memdec_core.models import LoadedModel, capture_last_ffn_input
+from memdec_core.progress import log, progress_bar
+
+PAPER_CONTEXT = 1024
+
+
+@dataclass
+class EvalSettings:
+    """How text is windowed and batched. ``None`` picks a default from the model."""
+
+    context: int | None = None  # default: min(1024, the model's maximum positions)
+    stride: int | None = None  # default: context // 2 (the paper scores the newest half)
+    batch_size: int = 4
+    max_train_tokens: int | None = None
+    max_eval_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 2, got {value}")
+
+    def resolve_window(self, model: LoadedModel) -> tuple[int, int]:
+        context = self.context or min(PAPER_CONTEXT, model.max_positions or PAPER_CONTEXT)
+        if model.max_positions and context > model.max_positions:
+            raise ConfigError(f"context {context} is longer than {model.model_id}'s "
+                              f"{model.max_positions} positions")
+        return context, self.stride or max(1, context // 2)
+
+    def max_tokens(self) -> dict[str, int | None]:
+        return {"train": self.max_train_tokens, "valid": self.max_eval_tokens,
+                "test": self.max_eval_tokens}
+
+
+@dataclass
+class EvalContext:
+    """Everything a Method needs to evaluate one base model on one corpus."""
+
+    base: LoadedModel
+    corpus: TokenizedCorpus
+    context: int
+    stride: int
+    settings: EvalSettings
+    combiner: type[Combiner]
+
+    def windows(self, split: str) -> list[Window]:
+        return make_windows(len(self.corpus.streams[split]), self.context, self.stride)
+
+
+@dataclass
+class MethodResult:
+    """What a method reports for one base model."""
+
+    test_ppl: float
+    valid_ppl: float | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoredBatch:
+    """The scored positions of a batch of windows, flattened in stream order."""
+
+    positions: torch.Tensor  # [N] global position p (predicting token p + 1)
+    targets: torch.Tensor  # [N] gold next-token ids
+    logits: torch.Tensor  # [N, vocab] base model logits, fp32
+    hidden: torch.Tensor | None = None  # [N, dim] last_ffn_input, when captured
+
+    def logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits, dim=-1)
+
+    def gold_logprobs(self) -> torch.Tensor:
+        gold = self.logits.gather(1, self.targets[:, None]).squeeze(1)
+        return gold - torch.logsumexp(self.logits, dim=-1)
+
+
+class NLLTotal:
+    """Token-weighted negative log-likelihood: perplexity = exp(sum / count)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, gold_logprobs: torch.Tensor) -> None:
+        self.total -= float(gold_logprobs.double().sum())
+        self.count += int(gold_logprobs.numel())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.total / self.count) if self.count else float("nan")
+
+
+def iter_scored_batches(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
+                        capture_hidden: bool = False, description: str = "scoring") -> Iterator[ScoredBatch]:
+    """Run ``model`` over the windows in batches; yield the scored positions of each batch."""
+    n_scored = sum(window.n_scored for window in windows)
+    with progress_bar(description, n_scored, "tokens") as advance, torch.inference_mode():
+        for first in range(0, len(windows), batch_size):
+            batch_windows = windows[first:first + batch_size]
+            batch = _score_windows(model, stream, batch_windows, capture_hidden)
+            advance(len(batch.targets))
+            yield batch
+
+
+def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hidden: bool) -> ScoredBatch:
+    input_ids, attention_mask = _pad(stream, windows)
+    # Keep logits from the earliest scored column of any window to the end of the batch.
+    keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
+    if capture_hidden:
+        with capture_last_ffn_input(model) as captured:
+            logits = _forward(model, input_ids, attention_mask, keep)
+        hidden = captured["hidden"]
+    else:
+        logits, hidden = _forward(model, input_ids, attention_mask, keep), None
+    rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
+    targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
+    scored_hidden = None
+    if hidden is not None:
+        hidden_columns = columns + (input_ids.shape[1] - keep)
+        scored_hidden = hidden[rows, hidden_columns].float()
+    return ScoredBatch(torch.from_numpy(positions), targets, logits[rows, columns].float(), scored_hidden)
+
+
+def _pad(stream: np.ndarray, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad windows to one length; position ids are unaffected by right padding."""
+    length = max(window.end - window.start for window in windows)
+    input_ids = np.zeros((len(windows), length), dtype=np.int64)
+    attention_mask = np.zeros((len(windows), length), dtype=np.int64)
+    for row, window in enumerate(windows):
+        size = window.end - window.start
+        input_ids[row, :size] = stream[window.start:window.end]
+        attention_mask[row, :size] = 1
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+
+def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last ``keep`` columns only: the output layer is the costly part for big vocabularies."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+    logits = output.logits
+    return logits[:, -keep:] if logits.shape[1] > keep else logits
+
+
+def _scored_indices(windows: list[Window], length: int, keep: int):
+    """Row, column (into the kept logits) and global position of every scored prediction."""
+    rows, columns, positions = [], [], []
+    offset = length - keep
+    for row, window in enumerate(windows):
+        local = np.arange(window.score_from, window.end - 1) - window.start  # column in the window
+        rows.append(np.full(len(local), row))
+        columns.append(local - offset)
+        positions.append(np.arange(window.score_from, window.end - 1))
+    return (torch.from_numpy(np.concatenate(rows)), torch.from_numpy(np.concatenate(columns)),
+            np.concatenate(positions).astype(np.int64))
+
+
+def perplexity(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
+               description: str = "perplexity") -> float:
+    """Token-weighted perplexity of ``model`` alone over the windows."""
+    total = NLLTotal()
+    for batch in iter_scored_batches(model, stream, windows, batch_size=batch_size, description=description):
+        total.add(batch.gold_logprobs())
+    return total.perplexity
+
+
+class MixtureMemory(Protocol):
+    """A distribution mixed with the base at every scored position (a kNN-LM, a Memory Decoder)."""
+
+    capture_hidden: bool
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The memory's own knob settings to try on validation (e.g. kNN temperatures)."""
+
+    def prepare(self, batch: ScoredBatch) -> Any:
+        """Work shared by every knob setting for one batch (e.g. the neighbour search)."""
+
+    def gold_logprobs(self, state: Any, batch: ScoredBatch, knobs: dict) -> torch.Tensor:
+        """``[N]`` log-probs of the gold tokens under the memory."""
+
+    def logprobs(self, state: Any, batch: ScoredBatch, knobs: dict) -> torch.Tensor:
+        """``[N, vocab]`` full log-probs under the memory (for non-elementwise combiners)."""
+
+
+def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
+    """Tune memory × combiner knobs on validation in one pass, then score test with the best."""
+    settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
+    valid = _score_mixture(ctx, memory, "valid", settings)
+    best = min(range(len(settings)), key=lambda i: valid[i].perplexity)
+    memory_knobs, combiner_config = settings[best]
+    knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
+    log(f"{ctx.base.model_id}: best on validation {_format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
+    test = _score_mixture(ctx, memory, "test", [settings[best]])[0]
+    grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
+                   for i, (mem, comb) in enumerate(settings)]
+    return MethodResult(test.perplexity, valid[best].perplexity, knobs,
+                        {"valid_grid": grid_report, "test_tokens": test.count})
+
+
+def _score_mixture(ctx: EvalContext, memory: MixtureMemory, split: str, settings: list) -> list[NLLTotal]:
+    totals = [NLLTotal() for _ in settings]
+    combiners = [ctx.combiner(config) for _, config in settings]
+    batches = iter_scored_batches(ctx.base.model, ctx.corpus.streams[split], ctx.windows(split),
+                                  batch_size=ctx.settings.batch_size,
+                                  capture_hidden=memory.capture_hidden, description=f"{split} ({ctx.base.model_id})")
+    for batch in batches:
+        state = memory.prepare(batch)
+        by_memory_knobs: dict[str, torch.Tensor] = {}
+        for total, combiner, (memory_knobs, _) in zip(totals, combiners, settings):
+            key = repr(sorted(memory_knobs.items()))
+            if key not in by_memory_knobs:
+                by_memory_knobs[key] = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
+            total.add(_mixed_gold(combiner, batch, by_memory_knobs[key], split))
+    return totals
+
+
+def _memory_rows(memory, state, batch, knobs, elementwise: bool) -> torch.Tensor:
+    if elementwise:
+        return memory.gold_logprobs(state, batch, knobs)[:, None]
+    return memory.logprobs(state, batch, knobs)
+
+
+def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, split: str) -> torch.Tensor:
+    context = {"positions": batch.positions, "split": split}
+    if memory_rows.shape[1] == 1:  # elementwise: only the gold column is needed
+        return combiner.combine(batch.gold_logprobs()[:, None], memory_rows, context)[:, 0]
+    mixed = combiner.combine(batch.logprobs(), memory_rows, context)
+    total_mass = torch.logsumexp(mixed, dim=-1).abs().max()
+    if total_mass > 1e-3:
+        raise ConfigError(f"combiner {combiner.name!r} returned log-probs that do not sum to 1 "
+                          f"(off by {float(total_mass):.3g} in log space); renormalise in combine()")
+    return mixed.gather(1, batch.targets[:, None])[:, 0]
+
+
+def _format_knobs(knobs: dict) -> str:
+    return " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in knobs.items())

@@ -1,0 +1,224 @@
+"""Base models: load from a registered name, a local folder, a GGUF file or a hub id.
+
+Also the two facts memdec needs about a model beyond its logits: the fingerprint of its
+tokenizer (so a memory is never mixed with a base of another vocabulary) and the input of its
+last block's MLP (``last_ffn_input``), the key of a kNN-LM datastore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memdec_core.errors import ModelError, UnknownComponentError
+
+#: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
+BLOCK_PATHS = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "gemma3": "model.language_model.layers",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to score, with what identifies it."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str  # what the user named
+    fingerprint: str  # changes when the weights change; part of artifact cache keys
+    tokenizer_fingerprint: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
+    """Load a base model in fp32 on the CPU (or the given device later) in eval mode."""
+    location, gguf_file = resolve_model_location(name)
+    if gguf_file:
+        location, gguf_file = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir), None
+    model, tokenizer = _from_pretrained(location, name)
+    model.eval()
+    return LoadedModel(model, tokenizer, name, _model_fingerprint(name, location),
+                       tokenizer_fingerprint(tokenizer))
+
+
+def resolve_model_location(name: str) -> tuple[str, str | None]:
+    """``(folder or hub id, gguf file name or None)`` for what a user typed."""
+    from memdec_core import registry
+
+    if name in registry.components("models"):
+        return registry.get("models", name)().path(), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a model folder (no config.json)")
+        return str(path), None
+    if _looks_like_path(name):
+        raise ModelError(f"model path not found: {name}")
+    if not _hub_model_available(name):
+        from memdec_core import registry
+
+        raise UnknownComponentError("model", name, registry.names("models"),
+                                    hint="not a local path, and the hub is unreachable")
+    return name, None
+
+
+def _hub_model_available(name: str) -> bool:
+    """True when a hub id can be loaded: in the local HF cache, or the hub answers.
+
+    Checked up front because an unreachable hub makes transformers retry for most of a minute.
+    """
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else that is not on disk was meant as a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _from_pretrained(location: str, name: str, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # memdec shows its own progress
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    return model, tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> str:
+    """Dequantise a GGUF file once into a safetensors folder: later loads take seconds, not a minute."""
+    target_file = folder / gguf_file
+    stat = target_file.stat()
+    key = hashlib.sha256(f"{target_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    if cache_dir is None:
+        from memdec_core.artifacts import cache_root
+
+        cache_dir = cache_root()
+    converted = cache_dir / "models" / f"{target_file.stem}-{key}"
+    if (converted / "config.json").exists():
+        return str(converted)
+    try:
+        model, tokenizer = _from_pretrained(str(folder), str(target_file), gguf_file=gguf_file)
+    except ImportError as error:
+        raise ModelError(f"loading {target_file.name} needs the gguf package: pip install gguf") from error
+    from memdec_core.artifacts import atomic_directory
+
+    with atomic_directory(converted) as temporary:
+        _save_dequantised(model, tokenizer, temporary)
+    return str(converted)
+
+
+def _save_dequantised(model, tokenizer, folder: Path) -> None:
+    # A GGUF-loaded model refuses save_pretrained (it carries a quantization config): rebuild it
+    # from its plain config and copy the dequantised weights over.
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    with contextlib.suppress(AttributeError):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.tie_weights()
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _model_fingerprint(name: str, location: str) -> str:
+    """Name plus size and mtime of the weight files: cheap, and changes when the weights do."""
+    parts = [name]
+    folder = Path(location)
+    if folder.is_dir():
+        for file in sorted(folder.iterdir()):
+            if file.suffix in {".safetensors", ".bin", ".gguf", ".json"}:
+                stat = file.stat()
+                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of the vocabulary (with added tokens) and the BPE merges."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    merges: list = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    payload = json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def last_block_mlp(model):
+    """The MLP module of the last decoder block; its input is the datastore key."""
+    model_type = model.config.model_type
+    if model_type not in BLOCK_PATHS:
+        raise ModelError(f"architecture {model_type!r} is not supported for hidden-state capture "
+                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
+    blocks = model
+    for attribute in BLOCK_PATHS[model_type].split("."):
+        blocks = getattr(blocks, attribute)
+    return blocks[-1].mlp
+
+
+@contextlib.contextmanager
+def capture_last_ffn_input(model):
+    """Record the input of the last block's MLP (already normalised) on every forward pass.
+
+    Yields a dict whose ``"hidden"`` entry holds the latest ``[batch, length, dim]`` tensor.
+    """
+    captured: dict[str, Any] = {}
+
+    def hook(_module, args):
+        captured["hidden"] = args[0].detach()
+
+    handle = last_block_mlp(model).register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

@@ -1,0 +1,38 @@
+"""Progress bars and log lines, always on stderr (stdout carries results only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+stderr = Console(stderr=True)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("MEMDEC_NO_PROGRESS", "") in ("", "0")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, unit: str = "") -> Iterator:
+    """A rich progress bar on stderr; yields a callable ``advance(n=1, **fields)``."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[note]}")]
+    with Progress(*columns, console=stderr, disable=not progress_enabled(), transient=False) as progress:
+        task = progress.add_task(description, total=total, note="")
+
+        def advance(n: int = 1, note: str | None = None) -> None:
+            progress.update(task, advance=n, **({"note": note} if note is not None else {}))
+
+        yield advance
+
+
+def log(message: str) -> None:
+    """A status line for humans on stderr."""
+    if progress_enabled():
+        stderr.print(f"[dim]memdec:[/dim] {message}", highlight=False)

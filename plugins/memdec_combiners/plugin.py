@@ -1,0 +1,10 @@
+"""Registers the built-in combiners."""
+
+from memdec_core.hookspecs import hookimpl
+
+
+@hookimpl
+def memdec_register_combiners():
+    from memdec_combiners.linear import Linear
+
+    return [Linear]

@@ -1,0 +1,1 @@
+"""kNN-LM: a faiss datastore of (hidden state → next token) mixed with the base at every token."""

@@ -1,0 +1,24 @@
+"""Registers the kNN-LM method, the faiss retriever and ``memdec datastore``."""
+
+from memdec_core.hookspecs import hookimpl
+
+
+@hookimpl
+def memdec_register_methods():
+    from memdec_knn.method import KnnLM
+
+    return [KnnLM]
+
+
+@hookimpl
+def memdec_register_retrievers():
+    from memdec_knn.index import FaissRetriever
+
+    return [FaissRetriever]
+
+
+@hookimpl
+def memdec_register_commands(cli):
+    from memdec_knn.commands import datastore
+
+    cli.add_command(datastore)

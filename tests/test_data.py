@@ -1,0 +1,67 @@
+"""Corpora, token streams and sliding windows."""
+
+import gzip
+import json
+
+import pytest
+
+from memdec_core.data import load_corpus, make_windows, read_documents
+from memdec_core.errors import ConfigError, DataError, UnknownComponentError
+from conftest import write_corpus
+
+
+@pytest.mark.parametrize("n_tokens,context,stride", [(10, 4, 2), (100, 16, 8), (17, 16, 3), (5, 8, 4), (64, 8, 8)])
+def test_windows_score_every_position_exactly_once(n_tokens, context, stride):
+    windows = make_windows(n_tokens, context, stride)
+    scored = [p for w in windows for p in range(w.score_from, w.end - 1)]
+    assert scored == list(range(n_tokens - 1))
+    for window in windows:
+        assert window.end - window.start <= context
+        assert window.start <= window.score_from
+    for window in windows[1:]:  # after the first, each scored token sees at least context - stride tokens
+        assert window.score_from - window.start >= min(context - stride, context - 1) - 1 or window.start == 0
+
+
+def test_bad_window_settings():
+    with pytest.raises(ConfigError, match="stride"):
+        make_windows(100, 8, 9)
+    with pytest.raises(ConfigError, match="stride"):
+        make_windows(100, 8, 0)
+    with pytest.raises(ConfigError, match="context"):
+        make_windows(100, 1, 1)
+
+
+def test_corpus_folder_formats(tmp_path):
+    txt = load_corpus(str(write_corpus(tmp_path / "a", fmt="txt")))
+    jsonl = load_corpus(str(write_corpus(tmp_path / "b", fmt="jsonl")))
+    assert txt.documents == jsonl.documents
+    assert txt.hashes == jsonl.hashes
+    gz = tmp_path / "doc.jsonl.gz"
+    with gzip.open(gz, "wt") as handle:
+        handle.write(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert read_documents(gz) == ["one", "two"]
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    folder = write_corpus(tmp_path / "c")
+    (folder / "valid.txt").unlink()
+    with pytest.raises(DataError, match="no valid split"):
+        load_corpus(str(folder))
+
+
+def test_empty_split_and_bad_jsonl(tmp_path):
+    folder = write_corpus(tmp_path / "d")
+    (folder / "test.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="test split is empty"):
+        load_corpus(str(folder))
+    (folder / "test.txt").unlink()
+    (folder / "test.jsonl").write_text('{"text": "fine"}\n{"txt": 3}\n')
+    with pytest.raises(DataError, match="test.jsonl:2"):
+        load_corpus(str(folder))
+
+
+def test_missing_folder_and_unknown_domain(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_corpus(str(tmp_path / "nope"))
+    with pytest.raises(UnknownComponentError, match="unknown domain 'fnance'"):
+        load_corpus("fnance")

@@ -1,0 +1,69 @@
+"""Sliding-window perplexity against brute-force references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from memdec_core.data import make_windows, tokenize_corpus, load_corpus
+from memdec_core.errors import ConfigError, DataError
+from memdec_core.evaluate import EvalSettings, iter_scored_batches, perplexity
+from memdec_core.models import load_model
+
+
+def full_context_nll(model, tokens: np.ndarray) -> float:
+    """Mean NLL of tokens[1:] given everything before, in one forward pass."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens[None].astype(np.int64))).logits[0, :-1]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return float(-logprobs.gather(1, torch.from_numpy(tokens[1:, None].astype(np.int64))).mean())
+
+
+@pytest.fixture(scope="module")
+def base(tiny_gpt2):
+    return load_model(str(tiny_gpt2))
+
+
+@pytest.fixture(scope="module")
+def stream(base, corpus_dir):
+    return tokenize_corpus(load_corpus(str(corpus_dir)), base.tokenizer, base.tokenizer_fingerprint,
+                           context=64).streams["valid"]
+
+
+def test_one_window_equals_full_context(base, stream):
+    tokens = stream[:100]
+    windows = make_windows(len(tokens), context=128, stride=64)
+    assert len(windows) == 1
+    ppl = perplexity(base.model, tokens, windows, batch_size=2)
+    assert ppl == pytest.approx(math.exp(full_context_nll(base.model, tokens)), rel=1e-5)
+
+
+def test_sliding_windows_equal_brute_force_per_window(base, stream):
+    tokens = stream[:300]
+    context, stride = 64, 24
+    expected = {}
+    for window in make_windows(len(tokens), context, stride):  # one forward per window, no batching
+        with torch.no_grad():
+            logits = base.model(torch.from_numpy(tokens[None, window.start:window.end].astype(np.int64))).logits[0]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for position in range(window.score_from, window.end - 1):
+            expected[position] = float(logprobs[position - window.start, tokens[position + 1]])
+    got = {}
+    for batch in iter_scored_batches(base.model, tokens, make_windows(len(tokens), context, stride), batch_size=3):
+        for position, value in zip(batch.positions.tolist(), batch.gold_logprobs().tolist()):
+            assert position not in got
+            got[position] = value
+    assert sorted(got) == list(range(len(tokens) - 1))
+    assert np.allclose([got[p] for p in sorted(got)], [expected[p] for p in sorted(got)], atol=1e-5)
+
+
+def test_corpus_shorter_than_one_window(base, corpus_dir):
+    with pytest.raises(DataError, match="shorter than one window of 100000"):
+        tokenize_corpus(load_corpus(str(corpus_dir)), base.tokenizer, base.tokenizer_fingerprint, context=100000)
+
+
+def test_context_longer_than_model(base):
+    with pytest.raises(ConfigError, match="longer than"):
+        EvalSettings(context=4096).resolve_window(base)
+    assert EvalSettings().resolve_window(base) == (256, 128)  # min(1024, model max), stride half

@@ -1,0 +1,197 @@
+"""kNN-LM datastore and distribution against brute-force references."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memdec_core.api import prepare_context
+from memdec_core.data import make_windows
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.evaluate import EvalSettings
+from memdec_knn import datastore as datastore_module
+from memdec_knn import distribution
+from memdec_knn.datastore import build_datastore, open_datastore
+from memdec_knn.index import FaissRetriever
+from memdec_knn.method import KnnLM, KnnMemory
+
+CONTEXT, STRIDE = 64, 32
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_gpt2, corpus_dir):
+    return prepare_context(str(corpus_dir), str(tiny_gpt2), EvalSettings(context=CONTEXT, stride=STRIDE))
+
+
+@pytest.fixture(scope="module")
+def store(ctx, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stores") / "store"
+    stream = ctx.corpus.streams["train"][:400]
+    return build_datastore(ctx.base, stream, folder, context=CONTEXT, stride=STRIDE, batch_size=3,
+                           retriever=FaissRetriever(), data_hash="test")
+
+
+def ln_2_outputs(model, input_ids: np.ndarray) -> torch.Tensor:
+    """The last GPT-2 block's ln_2 output (= its MLP input), read by a hook on ln_2 itself."""
+    seen = {}
+    handle = model.transformer.h[-1].ln_2.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        model(torch.from_numpy(input_ids[None].astype(np.int64)))
+    handle.remove()
+    return seen["out"][0]
+
+
+def test_row_i_holds_hidden_state_at_i_and_token_at_i_plus_1(ctx, store):
+    stream = ctx.corpus.streams["train"][:400]
+    assert len(store) == len(stream) - 1
+    keys, vals = np.load(store.folder / "keys.npy"), np.load(store.folder / "vals.npy")  # real NPY files
+    assert keys.dtype == np.float16 and vals.dtype == np.int32
+    assert np.array_equal(vals, stream[1:])
+    for window in make_windows(len(stream), CONTEXT, STRIDE):
+        hidden = ln_2_outputs(ctx.base.model, stream[window.start:window.end])
+        for position in range(window.score_from, window.end - 1):
+            expected = hidden[position - window.start].numpy()
+            assert np.allclose(keys[position], expected, atol=2e-2, rtol=1e-2), position
+
+
+def brute_force_knn(keys: np.ndarray, vals: np.ndarray, query: np.ndarray, k: int, temperature: float) -> dict:
+    distances = ((keys.astype(np.float64) - query.astype(np.float64)) ** 2).sum(axis=1)
+    nearest = np.argsort(distances, kind="stable")[:k]
+    weights = np.exp(-(distances[nearest] - distances[nearest].min()) / temperature)
+    weights /= weights.sum()
+    result: dict[int, float] = {}
+    for index, weight in zip(nearest, weights):
+        result[int(vals[index])] = result.get(int(vals[index]), 0.0) + weight
+    return result
+
+
+@pytest.mark.parametrize("temperature", [1.0, 10.0, 100.0])
+def test_knn_distribution_equals_numpy_brute_force(store, temperature):
+    keys = np.asarray(store.keys, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    queries = keys[rng.choice(len(keys), 5)] + rng.normal(0, 0.05, (5, keys.shape[1])).astype(np.float32)
+    k = 16
+    distances, ids = store.retriever.search(queries, k)
+    values = torch.from_numpy(np.asarray(store.vals)[ids].astype(np.int64))
+    token_ids, probs = distribution.sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
+                                                        values, temperature)
+    for row, query in enumerate(queries):
+        expected = brute_force_knn(keys, np.asarray(store.vals), query, k, temperature)
+        got = {int(t): float(p) for t, p in zip(token_ids[row], probs[row]) if t >= 0}
+        assert got.keys() == expected.keys()
+        assert all(abs(got[t] - expected[t]) < 1e-4 for t in got)
+        assert abs(sum(got.values()) - 1) < 1e-5
+        for target in list(expected)[:3]:
+            gold = distribution.gold_logprobs(torch.from_numpy(distances[row:row + 1]),
+                                              torch.from_numpy(ids[row:row + 1]), values[row:row + 1],
+                                              torch.tensor([target]), temperature)
+            assert float(gold.exp()) == pytest.approx(expected[target], abs=1e-4)
+
+
+def test_missing_neighbours_get_no_mass():
+    distances = torch.tensor([[1.0, 2.0, 0.0]])
+    ids = torch.tensor([[5, 6, -1]])
+    values = torch.tensor([[7, 7, 9]])
+    token_ids, probs = distribution.sparse_distribution(distances, ids, values, 1.0)
+    support = {int(t): float(p) for t, p in zip(token_ids[0], probs[0]) if t >= 0}
+    assert support == {7: pytest.approx(1.0)}
+    dense = distribution.dense_logprobs(distances, ids, values, 1.0, vocab_size=10).exp()
+    assert float(dense.sum()) == pytest.approx(1.0) and float(dense[0, 7]) == pytest.approx(1.0)
+
+
+def test_ivf_pq_index_is_trained_on_a_sample_and_searchable(ctx, tmp_path):
+    stream = ctx.corpus.streams["train"][:1200]
+    retriever = FaissRetriever(factory="IVF4,PQ4", nprobe=4, train_size=600)
+    store = build_datastore(ctx.base, stream, tmp_path / "ivf", context=CONTEXT, stride=STRIDE, batch_size=4,
+                            retriever=retriever, data_hash="x")
+    assert store.manifest["retriever"]["factory"] == "IVF4,PQ4"
+    distances, ids = store.retriever.search(np.asarray(store.keys[:3], dtype=np.float32), 8)
+    assert (ids >= 0).all() and (np.diff(distances, axis=1) >= -1e-4).all()
+
+
+def test_bad_index_settings(ctx, tmp_path):
+    stream = ctx.corpus.streams["train"][:200]
+    with pytest.raises(ConfigError, match="needs at least 4096 keys"):
+        build_datastore(ctx.base, stream, tmp_path / "a", context=CONTEXT, stride=STRIDE, batch_size=4,
+                        retriever=FaissRetriever(factory="IVF4096,Flat"), data_hash="x")
+    with pytest.raises(ConfigError, match="invalid faiss factory"):
+        build_datastore(ctx.base, stream, tmp_path / "b", context=CONTEXT, stride=STRIDE, batch_size=4,
+                        retriever=FaissRetriever(factory="Nonsense12"), data_hash="x")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_k_must_be_positive():
+    with pytest.raises(ConfigError, match="k must be at least 1"):
+        KnnLM(k=0)
+
+
+def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
+    real = datastore_module.iter_scored_batches
+
+    def interrupted(*args, **kwargs):
+        for number, batch in enumerate(real(*args, **kwargs)):
+            if number == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(datastore_module, "iter_scored_batches", interrupted)
+    method = KnnLM()
+    with pytest.raises(KeyboardInterrupt):
+        method.datastore_for(ctx)
+    from memdec_knn.method import datastore_key
+    from memdec_core.artifacts import cached_artifact
+
+    folder = cached_artifact("datastores", datastore_key(ctx, method.config))
+    assert not folder.exists()
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
+    monkeypatch.setattr(datastore_module, "iter_scored_batches", real)
+    store = method.datastore_for(ctx)
+    assert store.folder == folder and len(store) == len(ctx.corpus.streams["train"]) - 1
+
+
+def test_corrupt_or_foreign_datastores_are_refused(store, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(store.folder, tmp_path / "copy"))
+    np.save(copy / "vals.npy", np.zeros(3, dtype=np.int32))
+    with pytest.raises(ArtifactError, match="inconsistent"):
+        open_datastore(copy)
+    (copy / "memdec.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        open_datastore(copy)
+    (copy / "memdec.json").unlink()
+    with pytest.raises(ArtifactError, match="not a memdec artifact"):
+        open_datastore(copy)
+
+
+def test_datastore_of_another_model_is_refused(ctx, store, tiny_llama, corpus_dir):
+    other = prepare_context(str(corpus_dir), str(tiny_llama), EvalSettings(context=CONTEXT, stride=STRIDE))
+    with pytest.raises(ArtifactError, match="same model for keys and queries"):
+        KnnLM(datastore=str(store.folder)).datastore_for(other)
+
+
+def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
+    result = KnnLM(k=32).evaluate(ctx)
+    from memdec_core.evaluate import perplexity
+
+    base = perplexity(ctx.base.model, ctx.corpus.streams["test"], ctx.windows("test"), batch_size=4)
+    assert result.test_ppl < base
+    assert set(result.knobs) == {"temperature", "lam"}
+    assert 0 < result.knobs["lam"] < 1
+    assert len(result.details["valid_grid"]) == len(KnnLM.Config().temperatures) * 13
+
+
+def test_knn_memory_dense_rows_match_gold(store, ctx):
+    memory = KnnMemory(store, k=8, temperatures=(5.0,))
+    from memdec_core.evaluate import iter_scored_batches
+
+    batch = next(iter_scored_batches(ctx.base.model, ctx.corpus.streams["valid"], ctx.windows("valid"),
+                                     batch_size=2, capture_hidden=True))
+    state = memory.prepare(batch)
+    dense = memory.logprobs(state, batch, {"temperature": 5.0})
+    gold = memory.gold_logprobs(state, batch, {"temperature": 5.0})
+    from_dense = dense.gather(1, batch.targets[:, None])[:, 0]
+    finite = torch.isfinite(gold)
+    assert torch.equal(finite, torch.isfinite(from_dense))
+    assert torch.allclose(gold[finite], from_dense[finite], atol=1e-5)

@@ -16,28 +16,36 @@ from memdec_core.errors import ConfigError
 from memdec_core.progress import log
 
 
-def evaluate(domain: str, bases: Iterable[str], methods: Iterable[str] = ("base",), *,
+def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("base",), *,
              settings=None, combiner: Any = "linear",
-             method_settings: dict[str, dict[str, Any]] | None = None) -> dict:
+             method_settings: dict[str, dict[str, Any]] | None = None,
+             domain_settings: dict[str, Any] | None = None) -> dict:
     """Test perplexity of every base × method on ``domain``, knobs tuned on validation.
 
     ``method_settings`` maps a method name to overrides of its Config, e.g.
-    ``{"knn-lm": {"k": 256}}``. Returns ``{"domain", "results": [...], "settings"}``.
+    ``{"knn-lm": {"k": 256}}``; ``domain_settings`` configures a registered domain, e.g.
+    ``{"source": "hub"}``. Returns ``{"domain", "results": [...], "settings"}``.
     """
     from memdec_core.data import load_corpus
     from memdec_core.evaluate import EvalSettings
 
     settings = settings or EvalSettings()
-    bases, methods = list(bases), _method_instances(methods, method_settings or {})
-    if not bases:
-        raise ConfigError("give at least one base model")
+    bases, methods = list(bases) or default_bases(), _method_instances(methods, method_settings or {})
     combiner_class = resolve_combiner(combiner)
-    corpus = load_corpus(domain)
+    corpus = load_corpus(domain, **(domain_settings or {}))
     results = []
     for base_name in bases:
         results.extend(_evaluate_base(base_name, corpus, methods, settings, combiner_class))
     return {"domain": corpus.name, "results": results,
             "settings": dataclasses.asdict(settings), "combiner": combiner_class.name or combiner_class.__name__}
+
+
+def default_bases() -> list[str]:
+    """The registered models marked as defaults (the offline demo family), in registration order."""
+    defaults = [name for name, cls in registry.components("models").items() if cls.default]
+    if not defaults:
+        raise ConfigError("no base model given and no default models are installed; pass --base MODEL")
+    return defaults
 
 
 def _method_instances(names: Iterable[str], overrides: dict[str, dict[str, Any]]) -> list:

@@ -46,19 +46,24 @@ def _text_hash(documents: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def load_corpus(domain: str) -> Corpus:
-    """A registered domain by name, or a corpus folder by path."""
+def load_corpus(domain: str, **domain_settings) -> Corpus:
+    """A registered domain by name (with its settings, e.g. ``source="hub"``), or a corpus folder."""
     from memdec_core import registry
 
-    if domain in registry.components("domains"):
-        component = registry.get("domains", domain)()
-        return Corpus(domain, {split: component.documents(split) for split in SPLITS})
     path = Path(domain).expanduser()
-    if path.is_dir():
+    if domain not in registry.components("domains") and (path.is_dir() or _looks_like_path(domain)):
+        if domain_settings:
+            raise ConfigError(f"domain settings ({', '.join(domain_settings)}) apply to registered "
+                              f"domains, not to the folder {domain}")
+        if not path.is_dir():
+            raise DataError(f"corpus folder not found: {domain}")
         return load_corpus_folder(path)
-    if path.exists() or "/" in domain or domain.startswith("."):
-        raise DataError(f"corpus folder not found: {domain}")
-    return Corpus(domain, {split: registry.get("domains", domain)().documents(split) for split in SPLITS})
+    component = registry.get("domains", domain)(**domain_settings)
+    return Corpus(domain, {split: component.documents(split) for split in SPLITS})
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or text.startswith((".", "~")) or Path(text).exists()
 
 
 def load_corpus_folder(folder: Path) -> Corpus:
@@ -91,7 +96,8 @@ def read_documents(path: Path) -> list[str]:
 
 def _jsonl_documents(text: str, path: Path) -> list[str]:
     documents = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line separators.
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

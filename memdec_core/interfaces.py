@@ -66,6 +66,11 @@ class Component:
         return converted
 
     @classmethod
+    def info(cls) -> dict[str, Any]:
+        """Extra facts for ``memdec list --json`` (sizes, sources); none by default."""
+        return {}
+
+    @classmethod
     def describe(cls) -> str:
         """One line for listings: the first line of the class docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
@@ -185,6 +190,9 @@ class Domain(Component):
 
 class ModelSource(Component):
     """A named model that resolves wherever a model is taken (``--base NAME``)."""
+
+    #: Part of the default set of base models, used when no ``--base`` is given.
+    default: ClassVar[bool] = False
 
     @abstractmethod
     def path(self) -> str:

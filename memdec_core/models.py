@@ -164,8 +164,12 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
     with contextlib.suppress(AttributeError):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     plain.tie_weights()
+    tied = set(getattr(plain, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise ModelError(f"converting the GGUF model lost weights: missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 

@@ -85,7 +85,7 @@ def _add(table: dict[str, type], kind: Kind, component: type, plugin_name: str) 
 
 def describe(kind: str) -> list[dict]:
     """Rows for ``memdec list KIND``: name, plugin and one-line description."""
-    return [{"name": name, "plugin": cls.plugin, "description": cls.describe()}
+    return [{"name": name, "plugin": cls.plugin, "description": cls.describe(), **cls.info()}
             for name, cls in sorted(components(kind).items())]
 
 

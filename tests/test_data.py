@@ -40,6 +40,9 @@ def test_corpus_folder_formats(tmp_path):
     with gzip.open(gz, "wt") as handle:
         handle.write(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     assert read_documents(gz) == ["one", "two"]
+    odd = tmp_path / "odd.jsonl"  # raw separators inside a JSON string are not line breaks
+    odd.write_text(json.dumps({"text": "a\u2028b\x1cc"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_documents(odd) == ["a\u2028b\x1cc"]
 
 
 def test_missing_split_is_a_clear_error(tmp_path):

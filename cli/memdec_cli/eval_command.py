@@ -14,8 +14,12 @@ from memdec_cli.options import (eval_settings, parse_assignments, set_option, sp
 @click.command("eval")
 @click.option("--domain", required=True, help="A registered domain (memdec list domains) or a corpus folder "
               "with train/valid/test files (.txt: documents split by blank lines; .jsonl: {\"text\": ...}).")
-@click.option("--base", "bases", multiple=True, required=True,
-              help="Base model: a registered name, a local HF folder, a .gguf file or a hub id. Repeatable.")
+@click.option("--source", type=click.Choice(["package", "hub"]), default=None,
+              help="For a registered domain: the shipped sample (package, the default) or the "
+                   "paper-scale dataset on the Hugging Face hub (needs network and `datasets`).")
+@click.option("--base", "bases", multiple=True,
+              help="Base model: a registered name (memdec list models), a local HF folder, a .gguf file "
+                   "or a hub id. Repeatable. Default: the offline demo family.")
 @click.option("--method", "methods", multiple=True, default=("base",), show_default=True,
               help="Methods to run, comma-separated or repeated (memdec list methods).")
 @click.option("--combiner", default="linear", show_default=True,
@@ -28,7 +32,7 @@ from memdec_cli.options import (eval_settings, parse_assignments, set_option, sp
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
-def eval_command(domain, bases, methods, combiner, lam, assignments, context, stride, batch_size,
+def eval_command(domain, source, bases, methods, combiner, lam, assignments, context, stride, batch_size,
                  max_train_tokens, max_eval_tokens, output_format, output):
     """Test perplexity of every base × method on a domain; knobs are tuned on the validation split.
 
@@ -46,7 +50,8 @@ def eval_command(domain, bases, methods, combiner, lam, assignments, context, st
     report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                           combiner=_combiner(combiner, lam),
-                          method_settings=typed_settings("methods", parse_assignments(assignments)))
+                          method_settings=typed_settings("methods", parse_assignments(assignments)),
+                          domain_settings={"source": source} if source else None)
     print_evaluation(report, output_format)
     if output:
         _write_json(output, report)

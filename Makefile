@@ -1,0 +1,26 @@
+# Set-up and the two jobs the README names. Everything installs into .venv on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# The CPU build of torch; a bare "torch" from PyPI would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+DOMAIN ?= finance
+
+.PHONY: demo test install clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/memdec eval --domain $(DOMAIN) --method base,knn-lm
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,62 @@
+"""Model loading, tokenizer fingerprints and last_ffn_input capture."""
+
+import pytest
+import torch
+
+from memdec_core.errors import ModelError, UnknownComponentError
+from memdec_core.models import capture_last_ffn_input, last_block_mlp, load_model, tokenizer_fingerprint
+from conftest import save_tiny_model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma3_text"])
+def test_last_ffn_input_is_captured_for_each_family(family, tmp_path, tokenizer_dir):
+    loaded = load_model(str(save_tiny_model(tmp_path / family, tokenizer_dir, family)))
+    mlp = last_block_mlp(loaded.model)
+    seen = {}
+    handle = mlp.register_forward_hook(lambda module, args, out: seen.update(inp=args[0]))
+    input_ids = torch.arange(1, 11)[None]
+    with capture_last_ffn_input(loaded.model) as captured, torch.no_grad():
+        loaded.model(input_ids)
+    handle.remove()
+    assert captured["hidden"].shape == (1, 10, loaded.model.config.hidden_size)
+    assert torch.equal(captured["hidden"], seen["inp"])
+    assert not mlp._forward_pre_hooks  # the capture hook is removed afterwards
+
+
+def test_unsupported_architecture(tmp_path, tokenizer_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neox", vocab_size=300, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    with pytest.raises(ModelError, match="'gpt_neox' is not supported.*supported: .*gpt2.*llama"):
+        last_block_mlp(AutoModelForCausalLM.from_config(config))
+
+
+def test_tokenizer_fingerprint_is_stable_and_discriminating(tiny_gpt2, tiny_llama, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    gpt2, llama = load_model(str(tiny_gpt2)), load_model(str(tiny_llama))
+    assert gpt2.tokenizer_fingerprint == llama.tokenizer_fingerprint  # same tokenizer files
+    assert gpt2.tokenizer_fingerprint == tokenizer_fingerprint(gpt2.tokenizer)
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator(["something else entirely"] * 10, trainers.BpeTrainer(vocab_size=280))
+    assert tokenizer_fingerprint(PreTrainedTokenizerFast(tokenizer_object=other)) != gpt2.tokenizer_fingerprint
+    assert gpt2.fingerprint != llama.fingerprint
+
+
+def test_missing_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="model path not found"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelError, match="model file not found"):
+        load_model(str(tmp_path / "model.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model folder"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_unknown_hub_name_fails_fast_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UnknownComponentError, match="unknown model 'no-such-model-xyz'.*hub"):
+        load_model("no-such-model-xyz")

@@ -88,13 +88,17 @@ class ScoredBatch:
     targets: torch.Tensor  # [N] gold next-token ids
     logits: torch.Tensor  # [N, vocab] base model logits, fp32
     hidden: torch.Tensor | None = None  # [N, dim] last_ffn_input, when captured
+    _gold: torch.Tensor | None = field(default=None, repr=False)
 
     def logprobs(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=-1)
 
     def gold_logprobs(self) -> torch.Tensor:
-        gold = self.logits.gather(1, self.targets[:, None]).squeeze(1)
-        return gold - torch.logsumexp(self.logits, dim=-1)
+        """``[N]`` log p(gold); computed once per batch, however many knob settings read it."""
+        if self._gold is None:
+            gold = self.logits.gather(1, self.targets[:, None]).squeeze(1)
+            self._gold = gold - torch.logsumexp(self.logits, dim=-1)
+        return self._gold
 
 
 class NLLTotal:
@@ -222,7 +226,7 @@ def _score_mixture(ctx: EvalContext, memory: MixtureMemory, split: str, settings
     combiners = [ctx.combiner(config) for _, config in settings]
     batches = iter_scored_batches(ctx.base.model, ctx.corpus.streams[split], ctx.windows(split),
                                   batch_size=ctx.settings.batch_size,
-                                  capture_hidden=memory.capture_hidden, description=f"{split} ({ctx.base.model_id})")
+                                  capture_hidden=memory.capture_hidden, description=f"{split} {ctx.base.short_name}")
     for batch in batches:
         state = memory.prepare(batch)
         by_memory_knobs: dict[str, torch.Tensor] = {}

@@ -42,6 +42,12 @@ class LoadedModel:
     tokenizer_fingerprint: str
 
     @property
+    def short_name(self) -> str:
+        """For progress bars: the last part of a path (its folder for a ``model.gguf``-style file)."""
+        path = Path(self.model_id)
+        return path.parent.name if path.suffix == ".gguf" and path.parent.name else path.name or self.model_id
+
+    @property
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().weight.shape[0]
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MEMDEC_NO_PROGRESS", "1")
+# Tiny models gain nothing from threads, and OpenMP threads spin badly when the machine is busy.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 WORDS = ("the bank raised rates market shares fell investors sold bonds inflation rose "
          "quarterly earnings beat revenue growth slowed central policy tax credit loans").split()

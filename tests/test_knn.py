@@ -127,6 +127,7 @@ def test_k_must_be_positive():
 
 
 def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "own-cache"))
     real = datastore_module.iter_scored_batches
 
     def interrupted(*args, **kwargs):

@@ -13,5 +13,5 @@ class Base(Method):
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
         test_ppl = perplexity(ctx.base.model, ctx.corpus.streams["test"], ctx.windows("test"),
-                              batch_size=ctx.settings.batch_size, description=f"test ({ctx.base.model_id})")
+                              batch_size=ctx.settings.batch_size, description=f"test {ctx.base.short_name}")
         return MethodResult(test_ppl)

@@ -60,7 +60,7 @@ def _write_keys_and_values(base, stream, windows, folder: Path, n_rows: int, dim
     keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(n_rows, dim))
     vals = np.lib.format.open_memmap(folder / "vals.npy", mode="w+", dtype=np.int32, shape=(n_rows,))
     for batch in iter_scored_batches(base.model, stream, windows, batch_size=batch_size,
-                                     capture_hidden=True, description=f"datastore ({base.model_id})"):
+                                     capture_hidden=True, description=f"datastore {base.short_name}"):
         positions = batch.positions.numpy()
         keys[positions] = batch.hidden.numpy().astype(np.float16)
         vals[positions] = batch.targets.numpy()

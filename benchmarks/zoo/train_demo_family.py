@@ -22,13 +22,22 @@ import memdec) so it runs on a bare GPU machine.
 
 Run (from anywhere; relative paths are resolved against the repository root):
 
-  # the shipped family, on one GPU (about 6 minutes on an H200):
-  python3 benchmarks/zoo/train_demo_family.py --tokens-s 60e6 --tokens-m 50e6 --tokens-l 40e6 \\
+  # the shipped family, on one GPU (under 6 minutes on an H200 even at the time stops; the general
+  # train split is ~3.7M tokens, so this is ~16 / ~11 / ~8 epochs for s / m / l):
+  python3 benchmarks/zoo/train_demo_family.py --tokens-s 60e6 --tokens-m 40e6 --tokens-l 30e6 \\
       --time-budget-s 100
 
   # quick smoke test on CPU (about a minute; writes nothing under plugins/ or benchmarks/zoo/):
-  python benchmarks/zoo/train_demo_family.py --output-dir /tmp/zoo_smoke --max-train-docs 2000 \\
-      --tokens-s 2e5 --tokens-m 2e5 --tokens-l 2e5 --device cpu
+  python benchmarks/zoo/train_demo_family.py --output-dir /tmp/zoo_smoke --device cpu \\
+      --num-threads 1 --max-train-docs 1500 --max-valid-docs 50 --seq-len 128 --num-evals 4 \\
+      --tokens-s 8e4 --tokens-m 4e4 --tokens-l 2e4 --eval-max-tokens 4096 --final-eval-max-tokens 8192
+
+  # a CPU retrain (2 cores: roughly 2 hours, weaker models than the GPU run):
+  python benchmarks/zoo/train_demo_family.py --device cpu --tokens-s 6e6 --tokens-m 3e6 \\
+      --tokens-l 2e6 --num-evals 5
+
+On a CPU shared with other jobs, ``--num-threads 1`` was ~3x faster than torch's default of one
+thread per core (the threads wait on each other while the other jobs hold the cores).
 
 Defaults: data from ``plugins/memdec_domains/data/general/{train,valid}.jsonl.gz``, models to
 ``plugins/memdec_zoo/models/<name>/``, settings to ``benchmarks/zoo/settings.json`` and logs to
@@ -71,12 +80,17 @@ EOT = "<|endoftext|>"  # the only special token: document separator, BOS, EOS an
 # The seed offset makes each model reproducible on its own (``--models m`` == m of a full run).
 MODEL_SPECS = {
     "memdec-demo-s": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=384, seed_offset=0, lr=2e-3),
+                          intermediate_size=384, seed_offset=0, lr=2e-3, dropout=0.0),
     "memdec-demo-m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                          intermediate_size=768, seed_offset=1, lr=1.5e-3),
+                          intermediate_size=768, seed_offset=1, lr=1.5e-3, dropout=0.1),
     "memdec-demo-l": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
-                          intermediate_size=1024, seed_offset=2, lr=1e-3),
+                          intermediate_size=1024, seed_offset=2, lr=1e-3, dropout=0.1),
 }
+# Why dropout on m and l: ~3.7M unique train tokens is far less than these models could use, so
+# they are trained for many epochs; residual dropout delays overfitting (s is too small to need it).
+# Token budgets for one GPU: sized so the whole run stays well inside 10 minutes on an H200
+# (with --time-budget-s as the backstop) and to a moderate number of epochs over ~3.7M tokens.
+DEFAULT_TOKENS_CUDA = {"s": 60e6, "m": 40e6, "l": 30e6}
 SHORT = {"s": "memdec-demo-s", "m": "memdec-demo-m", "l": "memdec-demo-l"}
 
 log = logging.getLogger("train_demo_family")
@@ -107,9 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for k in "sml":
         p.add_argument(f"--tokens-{k}", type=float, default=None,
                        help=f"training token budget for {SHORT[k]} (accepts 3e7); "
-                            f"default 3e7 on CUDA, 2e6 on CPU")
-    p.add_argument("--time-budget-s", type=float, default=0.0,
-                   help="per-model wall-clock safety stop for training (0 = none). The LR schedule "
+                            f"default {DEFAULT_TOKENS_CUDA[k]:.0e} on CUDA, 2e6 on CPU")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="per-model wall-clock safety stop for training, periodic evals included "
+                        "(default 100 on CUDA, 0 = none on CPU). The LR schedule "
                         "follows max(token progress, time progress), so a time stop still ends "
                         "with a fully decayed LR")
     p.add_argument("--lr", type=float, default=None, help="peak LR for every model (default per size)")
@@ -118,7 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--beta2", type=float, default=0.95)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--num-evals", type=int, default=10, help="periodic valid evaluations per model")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="residual dropout on every attention/MLP output while training, for every "
+                        "model (default per size: s 0, m 0.1, l 0.1); never saved in the model")
+    p.add_argument("--num-evals", type=int, default=20, help="periodic valid evaluations per model")
     p.add_argument("--eval-max-tokens", type=int, default=131072,
                    help="valid tokens used by periodic evals (final eval uses --final-eval-max-tokens)")
     p.add_argument("--final-eval-max-tokens", type=int, default=0, help="0 = the whole valid split")
@@ -254,6 +272,22 @@ def build_model(spec: dict, vocab_size: int, max_pos: int, eot_id: int, seed: in
     return LlamaForCausalLM(cfg)
 
 
+def add_residual_dropout(model, p: float) -> list:
+    """Dropout on each block's attention and MLP output (GPT-2-style residual dropout), done with
+    forward hooks so the saved model stays a plain Llama (dropout is a training-time device only).
+    Returns the hook handles so they can be removed before saving."""
+    if p <= 0:
+        return []
+
+    def hook(module, inputs, out):
+        if isinstance(out, tuple):  # LlamaAttention returns (attn_output, attn_weights)
+            return (F.dropout(out[0], p, module.training),) + tuple(out[1:])
+        return F.dropout(out, p, module.training)
+
+    return [m.register_forward_hook(hook) for layer in model.model.layers
+            for m in (layer.self_attn, layer.mlp)]
+
+
 def lr_at(progress: float, peak: float, warmup_frac: float, min_ratio: float) -> float:
     """Linear warmup then cosine decay to peak*min_ratio; progress in [0, 1]."""
     if warmup_frac > 0 and progress < warmup_frac:
@@ -319,6 +353,8 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     peak_lr = args.lr if args.lr is not None else spec["lr"]
     opt = make_optimizer(model, peak_lr, args.weight_decay, args.beta2, device)
+    dropout = args.dropout if args.dropout is not None else spec["dropout"]
+    hooks = add_residual_dropout(model, dropout)
     fwd = torch.compile(model) if (args.compile and device.type == "cuda") else model
 
     bs, T = args.batch_size, args.seq_len
@@ -329,7 +365,11 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
     n_starts = len(train_stream) - T - 1
     if n_starts < 1:
         raise SystemExit(f"error: train stream ({len(train_stream)} tokens) shorter than seq-len")
+    # All chunk starts drawn up front and moved to the device once: no host->device copy (which
+    # would stall the GPU queue) inside the loop.
+    all_starts = torch.randint(0, n_starts + 1, (total_steps, bs), generator=gen).to(device)
     idx = torch.arange(T + 1, device=device)
+    log.info("%s: dropout %g", name, dropout)
     log.info("%s: %.2fM params, peak lr %g, %d steps x %d tokens = %.1fM tokens (%.1f epochs)",
              name, n_params / 1e6, peak_lr, total_steps, tokens_per_step,
              total_steps * tokens_per_step / 1e6, total_steps * tokens_per_step / len(train_stream))
@@ -341,7 +381,7 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
     curve, evals = [], []
     best = {"ppl": float("inf"), "state": None, "step": 0}
     loss_acc = torch.zeros((), device=device)
-    loss_n, stop_reason = 0, "token_budget"
+    loss_n, stop_reason, eval_s = 0, "token_budget", 0.0
     model.train()
     t0 = time.time()
     if device.type == "cuda":
@@ -359,8 +399,7 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
         for g in opt.param_groups:
             g["lr"] = lr
 
-        starts = torch.randint(0, n_starts + 1, (bs,), generator=gen).to(device)
-        chunk = train_stream[starts[:, None] + idx]
+        chunk = train_stream[all_starts[step][:, None] + idx]
         with autocast_ctx(device):
             loss = lm_loss(fwd, chunk)
         opt.zero_grad(set_to_none=True)
@@ -382,7 +421,9 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
                        (time.time() - t0) / args.time_budget_s if args.time_budget_s > 0 else 0.0)
         if progress * args.num_evals >= next_eval or step == total_steps:
             next_eval = math.floor(progress * args.num_evals) + 1
+            t_eval = time.time()
             ppl = evaluate_ppl(model, valid_stream, T, bs, device, args.eval_max_tokens)
+            eval_s += time.time() - t_eval
             evals.append({"step": step, "tokens": step * tokens_per_step, "valid_ppl": round(ppl, 3),
                           "elapsed_s": round(time.time() - t0, 2)})
             log.info("%s step %d/%d  tokens %.2fM  train loss %.3f  valid ppl %.2f  lr %.2e  %.0fs  "
@@ -408,13 +449,17 @@ def train_one(name: str, spec: dict, args, train_stream: torch.Tensor, valid_str
         model.load_state_dict(best["state"])
 
     info = {
-        "params": n_params, "peak_lr": peak_lr, "seed": seed, "tokens_budget": token_budget,
+        "parameters": n_params, "peak_lr": peak_lr, "seed": seed, "tokens_budget": token_budget,
         "tokens_seen": tokens_seen, "steps": step, "steps_planned": total_steps,
         "tokens_per_step": tokens_per_step, "epochs": round(tokens_seen / len(train_stream), 3),
         "stop_reason": stop_reason, "train_wall_s": round(wall, 2),
-        "train_tokens_per_s": round(tokens_seen / max(wall, 1e-9), 1),
+        # throughput of the training steps alone (periodic evals excluded)
+        "train_tokens_per_s": round(tokens_seen / max(wall - eval_s, 1e-9), 1),
+        "periodic_eval_s": round(eval_s, 2), "dropout": dropout,
         "selected_step": best["step"], "loss_curve": curve, "valid_evals": evals,
     }
+    for h in hooks:
+        h.remove()
     del opt
     return model, info
 
@@ -436,10 +481,12 @@ def save_model_dir(model, hf_tok, info: dict, out_dir: Path, name: str) -> Path:
         kw["safe_serialization"] = True  # transformers 4.x; 5.x always writes safetensors
     model.save_pretrained(tmp, **kw)
     hf_tok.save_pretrained(tmp)
+    portable_tokenizer_class(tmp)
     if not list(tmp.glob("*.safetensors")):
         raise SystemExit(f"error: no safetensors written for {name}")
     info["weights_bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
     write_json_atomic(tmp / "train_log.json", info)
+    check_saved(tmp, model, hf_tok)  # before the swap: a broken folder never replaces a good one
     old = out_dir / f".old-{name}-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
@@ -447,6 +494,35 @@ def save_model_dir(model, hf_tok, info: dict, out_dir: Path, name: str) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def portable_tokenizer_class(folder: Path) -> None:
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which transformers 4 cannot load;
+    "PreTrainedTokenizerFast" loads in both (5.x maps it to the same backend)."""
+    path = folder / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") != "PreTrainedTokenizerFast":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_saved(path: Path, model, hf_tok) -> None:
+    """Reload the folder the way users will (AutoModel/AutoTokenizer, fp32) and compare logits
+    with the in-memory model, so a broken save fails the run instead of shipping."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    text = "The committee met on Tuesday to discuss the new budget, which rose by 3.5%."
+    ids = tok(text)["input_ids"]
+    if ids != hf_tok(text)["input_ids"] or tok.decode(ids) != text:
+        raise SystemExit(f"error: reloaded tokenizer of {path.name} does not round-trip")
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = model.to("cpu", dtype=torch.float32).eval()
+    x = torch.tensor([[tok.eos_token_id] + ids])
+    with torch.no_grad():
+        diff = (loaded(x).logits - ref(x).logits).abs().max().item()
+    if not diff < 1e-3:
+        raise SystemExit(f"error: reloaded {path.name} differs from the trained model ({diff})")
 
 
 def tokenizer_files_digest(folder: Path) -> dict:
@@ -469,15 +545,16 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls outside autocast
     if args.batch_size is None:
         args.batch_size = 64 if device.type == "cuda" else 8
-    default_budget = 3e7 if device.type == "cuda" else 2e6
+    if args.time_budget_s is None:
+        args.time_budget_s = 100.0 if device.type == "cuda" else 0.0
     budgets = {}
     for k in "sml":
         v = getattr(args, f"tokens_{k}")
-        budgets[SHORT[k]] = int(v if v is not None else default_budget)
+        default = DEFAULT_TOKENS_CUDA[k] if device.type == "cuda" else 2e6
+        budgets[SHORT[k]] = int(v if v is not None else default)
         setattr(args, f"tokens_{k}", budgets[SHORT[k]])
     names = [SHORT.get(m.strip(), m.strip()) for m in args.models.split(",") if m.strip()]
     unknown = [n for n in names if n not in MODEL_SPECS]
@@ -497,7 +574,8 @@ def main(argv=None) -> int:
         "data_sha256": {"train": sha256_of(train_path) if train_path.exists() else None,
                         "valid": sha256_of(valid_path) if valid_path.exists() else None},
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"cpu, {torch.get_num_threads()} torch threads"),
         "versions": versions(),
         "started": stamp,
     }
@@ -559,7 +637,8 @@ def main(argv=None) -> int:
         log.info("%s: saved %s (%.1f MB fp16), final valid ppl %.2f, %.0f tok/s, %s", name, path,
                  info["weights_bytes"] / 1e6, info["final_valid_ppl"], info["train_tokens_per_s"],
                  info["stop_reason"])
-        summary[name] = {k: info[k] for k in ("params", "tokens_seen", "epochs", "train_wall_s",
+        summary[name] = {k: info[k] for k in ("parameters", "tokens_seen", "epochs", "train_wall_s",
+                                              "selected_step", "steps",
                                               "train_tokens_per_s", "final_valid_ppl",
                                               "weights_bytes", "stop_reason")}
         del model

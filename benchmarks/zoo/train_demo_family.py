@@ -521,7 +521,8 @@ def check_saved(path: Path, model, hf_tok) -> None:
     x = torch.tensor([[tok.eos_token_id] + ids])
     with torch.no_grad():
         diff = (loaded(x).logits - ref(x).logits).abs().max().item()
-    if not diff < 1e-3:
+    # Same fp16-rounded weights on both sides; only kernel choice and summation order differ.
+    if not diff < 1e-2:
         raise SystemExit(f"error: reloaded {path.name} differs from the trained model ({diff})")
 
 

@@ -114,7 +114,8 @@ def _jsonl_documents(text: str, path: Path) -> list[str]:
 def tokenize_documents(tokenizer, documents: list[str]) -> np.ndarray:
     """One int32 token stream: the documents joined by the end-of-text (or BOS) token."""
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    # verbose=False: long documents are expected here; windows are cut later.
+    encoded = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
     pieces = []
     for ids in encoded:
         if separator is not None:

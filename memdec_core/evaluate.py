@@ -8,6 +8,7 @@ pass, picks the best setting on validation only, and scores the test split with 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol
@@ -86,7 +87,7 @@ class ScoredBatch:
 
     positions: torch.Tensor  # [N] global position p (predicting token p + 1)
     targets: torch.Tensor  # [N] gold next-token ids
-    logits: torch.Tensor  # [N, vocab] base model logits, fp32
+    logits: torch.Tensor | None  # [N, vocab] base model logits, fp32 (None when not asked for)
     hidden: torch.Tensor | None = None  # [N, dim] last_ffn_input, when captured
     _gold: torch.Tensor | None = field(default=None, repr=False)
 
@@ -117,34 +118,37 @@ class NLLTotal:
 
 
 def iter_scored_batches(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
-                        capture_hidden: bool = False, description: str = "scoring") -> Iterator[ScoredBatch]:
-    """Run ``model`` over the windows in batches; yield the scored positions of each batch."""
+                        capture_hidden: bool = False, with_logits: bool = True,
+                        description: str = "scoring") -> Iterator[ScoredBatch]:
+    """Run ``model`` over the windows in batches; yield the scored positions of each batch.
+
+    ``with_logits=False`` skips the output layer (a datastore needs only hidden states).
+    """
     n_scored = sum(window.n_scored for window in windows)
     with progress_bar(description, n_scored, "tokens") as advance, torch.inference_mode():
         for first in range(0, len(windows), batch_size):
             batch_windows = windows[first:first + batch_size]
-            batch = _score_windows(model, stream, batch_windows, capture_hidden)
+            batch = _score_windows(model, stream, batch_windows, capture_hidden, with_logits)
             advance(len(batch.targets))
             yield batch
 
 
-def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hidden: bool) -> ScoredBatch:
+def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hidden: bool,
+                   with_logits: bool) -> ScoredBatch:
     input_ids, attention_mask = _pad(stream, windows)
     # Keep logits from the earliest scored column of any window to the end of the batch.
     keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
-    if capture_hidden:
-        with capture_last_ffn_input(model) as captured:
-            logits = _forward(model, input_ids, attention_mask, keep)
-        hidden = captured["hidden"]
-    else:
-        logits, hidden = _forward(model, input_ids, attention_mask, keep), None
+    with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured:
+        logits = _forward(model, input_ids, attention_mask, keep) if with_logits else None
+        if not with_logits:
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
     scored_hidden = None
-    if hidden is not None:
-        hidden_columns = columns + (input_ids.shape[1] - keep)
-        scored_hidden = hidden[rows, hidden_columns].float()
-    return ScoredBatch(torch.from_numpy(positions), targets, logits[rows, columns].float(), scored_hidden)
+    if capture_hidden:
+        scored_hidden = captured["hidden"][rows, columns + (input_ids.shape[1] - keep)].float()
+    scored_logits = logits[rows, columns].float() if with_logits else None
+    return ScoredBatch(torch.from_numpy(positions), targets, scored_logits, scored_hidden)
 
 
 def _pad(stream: np.ndarray, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:

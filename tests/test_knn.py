@@ -196,3 +196,14 @@ def test_knn_memory_dense_rows_match_gold(store, ctx):
     finite = torch.isfinite(gold)
     assert torch.equal(finite, torch.isfinite(from_dense))
     assert torch.allclose(gold[finite], from_dense[finite], atol=1e-5)
+
+
+def test_auto_factory_is_exact_for_small_stores_and_inverted_for_large():
+    from memdec_knn.index import resolve_factory
+
+    assert resolve_factory("auto", 50_000, 384) == "Flat"
+    assert resolve_factory("auto", 400_000, 384) == "IVF2048,Flat"
+    assert resolve_factory("auto", 10_000_000, 896) == "IVF8192,PQ64"
+    assert resolve_factory("auto", 10_000_000, 576) == "IVF8192,PQ64"
+    assert resolve_factory("auto", 10_000_000, 100) == "IVF8192,PQ50"
+    assert resolve_factory("HNSW32", 10, 8) == "HNSW32"

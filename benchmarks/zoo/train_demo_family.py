@@ -114,8 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "most English words are 1-2 tokens")
     p.add_argument("--tokenizer-min-frequency", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512, help="training chunk length (tokens)")
-    p.add_argument("--max-position-embeddings", type=int, default=1024,
-                   help="model context; > seq-len so memdec's 1024-token windows are in range")
+    p.add_argument("--max-position-embeddings", type=int, default=512,
+                   help="model context; keep it = seq-len: these models degrade badly past the length "
+                        "they were trained on, and memdec sizes its windows from this value")
     p.add_argument("--batch-size", type=int, default=None,
                    help="chunks per step (default 64 on CUDA, 8 on CPU)")
     for k in "sml":

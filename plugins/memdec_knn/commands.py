@@ -18,8 +18,9 @@ def datastore():
 @datastore.command("build")
 @click.option("--domain", required=True, help="A registered domain or a corpus folder (its train split is used).")
 @click.option("--base", required=True, help="The model whose hidden states become the keys.")
-@click.option("--factory", default="Flat", show_default=True,
-              help='faiss index factory string; e.g. "IVF1024,PQ32" for large stores.')
+@click.option("--factory", default="auto", show_default=True,
+              help='faiss index factory string, e.g. "Flat" (exact) or "IVF1024,PQ32"; "auto" is exact '
+                   'up to 100k keys, then an inverted file (with PQ codes above 2M keys).')
 @click.option("--nprobe", type=click.IntRange(min=1), default=32, show_default=True,
               help="IVF lists searched per query.")
 @click.option("--train-size", type=click.IntRange(min=1), default=100_000, show_default=True,

@@ -48,10 +48,11 @@ def build_datastore(base: LoadedModel, stream: np.ndarray, folder: Path, *, cont
         retriever.build(keys, str(temporary / "index.faiss"))
         write_manifest(temporary, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
                        tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
-                       data_hash=data_hash, context=context, stride=stride, retriever=retriever.config)
+                       data_hash=data_hash, context=context, stride=stride, index_factory=retriever.factory,
+                       retriever=retriever.config)
         write_readme(temporary, f"kNN-LM datastore for {base.model_id}", [
             f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
-            f"- faiss index `{retriever.config.factory}` in `index.faiss`.",
+            f"- faiss index `{retriever.factory}` in `index.faiss`.",
             f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."])
     return open_datastore(folder, retriever_config=retriever.config)
 
@@ -60,7 +61,8 @@ def _write_keys_and_values(base, stream, windows, folder: Path, n_rows: int, dim
     keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(n_rows, dim))
     vals = np.lib.format.open_memmap(folder / "vals.npy", mode="w+", dtype=np.int32, shape=(n_rows,))
     for batch in iter_scored_batches(base.model, stream, windows, batch_size=batch_size,
-                                     capture_hidden=True, description=f"datastore {base.short_name}"):
+                                     capture_hidden=True, with_logits=False,
+                                     description=f"datastore {base.short_name}"):
         positions = batch.positions.numpy()
         keys[positions] = batch.hidden.numpy().astype(np.float16)
         vals[positions] = batch.targets.numpy()

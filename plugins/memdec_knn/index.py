@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ class FaissRetriever(Retriever):
 
     @dataclass
     class Config:
-        factory: str = "Flat"  # e.g. "IVF4096,PQ64" for large stores
+        factory: str = "auto"  # "auto", or any faiss factory string, e.g. "Flat", "IVF4096,PQ64"
         nprobe: int = 32  # inverted lists visited per query (IVF only)
         train_size: int = 100_000  # keys sampled to train an IVF/PQ index
         seed: int = 0
@@ -34,11 +35,13 @@ class FaissRetriever(Retriever):
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         self.index = None
+        self.factory = self.config.factory  # the concrete factory string once "auto" is resolved
 
     def build(self, items: np.ndarray, path: str) -> None:
         """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``path``."""
         import faiss
 
+        self.factory = resolve_factory(self.config.factory, *items.shape)
         index = self._empty_index(items.shape[1])
         if not index.is_trained:
             self._train(index, items)
@@ -52,15 +55,15 @@ class FaissRetriever(Retriever):
         import faiss
 
         try:
-            return faiss.index_factory(dim, self.config.factory, faiss.METRIC_L2)
+            return faiss.index_factory(dim, self.factory, faiss.METRIC_L2)
         except RuntimeError as error:
-            raise ConfigError(f"invalid faiss factory string {self.config.factory!r} "
+            raise ConfigError(f"invalid faiss factory string {self.factory!r} "
                               f"for dimension {dim}: {_faiss_message(error)}") from error
 
     def _train(self, index, items: np.ndarray) -> None:
         needed = _minimum_training_points(index)
         if len(items) < needed:
-            raise ConfigError(f"index {self.config.factory!r} needs at least {needed} keys to train, "
+            raise ConfigError(f"index {self.factory!r} needs at least {needed} keys to train, "
                               f"the store has {len(items)}; use a smaller index or factory 'Flat'")
         rng = np.random.default_rng(self.config.seed)
         size = min(len(items), max(self.config.train_size, needed))
@@ -68,7 +71,7 @@ class FaissRetriever(Retriever):
         try:
             index.train(np.ascontiguousarray(items[sample], dtype=np.float32))
         except RuntimeError as error:
-            raise ConfigError(f"training index {self.config.factory!r} failed: {_faiss_message(error)}") from error
+            raise ConfigError(f"training index {self.factory!r} failed: {_faiss_message(error)}") from error
 
     def load(self, path: str) -> None:
         import faiss
@@ -101,6 +104,29 @@ class FaissRetriever(Retriever):
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+#: Up to this many keys, "auto" searches exactly; above, an inverted file visits a few lists only.
+EXACT_SEARCH_MAX_KEYS = 100_000
+#: Above this many keys, "auto" also compresses keys with product quantisation (the paper's setting).
+UNCOMPRESSED_MAX_KEYS = 2_000_000
+
+
+def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
+    """The factory string for ``factory``; "auto" picks one from the store's size.
+
+    Exact ``Flat`` for small stores; ``IVF{n},Flat`` (exact distances within the visited lists)
+    up to two million keys; ``IVF{n},PQ{m}`` with 64-byte codes beyond, as in the paper.
+    """
+    if factory != "auto":
+        return factory
+    if n_keys <= EXACT_SEARCH_MAX_KEYS:
+        return "Flat"
+    lists = 1 << max(4, int(math.log2(4 * math.sqrt(n_keys))))  # ~4·√n lists, a power of two
+    if n_keys <= UNCOMPRESSED_MAX_KEYS:
+        return f"IVF{lists},Flat"
+    codes = max(m for m in range(1, 65) if dim % m == 0)
+    return f"IVF{lists},PQ{codes}"
 
 
 def _minimum_training_points(index) -> int:

@@ -28,7 +28,7 @@ class KnnSettings:
 
     k: int = 1024
     temperatures: tuple = TEMPERATURE_GRID
-    factory: str = "Flat"
+    factory: str = "auto"  # Flat up to 100k keys, then IVF (see memdec_knn.index.resolve_factory)
     nprobe: int = 32
     train_size: int = 100_000
     datastore: str = ""  # a prebuilt datastore folder; empty: build (or reuse) one in the cache

@@ -14,6 +14,7 @@ from importlib import metadata
 import pluggy
 
 from memdec_core import hookspecs
+from memdec_core.errors import UnknownComponentError
 
 ENTRY_POINT_GROUP = "memdec"
 
@@ -88,9 +89,14 @@ def unregister_plugin(name: str) -> None:
 
 
 def _load_entry_points(manager: pluggy.PluginManager) -> list[PluginRecord]:
+    entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
     disabled = disabled_plugin_names()
+    for name in sorted(disabled - {entry_point.name for entry_point in entry_points}):
+        # A typo here would silently leave the plugin enabled.
+        raise UnknownComponentError("plugin", name, [entry_point.name for entry_point in entry_points],
+                                    hint="check MEMDEC_DISABLE_PLUGINS")
     records = []
-    for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+    for entry_point in entry_points:
         if manager.get_plugin(entry_point.name) is not None:
             continue  # the same distribution seen twice on sys.path
         records.append(_load_one(manager, entry_point, disabled))

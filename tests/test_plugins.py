@@ -99,3 +99,21 @@ def test_every_component_has_a_valid_name_and_config():
             assert cls.name == name and cls.plugin and cls.describe()
             assert dataclasses.is_dataclass(cls.Config)
             cls.Config()  # defaults are valid
+
+
+def test_disabling_an_unknown_plugin_is_an_error(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("MEMDEC_DISABLE_PLUGINS", "knnn")
+    with pytest.raises(UnknownComponentError, match="unknown plugin 'knnn'; did you mean 'knn'"):
+        plugin_records()
+
+
+def test_disabling_an_unknown_plugin_on_the_command_line(monkeypatch):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "memdec_cli.main", "plugins"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "MEMDEC_DISABLE_PLUGINS": "knnn"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: unknown plugin 'knnn'; did you mean 'knn'? (available: base, combiners, domains, knn, zoo); "
+        "check MEMDEC_DISABLE_PLUGINS"]

@@ -61,8 +61,9 @@ def build_cli() -> click.Group:
 def _add_plugin_commands(cli: click.Group) -> None:
     from memdec_core.plugins import get_plugin_manager
 
+    manager = get_plugin_manager()  # a bad MEMDEC_DISABLE_PLUGINS is the user's error: let it out
     try:
-        get_plugin_manager().hook.memdec_register_commands(cli=cli)
+        manager.hook.memdec_register_commands(cli=cli)
     except Exception as error:  # a plugin's broken command must not take the CLI down
         if _debug():
             raise

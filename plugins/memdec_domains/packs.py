@@ -46,8 +46,11 @@ class PackDomain(Domain):
     @classmethod
     def info(cls) -> dict:
         meta = cls.meta()
-        return {"splits": {split: {"documents": meta["documents"][split], "words": meta["words"][split]}
+        tokens = token_counts(cls)
+        return {"splits": {split: {"documents": meta["documents"][split], "words": meta["words"][split],
+                                   **({"tokens": tokens["counts"][split]} if tokens else {})}
                            for split in SPLITS},
+                **({"tokens_counted_with": tokens["model"]} if tokens else {}),
                 "source": ", ".join(f"{s['package']}=={s['version']}" for s in meta["sources"]),
                 "hub_source": meta["hub_source"]["dataset"]}
 
@@ -61,3 +64,34 @@ def pack_domains() -> list[type[Domain]]:
                             {"name": folder.name, "folder": folder, "__doc__": description,
                              "source": "shipped sample (see DATA_LICENSES.md)"}))
     return domains
+
+
+def token_counts(domain: type[PackDomain]) -> dict | None:
+    """Tokens per split under the default models' tokenizer, counted once and cached.
+
+    None when no default model (the demo family) is installed.
+    """
+    from memdec_core import registry
+    from memdec_core.artifacts import cache_root, content_key
+
+    defaults = [cls for cls in registry.components("models").values() if cls.default]
+    if not defaults:
+        return None
+    model_folder = Path(defaults[0]().path())
+    stamp = [(p.name, p.stat().st_size) for p in sorted(domain.folder.iterdir())]
+    cache_file = cache_root() / "domain-stats" / f"{domain.name}-{content_key(stamp, str(model_folder))}.json"
+    if cache_file.is_file():
+        return json.loads(cache_file.read_text())
+    counts = {"model": defaults[0].name, "counts": _count_tokens(domain(), model_folder)}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps(counts))
+    return counts
+
+
+def _count_tokens(domain: PackDomain, model_folder: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    from memdec_core.data import tokenize_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    return {split: len(tokenize_documents(tokenizer, domain.documents(split))) for split in SPLITS}

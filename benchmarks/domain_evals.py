@@ -40,6 +40,8 @@ def _env() -> dict:
 
 
 def main() -> None:
+    from memdec_core.evaluate import format_knobs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", action="append", default=None)
     parser.add_argument("--method", default="base,knn-lm")
@@ -59,7 +61,7 @@ def main() -> None:
     print("| domain | base | method | test ppl | tuned knobs | eval wall s (whole domain) |")
     print("|---|---|---|---|---|---|")
     for domain, base, method, ppl, knobs, seconds in rows:
-        knob_text = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items()) or "-"
+        knob_text = format_knobs(knobs) or "-"
         print(f"| {domain} | {base} | {method} | {ppl:.2f} | {knob_text} | {seconds:.0f} |")
 
 

@@ -139,15 +139,11 @@ def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hid
     # Keep logits from the earliest scored column of any window to the end of the batch.
     keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
     with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured:
-        logits = _forward(model, input_ids, attention_mask, keep) if with_logits else None
-        if not with_logits:
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = _forward(model, input_ids, attention_mask, keep, with_logits)
     rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
-    scored_hidden = None
-    if capture_hidden:
-        scored_hidden = captured["hidden"][rows, columns + (input_ids.shape[1] - keep)].float()
-    scored_logits = logits[rows, columns].float() if with_logits else None
+    scored_hidden = captured["hidden"][rows, columns + (input_ids.shape[1] - keep)].float() if capture_hidden else None
+    scored_logits = logits[rows, columns].float() if logits is not None else None
     return ScoredBatch(torch.from_numpy(positions), targets, scored_logits, scored_hidden)
 
 
@@ -163,8 +159,12 @@ def _pad(stream: np.ndarray, windows: list[Window]) -> tuple[torch.Tensor, torch
     return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
-def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+             with_logits: bool) -> torch.Tensor | None:
     """Logits of the last ``keep`` columns only: the output layer is the costly part for big vocabularies."""
+    if not with_logits:  # the decoder alone: hidden-state hooks still fire, the output layer is skipped
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return None
     output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
     logits = output.logits
     return logits[:, -keep:] if logits.shape[1] > keep else logits
@@ -217,7 +217,7 @@ def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
     best = min(range(len(settings)), key=lambda i: valid[i].perplexity)
     memory_knobs, combiner_config = settings[best]
     knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
-    log(f"{ctx.base.model_id}: best on validation {_format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
+    log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
     test = _score_mixture(ctx, memory, "test", [settings[best]])[0]
     grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
                    for i, (mem, comb) in enumerate(settings)]
@@ -260,6 +260,7 @@ def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tenso
     return mixed.gather(1, batch.targets[:, None])[:, 0]
 
 
-def _format_knobs(knobs: dict) -> str:
+def format_knobs(knobs: dict) -> str:
+    """``{"temperature": 30.0, "lam": 0.4}`` → ``temperature=30 lam=0.4``."""
     return " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
                     for key, value in knobs.items())

@@ -154,3 +154,16 @@ def test_datastore_build_to_a_folder_and_info(corpus_dir, tiny_gpt2, tmp_path):
     again = invoke("datastore", "build", "--domain", str(corpus_dir), "--base", str(tiny_gpt2),
                    "--context", "64", "--output", str(target))
     assert again.exit_code == 1 and "already exists" in one_line_error(again)
+
+
+def test_a_combiner_that_does_not_normalise_is_a_one_line_error(corpus_dir, tiny_gpt2, tmp_path):
+    combiner_file = tmp_path / "bad.py"
+    combiner_file.write_text(
+        "from memdec_core.interfaces import combiner\n\n"
+        "@combiner('sum')\n"
+        "def add(base, memory, context):\n"
+        "    return base + memory.clamp(min=-30)\n")
+    result = invoke("eval", "--domain", str(corpus_dir), "--base", str(tiny_gpt2), "--method", "knn-lm",
+                    "--context", "64", "--set", "knn-lm.k=8", "--set", "knn-lm.temperatures=10",
+                    "--combiner", str(combiner_file))
+    assert result.exit_code == 1 and "do not sum to 1" in one_line_error(result)

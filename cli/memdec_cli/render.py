@@ -18,18 +18,15 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(table)
 
 
-def format_knobs(knobs: dict) -> str:
-    return " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                    for key, value in knobs.items()) or "-"
-
-
 def format_ppl(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def evaluation_rows(report: dict) -> list[list[str]]:
+    from memdec_core.evaluate import format_knobs
+
     return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_ppl(r["valid_ppl"]),
-             format_knobs(r["knobs"]), f"{r['seconds']:.1f}"] for r in report["results"]]
+             format_knobs(r["knobs"]) or "-", f"{r['seconds']:.1f}"] for r in report["results"]]
 
 
 EVAL_COLUMNS = ["base", "method", "test ppl ↓", "valid ppl ↓", "tuned knobs", "seconds"]

@@ -67,8 +67,8 @@ class Component:
 
     @classmethod
     def info(cls) -> dict[str, Any]:
-        """Extra facts for ``memdec list --json`` (sizes, sources); none by default."""
-        return {}
+        """Facts for ``memdec list --json``: the settings and their defaults (subclasses add more)."""
+        return {"settings": dataclasses.asdict(cls.Config())}
 
     @classmethod
     def describe(cls) -> str:

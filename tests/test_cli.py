@@ -42,6 +42,8 @@ def test_list_json_comes_from_the_registry():
     rows = json.loads(invoke("list", "methods", "--json").stdout)
     assert {"base", "knn-lm"} <= {row["name"] for row in rows}
     assert all(row["plugin"] and row["description"] for row in rows)
+    knn = next(row for row in rows if row["name"] == "knn-lm")
+    assert knn["settings"]["k"] == 1024 and knn["settings"]["factory"] == "auto"
     assert invoke("list", "nonsense").exit_code == 2
 
 

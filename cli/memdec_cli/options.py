@@ -36,7 +36,7 @@ def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens
 set_option = click.option(
     "--set", "assignments", multiple=True, metavar="METHOD.KEY=VALUE",
     help="Override a method setting, e.g. --set knn-lm.k=256 --set knn-lm.temperatures=1,10,100 "
-         "(see each method's settings in its documentation).")
+         "(`memdec list methods` shows every method's settings and defaults).")
 
 
 def parse_assignments(assignments: tuple[str, ...]) -> dict[str, dict[str, str]]:

@@ -25,7 +25,7 @@ class DemoModel(ModelSource):
         config = json.loads((cls.folder / "config.json").read_text())
         log_file = cls.folder / "train_log.json"
         log = json.loads(log_file.read_text()) if log_file.exists() else {}
-        return {"parameters": log.get("parameters"), "architecture": config.get("model_type"),
+        return {**super().info(), "parameters": log.get("parameters"), "architecture": config.get("model_type"),
                 "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
                 "vocab_size": config.get("vocab_size"), "path": str(cls.folder),
                 "tokenizer_fingerprint": _tokenizer_fingerprint(cls.folder)}

@@ -28,10 +28,13 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
     """
     from memdec_core.data import load_corpus
     from memdec_core.evaluate import EvalSettings
+    from memdec_core.models import resolve_model_location
 
     settings = settings or EvalSettings()
     bases, methods = list(bases) or default_bases(), _method_instances(methods, method_settings or {})
     combiner_class = resolve_combiner(combiner)
+    for base_name in bases:  # a typo in the last base should not surface after an hour of work
+        resolve_model_location(base_name)
     corpus = load_corpus(domain, **(domain_settings or {}))
     results = []
     for base_name in bases:
@@ -76,7 +79,6 @@ def prepare_context(corpus, base_name: str, settings=None, combiner: Any = "line
 
 def _evaluate_base(base_name: str, corpus, methods: list, settings, combiner_class) -> list[dict]:
     ctx = prepare_context(corpus, base_name, settings, combiner_class)
-    tokenized = ctx.corpus
     rows = []
     for method in methods:
         started = time.perf_counter()
@@ -84,5 +86,5 @@ def _evaluate_base(base_name: str, corpus, methods: list, settings, combiner_cla
         rows.append({"base": base_name, "method": method.name, "test_ppl": result.test_ppl,
                      "valid_ppl": result.valid_ppl, "knobs": result.knobs,
                      "seconds": round(time.perf_counter() - started, 2),
-                     "test_tokens": len(tokenized.streams["test"]) - 1, "details": result.details})
+                     "test_tokens": len(ctx.corpus.streams["test"]) - 1, "details": result.details})
     return rows

@@ -110,6 +110,8 @@ def test_bad_corpus_and_model_are_one_line_errors(corpus_dir, tiny_gpt2, tmp_pat
     cases = [
         (["--domain", str(missing_split), "--base", str(tiny_gpt2)], "has no test split"),
         (["--domain", str(corpus_dir), "--base", str(tmp_path / "nope")], "model path not found"),
+        (["--domain", str(corpus_dir), "--base", str(tiny_gpt2), "--base", str(tmp_path / "later")],
+         "model path not found"),
         (["--domain", "fnance", "--base", str(tiny_gpt2)], "unknown domain 'fnance'"),
         (["--domain", str(corpus_dir), "--base", str(tiny_gpt2), "--context", "200", "--max-eval-tokens", "100"],
          "shorter than one window of 200"),

@@ -1,0 +1,151 @@
+"""kNN targets: for every train position, the sparse kNN distribution of its own context.
+
+The training signal of a Memory Decoder. For position p the datastore is searched with key p
+for k + 1 neighbours, p's own entry is dropped **by id** (faiss may return ties or unsorted
+results, so "drop the first" is not safe), the k nearest remaining neighbours are weighted by
+softmax(−d/T) and summed per token. Rows are stored sparse, CSR-style, in shards of consecutive
+positions: ``offsets.npy`` (int64), ``token_ids.npy`` (int32), ``probs.npy`` (fp16). A
+full-vocabulary row is never built.
+
+Each shard is written atomically into a ``.partial`` work folder, so an interrupted build
+resumes from the last finished shard; the folder is renamed into place when all are done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memdec_core.artifacts import atomic_directory, read_manifest, write_manifest
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.progress import progress_bar
+from memdec_knn.datastore import Datastore
+from memdec_knn.distribution import sparse_distribution
+
+ARTIFACT_TYPE = "knn-targets"
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """How targets are made; a resumed build must use the same ones."""
+
+    k: int = 1024
+    temperature: float = 16.0  # the paper's; tune it for your keys (memdec eval --method knn-lm reports one)
+    shard_size: int = 65_536
+    search_batch: int = 2_048
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.shard_size < 1 or self.search_batch < 1:
+            raise ConfigError("shard_size and search_batch must be at least 1")
+
+
+def exclude_self(distances: np.ndarray, ids: np.ndarray, query_ids: np.ndarray, k: int):
+    """Drop each query's own entry by id, sort by distance, keep the ``k`` nearest others.
+
+    Missing neighbours (id −1) sort last and stay −1, so rows with fewer than k others are padded.
+    """
+    distances = np.where((ids == query_ids[:, None]) | (ids < 0), np.inf, distances.astype(np.float64))
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    kept_distances = np.take_along_axis(distances, order, axis=1)
+    kept_ids = np.where(np.isinf(kept_distances), -1, np.take_along_axis(ids, order, axis=1))
+    return np.where(np.isinf(kept_distances), 0.0, kept_distances), kept_ids
+
+
+def build_targets(store: Datastore, folder: Path, settings: TargetSettings = TargetSettings()) -> "TargetSet":
+    """Write the targets of every datastore row to ``folder``, resuming an interrupted build."""
+    folder = Path(folder)
+    if folder.exists():
+        raise ConfigError(f"targets folder already exists: {folder}")
+    work = folder.parent / f".{folder.name}.partial"
+    _check_or_start(work, store, settings)
+    n_shards = -(-len(store) // settings.shard_size)
+    with progress_bar("kNN targets", len(store), "positions") as advance:
+        for shard in range(n_shards):
+            start, end = shard * settings.shard_size, min((shard + 1) * settings.shard_size, len(store))
+            if not (work / _shard_name(shard)).exists():
+                _write_shard(store, work / _shard_name(shard), start, end, settings)
+            advance(end - start)
+    write_manifest(work, ARTIFACT_TYPE, datastore=str(store.folder), data_hash=store.manifest["data_hash"],
+                   tokenizer_fingerprint=store.manifest["tokenizer_fingerprint"], size=len(store),
+                   shards=n_shards, **asdict(settings))
+    work.replace(folder)
+    return TargetSet(folder)
+
+
+def _check_or_start(work: Path, store: Datastore, settings: TargetSettings) -> None:
+    """A work folder left by an interrupted build may be resumed only with identical inputs."""
+    identity = {"datastore_data_hash": store.manifest["data_hash"], "size": len(store), **asdict(settings)}
+    stamp = work / "settings.json"
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != identity:
+            changed = sorted(key for key in identity if previous.get(key) != identity[key])
+            raise ArtifactError(f"an interrupted build in {work} used other settings ({', '.join(changed)}); "
+                                f"rerun with the same settings, or delete that folder to start over")
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(identity, sort_keys=True))
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def _write_shard(store: Datastore, target: Path, start: int, end: int, settings: TargetSettings) -> None:
+    counts, token_ids, probs = [], [], []
+    k_search = min(settings.k + 1, len(store))
+    for first in range(start, end, settings.search_batch):
+        positions = np.arange(first, min(first + settings.search_batch, end))
+        queries = np.asarray(store.keys[positions], dtype=np.float32)
+        distances, ids = store.retriever.search(queries, k_search)
+        distances, ids = exclude_self(distances, ids, positions, settings.k)
+        values = store.vals[np.clip(ids, 0, None)]
+        row_ids, row_probs = sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
+                                                 torch.from_numpy(values.astype(np.int64)), settings.temperature)
+        keep = row_ids >= 0
+        counts.append(keep.sum(dim=1).numpy())
+        token_ids.append(row_ids[keep].numpy().astype(np.int32))
+        probs.append(row_probs[keep].numpy())
+    with atomic_directory(target) as temporary:
+        np.save(temporary / "offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64))
+        np.save(temporary / "token_ids.npy", np.concatenate(token_ids))
+        np.save(temporary / "probs.npy", np.concatenate(probs).astype(np.float16))
+
+
+class TargetSet:
+    """Opened kNN targets: ``row(p)`` gives the token ids and probabilities for position p."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder, ARTIFACT_TYPE)
+        self.shard_size = self.manifest["shard_size"]
+        self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return self.manifest["size"]
+
+    def row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {position} outside the {len(self)} targets")
+        offsets, token_ids, probs = self._shard(position // self.shard_size)
+        local = position % self.shard_size
+        return token_ids[offsets[local]:offsets[local + 1]], probs[offsets[local]:offsets[local + 1]]
+
+    def _shard(self, shard: int):
+        if shard not in self._shards:
+            path = self.folder / _shard_name(shard)
+            try:
+                self._shards[shard] = tuple(np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                                            for name in ("offsets", "token_ids", "probs"))
+            except (OSError, ValueError) as error:
+                raise ArtifactError(f"corrupt or missing targets shard {path}: {error}") from error
+        return self._shards[shard]
+

@@ -139,6 +139,17 @@ class TargetSet:
         local = position % self.shard_size
         return token_ids[offsets[local]:offsets[local + 1]], probs[offsets[local]:offsets[local + 1]]
 
+    def padded(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for ``positions`` as ``[N, S]`` tensors padded with id −1 and probability 0."""
+        rows = [self.row(int(position)) for position in positions]
+        width = max(1, max(len(ids) for ids, _ in rows))
+        token_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        probs = torch.zeros((len(rows), width), dtype=torch.float32)
+        for index, (ids, row_probs) in enumerate(rows):
+            token_ids[index, :len(ids)] = torch.from_numpy(ids.astype(np.int64))
+            probs[index, :len(ids)] = torch.from_numpy(row_probs.astype(np.float32))
+        return token_ids, probs
+
     def _shard(self, shard: int):
         if shard not in self._shards:
             path = self.folder / _shard_name(shard)

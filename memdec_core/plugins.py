@@ -57,9 +57,7 @@ def reset_plugin_manager() -> None:
     global _manager
     _manager = None
     _records.clear()
-    from memdec_core import registry
-
-    registry.clear_cache()
+    _forget_components()
 
 
 def plugin_records() -> list[PluginRecord]:
@@ -74,16 +72,19 @@ def register_plugin(module_or_object, name: str) -> None:
     manager.check_pending()
     _records.append(PluginRecord(name, getattr(module_or_object, "__name__", repr(module_or_object)),
                                  None, None, "loaded", _hook_names(manager, module_or_object)))
-    from memdec_core import registry
-
-    registry.clear_cache()
+    _forget_components()
 
 
 def unregister_plugin(name: str) -> None:
     manager = get_plugin_manager()
     manager.unregister(name=name)
     _records[:] = [record for record in _records if record.name != name]
-    from memdec_core import registry
+    _forget_components()
+
+
+def _forget_components() -> None:
+    """The registry caches hook results; they are stale once the set of plugins changes."""
+    from memdec_core import registry  # imported here: registry imports this module
 
     registry.clear_cache()
 

@@ -92,3 +92,57 @@ def write_readme(folder: Path, title: str, lines: list[str]) -> None:
 def cached_artifact(kind: str, key: str) -> Path:
     """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet)."""
     return cache_root() / kind / key
+
+
+def start_or_resume(work: Path, identity: dict[str, Any], what: str) -> bool:
+    """Create the work folder of a resumable job, or check that a left-over one used ``identity``.
+
+    Returns True when resuming. An interrupted job may only be continued with identical inputs
+    and settings; anything else is refused rather than silently mixed.
+    """
+    work = Path(work)
+    stamp = work / "settings.json"
+    identity = json.loads(json.dumps(identity, sort_keys=True, default=_jsonable))
+    if stamp.exists():
+        previous = json.loads(stamp.read_text())
+        if previous != identity:
+            changed = sorted(key for key in set(identity) | set(previous) if previous.get(key) != identity.get(key))
+            raise ArtifactError(f"an interrupted {what} in {work} used other settings ({', '.join(changed)}); "
+                                f"rerun with the same settings, or delete that folder to start over")
+        return True
+    work.mkdir(parents=True, exist_ok=True)
+    (work / ".settings.json.tmp").write_text(json.dumps(identity, sort_keys=True))
+    os.replace(work / ".settings.json.tmp", stamp)
+    return False
+
+
+@contextlib.contextmanager
+def replacing_directory(target: Path) -> Iterator[Path]:
+    """Like ``atomic_directory``, but an existing ``target`` (an older checkpoint) is replaced.
+
+    Between the two renames the previous version sits at ``.{name}.old``; ``previous_version``
+    finds it if a crash falls exactly there.
+    """
+    target = Path(target)
+    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(temporary, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def previous_version(target: Path) -> Path | None:
+    """``target``, or the version a crash inside ``replacing_directory`` left aside, or None."""
+    target = Path(target)
+    for candidate in (target, target.parent / f".{target.name}.old"):
+        if candidate.is_dir():
+            return candidate
+    return None

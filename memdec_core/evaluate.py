@@ -89,6 +89,12 @@ class ScoredBatch:
     targets: torch.Tensor  # [N] gold next-token ids
     logits: torch.Tensor | None  # [N, vocab] base model logits, fp32 (None when not asked for)
     hidden: torch.Tensor | None = None  # [N, dim] last_ffn_input, when captured
+    #: The padded batch the base saw, and where each scored row sits in it: a memory model runs
+    #: the same windows and reads its predictions at ``[rows, columns]``.
+    input_ids: torch.Tensor | None = None  # [windows, length]
+    attention_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # [N] window of each scored position
+    columns: torch.Tensor | None = None  # [N] column of each scored position in input_ids
     _gold: torch.Tensor | None = field(default=None, repr=False)
 
     def logprobs(self) -> torch.Tensor:
@@ -144,7 +150,8 @@ def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hid
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
     scored_hidden = captured["hidden"][rows, columns + (input_ids.shape[1] - keep)].float() if capture_hidden else None
     scored_logits = logits[rows, columns].float() if logits is not None else None
-    return ScoredBatch(torch.from_numpy(positions), targets, scored_logits, scored_hidden)
+    return ScoredBatch(torch.from_numpy(positions), targets, scored_logits, scored_hidden,
+                       input_ids, attention_mask, rows, columns + (input_ids.shape[1] - keep))
 
 
 def _pad(stream: np.ndarray, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -180,6 +180,11 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def model_fingerprint(name: str) -> str:
+    """The fingerprint ``load_model(name)`` would give, without loading the weights."""
+    return _model_fingerprint(name, resolve_model_location(name)[0])
+
+
 def _model_fingerprint(name: str, location: str) -> str:
     """Name plus size and mtime of the weight files: cheap, and changes when the weights do."""
     parts = [name]

@@ -1,0 +1,154 @@
+"""``memdec targets``, ``memdec train`` and ``memdec generate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from memdec_cli.options import eval_settings, window_options
+
+_domain = click.option("--domain", required=True,
+                       help="A registered domain or a corpus folder (its train split is used).")
+_k = click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True,
+                  help="Neighbours per position (the query's own entry is excluded by id).")
+_temperature = click.option("--knn-temperature", "temperature", type=click.FloatRange(min=0, min_open=True),
+                            default=16.0, show_default=True,
+                            help="T of the kNN weights softmax(−d/T). The paper's 16 suits the demo family; "
+                                 "tune it with `memdec eval --method knn-lm` for other keys.")
+
+
+@click.group()
+def targets():
+    """kNN targets: the teacher's sparse next-token distribution at every train position."""
+
+
+@targets.command("build")
+@_domain
+@click.option("--teacher", required=True, help="The model whose datastore makes the targets.")
+@_k
+@_temperature
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Write the targets to this new folder instead of the cache.")
+@window_options
+def targets_build(domain, teacher, k, temperature, output, context, stride, batch_size, max_train_tokens,
+                  max_eval_tokens):
+    """Search k + 1 neighbours of every train position in TEACHER's datastore, drop the position's own
+    entry, and store the resulting distributions sparse (ids int32, probabilities fp16).
+
+    Builds the teacher's datastore first when it is not cached. An interrupted build resumes
+    from its last finished shard. Prints the targets folder.
+    """
+    from memdec_decoder.api import build_targets
+
+    click.echo(build_targets(domain, teacher, k=k, temperature=temperature, output=output, settings=eval_settings(
+        context, stride, batch_size, max_train_tokens, max_eval_tokens)))
+
+
+@targets.command("info")
+@click.argument("folder", type=click.Path(path_type=Path))
+def targets_info(folder):
+    """Print a targets folder's manifest."""
+    from memdec_knn.targets import TargetSet
+
+    click.echo(json.dumps(TargetSet(folder).manifest, indent=2))
+
+
+@click.command("train")
+@_domain
+@click.option("--teacher", default="", help="Model whose kNN-LM the memory imitates [default: the largest demo model].")
+@click.option("--init", default="", help="Model the memory starts from: a name, folder, .gguf or hub id "
+              "[default: the smallest demo model].")
+@click.option("--from-scratch", is_flag=True, help="Use --init's architecture with freshly initialised weights.")
+@click.option("--init-layers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keep only the first N blocks of --init (0: all); a fast memory from a big family member.")
+@click.option("--vocabulary", type=click.Choice(["auto", "full", "restricted"]), default="auto", show_default=True,
+              help="restricted: the output layer covers only tokens that occur as datastore values (exact for "
+                   "the KL term; every other token gets probability 0 from the memory). auto: restricted "
+                   "above 32k tokens.")
+@click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="AdamW learning rate, decayed linearly to 0 (the paper: 1e-3 for small, 1e-4 for Qwen).")
+@click.option("--train-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Windows per training forward pass.")
+@click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Forward passes per optimizer step.")
+@click.option("--max-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop after N optimizer steps (a budget; 0: the epochs decide).")
+@_k
+@_temperature
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Write the memory to this new folder instead of the cache. Rerunning the same command "
+                   "after an interruption resumes from the last checkpoint.")
+@window_options
+def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, epochs, lr, train_batch, accumulate,
+          max_steps, k, temperature, seed, output, context, stride, batch_size, max_train_tokens, max_eval_tokens):
+    """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
+
+    Builds (or reuses) the teacher's datastore and kNN targets, then trains with
+    β·KL(p_kNN ‖ p_mem) + (1−β)·CE, evaluating the memory on the validation split after every
+    epoch and keeping the best. Prints the memory folder: a plain HF model folder plus
+    memdec.json, usable with `memdec eval --method memdec --memory DIR` and `memdec generate`.
+
+    \b
+    Example (the offline demo family):
+      memdec train --domain finance --teacher memdec-demo-l --init memdec-demo-s --output finance-memory
+    """
+    from memdec_decoder.api import train as train_memory
+
+    click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
+                            init_layers=init_layers, vocabulary=vocabulary, beta=beta, epochs=epochs, lr=lr,
+                            batch_size=train_batch, accumulate=accumulate, max_steps=max_steps, k=k,
+                            temperature=temperature, seed=seed, settings=eval_settings(
+                                context, stride, batch_size, max_train_tokens, max_eval_tokens)))
+
+
+@click.command("generate")
+@click.option("--base", required=True, help="The base model (a name, folder, .gguf file or hub id).")
+@click.option("--memory", type=click.Path(path_type=Path), default=None,
+              help="A memory folder from `memdec train`; without it the base generates alone.")
+@click.option("--lam", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="Weight of the memory: log(λ·p_mem + (1−λ)·p_base).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy / beam search.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature, applied to the mixture.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling: keep the k best tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Sampling: nucleus mass.")
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True, help="Beam search width.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.argument("prompt")
+def generate(base, memory, lam, max_new_tokens, sample, temperature, top_k, top_p, num_beams, seed, prompt):
+    """Continue PROMPT with BASE mixed with a Memory Decoder, streamed to the terminal.
+
+    The memory runs beside generate() with its own KV cache, so greedy decoding, sampling and
+    beam search all work (beams are printed when done).
+
+    \b
+    Example:
+      memdec generate --base memdec-demo-m --memory finance-memory --sample --top-p 0.9 "The central bank"
+    """
+    import torch
+    from transformers import TextStreamer
+
+    from memdec_decoder.api import generate as generate_text
+
+    torch.manual_seed(seed)
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            click.echo(text, nl=stream_end)
+
+    streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
+        if num_beams == 1 else None
+    click.echo(prompt, nl=False)
+    text = generate_text(base, memory, prompt, lam=lam, streamer_factory=streamer_factory,
+                         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                         top_p=top_p, num_beams=num_beams)
+    if streamer_factory is None:
+        click.echo(text)

@@ -1,0 +1,147 @@
+"""A trained Memory Decoder on disk and in memory.
+
+On disk it is a plain Hugging Face model folder (config, safetensors weights, the family's
+tokenizer) plus ``memdec.json`` (teacher, tokenizer fingerprint, data hash, β, k, T, command)
+and, for a vocabulary-restricted memory, ``vocabulary.npy`` (the kept token ids).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memdec_core.artifacts import read_manifest
+from memdec_core.errors import ArtifactError, ConfigError, ModelError
+from memdec_core.interfaces import MemoryModel
+from memdec_decoder.vocab import Vocabulary
+
+ARTIFACT_TYPE = "memory-decoder"
+
+
+class MemoryDecoder:
+    """A loaded memory: next-token log-probs over the full vocabulary of its family."""
+
+    def __init__(self, model, folder: Path, manifest: dict, vocabulary: Vocabulary | None):
+        self.model, self.folder, self.manifest, self.vocabulary = model, Path(folder), manifest, vocabulary
+        self.model.eval()
+        self._takes_cache = "cache" in inspect.signature(self.model.forward).parameters
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer_fingerprint"]
+
+    @property
+    def full_vocab_size(self) -> int:
+        return self.manifest["full_vocab_size"]
+
+    @property
+    def parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.model.parameters())
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config.get_text_config()
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def check_compatible(self, base, context: int | None = None) -> None:
+        """A memory mixes only with a base of the same tokenizer, over windows it can read."""
+        if base.tokenizer_fingerprint != self.tokenizer_fingerprint:
+            raise ModelError(f"memory {self.folder} was trained with another tokenizer "
+                             f"(teacher {self.manifest.get('teacher')}) than {base.model_id}; "
+                             f"a Memory Decoder mixes only with bases of its own tokenizer")
+        if base.vocab_size < self.full_vocab_size:
+            raise ModelError(f"memory {self.folder} predicts {self.full_vocab_size} tokens but "
+                             f"{base.model_id} has only {base.vocab_size}")
+        if context and self.max_positions and context > self.max_positions:
+            raise ConfigError(f"windows of {context} tokens are longer than memory {self.folder}'s "
+                              f"{self.max_positions} positions; pass a smaller --context")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, past_key_values=None,
+                logits_to_keep: int = 0):
+        """The model's output on full-vocabulary ``input_ids``; restricted logits come out masked."""
+        inputs = self.vocabulary.inputs(input_ids) if self.vocabulary else input_ids
+        cache = {}
+        if past_key_values is not None:  # transformers ≥ 5.24 renames past_key_values to cache
+            cache = {"cache" if self._takes_cache else "past_key_values": past_key_values, "use_cache": True}
+        output = self.model(input_ids=inputs, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **cache)
+        if self.vocabulary:
+            self.vocabulary.mask_other(output.logits)
+        return output
+
+    def restricted_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def to_full(self, restricted_logprobs: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """Log-probs over the full vocabulary (``width`` columns, −inf beyond the memory's own)."""
+        width = width or self.full_vocab_size
+        if self.vocabulary:
+            return self.vocabulary.expand(restricted_logprobs, width)
+        if restricted_logprobs.shape[-1] == width:
+            return restricted_logprobs
+        padding = restricted_logprobs.new_full((*restricted_logprobs.shape[:-1], width - restricted_logprobs.shape[-1]),
+                                               float("-inf"))
+        return torch.cat([restricted_logprobs, padding], dim=-1)
+
+    def gold(self, restricted_logprobs: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``[N]`` log-probs of full-vocabulary ``token_ids`` (−inf outside a restricted set)."""
+        if not self.vocabulary:
+            return restricted_logprobs.gather(1, token_ids[:, None])[:, 0]
+        restricted = self.vocabulary.inputs(token_ids)
+        values = restricted_logprobs.gather(1, restricted[:, None])[:, 0]
+        return torch.where(self.vocabulary.contains(token_ids), values, float("-inf"))
+
+    @torch.inference_mode()
+    def scored_logprobs(self, input_ids, attention_mask, rows, columns) -> torch.Tensor:
+        """Restricted log-probs at ``[rows, columns]`` of a batch of windows (as a base scored it)."""
+        keep = input_ids.shape[1] - int(columns.min())
+        logits = self.forward(input_ids, attention_mask, logits_to_keep=keep).logits
+        offset = input_ids.shape[1] - logits.shape[1]
+        return self.restricted_logprobs(logits[rows, columns - offset])
+
+    @torch.inference_mode()
+    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[batch, length, full vocab]`` log-probs of the next token at every position."""
+        return self.to_full(self.restricted_logprobs(self.forward(input_ids).logits))
+
+
+def open_memory(folder) -> MemoryDecoder:
+    """Load a memory folder written by ``memdec train``, checking its parts."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ArtifactError(f"memory folder not found: {folder}")
+    manifest = read_manifest(folder, ARTIFACT_TYPE)
+    vocabulary = Vocabulary.load(folder, manifest["full_vocab_size"]) if manifest.get("restricted") else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ArtifactError(f"cannot load the memory model in {folder}: {str(error).splitlines()[0]}") from error
+    rows = model.get_output_embeddings().weight.shape[0]
+    expected = vocabulary.size if vocabulary else manifest["full_vocab_size"]
+    if rows != expected:
+        raise ArtifactError(f"memory {folder}: the output layer has {rows} rows, the manifest expects {expected}")
+    return MemoryDecoder(model, folder, manifest, vocabulary)
+
+
+class DecoderMemoryModel(MemoryModel):
+    """A trained Memory Decoder folder as a MemoryModel: log-probs for windows of tokens."""
+
+    name = "memory-decoder"
+
+    @dataclass
+    class Config:
+        path: str = ""
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        if not self.config.path:
+            raise ConfigError("memory-decoder needs path=<a memory folder written by memdec train>")
+        self.memory = open_memory(self.config.path)
+        self.tokenizer_fingerprint = self.memory.tokenizer_fingerprint
+
+    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.memory.logprobs(input_ids)

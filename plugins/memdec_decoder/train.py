@@ -1,0 +1,352 @@
+"""Training a Memory Decoder on kNN targets: β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold) per token.
+
+The train split is cut into consecutive chunks of ``context`` positions (every position is
+trained once per epoch); chunks are shuffled per epoch with a seeded order, so a resumed run
+sees exactly the batches the interrupted one would have. AdamW, linear decay to zero without
+warmup, gradient clipping and accumulation (the paper's recipe). After every epoch the memory
+alone is scored on the validation split and the best epoch is kept.
+
+Work happens in ``.NAME.partial`` beside the output folder: ``settings.json`` (what the run
+is; a resume must match it), ``checkpoint/`` (weights, optimizer, progress; rewritten every
+``save_every`` steps and at each epoch end) and ``best/``. The output folder appears only when
+training is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memdec_core.artifacts import (atomic_directory, previous_version, replacing_directory, start_or_resume,
+                                   write_manifest, write_readme)
+from memdec_core.data import TokenizedCorpus, make_windows
+from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
+from memdec_core.evaluate import NLLTotal, iter_scored_batches
+from memdec_core.models import BLOCK_PATHS, LoadedModel, load_model
+from memdec_core.progress import log, progress_bar
+from memdec_decoder.loss import memory_decoder_loss
+from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
+from memdec_decoder.vocab import Vocabulary, restrict_model
+from memdec_knn.targets import TargetSet
+
+#: ``vocabulary="auto"`` restricts the output layer for vocabularies larger than this.
+AUTO_RESTRICT_ABOVE = 32_768
+VOCABULARY_CHOICES = ("auto", "full", "restricted")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a memory is trained; a resumed run must use the same settings."""
+
+    beta: float = 0.5  # weight of the KL term; 1 − β weighs the cross-entropy on the gold token
+    epochs: int = 3
+    lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
+    weight_decay: float = 0.0
+    batch_size: int = 8  # windows per forward pass
+    accumulate: int = 1  # forward passes per optimizer step
+    clip: float = 1.0
+    vocabulary: str = "auto"  # restricted to the datastore's values above 32k tokens
+    init_layers: int = 0  # keep only the first N blocks of the init model (0: all)
+    from_scratch: bool = False  # the init model's architecture with fresh weights
+    max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    save_every: int = 100  # optimizer steps between checkpoints
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.clip > 0:
+            raise ConfigError(f"lr and clip must be positive and weight decay non-negative "
+                              f"(got lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay})")
+        for name in ("epochs", "batch_size", "accumulate", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if self.init_layers < 0 or self.max_steps < 0:
+            raise ConfigError("init_layers and max_steps must be 0 (no limit) or positive")
+        if self.vocabulary not in VOCABULARY_CHOICES:
+            raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARY_CHOICES)}, got {self.vocabulary!r}")
+
+
+def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
+                 context: int, stride: int, settings: TrainSettings = TrainSettings(), teacher: str = "",
+                 eval_batch_size: int = 8) -> MemoryDecoder:
+    """Train a memory initialised from ``init_name`` on ``targets``; write it to ``output``."""
+    output = Path(output).expanduser()
+    if output.exists():
+        raise ConfigError(f"output folder already exists: {output}")
+    stream = corpus.streams["train"]
+    check_targets_match(targets, corpus)
+    init = load_model(init_name)
+    if init.tokenizer_fingerprint != targets.manifest["tokenizer_fingerprint"]:
+        raise ModelError(f"{init_name} has another tokenizer than the teacher whose targets these are; "
+                         f"a memory must share its family's tokenizer")
+    vocabulary = choose_vocabulary(settings.vocabulary, stream, init.vocab_size)
+    work = output.parent / f".{output.name}.partial"
+    identity = {"init": init.fingerprint, "targets": targets.manifest["data_hash"], "k": targets.manifest["k"],
+                "temperature": targets.manifest["temperature"], "context": context,
+                "vocabulary": vocabulary.size if vocabulary else init.vocab_size, **dataclasses.asdict(settings)}
+    resuming = start_or_resume(work, identity, "training")
+    checkpoint = previous_version(work / "checkpoint") if resuming else None
+    model = _load_checkpoint_model(checkpoint) if checkpoint else build_memory_model(init, settings, vocabulary)
+    trainer = Trainer(model, vocabulary, stream, targets, context, settings, work)
+    if checkpoint:
+        trainer.restore(checkpoint)
+    valid = corpus.streams["valid"]
+    trainer.run(valid, make_windows(len(valid), context, stride), eval_batch_size)
+    return _finish(work, output, init, vocabulary, targets, trainer, teacher=teacher, context=context)
+
+
+def check_targets_match(targets: TargetSet, corpus: TokenizedCorpus) -> None:
+    """Targets are usable only for the exact token stream they were computed on."""
+    stream = corpus.streams["train"]
+    if len(stream) < 2:
+        raise DataError(f"corpus {corpus.corpus.name!r}: the train split is empty")
+    if targets.manifest["data_hash"] != corpus.data_hash("train") or len(targets) != len(stream) - 1:
+        raise ArtifactError(f"targets {targets.folder} were computed on other train data "
+                            f"(data hash {targets.manifest['data_hash']}, {len(targets)} positions) than "
+                            f"{corpus.corpus.name!r} (data hash {corpus.data_hash('train')}, {len(stream) - 1})")
+    if targets.manifest["tokenizer_fingerprint"] != corpus.tokenizer_fingerprint:
+        raise ArtifactError(f"targets {targets.folder} were made with another tokenizer than the corpus")
+
+
+def choose_vocabulary(choice: str, stream: np.ndarray, full_size: int) -> Vocabulary | None:
+    """The restricted vocabulary (the datastore's values: every token that follows a train
+    position), or None for the full one."""
+    if choice == "full" or (choice == "auto" and full_size <= AUTO_RESTRICT_ABOVE):
+        return None
+    return Vocabulary(np.unique(stream[1:]), full_size)
+
+
+def build_memory_model(init: LoadedModel, settings: TrainSettings, vocabulary: Vocabulary | None):
+    """The init model (or its architecture, fresh), optionally cut to its first blocks and vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    model = init.model
+    if settings.from_scratch:
+        torch.manual_seed(settings.seed)
+        model = AutoModelForCausalLM.from_config(init.model.config)
+    if settings.init_layers:
+        keep_first_blocks(model, settings.init_layers)
+    if vocabulary:
+        restrict_model(model, vocabulary)
+    return model.float().train()
+
+
+def keep_first_blocks(model, n_blocks: int) -> None:
+    """Drop all but the first ``n_blocks`` decoder blocks (a shallower memory, same embeddings)."""
+    model_type = model.config.model_type
+    if model_type not in BLOCK_PATHS:
+        raise ModelError(f"cannot cut the blocks of a {model_type!r} model "
+                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
+    *parents, attribute = BLOCK_PATHS[model_type].split(".")
+    owner = model
+    for name in parents:
+        owner = getattr(owner, name)
+    blocks = getattr(owner, attribute)
+    if n_blocks > len(blocks):
+        raise ConfigError(f"init_layers={n_blocks}, but the init model has only {len(blocks)} blocks")
+    setattr(owner, attribute, torch.nn.ModuleList(list(blocks)[:n_blocks]))
+    config = model.config.get_text_config()
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(config, key):
+            setattr(config, key, n_blocks)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:n_blocks]
+
+
+def _load_checkpoint_model(checkpoint: Path):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {str(error).splitlines()[0]}; "
+                            f"delete {checkpoint.parent} to start over") from error
+
+
+class Trainer:
+    """The optimisation loop, its checkpoints and the per-epoch validation."""
+
+    def __init__(self, model, vocabulary: Vocabulary | None, stream: np.ndarray, targets: TargetSet,
+                 context: int, settings: TrainSettings, work: Path):
+        self.model, self.vocabulary, self.targets = model, vocabulary, targets
+        self.stream = torch.from_numpy(stream.astype(np.int64))
+        self.settings, self.context, self.work = settings, context, work
+        self.chunk_starts = np.arange(0, len(stream) - 1, context)
+        self.chunks_per_step = settings.batch_size * settings.accumulate
+        self.steps_per_epoch = math.ceil(len(self.chunk_starts) / self.chunks_per_step)
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        if settings.max_steps:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
+        self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
+                      "train_seconds": 0.0}
+
+    def restore(self, checkpoint: Path) -> None:
+        try:
+            saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {error}; "
+                                f"delete {checkpoint.parent} to start over") from error
+        log(f"resuming training at step {self.state['global_step']} of {self.total_steps} "
+            f"(epoch {self.state['epoch'] + 1})")
+
+    def run(self, valid_stream: np.ndarray, valid_windows, eval_batch_size: int) -> None:
+        started = time.perf_counter() - self.state["train_seconds"]
+        with progress_bar("training memory", self.total_steps, "steps") as advance:
+            advance(self.state["global_step"])
+            tokens, clock = 0, time.perf_counter()
+            while self.state["global_step"] < self.total_steps:
+                epoch = self.state["epoch"]
+                step_in_epoch = self.state["global_step"] - epoch * self.steps_per_epoch
+                order = np.random.default_rng(self.settings.seed + epoch).permutation(len(self.chunk_starts))
+                chunks = order[step_in_epoch * self.chunks_per_step:(step_in_epoch + 1) * self.chunks_per_step]
+                loss, n_tokens = self._step(self.chunk_starts[chunks])
+                self.state["global_step"] += 1
+                tokens += n_tokens
+                speed = tokens / max(time.perf_counter() - clock, 1e-9)
+                advance(1, note=f"epoch {epoch + 1}/{self.settings.epochs} loss {loss:.3f} {speed:,.0f} tok/s")
+                self.state["train_seconds"] = time.perf_counter() - started
+                epoch_done = self.state["global_step"] % self.steps_per_epoch == 0
+                if epoch_done or self.state["global_step"] == self.total_steps:
+                    self._end_epoch(loss, valid_stream, valid_windows, eval_batch_size)
+                elif self.state["global_step"] % self.settings.save_every == 0:
+                    self._save_checkpoint()
+
+    def _step(self, starts: np.ndarray) -> tuple[float, int]:
+        """One optimizer step over the chunks starting at ``starts``; returns (loss, tokens)."""
+        n_total = sum(min(start + self.context, len(self.stream) - 1) - start for start in starts)
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for first in range(0, len(starts), self.settings.batch_size):
+            batch_starts = starts[first:first + self.settings.batch_size]
+            positions, rows, columns, input_ids, attention_mask = self._batch(batch_starts)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            if self.vocabulary:
+                self.vocabulary.mask_other(logits)
+            target_ids, target_probs = self.targets.padded(positions.numpy())
+            gold = self.stream[positions + 1]
+            if self.vocabulary:
+                gold = self.vocabulary.inputs(gold)
+                target_ids = torch.where(target_ids >= 0, self.vocabulary.inputs(target_ids.clamp(min=0)), -1)
+            loss = memory_decoder_loss(logits[rows, columns], gold, target_ids, target_probs, self.settings.beta)
+            (loss * len(positions) / n_total).backward()
+            total_loss += float(loss.detach()) * len(positions) / n_total
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total_loss, n_total
+
+    def _batch(self, starts: np.ndarray):
+        """Inputs for chunks: positions ``[start, start + context)`` each predicting the next token."""
+        ends = [min(start + self.context, len(self.stream) - 1) for start in starts]
+        length = max(end - start for start, end in zip(starts, ends))
+        input_ids = torch.zeros((len(starts), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(starts), length), dtype=torch.long)
+        positions, rows, columns = [], [], []
+        for row, (start, end) in enumerate(zip(starts, ends)):
+            input_ids[row, :end - start] = self.stream[start:end]
+            attention_mask[row, :end - start] = 1
+            positions.append(torch.arange(start, end))
+            rows.append(torch.full((end - start,), row))
+            columns.append(torch.arange(end - start))
+        if self.vocabulary:
+            input_ids = self.vocabulary.inputs(input_ids)
+        return torch.cat(positions), torch.cat(rows), torch.cat(columns), input_ids, attention_mask
+
+    def _end_epoch(self, last_loss: float, valid_stream, valid_windows, eval_batch_size: int) -> None:
+        valid_ppl, outside = memory_perplexity(self.model, self.vocabulary, valid_stream, valid_windows,
+                                               eval_batch_size)
+        self.model.train()
+        epoch = self.state["epoch"] + 1
+        self.state["history"].append({"epoch": epoch, "step": self.state["global_step"], "train_loss": last_loss,
+                                      "valid_ppl": valid_ppl, "valid_tokens_outside_vocabulary": outside})
+        note = f" ({outside} valid tokens outside the kept vocabulary not scored)" if outside else ""
+        log(f"epoch {epoch}: memory alone, valid ppl {valid_ppl:.3f}{note}")
+        if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
+            self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
+            with replacing_directory(self.work / "best") as temporary:
+                self.model.save_pretrained(temporary)
+        self.state["epoch"] = epoch
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        with replacing_directory(self.work / "checkpoint") as temporary:
+            self.model.save_pretrained(temporary)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       temporary / "optimizer.pt")
+            (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
+
+
+def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, windows,
+                      batch_size: int) -> tuple[float, int]:
+    """The memory's own perplexity over ``windows``; tokens it cannot name are counted, not scored."""
+    model.eval()
+    tokens = torch.from_numpy(stream.astype(np.int64))
+    mapped = (vocabulary.inputs(tokens) if vocabulary else tokens).numpy()
+    total, outside = NLLTotal(), 0
+    for batch in iter_scored_batches(model, mapped, windows, batch_size=batch_size, description="valid memory"):
+        logits = vocabulary.mask_other(batch.logits) if vocabulary else batch.logits
+        gold = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
+        named = batch.targets != vocabulary.other if vocabulary else torch.ones_like(batch.targets, dtype=torch.bool)
+        total.add(gold[named])
+        outside += int((~named).sum())
+    return total.perplexity, outside
+
+
+def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary | None, targets: TargetSet,
+            trainer: Trainer, *, teacher: str, context: int) -> MemoryDecoder:
+    best = previous_version(work / "best")
+    if best is None:
+        raise ArtifactError(f"training in {work} ended without a validated checkpoint")
+    state, settings = trainer.state, trainer.settings
+    parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
+    with atomic_directory(output) as temporary:
+        shutil.copytree(best, temporary, dirs_exist_ok=True)
+        init.tokenizer.save_pretrained(temporary)
+        if vocabulary:
+            vocabulary.save(temporary)
+        write_manifest(temporary, ARTIFACT_TYPE, teacher=teacher, init=init.model_id,
+                       init_fingerprint=init.fingerprint, tokenizer_fingerprint=init.tokenizer_fingerprint,
+                       full_vocab_size=init.vocab_size, restricted=vocabulary is not None,
+                       vocabulary_size=vocabulary.size - 1 if vocabulary else init.vocab_size,
+                       data_hash=targets.manifest["data_hash"], beta=settings.beta, k=targets.manifest["k"],
+                       temperature=targets.manifest["temperature"], targets=str(targets.folder), context=context,
+                       parameters=parameters, train=dataclasses.asdict(settings),
+                       best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
+                       history=state["history"], train_seconds=round(state["train_seconds"], 1))
+        write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
+            init, vocabulary, targets, settings, state, parameters))
+    shutil.rmtree(work, ignore_errors=True)
+    return open_memory(output)
+
+
+def _readme_lines(init, vocabulary, targets, settings, state, parameters) -> list[str]:
+    lines = [
+        f"- A causal LM of {parameters:,} parameters initialised from `{init.model_id}`, trained to imitate "
+        f"a kNN-LM: β·KL(p_kNN ‖ p_mem) + (1−β)·CE with β = {settings.beta}.",
+        f"- kNN targets: k = {targets.manifest['k']}, T = {targets.manifest['temperature']}, "
+        f"train data hash `{targets.manifest['data_hash']}`.",
+        f"- Best epoch {state['best_epoch']} of {settings.epochs}: validation perplexity of the memory alone "
+        f"{state['best_valid_ppl']:.3f}.",
+        "- Use: `memdec eval --method memdec --memory THIS_FOLDER` or "
+        "`memdec generate --base MODEL --memory THIS_FOLDER \"prompt\"`.",
+    ]
+    if vocabulary:
+        lines.append(f"- Vocabulary restricted to {vocabulary.size - 1:,} of {vocabulary.full_size:,} tokens "
+                     f"(`vocabulary.npy`); row i of the embedding and output layers is token `vocabulary[i]`, the "
+                     f"last row is the shared embedding of every other token. Load it through memdec.")
+    return lines

@@ -117,3 +117,19 @@ def fresh_plugins():
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+#: Windows and Memory Decoder settings small enough for the tiny corpus.
+QUICK_MEMORY = dict(epochs=2, batch_size=4, k=16, temperature=1.0, lr=3e-3)
+SMALL_WINDOWS = dict(context=64, stride=32, batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
+    """A Memory Decoder trained on the tiny corpus with the tiny Llama as teacher and init."""
+    from memdec_core.evaluate import EvalSettings
+    from memdec_decoder import api
+
+    folder = tmp_path_factory.mktemp("memories") / "tiny-memory"
+    return api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=folder,
+                     settings=EvalSettings(**SMALL_WINDOWS), **QUICK_MEMORY)

@@ -115,5 +115,5 @@ def test_disabling_an_unknown_plugin_on_the_command_line(monkeypatch):
                             env={**__import__("os").environ, "MEMDEC_DISABLE_PLUGINS": "knnn"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: unknown plugin 'knnn'; did you mean 'knn'? (available: base, combiners, domains, knn, zoo); "
+        "Error: unknown plugin 'knnn'; did you mean 'knn'? (available: base, combiners, decoder, domains, knn, zoo); "
         "check MEMDEC_DISABLE_PLUGINS"]

@@ -118,7 +118,7 @@ def open_memory(folder) -> MemoryDecoder:
     vocabulary = Vocabulary.load(folder, manifest["full_vocab_size"]) if manifest.get("restricted") else None
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # safetensors, json and torch each raise their own kinds
         raise ArtifactError(f"cannot load the memory model in {folder}: {str(error).splitlines()[0]}") from error
     rows = model.get_output_embeddings().weight.shape[0]
     expected = vocabulary.size if vocabulary else manifest["full_vocab_size"]

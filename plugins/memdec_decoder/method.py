@@ -46,6 +46,7 @@ class DecoderSettings:
     init_layers: int = 0
     from_scratch: bool = False
     max_steps: int = 0
+    save_every: int = 100  # optimizer steps between checkpoints (does not change the memory)
     seed: int = 0
 
     def __post_init__(self):
@@ -124,7 +125,7 @@ class MemoryDecoderMethod(Method):
 
 
 def memory_key(teacher: LoadedModel, init_name: str, teacher_ctx: EvalContext, config: DecoderSettings) -> str:
-    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("memory", "teacher", "init")}
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("memory", "teacher", "init", "save_every")}
     return content_key("memory", teacher.fingerprint, model_fingerprint(init_name),
                        teacher.tokenizer_fingerprint, teacher_ctx.corpus.data_hash("train"),
                        teacher_ctx.corpus.data_hash("valid"), teacher_ctx.context, teacher_ctx.stride, settings)

@@ -92,7 +92,8 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
     work = output.parent / f".{output.name}.partial"
     identity = {"init": init.fingerprint, "targets": targets.manifest["data_hash"], "k": targets.manifest["k"],
                 "temperature": targets.manifest["temperature"], "context": context,
-                "vocabulary": vocabulary.size if vocabulary else init.vocab_size, **dataclasses.asdict(settings)}
+                "vocabulary": vocabulary.size if vocabulary else init.vocab_size,
+                **{key: value for key, value in dataclasses.asdict(settings).items() if key != "save_every"}}
     resuming = start_or_resume(work, identity, "training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
     model = _load_checkpoint_model(checkpoint) if checkpoint else build_memory_model(init, settings, vocabulary)
@@ -167,7 +168,7 @@ def _load_checkpoint_model(checkpoint: Path):
 
     try:
         return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # safetensors, json and torch each raise their own kinds
         raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {str(error).splitlines()[0]}; "
                             f"delete {checkpoint.parent} to start over") from error
 

@@ -1,0 +1,170 @@
+"""The Memory Decoder: vocabulary restriction, training, reload, resume, evaluation, bad input."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from memdec_core.errors import ArtifactError, ConfigError, ModelError
+from memdec_core.evaluate import EvalSettings
+from memdec_decoder import api
+from memdec_decoder import train as train_module
+from memdec_decoder.memory import MemoryDecoder, open_memory
+from memdec_decoder.train import TrainSettings
+from memdec_decoder.vocab import Vocabulary, restrict_model
+
+from conftest import QUICK_MEMORY as QUICK
+from conftest import SMALL_WINDOWS
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+
+
+def load_tiny(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_a_restricted_model_keeps_the_logits_of_its_tokens(tiny_llama):
+    original = load_tiny(tiny_llama)
+    restricted = load_tiny(tiny_llama)
+    kept = np.array([0, 5, 17, 40, 41, 42, 99, 250])
+    vocabulary = Vocabulary(kept, original.config.vocab_size)
+    restrict_model(restricted, vocabulary)
+    assert restricted.get_output_embeddings().weight.shape[0] == len(kept) + 1
+    tokens = torch.tensor([[5, 17, 40, 99, 0, 250]])
+    with torch.no_grad():
+        expected = original(tokens).logits[..., kept]
+        got = restricted(vocabulary.inputs(tokens)).logits[..., :len(kept)]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_restricted_memory_gives_zero_outside_its_set_and_the_mixture_sums_to_one(tiny_llama):
+    from memdec_combiners.linear import Linear
+
+    model = load_tiny(tiny_llama)
+    full_size = model.config.vocab_size
+    vocabulary = Vocabulary(np.arange(0, full_size, 3), full_size)
+    restrict_model(model, vocabulary)
+    memory = MemoryDecoder(model, tiny_llama, {"full_vocab_size": full_size, "tokenizer_fingerprint": "t"},
+                           vocabulary)
+    tokens = torch.tensor([[1, 4, 7, 10, 2]])  # 1, 4, 2 are outside the set: they share one input row
+    logprobs = memory.logprobs(tokens)
+    assert logprobs.shape == (1, 5, full_size)
+    outside = torch.ones(full_size, dtype=torch.bool)
+    outside[vocabulary.kept] = False
+    assert torch.isneginf(logprobs[..., outside]).all()
+    torch.testing.assert_close(logprobs.exp().sum(-1), torch.ones(1, 5))
+    base = torch.log_softmax(torch.randn(1, 5, full_size), dim=-1)
+    mixed = Linear(lam=0.4).combine(base, logprobs, {})
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(1, 5))
+    restricted = memory.restricted_logprobs(memory.forward(tokens).logits)[0]
+    gold_tokens = torch.tensor([0, 1, 3, 4, 6])
+    gold = memory.gold(restricted, gold_tokens)
+    assert torch.equal(gold, logprobs[0, torch.arange(5), gold_tokens])
+    assert torch.isneginf(gold[[1, 3]]).all() and torch.isfinite(gold[[0, 2, 4]]).all()
+
+
+def test_training_writes_a_memory_that_reloads_with_identical_logprobs(trained_memory, tiny_llama):
+    first, second = open_memory(trained_memory), open_memory(trained_memory)
+    manifest = first.manifest
+    assert manifest["teacher"] == str(tiny_llama) and manifest["beta"] == 0.5 and manifest["k"] == 16
+    assert [entry["epoch"] for entry in manifest["history"]] == [1, 2]
+    assert manifest["best_valid_ppl"] == min(entry["valid_ppl"] for entry in manifest["history"])
+    tokens = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first.logprobs(tokens), second.logprobs(tokens), rtol=0, atol=0)
+    # The memory learnt from its init: its weights moved.
+    init = load_tiny(tiny_llama)
+    assert not torch.equal(init.model.norm.weight, first.model.model.norm.weight) or not torch.equal(
+        init.lm_head.weight, first.model.lm_head.weight)
+
+
+def test_memdec_method_lowers_perplexity_and_reuses_its_memory(corpus_dir, tiny_llama, trained_memory):
+    from memdec_core import api as core_api
+
+    report = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["base", "memdec"], settings=WINDOW,
+                               method_settings={"memdec": {"memory": str(trained_memory)}})
+    base, memdec = report["results"]
+    assert memdec["method"] == "memdec" and 0 < memdec["knobs"]["lam"] <= 1
+    assert memdec["test_ppl"] < base["test_ppl"]
+    assert memdec["details"]["memory"] == str(trained_memory)
+    # Trained on first use into the cache, then reused (one memory per domain for every base).
+    settings = {"memdec": {"teacher": str(tiny_llama), "init": str(tiny_llama), **QUICK}}
+    first = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
+                              method_settings=settings)["results"][0]
+    second = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
+                               method_settings=settings)["results"][0]
+    assert first["details"]["memory"] == second["details"]["memory"]
+    assert first["test_ppl"] == second["test_ppl"]
+
+
+def test_a_memory_refuses_a_base_with_another_tokenizer(trained_memory):
+    memory = open_memory(trained_memory)
+    stranger = SimpleNamespace(tokenizer_fingerprint="other", model_id="stranger", vocab_size=300)
+    with pytest.raises(ModelError, match="another tokenizer"):
+        memory.check_compatible(stranger)
+
+
+def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path, monkeypatch):
+    settings = dict(QUICK, save_every=1)
+    reference = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
+                                      output=tmp_path / "reference", settings=WINDOW, **settings))
+    real_step, steps = train_module.Trainer._step, []
+
+    def interrupted_step(self, starts):
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real_step(self, starts)
+
+    monkeypatch.setattr(train_module.Trainer, "_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=tmp_path / "resumed",
+                  settings=WINDOW, **settings)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "checkpoint").is_dir()
+    with pytest.raises(ArtifactError, match="other settings .*lr"):
+        api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=tmp_path / "resumed",
+                  settings=WINDOW, **dict(settings, lr=1e-2))
+    monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    resumed = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
+                                    output=tmp_path / "resumed", settings=WINDOW, **settings))
+    assert not (tmp_path / ".resumed.partial").exists()
+    for (name, expected), (_, got) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_targets_of_other_data_are_refused(corpus_dir, tiny_llama, tmp_path):
+    from memdec_core.api import prepare_context
+    from memdec_knn.targets import TargetSet
+
+    targets = TargetSet(api.build_targets(str(corpus_dir), str(tiny_llama), settings=WINDOW, k=16))
+    shorter = prepare_context(str(corpus_dir), str(tiny_llama), EvalSettings(context=64, max_train_tokens=500))
+    with pytest.raises(ArtifactError, match="other train data"):
+        train_module.train_memory(str(tiny_llama), shorter.corpus, targets, tmp_path / "memory", context=64,
+                                  stride=32)
+    assert not (tmp_path / "memory").exists() and not (tmp_path / ".memory.partial").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(beta=1.5), "beta"), (dict(beta=-0.1), "beta"), (dict(epochs=0), "epochs"), (dict(lr=0), "lr"),
+    (dict(vocabulary="tiny"), "vocabulary must be one of"), (dict(init_layers=-1), "init_layers"),
+])
+def test_bad_training_settings(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainSettings(**settings)
+
+
+def test_corrupt_or_foreign_memory_folders(tmp_path, trained_memory):
+    with pytest.raises(ArtifactError, match="not found"):
+        open_memory(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ArtifactError, match="not a memdec artifact"):
+        open_memory(tmp_path / "plain")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_memory, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ArtifactError, match="cannot load the memory model"):
+        open_memory(broken)

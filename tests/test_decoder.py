@@ -168,3 +168,41 @@ def test_corrupt_or_foreign_memory_folders(tmp_path, trained_memory):
     (broken / "model.safetensors").write_bytes(b"not weights")
     with pytest.raises(ArtifactError, match="cannot load the memory model"):
         open_memory(broken)
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from memdec_cli.main import build_cli
+
+    return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
+
+
+def test_cli_eval_with_a_trained_memory_and_bad_memory_options(corpus_dir, tiny_llama, trained_memory):
+    import json
+
+    window = ["--context", 64, "--stride", 32]
+    result = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
+                    "--memory", trained_memory, "--format", "json", *window)
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert row["method"] == "memdec" and set(row["knobs"]) == {"lam"}
+    misplaced = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "base",
+                       "--memory", trained_memory, *window)
+    assert misplaced.exit_code == 2 and "applies to --method memdec" in misplaced.output
+    foreign = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
+                     "--memory", corpus_dir, *window)
+    assert foreign.exit_code == 1 and "not a memdec artifact" in foreign.output
+
+
+def test_cli_train_and_targets(corpus_dir, tiny_llama, trained_memory, tmp_path):
+    bad_beta = invoke("train", "--domain", corpus_dir, "--teacher", tiny_llama, "--beta", "1.5")
+    assert bad_beta.exit_code == 2 and "--beta" in bad_beta.output
+    exists = invoke("train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama,
+                    "--output", trained_memory, "--context", 64)
+    assert exists.exit_code == 1 and "already exists" in exists.output
+    built = invoke("targets", "build", "--domain", corpus_dir, "--teacher", tiny_llama, "--k", 8,
+                   "--output", tmp_path / "targets", "--context", 64)
+    assert built.exit_code == 0, built.output
+    info = invoke("targets", "info", built.stdout.strip())
+    assert info.exit_code == 0 and '"k": 8' in info.output

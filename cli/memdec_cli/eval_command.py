@@ -24,6 +24,9 @@ from memdec_cli.options import (eval_settings, parse_assignments, set_option, sp
               help="Methods to run, comma-separated or repeated (memdec list methods).")
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
+@click.option("--memory", type=click.Path(path_type=Path), default=None,
+              help="A trained Memory Decoder folder (memdec train) for --method memdec; without it the "
+                   "domain's memory is trained on first use and cached. Same as --set memdec.memory=DIR.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None,
               help="Fix the combiner's λ instead of tuning it on the validation split.")
 @set_option
@@ -32,7 +35,7 @@ from memdec_cli.options import (eval_settings, parse_assignments, set_option, sp
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
-def eval_command(domain, source, bases, methods, combiner, lam, assignments, context, stride, batch_size,
+def eval_command(domain, source, bases, methods, combiner, memory, lam, assignments, context, stride, batch_size,
                  max_train_tokens, max_eval_tokens, output_format, output):
     """Test perplexity of every base × method on a domain; knobs are tuned on the validation split.
 
@@ -43,14 +46,21 @@ def eval_command(domain, source, bases, methods, combiner, lam, assignments, con
     Example:
       memdec eval --domain ./my-corpus --base HuggingFaceTB/SmolLM2-135M \\
                   --method base,knn-lm --set knn-lm.k=256 --format json
+      memdec eval --domain finance --method base,memdec --memory finance-memory
     """
     from memdec_core import api
     from memdec_cli.render import print_evaluation
 
-    report = api.evaluate(domain, bases, split_list(methods),
+    methods = split_list(methods)
+    method_settings = parse_assignments(assignments)
+    if memory is not None:
+        if "memdec" not in methods:
+            raise click.BadParameter("applies to --method memdec", param_hint="--memory")
+        method_settings.setdefault("memdec", {})["memory"] = str(memory)
+    report = api.evaluate(domain, bases, methods,
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                           combiner=_combiner(combiner, lam),
-                          method_settings=typed_settings("methods", parse_assignments(assignments)),
+                          method_settings=typed_settings("methods", method_settings),
                           domain_settings={"source": source} if source else None)
     print_evaluation(report, output_format)
     if output:

@@ -206,3 +206,9 @@ def test_cli_train_and_targets(corpus_dir, tiny_llama, trained_memory, tmp_path)
     assert built.exit_code == 0, built.output
     info = invoke("targets", "info", built.stdout.strip())
     assert info.exit_code == 0 and '"k": 8' in info.output
+    empty = tmp_path / "empty-train"
+    empty.mkdir()
+    for split in ("train", "valid", "test"):
+        (empty / f"{split}.txt").write_text("" if split == "train" else "Some text.\n")
+    no_text = invoke("train", "--domain", empty, "--teacher", tiny_llama, "--init", tiny_llama)
+    assert no_text.exit_code == 1 and "train split is empty" in no_text.output

@@ -81,7 +81,9 @@ def test_the_mixture_is_a_distribution_and_lambda_one_is_the_memory(base, prompt
     torch.testing.assert_close(only_memory, memory.logprobs(prompt)[:, -1])
 
 
-def test_generation_settings_are_checked():
+def test_generation_settings_are_checked(trained_memory):
+    with pytest.raises(ConfigError, match="λ"):
+        MemoryLogitsProcessor(open_memory(trained_memory), lam=1.5)
     with pytest.raises(ConfigError, match="add --sample"):
         generation_settings(temperature=0.5)
     with pytest.raises(ConfigError, match="top_p"):

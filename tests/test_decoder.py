@@ -26,13 +26,17 @@ def load_tiny(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def test_a_restricted_model_keeps_the_logits_of_its_tokens(tiny_llama):
+def test_a_restricted_model_keeps_the_logits_of_its_tokens(tiny_llama, tmp_path):
     original = load_tiny(tiny_llama)
     restricted = load_tiny(tiny_llama)
+    restricted.config.pad_token_id = 3  # outside the kept set: must not survive as an out-of-range id
     kept = np.array([0, 5, 17, 40, 41, 42, 99, 250])
     vocabulary = Vocabulary(kept, original.config.vocab_size)
     restrict_model(restricted, vocabulary)
     assert restricted.get_output_embeddings().weight.shape[0] == len(kept) + 1
+    assert restricted.config.pad_token_id is None and restricted.config.eos_token_id == 0
+    restricted.save_pretrained(tmp_path / "restricted")
+    restricted = load_tiny(tmp_path / "restricted")
     tokens = torch.tensor([[5, 17, 40, 99, 0, 250]])
     with torch.no_grad():
         expected = original(tokens).logits[..., kept]

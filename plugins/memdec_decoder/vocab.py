@@ -93,6 +93,26 @@ def restrict_model(model, vocabulary: Vocabulary) -> None:
     if output.bias is not None:
         new_output.bias.data = torch.cat([output.bias.detach()[vocabulary.kept], torch.zeros(1)]).clone()
     model.set_output_embeddings(new_output)
-    model.config.vocab_size = vocabulary.size
-    text_config = model.config.get_text_config()
-    text_config.vocab_size = vocabulary.size
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.vocab_size = vocabulary.size
+        _remap_special_tokens(config, vocabulary)
+    if getattr(model, "generation_config", None) is not None:
+        _remap_special_tokens(model.generation_config, vocabulary)
+
+
+def _remap_special_tokens(config, vocabulary: Vocabulary) -> None:
+    """pad/bos/eos ids in restricted numbering; a special token outside the set becomes None
+    (an out-of-range pad id would not even let the model be built again)."""
+    def remap(token_id):
+        if isinstance(token_id, int) and 0 <= token_id < vocabulary.full_size:
+            restricted = int(vocabulary.to_restricted[token_id])
+            return restricted if restricted != vocabulary.other else None
+        return None
+
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            value = [mapped for mapped in map(remap, value) if mapped is not None] or None
+        elif value is not None:
+            value = remap(value)
+        setattr(config, key, value)

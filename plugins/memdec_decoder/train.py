@@ -1,37 +1,31 @@
 """Training a Memory Decoder on kNN targets: β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold) per token.
 
-The train split is cut into consecutive chunks of ``context`` positions (every position is
-trained once per epoch); chunks are shuffled per epoch with a seeded order, so a resumed run
-sees exactly the batches the interrupted one would have. AdamW, linear decay to zero without
-warmup, gradient clipping and accumulation (the paper's recipe). After every epoch the memory
-alone is scored on the validation split and the best epoch is kept.
+The loop is memdec's shared one (``memdec_core.training``: AdamW, linear decay without warmup,
+clipping, accumulation — the paper's recipe — seeded epoch order, checkpoints, best epoch on
+validation). This module supplies the objective, the memory's construction (init model, first
+blocks, restricted vocabulary) and the output folder.
 
 Work happens in ``.NAME.partial`` beside the output folder: ``settings.json`` (what the run
-is; a resume must match it), ``checkpoint/`` (weights, optimizer, progress; rewritten every
-``save_every`` steps and at each epoch end) and ``best/``. The output folder appears only when
+is; a resume must match it), ``checkpoint/`` and ``best/``. The output folder appears only when
 training is complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from memdec_core.artifacts import (atomic_directory, previous_version, replacing_directory, start_or_resume,
-                                   write_manifest, write_readme)
+from memdec_core.artifacts import atomic_directory, previous_version, start_or_resume, write_manifest, write_readme
 from memdec_core.data import TokenizedCorpus, make_windows
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
 from memdec_core.evaluate import NLLTotal, iter_scored_batches
 from memdec_core.models import BLOCK_PATHS, LoadedModel, load_model
-from memdec_core.progress import log, progress_bar
+from memdec_core.training import LoopSettings, TrainBatch, Trainer
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
 from memdec_decoder.vocab import Vocabulary, restrict_model
@@ -63,16 +57,15 @@ class TrainSettings:
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
-        if not self.lr > 0 or self.weight_decay < 0 or not self.clip > 0:
-            raise ConfigError(f"lr and clip must be positive and weight decay non-negative "
-                              f"(got lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay})")
-        for name in ("epochs", "batch_size", "accumulate", "save_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.init_layers < 0 or self.max_steps < 0:
-            raise ConfigError("init_layers and max_steps must be 0 (no limit) or positive")
+        if self.init_layers < 0:
+            raise ConfigError(f"init_layers must be 0 (all blocks) or positive, got {self.init_layers}")
         if self.vocabulary not in VOCABULARY_CHOICES:
             raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARY_CHOICES)}, got {self.vocabulary!r}")
+        self.loop()
+
+    def loop(self) -> LoopSettings:
+        names = {field.name for field in dataclasses.fields(LoopSettings)}
+        return LoopSettings(**{key: value for key, value in dataclasses.asdict(self).items() if key in names})
 
 
 def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
@@ -97,12 +90,19 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
     resuming = start_or_resume(work, identity, "training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
     model = _load_checkpoint_model(checkpoint) if checkpoint else build_memory_model(init, settings, vocabulary)
-    trainer = Trainer(model, vocabulary, stream, targets, context, settings, work)
+    valid = corpus.streams["valid"]
+    valid_windows = make_windows(len(valid), context, stride)
+
+    def validate(trained) -> tuple[float, dict]:
+        valid_ppl, outside = memory_perplexity(trained, vocabulary, valid, valid_windows, eval_batch_size)
+        return valid_ppl, {"valid_tokens_outside_vocabulary": outside}
+
+    trainer = Trainer(model, stream, context, settings.loop(), work, loss=decoder_loss(targets, vocabulary, settings.beta),
+                      validate=validate, description="training memory")
     if checkpoint:
         trainer.restore(checkpoint)
-    valid = corpus.streams["valid"]
-    trainer.run(valid, make_windows(len(valid), context, stride), eval_batch_size)
-    return _finish(work, output, init, vocabulary, targets, trainer, teacher=teacher, context=context)
+    trainer.run()
+    return _finish(work, output, init, vocabulary, targets, trainer, settings, teacher=teacher, context=context)
 
 
 def check_targets_match(targets: TargetSet, corpus: TokenizedCorpus) -> None:
@@ -173,123 +173,20 @@ def _load_checkpoint_model(checkpoint: Path):
                             f"delete {checkpoint.parent} to start over") from error
 
 
-class Trainer:
-    """The optimisation loop, its checkpoints and the per-epoch validation."""
+def decoder_loss(targets: TargetSet, vocabulary: Vocabulary | None, beta: float):
+    """β·KL(p_kNN ‖ p_mem) + (1−β)·CE at every position of a batch, in the memory's numbering."""
+    def loss(model, batch: TrainBatch) -> torch.Tensor:
+        input_ids = vocabulary.inputs(batch.input_ids) if vocabulary else batch.input_ids
+        logits = model(input_ids=input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        target_ids, target_probs = targets.padded(batch.positions.numpy())
+        gold = batch.gold
+        if vocabulary:
+            vocabulary.mask_other(logits)
+            gold = vocabulary.inputs(gold)
+            target_ids = torch.where(target_ids >= 0, vocabulary.inputs(target_ids.clamp(min=0)), -1)
+        return memory_decoder_loss(logits[batch.rows, batch.columns], gold, target_ids, target_probs, beta)
 
-    def __init__(self, model, vocabulary: Vocabulary | None, stream: np.ndarray, targets: TargetSet,
-                 context: int, settings: TrainSettings, work: Path):
-        self.model, self.vocabulary, self.targets = model, vocabulary, targets
-        self.stream = torch.from_numpy(stream.astype(np.int64))
-        self.settings, self.context, self.work = settings, context, work
-        self.chunk_starts = np.arange(0, len(stream) - 1, context)
-        self.chunks_per_step = settings.batch_size * settings.accumulate
-        self.steps_per_epoch = math.ceil(len(self.chunk_starts) / self.chunks_per_step)
-        self.total_steps = settings.epochs * self.steps_per_epoch
-        if settings.max_steps:
-            self.total_steps = min(self.total_steps, settings.max_steps)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
-        self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
-                      "train_seconds": 0.0}
-
-    def restore(self, checkpoint: Path) -> None:
-        try:
-            saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
-        except (OSError, RuntimeError, ValueError, KeyError) as error:
-            raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {error}; "
-                                f"delete {checkpoint.parent} to start over") from error
-        log(f"resuming training at step {self.state['global_step']} of {self.total_steps} "
-            f"(epoch {self.state['epoch'] + 1})")
-
-    def run(self, valid_stream: np.ndarray, valid_windows, eval_batch_size: int) -> None:
-        started = time.perf_counter() - self.state["train_seconds"]
-        with progress_bar("training memory", self.total_steps, "steps") as advance:
-            advance(self.state["global_step"])
-            tokens, clock = 0, time.perf_counter()
-            while self.state["global_step"] < self.total_steps:
-                epoch = self.state["epoch"]
-                step_in_epoch = self.state["global_step"] - epoch * self.steps_per_epoch
-                order = np.random.default_rng(self.settings.seed + epoch).permutation(len(self.chunk_starts))
-                chunks = order[step_in_epoch * self.chunks_per_step:(step_in_epoch + 1) * self.chunks_per_step]
-                loss, n_tokens = self._step(self.chunk_starts[chunks])
-                self.state["global_step"] += 1
-                tokens += n_tokens
-                speed = tokens / max(time.perf_counter() - clock, 1e-9)
-                advance(1, note=f"epoch {epoch + 1}/{self.settings.epochs} loss {loss:.3f} {speed:,.0f} tok/s")
-                self.state["train_seconds"] = time.perf_counter() - started
-                epoch_done = self.state["global_step"] % self.steps_per_epoch == 0
-                if epoch_done or self.state["global_step"] == self.total_steps:
-                    self._end_epoch(loss, valid_stream, valid_windows, eval_batch_size)
-                elif self.state["global_step"] % self.settings.save_every == 0:
-                    self._save_checkpoint()
-
-    def _step(self, starts: np.ndarray) -> tuple[float, int]:
-        """One optimizer step over the chunks starting at ``starts``; returns (loss, tokens)."""
-        n_total = sum(min(start + self.context, len(self.stream) - 1) - start for start in starts)
-        self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        for first in range(0, len(starts), self.settings.batch_size):
-            batch_starts = starts[first:first + self.settings.batch_size]
-            positions, rows, columns, input_ids, attention_mask = self._batch(batch_starts)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            if self.vocabulary:
-                self.vocabulary.mask_other(logits)
-            target_ids, target_probs = self.targets.padded(positions.numpy())
-            gold = self.stream[positions + 1]
-            if self.vocabulary:
-                gold = self.vocabulary.inputs(gold)
-                target_ids = torch.where(target_ids >= 0, self.vocabulary.inputs(target_ids.clamp(min=0)), -1)
-            loss = memory_decoder_loss(logits[rows, columns], gold, target_ids, target_probs, self.settings.beta)
-            (loss * len(positions) / n_total).backward()
-            total_loss += float(loss.detach()) * len(positions) / n_total
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        return total_loss, n_total
-
-    def _batch(self, starts: np.ndarray):
-        """Inputs for chunks: positions ``[start, start + context)`` each predicting the next token."""
-        ends = [min(start + self.context, len(self.stream) - 1) for start in starts]
-        length = max(end - start for start, end in zip(starts, ends))
-        input_ids = torch.zeros((len(starts), length), dtype=torch.long)
-        attention_mask = torch.zeros((len(starts), length), dtype=torch.long)
-        positions, rows, columns = [], [], []
-        for row, (start, end) in enumerate(zip(starts, ends)):
-            input_ids[row, :end - start] = self.stream[start:end]
-            attention_mask[row, :end - start] = 1
-            positions.append(torch.arange(start, end))
-            rows.append(torch.full((end - start,), row))
-            columns.append(torch.arange(end - start))
-        if self.vocabulary:
-            input_ids = self.vocabulary.inputs(input_ids)
-        return torch.cat(positions), torch.cat(rows), torch.cat(columns), input_ids, attention_mask
-
-    def _end_epoch(self, last_loss: float, valid_stream, valid_windows, eval_batch_size: int) -> None:
-        valid_ppl, outside = memory_perplexity(self.model, self.vocabulary, valid_stream, valid_windows,
-                                               eval_batch_size)
-        self.model.train()
-        epoch = self.state["epoch"] + 1
-        self.state["history"].append({"epoch": epoch, "step": self.state["global_step"], "train_loss": last_loss,
-                                      "valid_ppl": valid_ppl, "valid_tokens_outside_vocabulary": outside})
-        note = f" ({outside} valid tokens outside the kept vocabulary not scored)" if outside else ""
-        log(f"epoch {epoch}: memory alone, valid ppl {valid_ppl:.3f}{note}")
-        if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
-            self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
-            with replacing_directory(self.work / "best") as temporary:
-                self.model.save_pretrained(temporary)
-        self.state["epoch"] = epoch
-        self._save_checkpoint()
-
-    def _save_checkpoint(self) -> None:
-        with replacing_directory(self.work / "checkpoint") as temporary:
-            self.model.save_pretrained(temporary)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       temporary / "optimizer.pt")
-            (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
+    return loss
 
 
 def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, windows,
@@ -309,11 +206,11 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
 
 
 def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary | None, targets: TargetSet,
-            trainer: Trainer, *, teacher: str, context: int) -> MemoryDecoder:
+            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int) -> MemoryDecoder:
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
-    state, settings = trainer.state, trainer.settings
+    state = trainer.state
     parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
     with atomic_directory(output) as temporary:
         shutil.copytree(best, temporary, dirs_exist_ok=True)

@@ -1,0 +1,193 @@
+"""A resumable training loop over a token stream, shared by every method that trains weights.
+
+The train split is cut into consecutive chunks of ``context`` positions (every position is
+trained once per epoch); chunks are shuffled per epoch with a seeded order, so a resumed run
+sees exactly the batches the interrupted one would have. AdamW, linear decay to zero without
+warmup, gradient clipping and accumulation. After every epoch the caller's ``validate`` scores
+the model, the best epoch is kept, and training stops early after ``patience`` epochs without
+improvement.
+
+The caller gives the loss (cross-entropy for continued training, the kNN objective for a Memory
+Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, progress;
+rewritten every ``save_every`` steps and at each epoch end) and ``best/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from memdec_core.artifacts import replacing_directory
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.progress import log, progress_bar
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The optimisation recipe; a resumed run must use the same one."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8  # windows per forward pass
+    accumulate: int = 1  # forward passes per optimizer step
+    clip: float = 1.0
+    max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    patience: int = 0  # stop after this many epochs without a better validation score (0: never)
+    save_every: int = 100  # optimizer steps between checkpoints
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.weight_decay < 0 or not self.clip > 0:
+            raise ConfigError(f"lr and clip must be positive and weight decay non-negative "
+                              f"(got lr={self.lr}, clip={self.clip}, weight_decay={self.weight_decay})")
+        for name in ("epochs", "batch_size", "accumulate", "save_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.patience < 0:
+            raise ConfigError("max_steps and patience must be 0 (no limit) or positive")
+
+
+@dataclass
+class TrainBatch:
+    """Chunks of the stream as model inputs; ``positions[i]`` sits at ``[rows[i], columns[i]]``."""
+
+    positions: torch.Tensor  # [N] global position p, predicting token p + 1
+    rows: torch.Tensor
+    columns: torch.Tensor
+    input_ids: torch.Tensor  # [chunks, length], right-padded
+    attention_mask: torch.Tensor
+    gold: torch.Tensor  # [N] the next token at each position
+
+
+#: loss(model, batch) → mean loss over the batch's positions (a scalar tensor with gradients).
+LossFunction = Callable[[torch.nn.Module, TrainBatch], torch.Tensor]
+#: validate(model) → (perplexity on validation, extra facts for the history).
+ValidateFunction = Callable[[torch.nn.Module], tuple[float, dict]]
+
+
+class Trainer:
+    """The optimisation loop, its checkpoints and the per-epoch validation."""
+
+    def __init__(self, model, stream: np.ndarray, context: int, settings: LoopSettings, work: Path, *,
+                 loss: LossFunction, validate: ValidateFunction, description: str = "training"):
+        self.model, self.settings, self.context, self.work = model, settings, context, Path(work)
+        self.loss, self.validate, self.description = loss, validate, description
+        self.stream = torch.from_numpy(stream.astype(np.int64))
+        self.chunk_starts = np.arange(0, len(stream) - 1, context)
+        self.chunks_per_step = settings.batch_size * settings.accumulate
+        self.steps_per_epoch = math.ceil(len(self.chunk_starts) / self.chunks_per_step)
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        if settings.max_steps:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
+        self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
+                      "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False}
+
+    @property
+    def finished(self) -> bool:
+        return self.state["global_step"] >= self.total_steps or self.state["stopped_early"]
+
+    def restore(self, checkpoint: Path) -> None:
+        try:
+            saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {error}; "
+                                f"delete {checkpoint.parent} to start over") from error
+        log(f"resuming {self.description} at step {self.state['global_step']} of {self.total_steps} "
+            f"(epoch {self.state['epoch'] + 1})")
+
+    def run(self) -> dict:
+        """Train until the budget is spent or validation stops improving; returns the state."""
+        started = time.perf_counter() - self.state["train_seconds"]
+        with progress_bar(self.description, self.total_steps, "steps") as advance:
+            advance(self.state["global_step"])
+            tokens, clock = 0, time.perf_counter()
+            while not self.finished:
+                epoch = self.state["epoch"]
+                step_in_epoch = self.state["global_step"] - epoch * self.steps_per_epoch
+                order = np.random.default_rng(self.settings.seed + epoch).permutation(len(self.chunk_starts))
+                chunks = order[step_in_epoch * self.chunks_per_step:(step_in_epoch + 1) * self.chunks_per_step]
+                loss, n_tokens = self._step(self.chunk_starts[chunks])
+                self.state["global_step"] += 1
+                self.state["train_tokens"] += n_tokens
+                tokens += n_tokens
+                speed = tokens / max(time.perf_counter() - clock, 1e-9)
+                advance(1, note=f"epoch {epoch + 1}/{self.settings.epochs} loss {loss:.3f} {speed:,.0f} tok/s")
+                self.state["train_seconds"] = time.perf_counter() - started
+                epoch_done = self.state["global_step"] % self.steps_per_epoch == 0
+                if epoch_done or self.state["global_step"] == self.total_steps:
+                    self._end_epoch(loss)
+                elif self.state["global_step"] % self.settings.save_every == 0:
+                    self._save_checkpoint()
+        return self.state
+
+    def _step(self, starts: np.ndarray) -> tuple[float, int]:
+        """One optimizer step over the chunks starting at ``starts``; returns (loss, tokens)."""
+        n_total = int(sum(min(start + self.context, len(self.stream) - 1) - start for start in starts))
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for first in range(0, len(starts), self.settings.batch_size):
+            batch = self._batch(starts[first:first + self.settings.batch_size])
+            share = len(batch.positions) / n_total  # token-weighted mean over the whole step
+            loss = self.loss(self.model, batch)
+            (loss * share).backward()
+            total_loss += float(loss.detach()) * share
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return total_loss, n_total
+
+    def _batch(self, starts: np.ndarray) -> TrainBatch:
+        """Chunks of positions ``[start, start + context)``, each predicting the next token."""
+        ends = [min(start + self.context, len(self.stream) - 1) for start in starts]
+        length = max(end - start for start, end in zip(starts, ends))
+        input_ids = torch.zeros((len(starts), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(starts), length), dtype=torch.long)
+        positions, rows, columns = [], [], []
+        for row, (start, end) in enumerate(zip(starts, ends)):
+            input_ids[row, :end - start] = self.stream[start:end]
+            attention_mask[row, :end - start] = 1
+            positions.append(torch.arange(start, end))
+            rows.append(torch.full((end - start,), row))
+            columns.append(torch.arange(end - start))
+        positions = torch.cat(positions)
+        return TrainBatch(positions, torch.cat(rows), torch.cat(columns), input_ids, attention_mask,
+                          self.stream[positions + 1])
+
+    def _end_epoch(self, last_loss: float) -> None:
+        valid_ppl, facts = self.validate(self.model)
+        self.model.train()
+        epoch = self.state["epoch"] + 1
+        self.state["history"].append({"epoch": epoch, "step": self.state["global_step"], "train_loss": last_loss,
+                                      "valid_ppl": valid_ppl, **facts})
+        log(f"epoch {epoch}: valid ppl {valid_ppl:.3f}")
+        if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
+            self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
+            with replacing_directory(self.work / "best") as temporary:
+                self.model.save_pretrained(temporary)
+        elif self.settings.patience and epoch - self.state["best_epoch"] >= self.settings.patience:
+            log(f"stopping early: no better validation perplexity for {self.settings.patience} epoch(s)")
+            self.state["stopped_early"] = True
+        self.state["epoch"] = epoch
+        self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        with replacing_directory(self.work / "checkpoint") as temporary:
+            self.model.save_pretrained(temporary)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       temporary / "optimizer.pt")
+            (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))

@@ -1,0 +1,136 @@
+"""Continued training of a base model on the domain (DAPT, LoRA): the shared part.
+
+Both methods train with cross-entropy on the train split through memdec's training loop, keep
+the epoch with the best validation perplexity (scored with the evaluation windows) and stop
+early when it stops improving. The learning rate is a knob: every value of the grid is trained
+(each run cached by content hash) and the one best on validation is scored on test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, previous_version, read_manifest,
+                                   start_or_resume, write_manifest, write_readme)
+from memdec_core.errors import ConfigError
+from memdec_core.evaluate import EvalContext, MethodResult, perplexity
+from memdec_core.progress import log
+from memdec_core.training import LoopSettings, TrainBatch, Trainer
+
+
+@dataclass
+class FinetuneSettings:
+    """Settings shared by ``dapt`` and ``lora``."""
+
+    lrs: tuple = (1e-3,)  # learning rates tried; the best on validation is kept
+    epochs: int = 3
+    patience: int = 1  # epochs without a better validation perplexity before stopping
+    batch_size: int = 8
+    accumulate: int = 1
+    max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.lrs, (int, float)):
+            self.lrs = (self.lrs,)
+        self.lrs = tuple(float(lr) for lr in self.lrs)
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ConfigError(f"learning rates must be positive, got {self.lrs}")
+        self.loop(self.lrs[0])
+
+    def loop(self, lr: float) -> LoopSettings:
+        return LoopSettings(epochs=self.epochs, lr=lr, batch_size=self.batch_size, accumulate=self.accumulate,
+                            max_steps=self.max_steps, patience=self.patience, seed=self.seed)
+
+
+def cross_entropy(model, batch: TrainBatch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[batch.rows, batch.columns].float(), batch.gold)
+
+
+@dataclass
+class Adaptation:
+    """How one method adapts a base: what it trains, how it saves and how it is loaded back."""
+
+    kind: str  # artifact type and cache folder, e.g. "lora"
+    #: base model → a new model to train (the base itself is never modified)
+    prepare: Callable[[torch.nn.Module], torch.nn.Module]
+    #: (base model, saved folder, trainable) → a new adapted model
+    load: Callable[..., torch.nn.Module]
+    identity: dict  # what besides data, base and loop settings defines the artifact (e.g. the rank)
+
+
+def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation: Adaptation) -> MethodResult:
+    """Train one adapted model per learning rate, keep the best on validation, score test with it."""
+    runs = []
+    for lr in settings.lrs:
+        folder = train_cached(ctx, settings.loop(lr), adaptation)
+        runs.append((folder, read_manifest(folder, adaptation.kind), lr))
+    folder, state, lr = min(runs, key=lambda run: run[1]["best_valid_ppl"])
+    model = adaptation.load(ctx.base.model, folder, trainable=False).eval()
+    test_ppl = perplexity(model, ctx.corpus.streams["test"], ctx.windows("test"), batch_size=ctx.settings.batch_size,
+                          description=f"test {ctx.base.short_name} + {adaptation.kind}")
+    trainable = state["trainable_parameters"]
+    details = {"artifact": str(folder), "params_added": trainable if adaptation.kind != "dapt" else 0,
+               "trained_parameters": trainable, "bytes_added": _bytes(folder),
+               "train_seconds": state["train_seconds"], "train_tokens": state["train_tokens"],
+               "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
+               "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
+    return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details)
+
+
+def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -> Path:
+    """The adapted model's folder, trained on first use (an interrupted run resumes)."""
+    identity = {"kind": adaptation.kind, "base": ctx.base.fingerprint, "train": ctx.corpus.data_hash("train"),
+                "valid": ctx.corpus.data_hash("valid"), "context": ctx.context, "stride": ctx.stride,
+                **dataclasses.asdict(loop), **adaptation.identity}
+    identity.pop("save_every")
+    folder = cached_artifact(adaptation.kind, content_key(identity))
+    if folder.exists():
+        log(f"reusing {adaptation.kind} {folder}")
+        return folder
+    log(f"training {adaptation.kind} for {ctx.base.model_id} (lr {loop.lr:g}) in {folder}")
+    work = folder.parent / f".{folder.name}.partial"
+    resuming = start_or_resume(work, identity, f"{adaptation.kind} training")
+    checkpoint = previous_version(work / "checkpoint") if resuming else None
+    model = (adaptation.load(ctx.base.model, checkpoint, trainable=True) if checkpoint
+             else adaptation.prepare(ctx.base.model))
+    model.train()
+    valid, valid_windows = ctx.corpus.streams["valid"], ctx.windows("valid")
+
+    def validate(trained) -> tuple[float, dict]:
+        trained.eval()
+        return perplexity(trained, valid, valid_windows, batch_size=ctx.settings.batch_size,
+                          description=f"valid {adaptation.kind}"), {}
+
+    trainer = Trainer(model, ctx.corpus.streams["train"], ctx.context, loop, work, loss=cross_entropy,
+                      validate=validate, description=f"{adaptation.kind} {ctx.base.short_name}")
+    if checkpoint:
+        trainer.restore(checkpoint)
+    state = trainer.run()
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    with atomic_directory(folder) as temporary:
+        shutil.copytree(previous_version(work / "best"), temporary, dirs_exist_ok=True)
+        if adaptation.kind == "dapt":
+            ctx.base.tokenizer.save_pretrained(temporary)
+        write_manifest(temporary, adaptation.kind, base_model=ctx.base.model_id, model_fingerprint=ctx.base.fingerprint,
+                       tokenizer_fingerprint=ctx.base.tokenizer_fingerprint, data_hash=ctx.corpus.data_hash("train"),
+                       trainable_parameters=trainable, **{key: state[key] for key in (
+                           "best_valid_ppl", "best_epoch", "history", "train_seconds", "train_tokens",
+                           "stopped_early")}, loop=loop, **adaptation.identity)
+        write_readme(temporary, f"{adaptation.kind.upper()} of {ctx.base.model_id}", [
+            f"- Trained on the train split (data hash `{ctx.corpus.data_hash('train')}`) with cross-entropy, "
+            f"lr {loop.lr:g}, {trainable:,} trainable parameters.",
+            f"- Best epoch {state['best_epoch']}: validation perplexity {state['best_valid_ppl']:.3f}."])
+    shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def _bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin"))

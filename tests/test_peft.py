@@ -1,0 +1,93 @@
+"""DAPT and LoRA: they lower domain perplexity, leave the base untouched, cache their artifacts."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from memdec_core import api
+from memdec_core.errors import ConfigError, ModelError
+from memdec_core.evaluate import EvalSettings
+from memdec_core.training import LoopSettings, Trainer
+from memdec_peft.methods import LoraSettings, lora_targets
+
+from conftest import SMALL_WINDOWS
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+
+
+def run(corpus_dir, model, method, **settings):
+    report = api.evaluate(str(corpus_dir), [str(model)], ["base", method], settings=WINDOW,
+                          method_settings={method: settings})
+    return report["results"]
+
+
+@pytest.mark.parametrize("family", ["tiny_gpt2", "tiny_llama"])
+def test_lora_lowers_perplexity_and_counts_its_parameters(corpus_dir, family, request):
+    model = request.getfixturevalue(family)
+    base, lora = run(corpus_dir, model, "lora", rank=4, epochs=2, lrs=(3e-3,))
+    assert lora["test_ppl"] < base["test_ppl"]
+    assert lora["knobs"] == {"lr": 3e-3, "rank": 4, "alpha": 8.0}
+    # 2 blocks of hidden size 32: rank 4 adds 4 · (fan_in + fan_out) per adapted matrix.
+    per_block = {"tiny_gpt2": (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32),  # c_attn, attn c_proj, c_fc, mlp c_proj
+                 "tiny_llama": 4 * (32 + 32) + 3 * (32 + 64)}[family]
+    assert lora["details"]["params_added"] == 2 * 4 * per_block
+    assert lora["details"]["bytes_added"] > 0
+
+
+def test_dapt_lowers_perplexity_is_cached_and_leaves_the_base_untouched(corpus_dir, tiny_llama):
+    from memdec_core.api import prepare_context
+    from memdec_peft.methods import Dapt
+
+    ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
+    before = {name: tensor.clone() for name, tensor in ctx.base.model.state_dict().items()}
+    first = Dapt(epochs=2, lrs=(1e-3, 3e-3)).evaluate(ctx)
+    assert set(first.details["valid_by_lr"]) == {"0.001", "0.003"}
+    assert first.valid_ppl == min(first.details["valid_by_lr"].values())
+    again = Dapt(epochs=2, lrs=(1e-3, 3e-3)).evaluate(ctx)
+    assert again.test_ppl == first.test_ppl and again.details["artifact"] == first.details["artifact"]
+    for name, tensor in ctx.base.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    base = run(corpus_dir, tiny_llama, "base")[0]
+    assert first.test_ppl < base["test_ppl"] and first.details["params_added"] == 0
+
+
+def test_lora_refuses_unknown_architectures_and_bad_settings():
+    stranger = SimpleNamespace(config=SimpleNamespace(model_type="bert"), named_modules=lambda: [])
+    with pytest.raises(ModelError, match="does not know"):
+        lora_targets(stranger)
+    with pytest.raises(ConfigError, match="rank and alpha"):
+        LoraSettings(rank=-1)
+    with pytest.raises(ConfigError, match="learning rates must be positive"):
+        LoraSettings(lrs=(0.0,))
+
+
+class Linear(torch.nn.Module):
+    """A bigram model with the HF calling convention, for testing the training loop alone."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+    def save_pretrained(self, folder):
+        torch.save(self.state_dict(), f"{folder}/weights.pt")
+
+
+def test_the_loop_stops_early_and_keeps_the_best_epoch(tmp_path):
+    stream = np.random.default_rng(0).integers(0, 16, 400)
+    scores = iter([5.0, 4.0, 4.5, 4.2, 3.0])  # best at epoch 2, then two epochs without improvement
+
+    def loss(model, batch):
+        logits = model(batch.input_ids).logits
+        return torch.nn.functional.cross_entropy(logits[batch.rows, batch.columns], batch.gold)
+
+    trainer = Trainer(Linear(), stream, 32, LoopSettings(epochs=5, patience=2, batch_size=4), tmp_path,
+                      loss=loss, validate=lambda model: (next(scores), {}))
+    state = trainer.run()
+    assert state["stopped_early"] and state["best_epoch"] == 2 and len(state["history"]) == 4
+    assert state["train_tokens"] == 4 * (len(stream) - 1)  # every position once per epoch
+    assert (tmp_path / "best" / "weights.pt").is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +71,11 @@ class EvalContext:
         return make_windows(len(self.corpus.streams[split]), self.context, self.stride)
 
 
+#: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
+#: token stream of the base's tokenizer (``memdec compare`` scores general text and times it).
+Scorer = Callable[[np.ndarray, list[Window], str], "NLLTotal"]
+
+
 @dataclass
 class MethodResult:
     """What a method reports for one base model."""
@@ -79,6 +84,12 @@ class MethodResult:
     valid_ppl: float | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    scorer: Scorer | None = field(default=None, repr=False, compare=False)
+
+    def score(self, stream: np.ndarray, windows: list[Window], description: str = "scoring") -> "NLLTotal":
+        if self.scorer is None:
+            raise ConfigError("this method's result cannot score other text (its plugin gives no scorer)")
+        return self.scorer(stream, windows, description)
 
 
 @dataclass
@@ -190,13 +201,25 @@ def _scored_indices(windows: list[Window], length: int, keep: int):
             np.concatenate(positions).astype(np.int64))
 
 
-def perplexity(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
-               description: str = "perplexity") -> float:
-    """Token-weighted perplexity of ``model`` alone over the windows."""
+def nll_total(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
+              description: str = "perplexity") -> NLLTotal:
+    """Token-weighted NLL of ``model`` alone over the windows."""
     total = NLLTotal()
     for batch in iter_scored_batches(model, stream, windows, batch_size=batch_size, description=description):
         total.add(batch.gold_logprobs())
-    return total.perplexity
+    return total
+
+
+def perplexity(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
+               description: str = "perplexity") -> float:
+    """Token-weighted perplexity of ``model`` alone over the windows."""
+    return nll_total(model, stream, windows, batch_size=batch_size, description=description).perplexity
+
+
+def model_scorer(model, batch_size: int) -> Scorer:
+    """The scorer of a plain causal LM (the base, or a base with adapted weights)."""
+    return lambda stream, windows, description: nll_total(model, stream, windows, batch_size=batch_size,
+                                                          description=description)
 
 
 class MixtureMemory(Protocol):
@@ -228,16 +251,26 @@ def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
     test = _score_mixture(ctx, memory, "test", [settings[best]])[0]
     grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
                    for i, (mem, comb) in enumerate(settings)]
+
+    def scorer(stream, windows, description):
+        return _score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
+
     return MethodResult(test.perplexity, valid[best].perplexity, knobs,
-                        {"valid_grid": grid_report, "test_tokens": test.count})
+                        {"valid_grid": grid_report, "test_tokens": test.count}, scorer)
 
 
 def _score_mixture(ctx: EvalContext, memory: MixtureMemory, split: str, settings: list) -> list[NLLTotal]:
+    return _score_stream(ctx, memory, ctx.corpus.streams[split], ctx.windows(split), settings, split,
+                         f"{split} {ctx.base.short_name}")
+
+
+def _score_stream(ctx: EvalContext, memory: MixtureMemory, stream: np.ndarray, windows: list[Window],
+                  settings: list, split: str, description: str) -> list[NLLTotal]:
+    """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass."""
     totals = [NLLTotal() for _ in settings]
     combiners = [ctx.combiner(config) for _, config in settings]
-    batches = iter_scored_batches(ctx.base.model, ctx.corpus.streams[split], ctx.windows(split),
-                                  batch_size=ctx.settings.batch_size,
-                                  capture_hidden=memory.capture_hidden, description=f"{split} {ctx.base.short_name}")
+    batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
+                                  capture_hidden=memory.capture_hidden, description=description)
     for batch in batches:
         state = memory.prepare(batch)
         by_memory_knobs: dict[str, torch.Tensor] = {}

@@ -40,6 +40,7 @@ class LoopSettings:
     accumulate: int = 1  # forward passes per optimizer step
     clip: float = 1.0
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    max_tokens: int = 0  # a budget in training tokens; replaces epochs, the same for every method (0: none)
     patience: int = 0  # stop after this many epochs without a better validation score (0: never)
     save_every: int = 100  # optimizer steps between checkpoints
     seed: int = 0
@@ -51,8 +52,8 @@ class LoopSettings:
         for name in ("epochs", "batch_size", "accumulate", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.patience < 0:
-            raise ConfigError("max_steps and patience must be 0 (no limit) or positive")
+        if self.max_steps < 0 or self.patience < 0 or self.max_tokens < 0:
+            raise ConfigError("max_steps, max_tokens and patience must be 0 (no limit) or positive")
 
 
 @dataclass
@@ -84,15 +85,25 @@ class Trainer:
         self.chunk_starts = np.arange(0, len(stream) - 1, context)
         self.chunks_per_step = settings.batch_size * settings.accumulate
         self.steps_per_epoch = math.ceil(len(self.chunk_starts) / self.chunks_per_step)
-        self.total_steps = settings.epochs * self.steps_per_epoch
-        if settings.max_steps:
-            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.total_steps = self._budget_steps(settings)
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
         self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
                       "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False}
+
+    def _budget_steps(self, settings: LoopSettings) -> int:
+        """Optimizer steps: the epochs, or the token budget (which may span more epochs), capped by max_steps."""
+        steps = settings.epochs * self.steps_per_epoch
+        if settings.max_tokens:
+            tokens_per_step = self.chunks_per_step * self.context
+            steps = settings.max_tokens // tokens_per_step
+            if steps < 1:
+                raise ConfigError(f"a budget of {settings.max_tokens:,} training tokens is less than one optimizer "
+                                  f"step ({tokens_per_step:,} tokens: batch × accumulate × context)")
+        return min(steps, settings.max_steps) if settings.max_steps else steps
 
     @property
     def finished(self) -> bool:
@@ -126,7 +137,7 @@ class Trainer:
                 self.state["train_tokens"] += n_tokens
                 tokens += n_tokens
                 speed = tokens / max(time.perf_counter() - clock, 1e-9)
-                advance(1, note=f"epoch {epoch + 1}/{self.settings.epochs} loss {loss:.3f} {speed:,.0f} tok/s")
+                advance(1, note=f"epoch {epoch + 1}/{self.epochs} loss {loss:.3f} {speed:,.0f} tok/s")
                 self.state["train_seconds"] = time.perf_counter() - started
                 epoch_done = self.state["global_step"] % self.steps_per_epoch == 0
                 if epoch_done or self.state["global_step"] == self.total_steps:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memdec_core.evaluate import EvalContext, MethodResult, perplexity
+from memdec_core.evaluate import EvalContext, MethodResult, model_scorer
 from memdec_core.interfaces import Method
 
 
@@ -12,6 +12,6 @@ class Base(Method):
     name = "base"
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
-        test_ppl = perplexity(ctx.base.model, ctx.corpus.streams["test"], ctx.windows("test"),
-                              batch_size=ctx.settings.batch_size, description=f"test {ctx.base.short_name}")
-        return MethodResult(test_ppl)
+        scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
+        test = scorer(ctx.corpus.streams["test"], ctx.windows("test"), f"test {ctx.base.short_name}")
+        return MethodResult(test.perplexity, scorer=scorer)

@@ -46,6 +46,7 @@ class DecoderSettings:
     init_layers: int = 0
     from_scratch: bool = False
     max_steps: int = 0
+    budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
     save_every: int = 100  # optimizer steps between checkpoints (does not change the memory)
     seed: int = 0
 

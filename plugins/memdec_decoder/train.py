@@ -51,6 +51,7 @@ class TrainSettings:
     init_layers: int = 0  # keep only the first N blocks of the init model (0: all)
     from_scratch: bool = False  # the init model's architecture with fresh weights
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
     save_every: int = 100  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -65,7 +66,8 @@ class TrainSettings:
 
     def loop(self) -> LoopSettings:
         names = {field.name for field in dataclasses.fields(LoopSettings)}
-        return LoopSettings(**{key: value for key, value in dataclasses.asdict(self).items() if key in names})
+        values = {key: value for key, value in dataclasses.asdict(self).items() if key in names}
+        return LoopSettings(**values, max_tokens=self.budget_tokens)
 
 
 def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,

@@ -19,7 +19,7 @@ import torch
 from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, previous_version, read_manifest,
                                    start_or_resume, write_manifest, write_readme)
 from memdec_core.errors import ConfigError
-from memdec_core.evaluate import EvalContext, MethodResult, perplexity
+from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer
 
@@ -34,6 +34,7 @@ class FinetuneSettings:
     batch_size: int = 8
     accumulate: int = 1
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
+    budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
     seed: int = 0
 
     def __post_init__(self):
@@ -46,7 +47,8 @@ class FinetuneSettings:
 
     def loop(self, lr: float) -> LoopSettings:
         return LoopSettings(epochs=self.epochs, lr=lr, batch_size=self.batch_size, accumulate=self.accumulate,
-                            max_steps=self.max_steps, patience=self.patience, seed=self.seed)
+                            max_steps=self.max_steps, max_tokens=self.budget_tokens, patience=self.patience,
+                            seed=self.seed)
 
 
 def cross_entropy(model, batch: TrainBatch) -> torch.Tensor:
@@ -74,15 +76,16 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
         runs.append((folder, read_manifest(folder, adaptation.kind), lr))
     folder, state, lr = min(runs, key=lambda run: run[1]["best_valid_ppl"])
     model = adaptation.load(ctx.base.model, folder, trainable=False).eval()
-    test_ppl = perplexity(model, ctx.corpus.streams["test"], ctx.windows("test"), batch_size=ctx.settings.batch_size,
-                          description=f"test {ctx.base.short_name} + {adaptation.kind}")
+    scorer = model_scorer(model, ctx.settings.batch_size)
+    test_ppl = scorer(ctx.corpus.streams["test"], ctx.windows("test"),
+                      f"test {ctx.base.short_name} + {adaptation.kind}").perplexity
     trainable = state["trainable_parameters"]
     details = {"artifact": str(folder), "params_added": trainable if adaptation.kind != "dapt" else 0,
                "trained_parameters": trainable, "bytes_added": _bytes(folder),
                "train_seconds": state["train_seconds"], "train_tokens": state["train_tokens"],
                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
-    return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details)
+    return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details, scorer)
 
 
 def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -> Path:

@@ -48,16 +48,18 @@ class Rag(Method):
                               f"{self.config.retrieval_stride} scored tokens in windows of {ctx.context}; "
                               f"lower rag.passage_tokens")
         index = PassageIndex.for_corpus(ctx, self.config.passage_tokens)
-        valid = self.score(ctx, index, "valid")
-        test = self.score(ctx, index, "test")
+        valid = self.score(ctx, index, ctx.corpus.streams["valid"], f"rag valid {ctx.base.short_name}")
+        test = self.score(ctx, index, ctx.corpus.streams["test"], f"rag test {ctx.base.short_name}")
         return MethodResult(test.perplexity, valid.perplexity, {},
                             {"passages": len(index), "passage_tokens": self.config.passage_tokens,
-                             "test_tokens": test.count})
+                             "test_tokens": test.count},
+                            scorer=lambda stream, windows, description: self.score(ctx, index, stream, description))
 
-    def score(self, ctx: EvalContext, index: PassageIndex, split: str) -> NLLTotal:
-        stream, total = ctx.corpus.streams[split], NLLTotal()
+    def score(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, description: str) -> NLLTotal:
+        """NLL of every position of ``stream`` with retrieval (windows are the method's own)."""
+        total = NLLTotal()
         blocks = list(range(0, len(stream) - 1, self.config.retrieval_stride))
-        with progress_bar(f"rag {split} {ctx.base.short_name}", len(blocks), "retrievals") as advance:
+        with progress_bar(description, len(blocks), "retrievals") as advance:
             for first in range(0, len(blocks), self.config.batch_size):
                 batch = blocks[first:first + self.config.batch_size]
                 total.add(self._score_blocks(ctx, index, stream, batch))

@@ -2,6 +2,7 @@
 
     from memdec_core import api
     report = api.evaluate("finance", bases=["memdec-demo-s"], methods=["base", "knn-lm"])
+    table = api.compare("finance")          # every base × method, with forgetting, cost and latency
 """
 
 from __future__ import annotations
@@ -88,3 +89,10 @@ def _evaluate_base(base_name: str, corpus, methods: list, settings, combiner_cla
                      "seconds": round(time.perf_counter() - started, 2),
                      "test_tokens": len(ctx.corpus.streams["test"]) - 1, "details": result.details})
     return rows
+
+
+def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), **options) -> dict:
+    """Every base × method on ``domain``: see ``memdec_core.compare.compare``."""
+    from memdec_core.compare import compare as run_compare
+
+    return run_compare(domain, bases, methods, **options)

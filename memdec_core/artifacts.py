@@ -89,6 +89,11 @@ def write_readme(folder: Path, title: str, lines: list[str]) -> None:
     (Path(folder) / "README.md").write_text(f"# {title}\n\nMade by memdec {__version__}.\n\n{body}\n")
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files in an artifact folder (what a method adds on disk)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
 def cached_artifact(kind: str, key: str) -> Path:
     """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet)."""
     return cache_root() / kind / key

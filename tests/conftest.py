@@ -103,10 +103,15 @@ def corpus_dir(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "tiny-finance")
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """One artifact cache for the whole run (reuse across tests is part of what is tested)."""
-    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path_factory.getbasetemp() / "memdec-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """One artifact cache for the whole run (reuse across tests is part of what is tested).
+
+    Session-scoped, so that module- and session-scoped fixtures never write to ~/.cache/memdec.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMDEC_CACHE", str(tmp_path_factory.getbasetemp() / "memdec-cache"))
+        yield
 
 
 @pytest.fixture

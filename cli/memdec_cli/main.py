@@ -37,7 +37,7 @@ def _debug() -> bool:
 
 def build_cli() -> click.Group:
     """The command group with the built-in commands and every plugin's commands."""
-    from memdec_cli import eval_command, list_command, plugins_command
+    from memdec_cli import compare_command, eval_command, list_command, plugins_command
 
     @click.group(cls=MemdecGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="memdec")
@@ -49,10 +49,12 @@ def build_cli() -> click.Group:
           memdec plugins            which plugins are installed
           memdec list methods       what each kind of component offers
         Start with:
-          memdec eval --domain path/to/corpus --base MODEL --method base,knn-lm
+          memdec compare --domain finance           every method on every demo model
+          memdec eval --domain path/to/corpus --base MODEL --method base,knn-lm,memdec
         """
 
-    for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command):
+    for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
+                    compare_command.compare_command):
         cli.add_command(command)
     _add_plugin_commands(cli)
     return cli

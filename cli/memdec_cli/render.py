@@ -42,3 +42,61 @@ def print_evaluation(report: dict, output_format: str) -> None:
             print("| " + " | ".join(row) + " |")
     else:
         print_table(f"{report['domain']}: perplexity on the test split", EVAL_COLUMNS, evaluation_rows(report))
+
+
+COMPARE_COLUMNS = ["base", "method", "test ppl ↓", "general ppl ↓", "tuned knobs", "params added", "MB added",
+                   "train s", "latency ×"]
+
+
+def comparison_rows(report: dict) -> list[list[str]]:
+    from memdec_core.evaluate import format_knobs
+
+    def number(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_ppl(r["general_ppl"]),
+             format_knobs(r["knobs"]) or "-", number(r["params_added"], "{:,}"),
+             number(r["bytes_added"] and r["bytes_added"] / 1e6, "{:.1f}"), number(r["train_seconds"], "{:.0f}"),
+             number(r["latency_ratio"], "{:.2f}")] for r in report["results"]]
+
+
+def best_rows(report: dict) -> set[int]:
+    """Index of the row with the lowest test perplexity of each base."""
+    best: dict[str, int] = {}
+    for index, row in enumerate(report["results"]):
+        current = best.get(row["base"])
+        if current is None or row["test_ppl"] < report["results"][current]["test_ppl"]:
+            best[row["base"]] = index
+    return set(best.values())
+
+
+def print_comparison(report: dict, output_format: str) -> None:
+    rows, best = comparison_rows(report), best_rows(report)
+    if output_format == "json":
+        print(json.dumps(report, indent=2, default=str))
+    elif output_format == "csv":
+        import csv
+        import sys
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["base", "method", "test_ppl", "general_ppl", "knobs", "params_added", "bytes_added",
+                         "train_seconds", "latency_ratio"])
+        for r in report["results"]:
+            writer.writerow([r["base"], r["method"], r["test_ppl"], r["general_ppl"], json.dumps(r["knobs"]),
+                             r["params_added"], r["bytes_added"], r["train_seconds"], r["latency_ratio"]])
+    elif output_format == "markdown":
+        print("| " + " | ".join(COMPARE_COLUMNS) + " |")
+        print("|" + "---|" * len(COMPARE_COLUMNS))
+        for index, row in enumerate(rows):
+            if index in best:
+                row = [*row[:2], f"**{row[2]}**", *row[3:]]
+            print("| " + " | ".join(row) + " |")
+    else:
+        table = Table(title=f"{report['domain']}: adaptation methods compared (best test ppl per base in green)")
+        for column in COMPARE_COLUMNS:
+            table.add_column(column)
+        for index, row in enumerate(rows):
+            if index in best:
+                row = [*row[:2], f"[bold green]{row[2]}[/bold green]", *row[3:]]
+            table.add_row(*row)
+        Console().print(table)

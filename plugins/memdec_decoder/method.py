@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from memdec_core import registry
-from memdec_core.artifacts import cached_artifact, content_key
+from memdec_core.artifacts import cached_artifact, content_key, folder_bytes
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.evaluate import EvalContext, MethodResult, ScoredBatch, evaluate_mixture
 from memdec_core.interfaces import Method
@@ -75,7 +75,9 @@ class MemoryDecoderMethod(Method):
         memory.check_compatible(ctx.base, ctx.context)
         result = evaluate_mixture(ctx, DecoderMixture(memory))
         result.details.update(memory=str(memory.folder), memory_parameters=memory.parameters,
-                              teacher=memory.manifest.get("teacher"), restricted=memory.manifest.get("restricted"))
+                              teacher=memory.manifest.get("teacher"), restricted=memory.manifest.get("restricted"),
+                              params_added=memory.parameters, bytes_added=folder_bytes(memory.folder),
+                              train_seconds=memory.manifest.get("train_seconds"))
         return result
 
     def memory_for(self, ctx: EvalContext) -> MemoryDecoder:

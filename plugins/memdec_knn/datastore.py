@@ -7,6 +7,7 @@ key/value alignment never depends on batching order.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def build_datastore(base: LoadedModel, stream: np.ndarray, folder: Path, *, cont
     """Run ``base`` over ``stream`` and write a complete datastore to ``folder`` atomically."""
     windows = make_windows(len(stream), context, stride)
     n_rows, dim = len(stream) - 1, base.model.config.get_text_config().hidden_size
+    started = time.perf_counter()
     with atomic_directory(folder) as temporary:
         _write_keys_and_values(base, stream, windows, temporary, n_rows, dim, batch_size)
         keys = np.load(temporary / "keys.npy", mmap_mode="r")
@@ -49,7 +51,7 @@ def build_datastore(base: LoadedModel, stream: np.ndarray, folder: Path, *, cont
         write_manifest(temporary, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
                        tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
                        data_hash=data_hash, context=context, stride=stride, index_factory=retriever.factory,
-                       retriever=retriever.config)
+                       retriever=retriever.config, build_seconds=round(time.perf_counter() - started, 1))
         write_readme(temporary, f"kNN-LM datastore for {base.model_id}", [
             f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
             f"- faiss index `{retriever.factory}` in `index.faiss`.",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core.artifacts import cached_artifact, content_key
+from memdec_core.artifacts import cached_artifact, content_key, folder_bytes
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.evaluate import EvalContext, MethodResult, ScoredBatch, evaluate_mixture
 from memdec_core.interfaces import Method
@@ -56,8 +56,9 @@ class KnnLM(Method):
         store = self.datastore_for(ctx)
         memory = KnnMemory(store, self.config.k, self.config.temperatures)
         result = evaluate_mixture(ctx, memory)
-        result.details["datastore"] = str(store.folder)
-        result.details["datastore_size"] = len(store)
+        result.details.update(datastore=str(store.folder), datastore_size=len(store), params_added=0,
+                              bytes_added=folder_bytes(store.folder),
+                              train_seconds=store.manifest.get("build_seconds"))
         return result
 
     def datastore_for(self, ctx: EvalContext) -> Datastore:

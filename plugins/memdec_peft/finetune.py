@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, previous_version, read_manifest,
-                                   start_or_resume, write_manifest, write_readme)
+from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, folder_bytes, previous_version,
+                                   read_manifest, start_or_resume, write_manifest, write_readme)
 from memdec_core.errors import ConfigError
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.progress import log
@@ -81,7 +81,7 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
                       f"test {ctx.base.short_name} + {adaptation.kind}").perplexity
     trainable = state["trainable_parameters"]
     details = {"artifact": str(folder), "params_added": trainable if adaptation.kind != "dapt" else 0,
-               "trained_parameters": trainable, "bytes_added": _bytes(folder),
+               "trained_parameters": trainable, "bytes_added": folder_bytes(folder),
                "train_seconds": state["train_seconds"], "train_tokens": state["train_tokens"],
                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
@@ -133,7 +133,3 @@ def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -
             f"- Best epoch {state['best_epoch']}: validation perplexity {state['best_valid_ppl']:.3f}."])
     shutil.rmtree(work, ignore_errors=True)
     return folder
-
-
-def _bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in (".safetensors", ".bin"))

@@ -52,7 +52,7 @@ class Rag(Method):
         test = self.score(ctx, index, ctx.corpus.streams["test"], f"rag test {ctx.base.short_name}")
         return MethodResult(test.perplexity, valid.perplexity, {},
                             {"passages": len(index), "passage_tokens": self.config.passage_tokens,
-                             "test_tokens": test.count},
+                             "test_tokens": test.count, "params_added": 0, "bytes_added": 0, "train_seconds": 0.0},
                             scorer=lambda stream, windows, description: self.score(ctx, index, stream, description))
 
     def score(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, description: str) -> NLLTotal:

@@ -1,0 +1,157 @@
+"""``memdec compare``: every base × method on one domain, as a table a researcher can publish.
+
+For each base model and method: the domain test perplexity (knobs tuned on validation only),
+the perplexity on the ``general`` test split with the method still applied (forgetting: DAPT
+changes the weights for good; a memory or a datastore can also be unplugged, which gives the
+base's number), what the method adds (parameters, bytes on disk, training time) and its
+inference time per token relative to the base, timed back to back in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from memdec_core import registry
+from memdec_core.errors import ConfigError
+from memdec_core.progress import log
+
+#: The methods compared when none are named, in the order of the table (those installed).
+DEFAULT_METHODS = ("base", "dapt", "lora", "knn-lm", "rag", "memdec")
+
+
+@dataclass
+class CompareSettings:
+    """What ``compare`` measures beyond the test perplexity."""
+
+    general: str = "general"  # the domain whose test split measures forgetting; "" to skip
+    general_tokens: int = 8192  # tokens of its test split scored per base × method
+    latency_tokens: int = 2048  # domain test tokens timed for the latency ratio
+    budget_tokens: int = 0  # training tokens for every method that trains (0: each method's default)
+
+    def __post_init__(self):
+        if self.general_tokens < 2 or self.latency_tokens < 2 or self.budget_tokens < 0:
+            raise ConfigError("general and latency token counts must be at least 2, the budget non-negative")
+
+
+def default_methods() -> list[str]:
+    installed = registry.names("methods")
+    return [name for name in DEFAULT_METHODS if name in installed]
+
+
+def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), *, settings=None,
+            combiner: Any = "linear", method_settings: dict[str, dict[str, Any]] | None = None,
+            domain_settings: dict[str, Any] | None = None, measure: CompareSettings = CompareSettings()) -> dict:
+    """Compare every base × method on ``domain``; returns ``{"domain", "results", "meta"}``."""
+    from memdec_core.api import _method_instances, default_bases, prepare_context
+    from memdec_core.combiner_files import resolve_combiner
+    from memdec_core.data import load_corpus
+    from memdec_core.evaluate import EvalSettings
+    from memdec_core.models import resolve_model_location
+
+    settings = settings or EvalSettings()
+    bases = list(bases) or default_bases()
+    names = list(methods) or default_methods()
+    overrides = _with_budget(names, dict(method_settings or {}), measure.budget_tokens)
+    instances = _method_instances(names, overrides)
+    combiner_class = resolve_combiner(combiner)
+    for base_name in bases:
+        resolve_model_location(base_name)
+    corpus = load_corpus(domain, **(domain_settings or {}))
+    general = load_corpus(measure.general) if measure.general else None
+    results = []
+    for base_name in bases:
+        ctx = prepare_context(corpus, base_name, settings, combiner_class)
+        probes = _Probes(ctx, general, measure)
+        for method in instances:
+            log(f"{base_name}: {method.name}")
+            started = time.perf_counter()
+            result = method.evaluate(ctx)
+            seconds = time.perf_counter() - started
+            results.append({"base": base_name, "method": method.name, "test_ppl": result.test_ppl,
+                            "valid_ppl": result.valid_ppl, "general_ppl": probes.general_ppl(result),
+                            "knobs": result.knobs, "params_added": result.details.get("params_added", 0),
+                            "bytes_added": result.details.get("bytes_added", 0),
+                            "train_seconds": result.details.get("train_seconds", 0.0),
+                            "latency_ratio": probes.latency_ratio(result), "seconds": round(seconds, 2),
+                            "details": result.details})
+    return {"domain": corpus.name, "results": results,
+            "meta": _meta(settings, measure, combiner_class, bases, names)}
+
+
+def _with_budget(names: list[str], overrides: dict, budget: int) -> dict:
+    """Give the same token budget to every method that trains (those with a ``budget_tokens`` setting)."""
+    if not budget:
+        return overrides
+    for name in names:
+        fields = {field.name for field in dataclasses.fields(registry.get("methods", name).Config)}
+        if "budget_tokens" in fields:
+            overrides[name] = {**overrides.get(name, {}), "budget_tokens": budget}
+    return overrides
+
+
+class _Probes:
+    """The general-text stream and the latency slice for one base, and the base's own timing."""
+
+    def __init__(self, ctx, general, measure: CompareSettings):
+        from memdec_core.data import make_windows, tokenize_documents
+        from memdec_core.evaluate import model_scorer
+
+        self.ctx = ctx
+        self.base_scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
+        self.general = None
+        if general is not None:
+            stream = tokenize_documents(ctx.base.tokenizer, general.documents["test"])[:measure.general_tokens]
+            self.general = (stream, make_windows(len(stream), ctx.context, ctx.stride))
+        latency = ctx.corpus.streams["test"][:measure.latency_tokens]
+        self.latency = (latency, make_windows(len(latency), ctx.context, ctx.stride))
+
+    def general_ppl(self, result) -> float | None:
+        if self.general is None or result.scorer is None:
+            return None
+        return result.score(*self.general, f"general {self.ctx.base.short_name}").perplexity
+
+    def latency_ratio(self, result) -> float | None:
+        """Seconds per token of the method over the base's, timed back to back on the same slice."""
+        if result.scorer is None:
+            return None
+        base = self._seconds(self.base_scorer)
+        method = self._seconds(result.scorer)
+        return round(method / base, 3) if base > 0 else None
+
+    def _seconds(self, scorer) -> float:
+        started = time.perf_counter()
+        scorer(*self.latency, "latency")
+        return time.perf_counter() - started
+
+
+def _meta(settings, measure: CompareSettings, combiner_class, bases: list[str], methods: list[str]) -> dict:
+    import torch
+
+    from memdec_core import __version__
+
+    versions = {"memdec": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transformers", "peft", "faiss", "bm25s"):
+        try:
+            versions[package] = __import__(package).__version__
+        except (ImportError, AttributeError):
+            versions[package] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"versions": versions, "seeds": {"eval": settings.seed}, "git": _git_hash(), "device": device,
+            "settings": dataclasses.asdict(settings), "measure": dataclasses.asdict(measure),
+            "combiner": combiner_class.name or combiner_class.__name__, "bases": bases, "methods": methods}
+
+
+def _git_hash() -> str | None:
+    try:
+        output = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return output.stdout.strip() or None if output.returncode == 0 else None

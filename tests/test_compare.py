@@ -1,0 +1,92 @@
+"""``memdec compare``: every base × method with forgetting, cost and latency; formats; budgets."""
+
+import csv
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from memdec_cli.main import build_cli
+from memdec_core.compare import CompareSettings, compare
+from memdec_core.errors import ConfigError, UnknownComponentError
+from memdec_core.evaluate import EvalSettings
+
+from conftest import SMALL_WINDOWS
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+ALL = ["base", "dapt", "lora", "knn-lm", "rag", "memdec"]
+
+
+def quick_settings(model) -> dict:
+    return {"dapt": {"epochs": 1, "lrs": (3e-3,)}, "lora": {"epochs": 1, "rank": 2, "lrs": (3e-3,)},
+            "knn-lm": {"k": 16}, "rag": {"passage_tokens": 16, "retrieval_stride": 16},
+            "memdec": {"teacher": str(model), "init": str(model), "epochs": 1, "k": 16, "temperature": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def report(corpus_dir, tiny_llama):
+    return compare(str(corpus_dir), [str(tiny_llama)], ALL, settings=WINDOW, method_settings=quick_settings(tiny_llama),
+                   measure=CompareSettings(general_tokens=300, latency_tokens=200))
+
+
+def test_every_method_gets_a_row_with_every_measure(report):
+    rows = {row["method"]: row for row in report["results"]}
+    assert list(rows) == ALL
+    for row in rows.values():
+        assert row["test_ppl"] > 1 and row["general_ppl"] > 1 and row["latency_ratio"] > 0
+    assert rows["base"]["params_added"] == 0 and rows["knn-lm"]["params_added"] == 0
+    assert rows["lora"]["params_added"] > 0 and rows["memdec"]["params_added"] > 0
+    assert rows["knn-lm"]["bytes_added"] > 0 and rows["dapt"]["bytes_added"] > 0
+    assert rows["memdec"]["test_ppl"] < rows["base"]["test_ppl"]
+    assert set(report["meta"]) >= {"versions", "seeds", "git", "device"}
+
+
+def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):
+    from memdec_core.data import load_corpus, make_windows, tokenize_documents
+    from memdec_core.evaluate import perplexity
+    from memdec_core.models import load_model
+
+    base = next(row for row in report["results"] if row["method"] == "base")
+    model = load_model(str(tiny_llama))
+    stream = tokenize_documents(model.tokenizer, load_corpus("general").documents["test"])[:300]
+    expected = perplexity(model.model, stream, make_windows(len(stream), 64, 32), batch_size=4)
+    assert base["general_ppl"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_second_compare_reuses_every_artifact(corpus_dir, tiny_llama, report):
+    again = compare(str(corpus_dir), [str(tiny_llama)], ["dapt", "lora", "knn-lm", "memdec"], settings=WINDOW,
+                    method_settings={k: v for k, v in quick_settings(tiny_llama).items() if k != "rag"},
+                    measure=CompareSettings(general_tokens=300, latency_tokens=200))
+    first = {row["method"]: row for row in report["results"]}
+    for row in again["results"]:
+        assert row["test_ppl"] == first[row["method"]]["test_ppl"]
+        for key in ("artifact", "datastore", "memory"):
+            assert row["details"].get(key) == first[row["method"]]["details"].get(key)
+
+
+def test_budget_too_small_and_unknown_method(corpus_dir, tiny_llama):
+    with pytest.raises(ConfigError, match="less than one optimizer step"):
+        compare(str(corpus_dir), [str(tiny_llama)], ["dapt"], settings=WINDOW,
+                measure=CompareSettings(budget_tokens=10, general=""))
+    with pytest.raises(UnknownComponentError, match="did you mean 'lora'"):
+        compare(str(corpus_dir), [str(tiny_llama)], ["lorra"], settings=WINDOW)
+
+
+def test_cli_formats(corpus_dir, tiny_llama, tmp_path):
+    common = ["compare", "--domain", str(corpus_dir), "--base", str(tiny_llama), "--method", "base,knn-lm",
+              "--set", "knn-lm.k=16", "--context", "64", "--stride", "32", "--general-tokens", "200",
+              "--latency-tokens", "100"]
+    runner = CliRunner()
+    as_json = runner.invoke(build_cli(), [*common, "--format", "json", "--output", str(tmp_path / "run.json")])
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert set(payload) == {"domain", "results", "meta"}
+    assert set(payload["results"][0]) >= {"base", "method", "test_ppl", "general_ppl", "knobs", "params_added",
+                                          "bytes_added", "train_seconds", "latency_ratio"}
+    assert json.loads((tmp_path / "run.json").read_text())["domain"] == payload["domain"]
+    as_csv = runner.invoke(build_cli(), [*common, "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [row["method"] for row in rows] == ["base", "knn-lm"]
+    as_markdown = runner.invoke(build_cli(), [*common, "--format", "markdown"])
+    assert as_markdown.stdout.count("**") == 2  # the best cell of the one base

@@ -9,7 +9,7 @@
    base + kNN-LM (k = 1024 neighbours searched per token), on the same windows.
 
     python benchmarks/decoder_bench.py --cache /tmp/runs/cache-bench --domain finance \\
-        --base memdec-demo-l --tokens 8192
+        --base memdec-demo-l --tokens 8192 [--memory DIR]
 
 It reuses (or builds) the domain's datastore, targets and memory from the artifact cache.
 """
@@ -75,7 +75,7 @@ def kl_step_times(supports: np.ndarray, vocab: int, rows: int, repeats: int) -> 
     return float(np.median(times["sparse"])), float(np.median(times["dense"]))
 
 
-def latency_report(domain: str, base: str, tokens: int, repeats: int) -> dict:
+def latency_report(domain: str, base: str, tokens: int, repeats: int, memory_folder: str | None) -> dict:
     """Seconds per scored token: base alone, base + memory, base + kNN-LM, on the same windows."""
     from memdec_core.api import prepare_context
     from memdec_core.evaluate import EvalSettings, iter_scored_batches
@@ -83,7 +83,9 @@ def latency_report(domain: str, base: str, tokens: int, repeats: int) -> dict:
     from memdec_knn.method import KnnLM, KnnMemory
 
     ctx = prepare_context(domain, base, EvalSettings(max_eval_tokens=tokens))
-    memory = DecoderMixture(MemoryDecoderMethod().memory_for(ctx))
+    from memdec_decoder.memory import open_memory
+
+    memory = DecoderMixture(open_memory(memory_folder) if memory_folder else MemoryDecoderMethod().memory_for(ctx))
     knn = KnnMemory(KnnLM().datastore_for(ctx), k=1024, temperatures=(10.0,))
     stream, windows = ctx.corpus.streams["valid"], ctx.windows("valid")
 
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="valid tokens scored per latency run")
     parser.add_argument("--rows", type=int, default=2048, help="scored tokens per KL step")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", default=None, help="a trained memory folder (default: the cached one)")
     args = parser.parse_args()
     if args.cache:
         os.environ["MEMDEC_CACHE"] = args.cache
@@ -142,7 +145,7 @@ def main() -> None:
     for vocab in (8192, 151_936):
         sparse, dense = kl_step_times(storage["supports"], vocab, args.rows, args.repeats)
         print(f"| {vocab:,} | {sparse * 1e3:.1f} ms | {dense * 1e3:.1f} ms | {dense / sparse:.2f}× |")
-    latency = latency_report(args.domain, args.base, args.tokens, args.repeats)
+    latency = latency_report(args.domain, args.base, args.tokens, args.repeats, args.memory)
     per_token = latency["seconds_per_token"]
     print(f"\n## Inference per scored token ({args.base}, {latency['base_parameters']:,} parameters; memory "
           f"{latency['memory_parameters']:,}; {latency['scored_tokens']:,} valid tokens, median of {args.repeats})\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -32,11 +33,13 @@ class CompareSettings:
     general: str = "general"  # the domain whose test split measures forgetting; "" to skip
     general_tokens: int = 8192  # tokens of its test split scored per base × method
     latency_tokens: int = 2048  # domain test tokens timed for the latency ratio
+    latency_repeats: int = 3  # base and method timed alternately this many times; the median ratio is kept
     budget_tokens: int = 0  # training tokens for every method that trains (0: each method's default)
 
     def __post_init__(self):
-        if self.general_tokens < 2 or self.latency_tokens < 2 or self.budget_tokens < 0:
-            raise ConfigError("general and latency token counts must be at least 2, the budget non-negative")
+        if self.general_tokens < 2 or self.latency_tokens < 2 or self.budget_tokens < 0 or self.latency_repeats < 1:
+            raise ConfigError("general and latency token counts must be at least 2, latency repeats at least 1, "
+                              "the budget non-negative")
 
 
 def default_methods() -> list[str]:
@@ -102,7 +105,7 @@ class _Probes:
         from memdec_core.data import make_windows, tokenize_documents
         from memdec_core.evaluate import model_scorer
 
-        self.ctx = ctx
+        self.ctx, self.repeats = ctx, measure.latency_repeats
         self.base_scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
         self.general = None
         if general is not None:
@@ -117,12 +120,16 @@ class _Probes:
         return result.score(*self.general, f"general {self.ctx.base.short_name}").perplexity
 
     def latency_ratio(self, result) -> float | None:
-        """Seconds per token of the method over the base's, timed back to back on the same slice."""
+        """Scoring time of the method over the base's on the same slice, timed back to back (this
+        machine may be busy: the median of alternating repeats). Teacher-forced scoring, not
+        generation: a method that re-reads its context every few tokens (rag) pays far more here."""
         if result.scorer is None:
             return None
-        base = self._seconds(self.base_scorer)
-        method = self._seconds(result.scorer)
-        return round(method / base, 3) if base > 0 else None
+        ratios = []
+        for _ in range(self.repeats):
+            base = self._seconds(self.base_scorer)
+            ratios.append(self._seconds(result.scorer) / max(base, 1e-9))
+        return round(statistics.median(ratios), 3)
 
     def _seconds(self, scorer) -> float:
         started = time.perf_counter()

@@ -90,3 +90,10 @@ def test_cli_formats(corpus_dir, tiny_llama, tmp_path):
     assert [row["method"] for row in rows] == ["base", "knn-lm"]
     as_markdown = runner.invoke(build_cli(), [*common, "--format", "markdown"])
     assert as_markdown.stdout.count("**") == 2  # the best cell of the one base
+
+
+def test_the_plot_shows_methods_and_the_lambda_curve(report, tmp_path):
+    from memdec_cli.plot import plot_comparison
+
+    plot_comparison(report, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG"

@@ -53,6 +53,10 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
     from memdec_cli.render import print_comparison
     from memdec_core.compare import CompareSettings, compare
 
+    if plot:  # before the long run, not after it
+        from memdec_cli.plot import check_plotting
+
+        check_plotting()
     report = compare(domain, bases, split_list(methods) if methods else (),
                      settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                      combiner=_combiner(combiner, lam),

@@ -7,14 +7,19 @@ from pathlib import Path
 from memdec_core.errors import ConfigError
 
 
-def plot_comparison(report: dict, path: Path) -> None:
+def check_plotting() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+        raise ConfigError("--plot needs matplotlib: pip install 'memdec[plot]' (or pip install matplotlib)") from None
+
+
+def plot_comparison(report: dict, path: Path) -> None:
+    check_plotting()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     results = report["results"]
     bases = list(dict.fromkeys(row["base"] for row in results))
     methods = list(dict.fromkeys(row["method"] for row in results))

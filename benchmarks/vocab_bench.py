@@ -116,9 +116,10 @@ def main() -> None:
         for variant in results:
             results[variant].append(json.loads(child(variant, "train").strip().splitlines()[-1]))
     full, restricted = (min(runs, key=lambda run: run["step_seconds"]) for runs in results.values())
+    dropped = full["output_rows"] - restricted["output_rows"] + 1
     print(f"Memory: first {args.layers} blocks of {Path(args.model).parent.name}; {args.batch} × {args.context} "
-          f"tokens per step; {args.domain} train split, first {args.train_tokens:,} tokens ({full['output_rows'] - restricted['output_rows'] + 1:,} tokens dropped); best of "
-          f"{args.rounds} alternating runs, median of {args.steps} steps each.\n")
+          f"tokens per step; {args.domain} train split, first {args.train_tokens:,} tokens ({dropped:,} tokens "
+          f"dropped); best of {args.rounds} alternating runs, median of {args.steps} steps each.\n")
     print("| vocabulary | output rows | parameters | step time | peak RSS |\n|---|---|---|---|---|")
     for run in (full, restricted):
         print(f"| {run['variant']} | {run['output_rows']:,} | {run['parameters'] / 1e6:.1f}M | "

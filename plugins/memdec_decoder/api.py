@@ -49,8 +49,8 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
         return str(method.memory_for(ctx).folder)
     teacher_name, init_name = method.teacher_and_init(ctx.base)
     targets = method.targets_for(ctx)
-    memory = train_memory(init_name, ctx.corpus, targets, Path(output).expanduser(), context=ctx.context, stride=ctx.stride,
-                          settings=method.config.train_settings(), teacher=teacher_name,
+    memory = train_memory(init_name, ctx.corpus, targets, Path(output).expanduser(), context=ctx.context,
+                          stride=ctx.stride, settings=method.config.train_settings(), teacher=teacher_name,
                           eval_batch_size=ctx.settings.batch_size)
     return str(memory.folder)
 

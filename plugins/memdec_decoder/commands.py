@@ -117,7 +117,8 @@ def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, ep
 @click.option("--sample", is_flag=True, help="Sample instead of greedy / beam search.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Sampling temperature, applied to the mixture.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling: keep the k best tokens (0: all).")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sampling: keep the k best tokens (0: all).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Sampling: nucleus mass.")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True, help="Beam search width.")

@@ -128,7 +128,8 @@ class MemoryDecoderMethod(Method):
 
 
 def memory_key(teacher: LoadedModel, init_name: str, teacher_ctx: EvalContext, config: DecoderSettings) -> str:
-    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ("memory", "teacher", "init", "save_every")}
+    ignored = ("memory", "teacher", "init", "save_every")  # named by the other parts, or no effect on the result
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ignored}
     return content_key("memory", teacher.fingerprint, model_fingerprint(init_name),
                        teacher.tokenizer_fingerprint, teacher_ctx.corpus.data_hash("train"),
                        teacher_ctx.corpus.data_hash("valid"), teacher_ctx.context, teacher_ctx.stride, settings)

@@ -99,8 +99,8 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
         valid_ppl, outside = memory_perplexity(trained, vocabulary, valid, valid_windows, eval_batch_size)
         return valid_ppl, {"valid_tokens_outside_vocabulary": outside}
 
-    trainer = Trainer(model, stream, context, settings.loop(), work, loss=decoder_loss(targets, vocabulary, settings.beta),
-                      validate=validate, description="training memory")
+    trainer = Trainer(model, stream, context, settings.loop(), work, validate=validate,
+                      loss=decoder_loss(targets, vocabulary, settings.beta), description="training memory")
     if checkpoint:
         trainer.restore(checkpoint)
     trainer.run()

@@ -102,3 +102,15 @@ def test_bad_target_settings(periodic_store, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(ConfigError, match="already exists"):
         build_targets(periodic_store, tmp_path / "exists")
+
+
+def test_entries_that_round_to_zero_in_fp16_are_not_stored(periodic_store, tmp_path):
+    built = build_targets(periodic_store, tmp_path / "sharp", TargetSettings(k=12, temperature=0.02))
+    dropped = 0
+    for position in range(len(periodic_store)):
+        ids, probs = built.row(position)
+        expected = brute_force_target(periodic_store, position, 12, 0.02)
+        assert (probs > 0).all() and abs(float(probs.astype(np.float64).sum()) - 1) < 2e-3
+        assert set(ids.tolist()) == {token for token, p in expected.items() if np.float16(p) > 0}
+        dropped += len(expected) - len(ids)
+    assert dropped > 0  # the sharp temperature made some neighbours negligible

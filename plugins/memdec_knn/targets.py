@@ -4,8 +4,8 @@ The training signal of a Memory Decoder. For position p the datastore is searche
 for k + 1 neighbours, p's own entry is dropped **by id** (faiss may return ties or unsorted
 results, so "drop the first" is not safe), the k nearest remaining neighbours are weighted by
 softmax(−d/T) and summed per token. Rows are stored sparse, CSR-style, in shards of consecutive
-positions: ``offsets.npy`` (int64), ``token_ids.npy`` (int32), ``probs.npy`` (fp16). A
-full-vocabulary row is never built.
+positions: ``offsets.npy`` (int64), ``token_ids.npy`` (int32), ``probs.npy`` (fp16; entries
+that round to zero are not stored). A full-vocabulary row is never built.
 
 Each shard is written atomically into a ``.partial`` work folder, so an interrupted build
 resumes from the last finished shard; the folder is renamed into place when all are done.
@@ -95,14 +95,16 @@ def _write_shard(store: Datastore, target: Path, start: int, end: int, settings:
         values = store.vals[np.clip(ids, 0, None)]
         row_ids, row_probs = sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
                                                  torch.from_numpy(values.astype(np.int64)), settings.temperature)
-        keep = row_ids >= 0
+        row_probs = row_probs.to(torch.float16)
+        # Entries that round to 0 in fp16 (most of a 1024-neighbour row) add nothing to the KL: drop them.
+        keep = (row_ids >= 0) & (row_probs > 0)
         counts.append(keep.sum(dim=1).numpy())
         token_ids.append(row_ids[keep].numpy().astype(np.int32))
         probs.append(row_probs[keep].numpy())
     with atomic_directory(target) as temporary:
         np.save(temporary / "offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64))
         np.save(temporary / "token_ids.npy", np.concatenate(token_ids))
-        np.save(temporary / "probs.npy", np.concatenate(probs).astype(np.float16))
+        np.save(temporary / "probs.npy", np.concatenate(probs))
 
 
 class TargetSet:

@@ -91,3 +91,36 @@ def test_the_loop_stops_early_and_keeps_the_best_epoch(tmp_path):
     assert state["stopped_early"] and state["best_epoch"] == 2 and len(state["history"]) == 4
     assert state["train_tokens"] == 4 * (len(stream) - 1)  # every position once per epoch
     assert (tmp_path / "best" / "weights.pt").is_file()
+
+
+def test_an_interrupted_lora_run_resumes_to_the_same_adapter(corpus_dir, tiny_llama, monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from memdec_core import training
+    from memdec_core.api import prepare_context
+    from memdec_core.artifacts import read_manifest
+    from memdec_peft.methods import Lora
+
+    ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
+    settings = dict(rank=3, epochs=2, lrs=(2e-3,), seed=1)
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "reference"))
+    reference = Lora(**settings).evaluate(ctx)
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "interrupted"))
+    real_step = training.Trainer._step
+
+    def interrupted(self, starts):
+        if self.state["global_step"] == self.steps_per_epoch + 2:  # the first epoch's checkpoint is on disk
+            raise KeyboardInterrupt
+        return real_step(self, starts)
+
+    monkeypatch.setattr(training.Trainer, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Lora(**settings).evaluate(ctx)
+    assert list((tmp_path / "interrupted" / "lora").glob(".*.partial/checkpoint"))
+    monkeypatch.setattr(training.Trainer, "_step", real_step)
+    resumed = Lora(**settings).evaluate(ctx)
+    history = read_manifest(Path(resumed.details["artifact"]), "lora")["history"]
+    expected = read_manifest(Path(reference.details["artifact"]), "lora")["history"]
+    assert history[0] == expected[0] and len(history) == len(expected) == 2  # epoch 1 came from the checkpoint
+    assert resumed.test_ppl == pytest.approx(reference.test_ppl, rel=1e-6)
+    assert not list((tmp_path / "interrupted" / "lora").glob(".*.partial"))

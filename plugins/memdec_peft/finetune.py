@@ -102,6 +102,7 @@ def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -
     work = folder.parent / f".{folder.name}.partial"
     resuming = start_or_resume(work, identity, f"{adaptation.kind} training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
+    torch.manual_seed(loop.seed)  # adapters are initialised at random (LoRA's A matrices)
     model = (adaptation.load(ctx.base.model, checkpoint, trainable=True) if checkpoint
              else adaptation.prepare(ctx.base.model))
     model.train()

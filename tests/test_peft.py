@@ -124,3 +124,15 @@ def test_an_interrupted_lora_run_resumes_to_the_same_adapter(corpus_dir, tiny_ll
     assert history[0] == expected[0] and len(history) == len(expected) == 2  # epoch 1 came from the checkpoint
     assert resumed.test_ppl == pytest.approx(reference.test_ppl, rel=1e-6)
     assert not list((tmp_path / "interrupted" / "lora").glob(".*.partial"))
+
+
+def test_a_token_budget_replaces_the_epochs(tmp_path):
+    stream = np.random.default_rng(0).integers(0, 16, 400)  # 13 chunks of 32: 4 steps of 4 chunks per epoch
+    settings = LoopSettings(epochs=1, batch_size=4, max_tokens=9 * 4 * 32)  # 9 steps: into the third epoch
+    trainer = Trainer(Linear(), stream, 32, settings, tmp_path, validate=lambda model: (1.0, {}),
+                      loss=lambda model, batch: model(batch.input_ids).logits.mean())
+    state = trainer.run()
+    assert state["global_step"] == 9 and len(state["history"]) == 3
+    with pytest.raises(ConfigError, match="less than one optimizer step"):
+        Trainer(Linear(), stream, 32, LoopSettings(batch_size=4, max_tokens=100), tmp_path / "x",
+                validate=lambda model: (1.0, {}), loss=lambda model, batch: model(batch.input_ids).logits.mean())

@@ -110,7 +110,9 @@ class MemoryDecoder:
 def open_memory(folder) -> MemoryDecoder:
     """Load a memory folder written by ``memdec train``, checking its parts."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # memdec shows its own progress
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ArtifactError(f"memory folder not found: {folder}")

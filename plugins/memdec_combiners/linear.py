@@ -10,8 +10,9 @@ import torch
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner
 
-#: λ values tried on validation. Small values matter: a strong base wants 0.05–0.15.
-LAMBDA_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: λ values tried on validation. Small values matter: a strong base wants 0.05–0.15; a memory far
+#: better than a weak base on its domain wants 0.9 or more.
+LAMBDA_GRID = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 def check_lambda(lam: float) -> float:

@@ -10,6 +10,7 @@ from memdec_core.api import prepare_context
 from memdec_core.data import make_windows
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.evaluate import EvalSettings
+from memdec_combiners.linear import LAMBDA_GRID
 from memdec_knn import datastore as datastore_module
 from memdec_knn import distribution
 from memdec_knn.datastore import build_datastore, open_datastore
@@ -180,7 +181,7 @@ def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
     assert result.test_ppl < base
     assert set(result.knobs) == {"temperature", "lam"}
     assert 0 < result.knobs["lam"] < 1
-    assert len(result.details["valid_grid"]) == len(KnnLM.Config().temperatures) * 13
+    assert len(result.details["valid_grid"]) == len(KnnLM.Config().temperatures) * len(LAMBDA_GRID)
 
 
 def test_knn_memory_dense_rows_match_gold(store, ctx):

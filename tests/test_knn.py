@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from memdec_combiners.linear import LAMBDA_GRID
 from memdec_core.api import prepare_context
 from memdec_core.data import make_windows
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.evaluate import EvalSettings
-from memdec_combiners.linear import LAMBDA_GRID
 from memdec_knn import datastore as datastore_module
 from memdec_knn import distribution
 from memdec_knn.datastore import build_datastore, open_datastore

@@ -66,6 +66,7 @@ class Adaptation:
     #: (base model, saved folder, trainable) → a new adapted model
     load: Callable[..., torch.nn.Module]
     identity: dict  # what besides data, base and loop settings defines the artifact (e.g. the rank)
+    adds_parameters: bool = True  # False when the trained weights replace the base's (DAPT)
 
 
 def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation: Adaptation) -> MethodResult:
@@ -80,9 +81,11 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
     test_ppl = scorer(ctx.corpus.streams["test"], ctx.windows("test"),
                       f"test {ctx.base.short_name} + {adaptation.kind}").perplexity
     trainable = state["trainable_parameters"]
-    details = {"artifact": str(folder), "params_added": trainable if adaptation.kind != "dapt" else 0,
+    details = {"artifact": str(folder), "params_added": trainable if adaptation.adds_parameters else 0,
                "trained_parameters": trainable, "bytes_added": folder_bytes(folder),
-               "train_seconds": state["train_seconds"], "train_tokens": state["train_tokens"],
+               # the cost of the method includes every learning rate tried
+               "train_seconds": round(sum(run_state["train_seconds"] for _, run_state, _ in runs), 1),
+               "train_tokens": state["train_tokens"],
                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
     return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details, scorer)

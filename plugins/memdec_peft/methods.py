@@ -33,13 +33,13 @@ class Dapt(Method):
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
         return evaluate_finetuned(ctx, self.config, Adaptation("dapt", prepare=copy.deepcopy, load=_load_dapt,
-                                                               identity={}))
+                                                               identity={}, adds_parameters=False))
 
 
 def _load_dapt(base_model, folder, trainable: bool = False):
-    from transformers import AutoModelForCausalLM
-
+    """The continued-trained weights stand alone: the base is not needed to load them."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
@@ -82,9 +82,7 @@ class Lora(Method):
 
             return PeftModel.from_pretrained(copy.deepcopy(base_model), folder, is_trainable=trainable)
 
-        result = evaluate_finetuned(ctx, self.config, Adaptation("lora", prepare, load,
-                                                                 {"rank": rank, "alpha": alpha}))
-        return result
+        return evaluate_finetuned(ctx, self.config, Adaptation("lora", prepare, load, {"rank": rank, "alpha": alpha}))
 
 
 def lora_targets(model) -> list[str]:

@@ -10,6 +10,7 @@ inference time per token relative to the base, timed back to back in the same ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ class CompareSettings:
     latency_tokens: int = 2048  # domain test tokens timed for the latency ratio
     latency_repeats: int = 3  # base and method timed alternately this many times; the median ratio is kept
     budget_tokens: int = 0  # training tokens for every method that trains (0: each method's default)
+    reuse_results: bool = True  # a row measured before with identical inputs is read back, not re-measured
 
     def __post_init__(self):
         if self.general_tokens < 2 or self.latency_tokens < 2 or self.budget_tokens < 0 or self.latency_repeats < 1:
@@ -72,19 +74,48 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
         ctx = prepare_context(corpus, base_name, settings, combiner_class)
         probes = _Probes(ctx, general, measure)
         for method in instances:
+            cached = _cached_row(ctx, method, general, measure)
+            if measure.reuse_results and cached.exists():
+                log(f"{base_name}: {method.name}: reusing the row measured in {cached.parent}")
+                results.append(json.loads(cached.read_text()))
+                continue
             log(f"{base_name}: {method.name}")
-            started = time.perf_counter()
-            result = method.evaluate(ctx)
-            seconds = time.perf_counter() - started
-            results.append({"base": base_name, "method": method.name, "test_ppl": result.test_ppl,
-                            "valid_ppl": result.valid_ppl, "general_ppl": probes.general_ppl(result),
-                            "knobs": result.knobs, "params_added": result.details.get("params_added", 0),
-                            "bytes_added": result.details.get("bytes_added", 0),
-                            "train_seconds": result.details.get("train_seconds", 0.0),
-                            "latency_ratio": probes.latency_ratio(result), "seconds": round(seconds, 2),
-                            "details": result.details})
+            results.append(_measure(ctx, method, probes))
+            _write_row(cached, results[-1])
     return {"domain": corpus.name, "results": results,
             "meta": _meta(settings, measure, combiner_class, bases, names)}
+
+
+def _measure(ctx, method, probes: "_Probes") -> dict:
+    started = time.perf_counter()
+    result = method.evaluate(ctx)
+    seconds = time.perf_counter() - started
+    return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
+            "valid_ppl": result.valid_ppl, "general_ppl": probes.general_ppl(result), "knobs": result.knobs,
+            "params_added": result.details.get("params_added", 0), "bytes_added": result.details.get("bytes_added", 0),
+            "train_seconds": result.details.get("train_seconds", 0.0), "latency_ratio": probes.latency_ratio(result),
+            "seconds": round(seconds, 2), "details": result.details}
+
+
+def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
+    """Where the row of ``method`` on this base, data and settings is kept (a rerun reads it back)."""
+    from memdec_core import __version__
+    from memdec_core.artifacts import cached_artifact, content_key
+
+    combiner = ctx.combiner
+    key = content_key("compare-row", __version__, method.name, dataclasses.asdict(method.config), ctx.base.fingerprint,
+                      ctx.corpus.hashes, ctx.context, ctx.stride, dataclasses.asdict(ctx.settings),
+                      f"{combiner.__module__}.{combiner.__qualname__}", repr(combiner.grid()),
+                      general.hashes if general else None,
+                      {k: v for k, v in dataclasses.asdict(measure).items() if k != "reuse_results"})
+    return cached_artifact("results", key) / "row.json"
+
+
+def _write_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(row, indent=2, default=str))
+    temporary.replace(path)
 
 
 def _with_budget(names: list[str], overrides: dict, budget: int) -> dict:

@@ -57,12 +57,26 @@ def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):
 def test_a_second_compare_reuses_every_artifact(corpus_dir, tiny_llama, report):
     again = compare(str(corpus_dir), [str(tiny_llama)], ["dapt", "lora", "knn-lm", "memdec"], settings=WINDOW,
                     method_settings={k: v for k, v in quick_settings(tiny_llama).items() if k != "rag"},
-                    measure=CompareSettings(general_tokens=300, latency_tokens=200))
+                    measure=CompareSettings(general_tokens=300, latency_tokens=200, reuse_results=False))
     first = {row["method"]: row for row in report["results"]}
     for row in again["results"]:
         assert row["test_ppl"] == first[row["method"]]["test_ppl"]
         for key in ("artifact", "datastore", "memory"):
             assert row["details"].get(key) == first[row["method"]]["details"].get(key)
+
+
+def test_a_third_compare_reads_its_rows_back_without_evaluating(corpus_dir, tiny_llama, report, monkeypatch):
+    from memdec_peft.methods import Lora
+
+    def must_not_run(self, ctx):
+        raise AssertionError("the row should have been read back")
+
+    monkeypatch.setattr(Lora, "evaluate", must_not_run)
+    again = compare(str(corpus_dir), [str(tiny_llama)], ["lora"], settings=WINDOW,
+                    method_settings={"lora": quick_settings(tiny_llama)["lora"]},
+                    measure=CompareSettings(general_tokens=300, latency_tokens=200))
+    first = next(row for row in report["results"] if row["method"] == "lora")
+    assert again["results"][0]["test_ppl"] == first["test_ppl"] and again["results"][0]["latency_ratio"] > 0
 
 
 def test_budget_too_small_and_unknown_method(corpus_dir, tiny_llama):

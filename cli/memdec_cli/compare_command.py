@@ -26,6 +26,9 @@ from memdec_cli.options import eval_settings, parse_assignments, set_option, spl
               help="Tokens of the general test split scored per base × method (forgetting).")
 @click.option("--latency-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
               help="Domain test tokens timed per method for the latency ratio.")
+@click.option("--fresh", is_flag=True,
+              help="Measure every row again instead of reading back rows measured with identical inputs "
+                   "(artifacts are still reused).")
 @set_option
 @window_options
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "markdown", "csv"]),
@@ -34,7 +37,7 @@ from memdec_cli.options import eval_settings, parse_assignments, set_option, spl
               help="Also write the results as JSON to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save a figure: test perplexity per method per base, and memdec's λ curve (needs matplotlib).")
-def compare_command(domain, source, bases, methods, combiner, lam, budget, general_tokens, latency_tokens,
+def compare_command(domain, source, bases, methods, combiner, lam, budget, general_tokens, latency_tokens, fresh,
                     assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
                     output, plot):
     """Adapt every base model to a domain with every method and compare them head to head.
@@ -42,7 +45,8 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
     For each base × method: domain test perplexity (knobs tuned on validation only), general
     test perplexity with the method applied (forgetting), parameters and bytes added, training
     time, and inference time per token relative to the base. Artifacts are cached by content
-    hash: a second run reuses datastores, targets, adapters and memories.
+    hash: a second run reuses datastores, targets, adapters and memories, and reads back every
+    row measured with identical inputs (--fresh measures them again).
 
     \b
     Examples:
@@ -63,7 +67,7 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
                      method_settings=typed_settings("methods", parse_assignments(assignments)),
                      domain_settings={"source": source} if source else None,
                      measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
-                                             budget_tokens=budget))
+                                             budget_tokens=budget, reuse_results=not fresh))
     print_comparison(report, output_format)
     if output:
         _write_json(output, report)

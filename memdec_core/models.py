@@ -186,15 +186,39 @@ def model_fingerprint(name: str) -> str:
 
 
 def _model_fingerprint(name: str, location: str) -> str:
-    """Name plus size and mtime of the weight files: cheap, and changes when the weights do."""
-    parts = [name]
+    """A hash of the weight and config files' contents (a hub id not yet downloaded: its name).
+
+    Content, not paths or times: a copied folder, a fresh clone or a reinstall keeps its cached
+    artifacts. Each file is hashed once; the digest is remembered by path, size and mtime.
+    """
     folder = Path(location)
-    if folder.is_dir():
-        for file in sorted(folder.iterdir()):
-            if file.suffix in {".safetensors", ".bin", ".gguf", ".json"}:
-                stat = file.stat()
-                parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    if not folder.is_dir():
+        return hashlib.sha256(name.encode()).hexdigest()[:16]
+    parts = [f"{file.name}:{_file_digest(file)}" for file in sorted(folder.iterdir())
+             if file.suffix in {".safetensors", ".bin", ".gguf", ".json"} and file.is_file()]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _file_digest(file: Path) -> str:
+    from memdec_core.artifacts import cache_root
+
+    stat = file.stat()
+    memo = cache_root() / "fingerprints" / hashlib.sha256(
+        f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temporary = memo.with_name(f".{memo.name}.{os.getpid()}")
+        temporary.write_text(digest.hexdigest())
+        temporary.replace(memo)
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
+    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -60,3 +60,16 @@ def test_unknown_hub_name_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UnknownComponentError, match="unknown model 'no-such-model-xyz'.*hub"):
         load_model("no-such-model-xyz")
+
+
+def test_a_copied_model_keeps_its_fingerprint_and_new_weights_change_it(tiny_llama, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    assert load_model(str(copy)).fingerprint == load_model(str(tiny_llama)).fingerprint
+    model = load_model(str(copy)).model
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    model.save_pretrained(copy)
+    assert load_model(str(copy)).fingerprint != load_model(str(tiny_llama)).fingerprint

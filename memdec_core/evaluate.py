@@ -240,11 +240,16 @@ class MixtureMemory(Protocol):
         """``[N, vocab]`` full log-probs under the memory (for non-elementwise combiners)."""
 
 
-def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
-    """Tune memory × combiner knobs on validation in one pass, then score test with the best."""
+def tune_on_validation(ctx: EvalContext, memory: MixtureMemory) -> tuple[list, list[NLLTotal], int]:
+    """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index."""
     settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
     valid = _score_mixture(ctx, memory, "valid", settings)
-    best = min(range(len(settings)), key=lambda i: valid[i].perplexity)
+    return settings, valid, min(range(len(settings)), key=lambda i: valid[i].perplexity)
+
+
+def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
+    """Tune memory × combiner knobs on validation in one pass, then score test with the best."""
+    settings, valid, best = tune_on_validation(ctx, memory)
     memory_knobs, combiner_config = settings[best]
     knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
     log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")

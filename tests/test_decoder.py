@@ -216,3 +216,18 @@ def test_cli_train_and_targets(corpus_dir, tiny_llama, trained_memory, tmp_path)
         (empty / f"{split}.txt").write_text("" if split == "train" else "Some text.\n")
     no_text = invoke("train", "--domain", empty, "--teacher", tiny_llama, "--init", tiny_llama)
     assert no_text.exit_code == 1 and "train split is empty" in no_text.output
+
+
+def test_auto_temperature_is_the_one_knn_lm_picks_on_validation(corpus_dir, tiny_llama, tmp_path):
+    from memdec_core.api import prepare_context
+    from memdec_knn.method import KnnLM
+    from memdec_knn.targets import TargetSet
+
+    built = invoke("targets", "build", "--domain", corpus_dir, "--teacher", tiny_llama, "--k", 16,
+                   "--knn-temperature", "auto", "--output", tmp_path / "auto", "--context", 64)
+    assert built.exit_code == 0, built.output
+    ctx = prepare_context(str(corpus_dir), str(tiny_llama), EvalSettings(context=64))
+    chosen = KnnLM(k=16).evaluate(ctx).knobs["temperature"]
+    assert TargetSet(tmp_path / "auto").manifest["temperature"] == chosen
+    wrong = invoke("targets", "build", "--domain", corpus_dir, "--teacher", tiny_llama, "--knn-temperature", "hot")
+    assert wrong.exit_code == 2 and "neither a positive number nor 'auto'" in wrong.output

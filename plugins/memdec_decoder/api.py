@@ -22,9 +22,14 @@ from memdec_knn.targets import build_targets as build_target_set
 
 
 def build_targets(domain, teacher: str, *, settings=None, output: Path | None = None, k: int = 1024,
-                  temperature: float = 16.0) -> str:
-    """The teacher's kNN targets over ``domain``'s train split (cached unless ``output`` is given)."""
-    method = MemoryDecoderMethod(teacher=teacher, k=k, temperature=temperature)
+                  temperature: float | str = 16.0) -> str:
+    """The teacher's kNN targets over ``domain``'s train split (cached unless ``output`` is given).
+
+    ``temperature="auto"`` takes the T that the teacher's kNN-LM picks on the validation split.
+    """
+    tune = temperature == "auto"
+    method = MemoryDecoderMethod(teacher=teacher, k=k, tune_temperature=tune,
+                                 **({} if tune else {"temperature": temperature}))
     _refuse_existing(output)
     ctx = prepare_context(domain, teacher, settings)
     if output is None:
@@ -32,7 +37,7 @@ def build_targets(domain, teacher: str, *, settings=None, output: Path | None = 
     from memdec_knn.method import KnnLM
 
     store = KnnLM(k=k).datastore_for(ctx)
-    return str(build_target_set(store, Path(output), method.config.target_settings()).folder)
+    return str(build_target_set(store, Path(output), method.target_settings_for(ctx, store)).folder)
 
 
 def train(domain, *, teacher: str = "", init: str = "", settings=None, output: Path | None = None,

@@ -13,10 +13,24 @@ _domain = click.option("--domain", required=True,
                        help="A registered domain or a corpus folder (its train split is used).")
 _k = click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True,
                   help="Neighbours per position (the query's own entry is excluded by id).")
-_temperature = click.option("--knn-temperature", "temperature", type=click.FloatRange(min=0, min_open=True),
-                            default=16.0, show_default=True,
+def _parse_temperature(context, parameter, value: str):
+    """A positive number, or "auto" (what the teacher's kNN-LM picks on validation)."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0:
+        raise click.BadParameter(f"{value!r} is neither a positive number nor 'auto'")
+    return number
+
+
+_temperature = click.option("--knn-temperature", "temperature", default="16", show_default=True,
+                            callback=_parse_temperature, metavar="T|auto",
                             help="T of the kNN weights softmax(−d/T). The paper's 16 suits the demo family; "
-                                 "tune it with `memdec eval --method knn-lm` for other keys.")
+                                 "'auto' takes the T the teacher's kNN-LM picks on validation (other "
+                                 "families' distances differ by orders of magnitude).")
 
 
 @click.group()
@@ -103,8 +117,12 @@ def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, ep
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
                             init_layers=init_layers, vocabulary=vocabulary, beta=beta, epochs=epochs, lr=lr,
                             batch_size=train_batch, accumulate=accumulate, max_steps=max_steps, k=k,
-                            temperature=temperature, seed=seed, settings=eval_settings(
+                            **_temperature_settings(temperature), seed=seed, settings=eval_settings(
                                 context, stride, batch_size, max_train_tokens, max_eval_tokens)))
+
+
+def _temperature_settings(temperature) -> dict:
+    return {"tune_temperature": True} if temperature == "auto" else {"temperature": temperature}
 
 
 @click.command("generate")

@@ -18,7 +18,7 @@ import torch
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key, folder_bytes
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.evaluate import EvalContext, MethodResult, ScoredBatch, evaluate_mixture
+from memdec_core.evaluate import EvalContext, MethodResult, ScoredBatch, evaluate_mixture, tune_on_validation
 from memdec_core.interfaces import Method
 from memdec_core.models import LoadedModel, load_model, model_fingerprint
 from memdec_core.progress import log
@@ -37,6 +37,7 @@ class DecoderSettings:
     init: str = ""  # default: the smallest default model of the base's tokenizer (else the base)
     k: int = 1024
     temperature: float = 16.0  # of the kNN targets (the paper's)
+    tune_temperature: bool = False  # instead: the T the teacher's kNN-LM picks on validation
     beta: float = 0.5
     epochs: int = 3
     lr: float = 1e-3
@@ -105,7 +106,7 @@ class MemoryDecoderMethod(Method):
     def targets_for(self, teacher_ctx: EvalContext) -> TargetSet:
         """The teacher's kNN targets over the train split (its datastore is shared with knn-lm)."""
         store = KnnLM(k=self.config.k).datastore_for(teacher_ctx)
-        settings = self.config.target_settings()
+        settings = self.target_settings_for(teacher_ctx, store)
         folder = cached_artifact("targets", content_key("targets", store.manifest["data_hash"],
                                                          store.manifest["model_fingerprint"],
                                                          store.folder.name, dataclasses.asdict(settings)))
@@ -114,6 +115,13 @@ class MemoryDecoderMethod(Method):
             return TargetSet(folder)
         log(f"computing kNN targets in {folder}")
         return build_targets(store, folder, settings)
+
+    def target_settings_for(self, teacher_ctx: EvalContext, store) -> TargetSettings:
+        """k and T of the targets; T tuned on validation when ``tune_temperature`` is set."""
+        settings = self.config.target_settings()
+        if self.config.tune_temperature:
+            settings = dataclasses.replace(settings, temperature=tuned_temperature(teacher_ctx, store, self.config.k))
+        return settings
 
     def teacher_and_init(self, base: LoadedModel) -> tuple[str, str]:
         """The configured teacher and init, else the largest / smallest default model sharing the
@@ -125,6 +133,23 @@ class MemoryDecoderMethod(Method):
             log(f"no default family shares {base.model_id}'s tokenizer: the memory uses {teacher} as teacher "
                 f"and {init} as init (set memdec.teacher / memdec.init to choose)")
         return teacher, init
+
+
+def tuned_temperature(teacher_ctx: EvalContext, store, k: int) -> float:
+    """The temperature with which the teacher's kNN-LM (linear λ) scores best on validation.
+
+    Squared-L2 distances between hidden states differ by orders of magnitude between families
+    (T ≈ 10–30 for the demo family, ≈ 300–1000 for Qwen), so a fixed T can make every target
+    one-hot or flat.
+    """
+    from memdec_combiners.linear import Linear
+    from memdec_knn.method import TEMPERATURE_GRID, KnnMemory
+
+    ctx = dataclasses.replace(teacher_ctx, combiner=Linear)
+    settings, valid, best = tune_on_validation(ctx, KnnMemory(store, k, TEMPERATURE_GRID))
+    temperature = settings[best][0]["temperature"]
+    log(f"target temperature: T = {temperature:g} (teacher's kNN-LM on validation, ppl {valid[best].perplexity:.3f})")
+    return temperature
 
 
 def memory_key(teacher: LoadedModel, init_name: str, teacher_ctx: EvalContext, config: DecoderSettings) -> str:

@@ -231,3 +231,18 @@ def test_auto_temperature_is_the_one_knn_lm_picks_on_validation(corpus_dir, tiny
     assert TargetSet(tmp_path / "auto").manifest["temperature"] == chosen
     wrong = invoke("targets", "build", "--domain", corpus_dir, "--teacher", tiny_llama, "--knn-temperature", "hot")
     assert wrong.exit_code == 2 and "neither a positive number nor 'auto'" in wrong.output
+
+
+def test_a_restricted_shallow_memory_trains_reloads_and_mixes(corpus_dir, tiny_llama, tmp_path):
+    from memdec_core import api as core_api
+
+    folder = api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=tmp_path / "cut",
+                       settings=WINDOW, vocabulary="restricted", init_layers=1, **dict(QUICK, epochs=1))
+    memory = open_memory(folder)
+    assert memory.manifest["full_vocab_size"] == 300 and memory.manifest["restricted"]
+    assert memory.model.config.num_hidden_layers == 1
+    logprobs = memory.logprobs(torch.tensor([[5, 17, 40]]))
+    assert logprobs.shape[-1] == 300 and torch.isneginf(logprobs).any()
+    row = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
+                            method_settings={"memdec": {"memory": str(folder)}})["results"][0]
+    assert row["test_ppl"] > 1 and row["details"]["restricted"]

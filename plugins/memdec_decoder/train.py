@@ -83,11 +83,12 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
     if init.tokenizer_fingerprint != targets.manifest["tokenizer_fingerprint"]:
         raise ModelError(f"{init_name} has another tokenizer than the teacher whose targets these are; "
                          f"a memory must share its family's tokenizer")
-    vocabulary = choose_vocabulary(settings.vocabulary, stream, init.vocab_size)
+    full_vocab_size = init.vocab_size  # read now: building the memory may cut init's layers in place
+    vocabulary = choose_vocabulary(settings.vocabulary, stream, full_vocab_size)
     work = output.parent / f".{output.name}.partial"
     identity = {"init": init.fingerprint, "targets": targets.manifest["data_hash"], "k": targets.manifest["k"],
                 "temperature": targets.manifest["temperature"], "context": context,
-                "vocabulary": vocabulary.size if vocabulary else init.vocab_size,
+                "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
                 **{key: value for key, value in dataclasses.asdict(settings).items() if key != "save_every"}}
     resuming = start_or_resume(work, identity, "training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
@@ -221,7 +222,8 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
             vocabulary.save(temporary)
         write_manifest(temporary, ARTIFACT_TYPE, teacher=teacher, init=init.model_id,
                        init_fingerprint=init.fingerprint, tokenizer_fingerprint=init.tokenizer_fingerprint,
-                       full_vocab_size=init.vocab_size, restricted=vocabulary is not None,
+                       full_vocab_size=vocabulary.full_size if vocabulary else init.vocab_size,
+                       restricted=vocabulary is not None,
                        vocabulary_size=vocabulary.size - 1 if vocabulary else init.vocab_size,
                        data_hash=targets.manifest["data_hash"], beta=settings.beta, k=targets.manifest["k"],
                        temperature=targets.manifest["temperature"], targets=str(targets.folder), context=context,

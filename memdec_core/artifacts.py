@@ -99,6 +99,15 @@ def cached_artifact(kind: str, key: str) -> Path:
     return cache_root() / kind / key
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write a JSON file atomically (a reader never sees half of it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    os.replace(temporary, path)
+
+
 def start_or_resume(work: Path, identity: dict[str, Any], what: str) -> bool:
     """Create the work folder of a resumable job, or check that a left-over one used ``identity``.
 
@@ -115,9 +124,7 @@ def start_or_resume(work: Path, identity: dict[str, Any], what: str) -> bool:
             raise ArtifactError(f"an interrupted {what} in {work} used other settings ({', '.join(changed)}); "
                                 f"rerun with the same settings, or delete that folder to start over")
         return True
-    work.mkdir(parents=True, exist_ok=True)
-    (work / ".settings.json.tmp").write_text(json.dumps(identity, sort_keys=True))
-    os.replace(work / ".settings.json.tmp", stamp)
+    write_json(stamp, identity)
     return False
 
 

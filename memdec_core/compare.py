@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from memdec_core import registry
+from memdec_core.artifacts import cached_artifact, content_key, write_json
 from memdec_core.errors import ConfigError
 from memdec_core.progress import log
 
@@ -81,7 +82,7 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
                 continue
             log(f"{base_name}: {method.name}")
             results.append(_measure(ctx, method, probes))
-            _write_row(cached, results[-1])
+            write_json(cached, results[-1])
     return {"domain": corpus.name, "results": results,
             "meta": _meta(settings, measure, combiner_class, bases, names)}
 
@@ -100,8 +101,6 @@ def _measure(ctx, method, probes: "_Probes") -> dict:
 def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
     """Where the row of ``method`` on this base, data and settings is kept (a rerun reads it back)."""
     from memdec_core import __version__
-    from memdec_core.artifacts import cached_artifact, content_key
-
     combiner = ctx.combiner
     key = content_key("compare-row", __version__, method.name, dataclasses.asdict(method.config), ctx.base.fingerprint,
                       ctx.corpus.hashes, ctx.context, ctx.stride, dataclasses.asdict(ctx.settings),
@@ -109,13 +108,6 @@ def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
                       general.hashes if general else None,
                       {k: v for k, v in dataclasses.asdict(measure).items() if k != "reuse_results"})
     return cached_artifact("results", key) / "row.json"
-
-
-def _write_row(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(row, indent=2, default=str))
-    temporary.replace(path)
 
 
 def _with_budget(names: list[str], overrides: dict, budget: int) -> dict:

@@ -111,3 +111,13 @@ def test_the_plot_shows_methods_and_the_lambda_curve(report, tmp_path):
 
     plot_comparison(report, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_fails_before_the_run(corpus_dir, tiny_llama, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    result = CliRunner().invoke(build_cli(), ["compare", "--domain", str(corpus_dir), "--base", "no-such-model",
+                                              "--plot", str(tmp_path / "figure.png")])
+    assert result.exit_code == 1 and "--plot needs matplotlib" in result.output
+    assert not (tmp_path / "figure.png").exists()

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.eval_command import _combiner, _write_json
+from memdec_cli.eval_command import _combiner
 from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, typed_settings, window_options
+from memdec_core.artifacts import write_json
 
 
 @click.command("compare")
@@ -70,7 +71,7 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
                                              budget_tokens=budget, reuse_results=not fresh))
     print_comparison(report, output_format)
     if output:
-        _write_json(output, report)
+        write_json(output, report)
     if plot:
         from memdec_cli.plot import plot_comparison
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from memdec_cli.options import (eval_settings, parse_assignments, set_option, split_list,
                                 typed_settings, window_options)
+from memdec_core.artifacts import write_json
 
 
 @click.command("eval")
@@ -64,7 +64,7 @@ def eval_command(domain, source, bases, methods, combiner, memory, lam, assignme
                           domain_settings={"source": source} if source else None)
     print_evaluation(report, output_format)
     if output:
-        _write_json(output, report)
+        write_json(output, report)
 
 
 def _combiner(spec: str, lam: float | None):
@@ -79,9 +79,3 @@ def _combiner(spec: str, lam: float | None):
         return combiner_class(lam=lam)
     except ConfigError as error:
         raise ConfigError(f"--lam does not apply to combiner {spec!r}: {error}") from error
-
-
-def _write_json(path: Path, report: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    temporary.replace(path)

@@ -82,8 +82,6 @@ def generate(base: str, memory, prompt: str, *, lam: float = 0.6, streamer_facto
     loaded_memory = memory if isinstance(memory, MemoryDecoder) or memory is None else open_memory(memory)
     log(f"loading {base}")
     loaded = load_model(base)
-    if loaded_memory is not None:
-        loaded_memory.check_compatible(loaded)
     input_ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
     if input_ids.shape[1] == 0:
         input_ids = torch.tensor([[loaded.tokenizer.eos_token_id]])

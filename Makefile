@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/memdec eval --domain $(DOMAIN) --method base,knn-lm
+	$(VENV)/bin/memdec compare --domain $(DOMAIN)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q

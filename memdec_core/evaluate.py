@@ -19,7 +19,7 @@ import torch
 from memdec_core.data import TokenizedCorpus, Window, make_windows
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner
-from memdec_core.models import LoadedModel, capture_last_ffn_input
+from memdec_core.models import LoadedModel, capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
 
 PAPER_CONTEXT = 1024
@@ -155,12 +155,15 @@ def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hid
     input_ids, attention_mask = _pad(stream, windows)
     # Keep logits from the earliest scored column of any window to the end of the batch.
     keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
+    device = model_device(model)
     with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured:
-        logits = _forward(model, input_ids, attention_mask, keep, with_logits)
+        logits = _forward(model, input_ids.to(device), attention_mask.to(device), keep, with_logits)
     rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
-    scored_hidden = captured["hidden"][rows, columns + (input_ids.shape[1] - keep)].float() if capture_hidden else None
-    scored_logits = logits[rows, columns].float() if logits is not None else None
+    # What is scored comes back to the CPU (a no-op there), where combiners and kNN work.
+    scored_hidden = (captured["hidden"][rows.to(device), (columns + (input_ids.shape[1] - keep)).to(device)]
+                     .float().cpu() if capture_hidden else None)
+    scored_logits = logits[rows.to(device), columns.to(device)].float().cpu() if logits is not None else None
     return ScoredBatch(torch.from_numpy(positions), targets, scored_logits, scored_hidden,
                        input_ids, attention_mask, rows, columns + (input_ids.shape[1] - keep))
 

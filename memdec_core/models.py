@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memdec_core.errors import ModelError, UnknownComponentError
+from memdec_core.errors import ConfigError, ModelError, UnknownComponentError
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
 BLOCK_PATHS = {
@@ -58,13 +58,38 @@ class LoadedModel:
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def default_device():
+    """Where models run: ``$MEMDEC_DEVICE`` (cpu, cuda, cuda:1, mps), else the GPU when there is one.
+
+    Models compute there; everything memdec does with their outputs (mixing, kNN, targets) stays
+    on the CPU, so only the forward and backward passes move.
+    """
+    import torch
+
+    name = os.environ.get("MEMDEC_DEVICE", "").strip()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"MEMDEC_DEVICE={name!r} is not a torch device ({_first_line(error)})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"MEMDEC_DEVICE={name!r} but torch sees no CUDA GPU")
+    return device
+
+
+def model_device(model):
+    """The device of a model's weights."""
+    return next(model.parameters()).device
+
+
 def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load a base model in fp32 on the CPU (or the given device later) in eval mode."""
+    """Load a model in fp32 on :func:`default_device`, in eval mode."""
     location, gguf_file = resolve_model_location(name)
     if gguf_file:
         location, gguf_file = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir), None
     model, tokenizer = _from_pretrained(location, name)
-    model.eval()
+    model.to(default_device()).eval()
     return LoadedModel(model, tokenizer, name, _model_fingerprint(name, location),
                        tokenizer_fingerprint(tokenizer))
 

@@ -41,6 +41,7 @@ class LoopSettings:
     clip: float = 1.0
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
     max_tokens: int = 0  # a budget in training tokens; replaces epochs, the same for every method (0: none)
+    max_flops: float = 0.0  # a budget in training FLOPs, turned into tokens for the model trained (0: none)
     patience: int = 0  # stop after this many epochs without a better validation score (0: never)
     save_every: int = 100  # optimizer steps between checkpoints
     seed: int = 0
@@ -52,8 +53,27 @@ class LoopSettings:
         for name in ("epochs", "batch_size", "accumulate", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.patience < 0 or self.max_tokens < 0:
-            raise ConfigError("max_steps, max_tokens and patience must be 0 (no limit) or positive")
+        if self.max_steps < 0 or self.patience < 0 or self.max_tokens < 0 or self.max_flops < 0:
+            raise ConfigError("max_steps, max_tokens, max_flops and patience must be 0 (no limit) or positive")
+        if self.max_tokens and self.max_flops:
+            raise ConfigError("give a budget in tokens or in FLOPs, not both")
+
+
+def training_flops_per_token(model: torch.nn.Module) -> int:
+    """Matmul FLOPs of one training token: 2N forward, 2N for the activation gradients and 2 per
+    trainable weight for its gradient — 6N for full training, about 4N for adapters (N counts the
+    weights used in matmuls: every parameter but an input embedding not tied to the output)."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lookup_only = embedding is not None and (output is None or output.weight is not embedding)
+
+    def in_matmuls(parameter) -> bool:
+        return not (lookup_only and parameter is embedding)
+
+    used = sum(parameter.numel() for parameter in model.parameters() if in_matmuls(parameter))
+    trained = sum(parameter.numel() for parameter in model.parameters()
+                  if parameter.requires_grad and in_matmuls(parameter))
+    return 4 * used + 2 * trained
 
 
 @dataclass
@@ -66,6 +86,11 @@ class TrainBatch:
     input_ids: torch.Tensor  # [chunks, length], right-padded
     attention_mask: torch.Tensor
     gold: torch.Tensor  # [N] the next token at each position
+
+    def to(self, device) -> "TrainBatch":
+        """The model's inputs on ``device``; ``positions`` stay on the CPU (they index numpy targets)."""
+        return TrainBatch(self.positions, *(tensor.to(device) for tensor in (
+            self.rows, self.columns, self.input_ids, self.attention_mask, self.gold)))
 
 
 #: loss(model, batch) → mean loss over the batch's positions (a scalar tensor with gradients).
@@ -84,6 +109,7 @@ class Trainer:
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.chunk_starts = np.arange(0, len(stream) - 1, context)
         self.chunks_per_step = settings.batch_size * settings.accumulate
+        self.flops_per_token = training_flops_per_token(model)
         self.steps_per_epoch = math.ceil(len(self.chunk_starts) / self.chunks_per_step)
         self.total_steps = self._budget_steps(settings)
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -92,18 +118,26 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
         self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
-                      "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False}
+                      "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False,
+                      "flops_per_token": self.flops_per_token}
 
     def _budget_steps(self, settings: LoopSettings) -> int:
         """Optimizer steps: the epochs, or the token budget (which may span more epochs), capped by max_steps."""
         steps = settings.epochs * self.steps_per_epoch
-        if settings.max_tokens:
+        budget = settings.max_tokens or int(settings.max_flops / self.flops_per_token)
+        if settings.max_tokens or settings.max_flops:
             tokens_per_step = self.chunks_per_step * self.context
-            steps = settings.max_tokens // tokens_per_step
+            steps = budget // tokens_per_step
             if steps < 1:
-                raise ConfigError(f"a budget of {settings.max_tokens:,} training tokens is less than one optimizer "
-                                  f"step ({tokens_per_step:,} tokens: batch × accumulate × context)")
+                given = (f"{settings.max_tokens:,} training tokens" if settings.max_tokens else
+                         f"{settings.max_flops:.3g} FLOPs ({budget:,} tokens for this model)")
+                raise ConfigError(f"a budget of {given} is less than one optimizer step "
+                                  f"({tokens_per_step:,} tokens: batch × accumulate × context)")
         return min(steps, settings.max_steps) if settings.max_steps else steps
+
+    @property
+    def train_flops(self) -> float:
+        return self.state["train_tokens"] * self.flops_per_token
 
     @property
     def finished(self) -> bool:
@@ -151,8 +185,9 @@ class Trainer:
         n_total = int(sum(min(start + self.context, len(self.stream) - 1) - start for start in starts))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
+        device = next(self.model.parameters()).device
         for first in range(0, len(starts), self.settings.batch_size):
-            batch = self._batch(starts[first:first + self.settings.batch_size])
+            batch = self._batch(starts[first:first + self.settings.batch_size]).to(device)
             share = len(batch.positions) / n_total  # token-weighted mean over the whole step
             loss = self.loss(self.model, batch)
             (loss * share).backward()

@@ -121,3 +121,67 @@ def test_plot_without_matplotlib_fails_before_the_run(corpus_dir, tiny_llama, tm
                                               "--plot", str(tmp_path / "figure.png")])
     assert result.exit_code == 1 and "--plot needs matplotlib" in result.output
     assert not (tmp_path / "figure.png").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("32768", {"budget_tokens": 32768}), ("64k", {"budget_tokens": 64000}), ("2M tokens", {"budget_tokens": 2_000_000}),
+    ("3e12flops", {"budget_flops": 3e12}), ("2.5TFLOPs", {"budget_flops": 2.5e12}), ("0", {"budget_tokens": 0})])
+def test_a_budget_is_tokens_or_flops(text, expected):
+    from memdec_core.compare import parse_budget
+
+    assert parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12x", "1.5", "flops", "-3"])
+def test_a_malformed_budget_is_one_clear_error(text):
+    from memdec_core.compare import parse_budget
+
+    with pytest.raises(ConfigError, match="budget|whole number"):
+        parse_budget(text)
+
+
+def test_a_flops_budget_reaches_every_method_that_trains(corpus_dir, tiny_llama):
+    from memdec_core.compare import _with_budget
+
+    budget = CompareSettings(budget_flops=1e9).budget()
+    overrides = _with_budget(["base", "dapt", "lora", "knn-lm", "rag", "memdec"], {"lora": {"rank": 2}}, budget)
+    assert overrides == {"dapt": budget, "lora": {"rank": 2, **budget}, "memdec": budget}
+    with pytest.raises(ConfigError, match="not both"):
+        CompareSettings(budget_tokens=10, budget_flops=1.0)
+
+
+def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_llama, monkeypatch):
+    from memdec_core import training
+    from memdec_rag.method import Rag
+
+    settings = {"dapt": {"epochs": 1, "lrs": (1e-3,)}, "rag": {"passage_tokens": 16, "retrieval_stride": 8}}
+    measure = CompareSettings(general_tokens=300, latency_tokens=200)
+
+    def interrupted(self, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Rag, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        compare(str(corpus_dir), [str(tiny_llama)], ["dapt", "rag"], settings=WINDOW, method_settings=settings,
+                measure=measure)
+    monkeypatch.undo()
+
+    def must_not_train(self):
+        raise AssertionError("the finished DAPT run should have been reused")
+
+    monkeypatch.setattr(training.Trainer, "run", must_not_train)
+    resumed = compare(str(corpus_dir), [str(tiny_llama)], ["dapt", "rag"], settings=WINDOW, method_settings=settings,
+                      measure=measure)
+    assert [row["method"] for row in resumed["results"]] == ["dapt", "rag"]
+
+    # A damaged row file is measured again, not trusted (the adapter itself is still reused).
+    from memdec_core.artifacts import cache_root
+
+    damaged = [path for path in (cache_root() / "results").glob("*/row.json")
+               if json.loads(path.read_text())["knobs"] == {"lr": 1e-3} and '"dapt"' in path.read_text()]
+    assert damaged
+    for path in damaged:
+        path.write_text("{ truncated")
+    again = compare(str(corpus_dir), [str(tiny_llama)], ["dapt"], settings=WINDOW,
+                    method_settings={"dapt": settings["dapt"]}, measure=measure)
+    assert again["results"][0]["test_ppl"] == resumed["results"][0]["test_ppl"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memdec_core.errors import ModelError, UnknownComponentError
+from memdec_core.errors import ConfigError, ModelError, UnknownComponentError
 from memdec_core.models import capture_last_ffn_input, last_block_mlp, load_model, tokenizer_fingerprint
 from conftest import save_tiny_model
 
@@ -73,3 +73,19 @@ def test_a_copied_model_keeps_its_fingerprint_and_new_weights_change_it(tiny_lla
         model.lm_head.weight.add_(1.0)
     model.save_pretrained(copy)
     assert load_model(str(copy)).fingerprint != load_model(str(tiny_llama)).fingerprint
+
+
+def test_the_device_comes_from_memdec_device_or_the_gpu(monkeypatch, tiny_llama):
+    from memdec_core.models import default_device, model_device
+
+    monkeypatch.delenv("MEMDEC_DEVICE", raising=False)
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("MEMDEC_DEVICE", "cpu")
+    assert model_device(load_model(str(tiny_llama)).model) == torch.device("cpu")
+    monkeypatch.setenv("MEMDEC_DEVICE", "gpu0")
+    with pytest.raises(ConfigError, match="is not a torch device"):
+        default_device()
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MEMDEC_DEVICE", "cuda")
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            default_device()

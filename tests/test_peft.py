@@ -136,3 +136,28 @@ def test_a_token_budget_replaces_the_epochs(tmp_path):
     with pytest.raises(ConfigError, match="less than one optimizer step"):
         Trainer(Linear(), stream, 32, LoopSettings(batch_size=4, max_tokens=100), tmp_path / "x",
                 validate=lambda model: (1.0, {}), loss=lambda model, batch: model(batch.input_ids).logits.mean())
+
+
+def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adapters(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from memdec_core.models import load_model
+    from memdec_core.training import training_flops_per_token
+
+    model = load_model(str(tiny_llama)).model
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is embedding
+    used = sum(p.numel() for p in model.parameters()) - (0 if tied else embedding.numel())
+    assert training_flops_per_token(model) == 6 * used
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    adapters = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert training_flops_per_token(adapted) == 4 * (used + adapters) + 2 * adapters
+
+    stream = np.random.default_rng(0).integers(0, 16, 400)
+    flops_per_token = training_flops_per_token(Linear())
+    settings = LoopSettings(epochs=1, batch_size=4, max_flops=9 * 4 * 32 * flops_per_token + 1)
+    trainer = Trainer(Linear(), stream, 32, settings, tmp_path, validate=lambda model: (1.0, {}),
+                      loss=lambda model, batch: model(batch.input_ids).logits.mean())
+    assert trainer.run()["global_step"] == 9  # the same 9 steps as a budget of 9 × 4 × 32 tokens
+    with pytest.raises(ConfigError, match="tokens or in FLOPs, not both"):
+        LoopSettings(max_tokens=10, max_flops=10.0)

@@ -7,7 +7,7 @@ import torch
 from memdec_core.api import prepare_context
 from memdec_core.errors import ConfigError
 from memdec_core.evaluate import EvalSettings
-from memdec_rag.index import PassageIndex
+from memdec_rag.index import BM25Index, PassageIndex
 from memdec_rag.method import Rag
 
 
@@ -16,40 +16,69 @@ def ctx(corpus_dir, tiny_gpt2):
     return prepare_context(str(corpus_dir), str(tiny_gpt2), EvalSettings(context=48, stride=24))
 
 
-def reference_logprobs(ctx, stream, passage_for, stride, context):
-    """Token by token: log p(stream[p + 1] | passage + the text up to p), with the block's window."""
+def reference_logprobs(ctx, stream, runs, passage_of, context):
+    """Token by token: log p(stream[p + 1] | passage + the text before it, back to the run's window start)."""
     model, values = ctx.base.model, []
-    for start in range(0, len(stream) - 1, stride):
-        end = min(start + stride, len(stream) - 1)
-        passage = passage_for(start)
-        window = np.concatenate([passage, stream[max(0, end - (context - len(passage))):end]])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.from_numpy(window.astype(np.int64))[None]).logits[0], -1)
+    for start, end, passage_id in runs:
+        passage = passage_of(passage_id)
+        window_start = max(0, end - (context - len(passage)))
         for position in range(start, end):
-            column = len(window) - (end - position)
-            values.append(float(logprobs[column, stream[position + 1]]))
+            window = np.concatenate([passage, stream[window_start:position + 1]])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.from_numpy(window.astype(np.int64))[None]).logits[0], -1)
+            values.append(float(logprobs[-1, stream[position + 1]]))
     return np.array(values)
 
 
-@pytest.mark.parametrize("with_passage", [False, True])
-def test_rag_scores_every_position_once_as_the_reference_does(ctx, monkeypatch, with_passage):
+def expected_runs(n_positions, stride, passage_for, cap):
+    """Blocks of ``stride`` positions; consecutive blocks with one passage merged while the run fits ``cap``."""
+    runs = []
+    for start in range(0, n_positions, stride):
+        end, passage = min(start + stride, n_positions), passage_for(start)
+        if runs and runs[-1][2] == passage and end - runs[-1][0] <= cap:
+            runs[-1] = (runs[-1][0], end, passage)
+        else:
+            runs.append((start, end, passage))
+    return runs
+
+
+@pytest.mark.parametrize("pattern", ["nothing", "one passage", "alternating", "pairs"])
+def test_rag_scores_every_position_once_as_the_reference_does(ctx, monkeypatch, pattern):
     stream = ctx.corpus.streams["test"][:150]
-    fixed = ctx.corpus.streams["train"][:10] if with_passage else np.zeros(0, dtype=stream.dtype)
-    monkeypatch.setattr(PassageIndex, "best", lambda self, tokenizer, queries: [fixed for _ in queries])
-    rag = Rag(retrieval_stride=4, passage_tokens=10, batch_size=5)
     index = PassageIndex.for_corpus(ctx, 10)
-    got = torch.cat([rag._score_blocks(ctx, index, stream, list(range(first, min(first + 5 * 4, 149), 4)))
-                     for first in range(0, 149, 20)]).numpy()
-    expected = reference_logprobs(ctx, stream, lambda start: fixed, 4, ctx.context)
+    passage_for = {"nothing": lambda start: -1, "one passage": lambda start: 0,
+                   "alternating": lambda start: (start // 4) % 2, "pairs": lambda start: (start // 8) % 3}[pattern]
+    monkeypatch.setattr(PassageIndex, "best_ids", lambda self, tokenizer, queries: [
+        passage_for(4 * block) for block in range(len(queries))])
+    rag = Rag(retrieval_stride=4, passage_tokens=10, batch_size=5)
+    runs = rag.runs(ctx, index, stream)
+    room = ctx.context - (0 if pattern == "nothing" else 10)
+    assert [(run.start, run.end, run.passage) for run in runs] == expected_runs(149, 4, passage_for, room // 2)
+    got = torch.cat([rag._score_runs(ctx, index, stream, runs[first:first + 5])
+                     for first in range(0, len(runs), 5)]).numpy()
+    expected = reference_logprobs(ctx, stream, expected_runs(149, 4, passage_for, room // 2), index.passage,
+                                  ctx.context)
     assert len(got) == len(stream) - 1
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    if pattern == "alternating":  # no two neighbours share a passage: one pass per retrieval, as in the paper
+        assert len(runs) == len(range(0, 149, 4))
+
+
+def test_merged_runs_equal_one_pass_per_retrieval_while_the_window_is_not_full(ctx, monkeypatch):
+    stream = ctx.corpus.streams["test"][:30]  # shorter than the room: no window is truncated
+    monkeypatch.setattr(PassageIndex, "best_ids", lambda self, tokenizer, queries: [0] * len(queries))
+    index = PassageIndex.for_corpus(ctx, 10)
+    merged, single = Rag(passage_tokens=10), Rag(passage_tokens=10, merge_runs=False)
+    assert len(merged.runs(ctx, index, stream)) < len(single.runs(ctx, index, stream))
+    assert merged.score(ctx, index, stream, "merged").total == pytest.approx(
+        single.score(ctx, index, stream, "single").total, rel=1e-5)
 
 
 def test_bm25_finds_the_passage_a_query_quotes(ctx):
     tokenizer = ctx.base.tokenizer
     texts = ["the bank raised rates again", "quarterly earnings beat revenue", "tax credit loans slowed growth"]
     passages = [np.array(tokenizer(text)["input_ids"]) for text in texts]
-    index = PassageIndex(passages, texts)
+    index = BM25Index(passages, texts)
     queries = [np.array(tokenizer(query)["input_ids"]) for query in ("earnings beat", "credit loans", "the of")]
     found = index.best(tokenizer, queries)
     assert np.array_equal(found[0], passages[1]) and np.array_equal(found[1], passages[2])
@@ -59,5 +88,28 @@ def test_bm25_finds_the_passage_a_query_quotes(ctx):
 def test_rag_evaluates_and_refuses_passages_longer_than_the_window(ctx):
     result = Rag(passage_tokens=16).evaluate(ctx)
     assert result.test_ppl > 1 and result.details["test_tokens"] == len(ctx.corpus.streams["test"]) - 1
+    assert result.valid_ppl is None  # nothing is tuned: validation is not scored
     with pytest.raises(ConfigError, match="lower rag.passage_tokens"):
         Rag(passage_tokens=46).evaluate(ctx)
+
+
+def test_the_dense_retriever_finds_the_passage_a_query_paraphrases(ctx):
+    from memdec_rag.index import DenseIndex
+
+    tokenizer = ctx.base.tokenizer
+    texts = ["the bank raised interest rates again", "the football team won the match on sunday",
+             "the court ruled on the patent dispute"]
+    index = DenseIndex([np.array(tokenizer(text)["input_ids"]) for text in texts], texts)
+    queries = [np.array(tokenizer(query)["input_ids"])
+               for query in ("a soccer game victory", "a judge decided about intellectual property")]
+    assert index.best_ids(tokenizer, queries) == [1, 2]
+
+
+def test_rag_with_the_dense_retriever_scores_every_position(ctx):
+    result = Rag(passage_tokens=16, retriever="dense").evaluate(ctx)
+    assert result.test_ppl > 1 and result.details["retriever"] == "dense"
+    assert result.details["test_tokens"] == len(ctx.corpus.streams["test"]) - 1
+    with pytest.raises(ConfigError, match="rag.retriever must be one of"):
+        Rag(retriever="splade")
+    with pytest.raises(ConfigError, match="encoder folder not found"):
+        Rag(passage_tokens=16, retriever="dense", encoder="/nonexistent/encoder").evaluate(ctx)

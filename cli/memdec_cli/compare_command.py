@@ -9,6 +9,7 @@ import click
 from memdec_cli.eval_command import _combiner
 from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, typed_settings, window_options
 from memdec_core.artifacts import write_json
+from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
 
 
 @click.command("compare")
@@ -21,17 +22,19 @@ from memdec_core.artifacts import write_json
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
-@click.option("--budget", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Training tokens given to every method that trains (dapt, lora, memdec); 0: their defaults.")
-@click.option("--general-tokens", type=click.IntRange(min=2), default=8192, show_default=True,
-              help="Tokens of the general test split scored per base × method (forgetting).")
-@click.option("--latency-tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Domain test tokens timed per method for the latency ratio.")
+@click.option("--budget", default=str(QUICK_BUDGET_TOKENS), show_default=True, metavar="TOKENS|FLOPS",
+              help="The same training budget for every method that trains (dapt, lora, memdec): tokens "
+                   "(32768, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, "
+                   "about 4N for lora); 0: each method's own schedule (epochs with early stopping).")
+@click.option("--general-tokens", type=click.IntRange(min=2), default=CompareSettings.general_tokens,
+              show_default=True, help="Tokens of the general test split scored per base × method (forgetting).")
+@click.option("--latency-tokens", type=click.IntRange(min=2), default=CompareSettings.latency_tokens,
+              show_default=True, help="Domain test tokens timed per method for the latency ratio.")
 @click.option("--fresh", is_flag=True,
               help="Measure every row again instead of reading back rows measured with identical inputs "
                    "(artifacts are still reused).")
 @set_option
-@window_options
+@window_options(train_default=QUICK_TRAIN_TOKENS, eval_default=QUICK_EVAL_TOKENS)
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "markdown", "csv"]),
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -49,14 +52,20 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
     hash: a second run reuses datastores, targets, adapters and memories, and reads back every
     row measured with identical inputs (--fresh measures them again).
 
+    The defaults are sized for a laptop CPU (the demo family on finance in under 10 minutes):
+    the first 65,536 train tokens, 4,096 valid and test tokens, 24,576 training tokens per
+    method. For the full splits and each method's own schedule:
+    --max-train-tokens 0 --max-eval-tokens 0 --budget 0.
+
     \b
     Examples:
       memdec compare --domain finance
-      memdec compare --domain law --method base,lora,memdec --budget 2000000 --format markdown
+      memdec compare --domain law --method base,lora,memdec --budget 2M --format markdown
+      memdec compare --domain finance --budget 5TFLOPs --max-train-tokens 0 --max-eval-tokens 0
       memdec compare --domain biomed --base Qwen/Qwen2.5-0.5B --base Qwen/Qwen2.5-1.5B --plot biomed.png
     """
     from memdec_cli.render import print_comparison
-    from memdec_core.compare import CompareSettings, compare
+    from memdec_core.compare import compare, parse_budget
 
     if plot:  # before the long run, not after it
         from memdec_cli.plot import check_plotting
@@ -68,7 +77,7 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
                      method_settings=typed_settings("methods", parse_assignments(assignments)),
                      domain_settings={"source": source} if source else None,
                      measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
-                                             budget_tokens=budget, reuse_results=not fresh))
+                                             reuse_results=not fresh, **parse_budget(budget)))
     print_comparison(report, output_format)
     if output:
         write_json(output, report)

@@ -9,8 +9,12 @@ import click
 from memdec_core.errors import ConfigError
 
 
-def window_options(command):
-    """--context, --stride, --batch-size, --max-train-tokens, --max-eval-tokens."""
+def window_options(command=None, *, train_default: int | None = None, eval_default: int | None = None):
+    """--context, --stride, --batch-size, --max-train-tokens, --max-eval-tokens.
+
+    With defaults for the token caps (``memdec compare``), 0 means the whole split.
+    """
+    whole = " 0: the whole split." if train_default else ""
     options = [
         click.option("--context", type=click.IntRange(min=2), default=None,
                      help="Window length in tokens [default: min(1024, the model's maximum)]."),
@@ -18,19 +22,25 @@ def window_options(command):
                      help="New tokens scored per window [default: context / 2, as in the paper]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Windows per forward pass."),
-        click.option("--max-train-tokens", type=click.IntRange(min=2), default=None,
-                     help="Use only the first N tokens of the train split (quick runs on a CPU)."),
-        click.option("--max-eval-tokens", type=click.IntRange(min=2), default=None,
-                     help="Use only the first N tokens of the valid and test splits."),
+        click.option("--max-train-tokens", type=click.IntRange(min=0 if train_default else 2),
+                     default=train_default, show_default=bool(train_default),
+                     help="Use only the first N tokens of the train split (quick runs on a CPU)." + whole),
+        click.option("--max-eval-tokens", type=click.IntRange(min=0 if eval_default else 2),
+                     default=eval_default, show_default=bool(eval_default),
+                     help="Use only the first N tokens of the valid and test splits." + whole),
     ]
-    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+    def decorate(function):
+        return functools.reduce(lambda cmd, option: option(cmd), reversed(options), function)
+
+    return decorate(command) if command is not None else decorate
 
 
 def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens):
     from memdec_core.evaluate import EvalSettings
 
     return EvalSettings(context=context, stride=stride, batch_size=batch_size,
-                        max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens)
+                        max_train_tokens=max_train_tokens or None, max_eval_tokens=max_eval_tokens or None)
 
 
 set_option = click.option(

@@ -48,14 +48,37 @@ COMPARE_COLUMNS = ["base", "method", "test ppl ↓", "general ppl ↓", "tuned k
                    "train s", "latency ×"]
 
 
-def comparison_rows(report: dict) -> list[list[str]]:
-    from memdec_core.evaluate import format_knobs
+#: How the table names knobs (the JSON keeps the full names).
+KNOB_LABELS = {"temperature": "T", "lam": "λ", "rank": "r"}
 
+
+def compact_knobs(knobs: dict) -> str:
+    """``{"lr": 0.002, "rank": 34, "alpha": 68.0}`` → ``lr=2e-03 r=34`` (alpha shown only if not 2·rank)."""
+    shown = []
+    for key, value in knobs.items():
+        if key == "alpha" and value == 2 * knobs.get("rank", 0):
+            continue
+        text = f"{value:.0e}" if key == "lr" else f"{value:g}" if isinstance(value, float) else str(value)
+        shown.append(f"{KNOB_LABELS.get(key, key)}={text}")
+    return " ".join(shown) or "-"
+
+
+def human_count(value) -> str:
+    """1475840 → 1.48M; 655360 → 655k."""
+    if value is None:
+        return "-"
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return str(value)
+
+
+def comparison_rows(report: dict) -> list[list[str]]:
     def number(value, pattern):
         return "-" if value is None else pattern.format(value)
 
     return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_ppl(r["general_ppl"]),
-             format_knobs(r["knobs"]) or "-", number(r["params_added"], "{:,}"),
+             compact_knobs(r["knobs"]), human_count(r["params_added"]),
              number(r["bytes_added"] and r["bytes_added"] / 1e6, "{:.1f}"), number(r["train_seconds"], "{:.0f}"),
              number(r["latency_ratio"], "{:.2f}")] for r in report["results"]]
 
@@ -94,9 +117,20 @@ def print_comparison(report: dict, output_format: str) -> None:
     else:
         table = Table(title=f"{report['domain']}: adaptation methods compared (best test ppl per base in green)")
         for column in COMPARE_COLUMNS:
-            table.add_column(column)
+            table.add_column(column, no_wrap=column != "tuned knobs")
+        results = report["results"]
         for index, row in enumerate(rows):
             if index in best:
                 row = [*row[:2], f"[bold green]{row[2]}[/bold green]", *row[3:]]
-            table.add_row(*row)
-        Console().print(table)
+            if index and results[index - 1]["base"] == results[index]["base"]:
+                row = ["", *row[1:]]  # the base is named once per group
+            last_of_base = index + 1 == len(results) or results[index + 1]["base"] != results[index]["base"]
+            table.add_row(*row, end_section=last_of_base)
+        _console().print(table)
+
+
+def _console() -> Console:
+    """Rich's console; a pipe or file gets 120 columns rather than rich's 80, so tables do not wrap."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=120)

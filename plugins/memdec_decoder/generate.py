@@ -51,7 +51,7 @@ class MemoryLogitsProcessor(LogitsProcessor):
             self._cache = DynamicCache(config=self.memory.model.config)
             new_tokens = input_ids
         else:
-            if not torch.equal(source, torch.arange(len(self._seen))):
+            if not torch.equal(source, torch.arange(len(self._seen), device=source.device)):
                 self._cache.reorder_cache(source)
             new_tokens = input_ids[:, -1:]
         output = self.memory.forward(new_tokens, past_key_values=self._cache, logits_to_keep=1)
@@ -105,6 +105,7 @@ def generate_with_memory(base, memory: MemoryDecoder | None, input_ids: torch.Te
         processors.append(MemoryLogitsProcessor(memory, lam, use_cache=use_cache))
     if streamer is not None and config.num_beams > 1:
         raise ConfigError("beam search cannot stream its output; the text is printed when it is done")
+    input_ids = input_ids.to(next(base.model.parameters()).device)
     with torch.inference_mode():
         return base.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    generation_config=config, logits_processor=LogitsProcessorList(processors + warpers),

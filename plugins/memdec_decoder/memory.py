@@ -16,6 +16,7 @@ import torch
 from memdec_core.artifacts import read_manifest
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.interfaces import MemoryModel
+from memdec_core.models import default_device
 from memdec_decoder.vocab import Vocabulary
 
 ARTIFACT_TYPE = "memory-decoder"
@@ -28,6 +29,10 @@ class MemoryDecoder:
         self.model, self.folder, self.manifest, self.vocabulary = model, Path(folder), manifest, vocabulary
         self.model.eval()
         self._takes_cache = "cache" in inspect.signature(self.model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @property
     def tokenizer_fingerprint(self) -> str:
@@ -62,6 +67,9 @@ class MemoryDecoder:
     def forward(self, input_ids: torch.Tensor, attention_mask=None, past_key_values=None,
                 logits_to_keep: int = 0):
         """The model's output on full-vocabulary ``input_ids``; restricted logits come out masked."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         inputs = self.vocabulary.inputs(input_ids) if self.vocabulary else input_ids
         cache = {}
         if past_key_values is not None:  # transformers ≥ 5.24 renames past_key_values to cache
@@ -99,12 +107,12 @@ class MemoryDecoder:
         keep = input_ids.shape[1] - int(columns.min())
         logits = self.forward(input_ids, attention_mask, logits_to_keep=keep).logits
         offset = input_ids.shape[1] - logits.shape[1]
-        return self.restricted_logprobs(logits[rows, columns - offset])
+        return self.restricted_logprobs(logits[rows.to(self.device), (columns - offset).to(self.device)]).cpu()
 
     @torch.inference_mode()
     def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[batch, length, full vocab]`` log-probs of the next token at every position."""
-        return self.to_full(self.restricted_logprobs(self.forward(input_ids).logits))
+        return self.to_full(self.restricted_logprobs(self.forward(input_ids).logits)).cpu()
 
 
 def open_memory(folder) -> MemoryDecoder:
@@ -119,7 +127,7 @@ def open_memory(folder) -> MemoryDecoder:
     manifest = read_manifest(folder, ARTIFACT_TYPE)
     vocabulary = Vocabulary.load(folder, manifest["full_vocab_size"]) if manifest.get("restricted") else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(default_device())
     except Exception as error:  # safetensors, json and torch each raise their own kinds
         raise ArtifactError(f"cannot load the memory model in {folder}: {str(error).splitlines()[0]}") from error
     rows = model.get_output_embeddings().weight.shape[0]

@@ -48,6 +48,7 @@ class DecoderSettings:
     from_scratch: bool = False
     max_steps: int = 0
     budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
+    budget_flops: float = 0.0  # or a budget in training FLOPs (6 × the memory's parameters per token)
     save_every: int = 100  # optimizer steps between checkpoints (does not change the memory)
     seed: int = 0
 
@@ -78,7 +79,9 @@ class MemoryDecoderMethod(Method):
         result.details.update(memory=str(memory.folder), memory_parameters=memory.parameters,
                               teacher=memory.manifest.get("teacher"), restricted=memory.manifest.get("restricted"),
                               params_added=memory.parameters, bytes_added=folder_bytes(memory.folder),
-                              train_seconds=memory.manifest.get("train_seconds"))
+                              train_seconds=memory.manifest.get("train_seconds"),
+                              train_tokens=memory.manifest.get("train_tokens"),
+                              train_flops=memory.manifest.get("train_tokens", 0) * memory.manifest.get("flops_per_token", 0))
         return result
 
     def memory_for(self, ctx: EvalContext) -> MemoryDecoder:

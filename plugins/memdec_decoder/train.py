@@ -24,7 +24,7 @@ from memdec_core.artifacts import atomic_directory, previous_version, start_or_r
 from memdec_core.data import TokenizedCorpus, make_windows
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
 from memdec_core.evaluate import NLLTotal, iter_scored_batches
-from memdec_core.models import BLOCK_PATHS, LoadedModel, load_model
+from memdec_core.models import BLOCK_PATHS, LoadedModel, default_device, load_model
 from memdec_core.training import LoopSettings, TrainBatch, Trainer
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
@@ -52,6 +52,7 @@ class TrainSettings:
     from_scratch: bool = False  # the init model's architecture with fresh weights
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
     budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
+    budget_flops: float = 0.0  # or a budget in training FLOPs (6 × the memory's parameters per token)
     save_every: int = 100  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -67,7 +68,7 @@ class TrainSettings:
     def loop(self) -> LoopSettings:
         names = {field.name for field in dataclasses.fields(LoopSettings)}
         values = {key: value for key, value in dataclasses.asdict(self).items() if key in names}
-        return LoopSettings(**values, max_tokens=self.budget_tokens)
+        return LoopSettings(**values, max_tokens=self.budget_tokens, max_flops=self.budget_flops)
 
 
 def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
@@ -133,7 +134,7 @@ def build_memory_model(init: LoadedModel, settings: TrainSettings, vocabulary: V
     """The init model (or its architecture, fresh), optionally cut to its first blocks and vocabulary."""
     from transformers import AutoModelForCausalLM
 
-    model = init.model
+    model = init.model.cpu()  # cut on the CPU, then moved to where it trains
     if settings.from_scratch:
         torch.manual_seed(settings.seed)
         model = AutoModelForCausalLM.from_config(init.model.config)
@@ -141,7 +142,7 @@ def build_memory_model(init: LoadedModel, settings: TrainSettings, vocabulary: V
         keep_first_blocks(model, settings.init_layers)
     if vocabulary:
         restrict_model(model, vocabulary)
-    return model.float().train()
+    return model.float().to(default_device()).train()
 
 
 def keep_first_blocks(model, n_blocks: int) -> None:
@@ -170,7 +171,7 @@ def _load_checkpoint_model(checkpoint: Path):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).train()
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(default_device()).train()
     except Exception as error:  # safetensors, json and torch each raise their own kinds
         raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {str(error).splitlines()[0]}; "
                             f"delete {checkpoint.parent} to start over") from error
@@ -181,7 +182,7 @@ def decoder_loss(targets: TargetSet, vocabulary: Vocabulary | None, beta: float)
     def loss(model, batch: TrainBatch) -> torch.Tensor:
         input_ids = vocabulary.inputs(batch.input_ids) if vocabulary else batch.input_ids
         logits = model(input_ids=input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        target_ids, target_probs = targets.padded(batch.positions.numpy())
+        target_ids, target_probs = (tensor.to(logits.device) for tensor in targets.padded(batch.positions.numpy()))
         gold = batch.gold
         if vocabulary:
             vocabulary.mask_other(logits)
@@ -229,7 +230,8 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
                        temperature=targets.manifest["temperature"], targets=str(targets.folder), context=context,
                        parameters=parameters, train=dataclasses.asdict(settings),
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
-                       history=state["history"], train_seconds=round(state["train_seconds"], 1))
+                       history=state["history"], train_seconds=round(state["train_seconds"], 1),
+                       train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"])
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
             init, vocabulary, targets, settings, state, parameters))
     shutil.rmtree(work, ignore_errors=True)

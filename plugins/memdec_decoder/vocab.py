@@ -41,10 +41,10 @@ class Vocabulary:
         return len(self.kept) + 1
 
     def inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.to_restricted[input_ids]
+        return self.to_restricted.to(input_ids.device)[input_ids]
 
     def contains(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.to_restricted[token_ids.clamp(min=0)] != self.other
+        return self.to_restricted.to(token_ids.device)[token_ids.clamp(min=0)] != self.other
 
     def mask_other(self, logits: torch.Tensor) -> torch.Tensor:
         """−inf at the shared slot, in place (its output row must never win mass)."""
@@ -54,7 +54,7 @@ class Vocabulary:
     def expand(self, restricted_logprobs: torch.Tensor, width: int) -> torch.Tensor:
         """``[..., size]`` restricted log-probs → ``[..., width]`` full-vocabulary log-probs."""
         full = restricted_logprobs.new_full((*restricted_logprobs.shape[:-1], width), float("-inf"))
-        full[..., self.kept] = restricted_logprobs[..., :self.other]
+        full[..., self.kept.to(full.device)] = restricted_logprobs[..., :self.other]
         return full
 
     def save(self, folder) -> None:

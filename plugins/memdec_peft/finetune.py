@@ -35,6 +35,7 @@ class FinetuneSettings:
     accumulate: int = 1
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
     budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
+    budget_flops: float = 0.0  # or in training FLOPs: 6N per token for dapt, about 4N for lora
     seed: int = 0
 
     def __post_init__(self):
@@ -47,7 +48,7 @@ class FinetuneSettings:
 
     def loop(self, lr: float) -> LoopSettings:
         return LoopSettings(epochs=self.epochs, lr=lr, batch_size=self.batch_size, accumulate=self.accumulate,
-                            max_steps=self.max_steps, max_tokens=self.budget_tokens, patience=self.patience,
+                            max_steps=self.max_steps, max_tokens=self.budget_tokens, max_flops=self.budget_flops, patience=self.patience,
                             seed=self.seed)
 
 
@@ -86,6 +87,7 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
                # the cost of the method includes every learning rate tried
                "train_seconds": round(sum(run_state["train_seconds"] for _, run_state, _ in runs), 1),
                "train_tokens": state["train_tokens"],
+               "train_flops": sum(run_state["train_tokens"] * run_state["flops_per_token"] for _, run_state, _ in runs),
                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
     return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details, scorer)
@@ -130,7 +132,7 @@ def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -
                        tokenizer_fingerprint=ctx.base.tokenizer_fingerprint, data_hash=ctx.corpus.data_hash("train"),
                        trainable_parameters=trainable, **{key: state[key] for key in (
                            "best_valid_ppl", "best_epoch", "history", "train_seconds", "train_tokens",
-                           "stopped_early")}, loop=loop, **adaptation.identity)
+                           "flops_per_token", "stopped_early")}, loop=loop, **adaptation.identity)
         write_readme(temporary, f"{adaptation.kind.upper()} of {ctx.base.model_id}", [
             f"- Trained on the train split (data hash `{ctx.corpus.data_hash('train')}`) with cross-entropy, "
             f"lr {loop.lr:g}, {trainable:,} trainable parameters.",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.evaluate import EvalContext, MethodResult
 from memdec_core.interfaces import Method
+from memdec_core.models import model_device
 from memdec_peft.finetune import Adaptation, FinetuneSettings, evaluate_finetuned
 
 #: model_type → modules LoRA adapts: the attention projections and the MLP of every block.
@@ -41,7 +42,7 @@ def _load_dapt(base_model, folder, trainable: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(model_device(base_model))
 
 
 @dataclass

@@ -1,10 +1,18 @@
 """``rag``: In-Context RALM (Ram et al., 2023) — a retrieved train passage prepended to the context.
 
 Every ``retrieval_stride`` tokens the last ``query_tokens`` tokens of the text become a BM25
-query over passages of the train split; the best passage is put in front of the window and only
-the next ``retrieval_stride`` tokens are scored. Every position of the split is scored exactly
-once, as for the other methods, so the perplexities compare directly. Nothing is tuned: the
-validation perplexity is reported for reference.
+query over passages of the train split; the best passage is put in front of the window and the
+next ``retrieval_stride`` tokens are scored with it. Every position of the split is scored
+exactly once, as for the other methods, so the perplexities compare directly.
+
+Consecutive retrievals often return the same passage (a 32-token query moves by 4 tokens). Such
+a run is scored in one forward pass, as a sliding window is: every token sees its passage and
+the text before it, back to the window's start — at least half a window of text, since a run is
+capped at half the room the passage leaves. Where the window does not need truncating this is
+exactly one forward pass per retrieval; elsewhere a token may see up to half a window less of
+distant text. It cuts the cost (one pass per 4 tokens) about 2.4× on the demo domains.
+
+Nothing is tuned, so the validation split is not scored (``valid_ppl`` is None).
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import torch
 from memdec_core.errors import ConfigError
 from memdec_core.evaluate import EvalContext, MethodResult, NLLTotal
 from memdec_core.interfaces import Method
+from memdec_core.models import model_device
 from memdec_core.progress import progress_bar
-from memdec_rag.index import PassageIndex
+from memdec_rag.index import RETRIEVERS, PassageIndex
 
 
 @dataclass
@@ -29,15 +38,29 @@ class RagSettings:
     query_tokens: int = 32
     retrieval_stride: int = 4
     batch_size: int = 8  # sequences per forward pass
+    merge_runs: bool = True  # score consecutive retrievals of the same passage in one pass
+    retriever: str = "bm25"  # or "dense": sentence-transformers embeddings (pip install 'memdec[dense]')
+    encoder: str = ""  # the dense retriever's model (folder or hub id); default: all-MiniLM-L6-v2, offline
 
     def __post_init__(self):
         for name in ("passage_tokens", "query_tokens", "retrieval_stride", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        if self.retriever not in RETRIEVERS:
+            raise ConfigError(f"rag.retriever must be one of {', '.join(RETRIEVERS)}, got {self.retriever!r}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """Positions ``[start, end)`` scored after one passage (their gold tokens are ``start+1 … end``)."""
+
+    start: int
+    end: int
+    passage: int  # index into the passage list; -1: nothing retrieved
 
 
 class Rag(Method):
-    """In-context RAG: BM25 over train passages, the best one prepended every 4 tokens (32-token query)."""
+    """In-context RAG: BM25 (or dense) over train passages, the best one prepended every 4 tokens (32-token query)."""
 
     name = "rag"
     Config = RagSettings
@@ -47,50 +70,67 @@ class Rag(Method):
             raise ConfigError(f"rag: passages of {self.config.passage_tokens} tokens leave no room for "
                               f"{self.config.retrieval_stride} scored tokens in windows of {ctx.context}; "
                               f"lower rag.passage_tokens")
-        index = PassageIndex.for_corpus(ctx, self.config.passage_tokens)
-        valid = self.score(ctx, index, ctx.corpus.streams["valid"], f"rag valid {ctx.base.short_name}")
+        index = PassageIndex.for_corpus(ctx, self.config.passage_tokens, self.config.retriever, self.config.encoder)
         test = self.score(ctx, index, ctx.corpus.streams["test"], f"rag test {ctx.base.short_name}")
-        return MethodResult(test.perplexity, valid.perplexity, {},
+        return MethodResult(test.perplexity, None, {},
                             {"passages": len(index), "passage_tokens": self.config.passage_tokens,
+                             "retriever": self.config.retriever,
                              "test_tokens": test.count, "params_added": 0, "bytes_added": 0, "train_seconds": 0.0},
                             scorer=lambda stream, windows, description: self.score(ctx, index, stream, description))
 
     def score(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, description: str) -> NLLTotal:
         """NLL of every position of ``stream`` with retrieval (windows are the method's own)."""
+        runs = self.runs(ctx, index, stream)
         total = NLLTotal()
-        blocks = list(range(0, len(stream) - 1, self.config.retrieval_stride))
-        with progress_bar(description, len(blocks), "retrievals") as advance:
-            for first in range(0, len(blocks), self.config.batch_size):
-                batch = blocks[first:first + self.config.batch_size]
-                total.add(self._score_blocks(ctx, index, stream, batch))
-                advance(len(batch))
+        with progress_bar(description, len(stream) - 1, "tokens") as advance:
+            for first in range(0, len(runs), self.config.batch_size):
+                batch = runs[first:first + self.config.batch_size]
+                total.add(self._score_runs(ctx, index, stream, batch))
+                advance(sum(run.end - run.start for run in batch))
         return total
 
-    @torch.inference_mode()
-    def _score_blocks(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, starts: list[int]):
-        """Log-probs of the gold tokens after positions ``[start, start + stride)`` of each block."""
+    def runs(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray) -> list[Run]:
+        """One retrieval per ``retrieval_stride`` positions; consecutive equal passages merged."""
         settings = self.config
+        starts = list(range(0, len(stream) - 1, settings.retrieval_stride))
         queries = [stream[max(0, start + 1 - settings.query_tokens):start + 1] for start in starts]
-        passages = index.best(ctx.base.tokenizer, queries)
+        found = index.best_ids(ctx.base.tokenizer, queries)
+        blocks = [Run(start, min(start + settings.retrieval_stride, len(stream) - 1), passage)
+                  for start, passage in zip(starts, found)]
+        if not settings.merge_runs:
+            return blocks
+        runs = [blocks[0]] if blocks else []
+        for block in blocks[1:]:
+            last = runs[-1]
+            room = ctx.context - index.length(block.passage)
+            if block.passage == last.passage and block.end - last.start <= room // 2:
+                runs[-1] = Run(last.start, block.end, last.passage)
+            else:
+                runs.append(block)
+        return runs
+
+    @torch.inference_mode()
+    def _score_runs(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, runs: list[Run]):
+        """Log-probs of the gold tokens of each run, its passage prepended to the text before it."""
         sequences, scored = [], []
-        for start, passage in zip(starts, passages):
-            end = min(start + settings.retrieval_stride, len(stream) - 1)  # inputs up to end - 1
+        for run in runs:
+            passage = index.passage(run.passage)
             room = ctx.context - len(passage)
-            context = stream[max(0, end - room):end]
-            sequences.append(np.concatenate([passage, context]))
-            scored.append((len(sequences[-1]) - (end - start), end - start, stream[start + 1:end + 1]))
+            sequences.append(np.concatenate([passage, stream[max(0, run.end - room):run.end]]))
+            scored.append((len(sequences[-1]) - (run.end - run.start), stream[run.start + 1:run.end + 1]))
         length = max(len(sequence) for sequence in sequences)
         input_ids = torch.zeros((len(sequences), length), dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, sequence in enumerate(sequences):
             input_ids[row, :len(sequence)] = torch.from_numpy(sequence.astype(np.int64))
             attention_mask[row, :len(sequence)] = 1
-        keep = length - min(first for first, _, _ in scored)
-        logits = ctx.base.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
-                                use_cache=False).logits
+        keep = length - min(first for first, _ in scored)
+        device = model_device(ctx.base.model)
+        logits = ctx.base.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                logits_to_keep=keep, use_cache=False).logits.cpu()
         offset = length - logits.shape[1]
         gold = []
-        for row, (first, count, targets) in enumerate(scored):
-            rows = torch.log_softmax(logits[row, first - offset:first - offset + count].float(), dim=-1)
+        for row, (first, targets) in enumerate(scored):
+            rows = torch.log_softmax(logits[row, first - offset:first - offset + len(targets)].float(), dim=-1)
             gold.append(rows.gather(1, torch.from_numpy(targets.astype(np.int64))[:, None])[:, 0])
         return torch.cat(gold)

@@ -24,7 +24,7 @@ from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TR
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
 @click.option("--budget", default=str(QUICK_BUDGET_TOKENS), show_default=True, metavar="TOKENS|FLOPS",
               help="The same training budget for every method that trains (dapt, lora, memdec): tokens "
-                   "(32768, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, "
+                   "(24576, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, "
                    "about 4N for lora); 0: each method's own schedule (epochs with early stopping).")
 @click.option("--general-tokens", type=click.IntRange(min=2), default=CompareSettings.general_tokens,
               show_default=True, help="Tokens of the general test split scored per base × method (forgetting).")

@@ -64,7 +64,7 @@ def main() -> None:
             raise SystemExit(f"{domain}: the warm run disagrees with the cold one")
         report["meta"]["wall_seconds"] = {"cold": round(cold, 1), "warm": round(warm, 1)}
         (RESULTS / f"compare-{domain}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        print(f"\n### {domain}: cold {cold / 60:.1f} min, warm {warm:.0f} s (cache {cache})\n")
+        print(f"\n#### {domain} — cold {cold / 60:.1f} min, warm {warm:.0f} s\n")
         print("\n".join(markdown_table(report)), flush=True)
 
 

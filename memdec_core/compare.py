@@ -153,7 +153,9 @@ def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
                       ctx.corpus.hashes, ctx.context, ctx.stride, dataclasses.asdict(ctx.settings),
                       f"{combiner.__module__}.{combiner.__qualname__}", repr(combiner.grid()),
                       general.hashes if general else None,
-                      {k: v for k, v in dataclasses.asdict(measure).items() if k != "reuse_results"})
+                      # the budget is already part of the method's settings (a method that trains none ignores it)
+                      {k: v for k, v in dataclasses.asdict(measure).items()
+                       if k not in ("reuse_results", "budget_tokens", "budget_flops")})
     return cached_artifact("results", key) / "row.json"
 
 

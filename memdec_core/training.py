@@ -136,10 +136,6 @@ class Trainer:
         return min(steps, settings.max_steps) if settings.max_steps else steps
 
     @property
-    def train_flops(self) -> float:
-        return self.state["train_tokens"] * self.flops_per_token
-
-    @property
     def finished(self) -> bool:
         return self.state["global_step"] >= self.total_steps or self.state["stopped_early"]
 

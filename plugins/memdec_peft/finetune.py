@@ -87,7 +87,8 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
                # the cost of the method includes every learning rate tried
                "train_seconds": round(sum(run_state["train_seconds"] for _, run_state, _ in runs), 1),
                "train_tokens": state["train_tokens"],
-               "train_flops": sum(run_state["train_tokens"] * run_state["flops_per_token"] for _, run_state, _ in runs),
+               "train_flops": sum(run_state["train_tokens"] * run_state.get("flops_per_token", 0)
+                                  for _, run_state, _ in runs),
                "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
     return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details, scorer)

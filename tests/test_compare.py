@@ -185,3 +185,30 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
     again = compare(str(corpus_dir), [str(tiny_llama)], ["dapt"], settings=WINDOW,
                     method_settings={"dapt": settings["dapt"]}, measure=measure)
     assert again["results"][0]["test_ppl"] == resumed["results"][0]["test_ppl"]
+
+
+def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypatch):
+    import memdec_core.compare as compare_module
+    from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
+
+    seen = []
+
+    def fake_compare(domain, bases, methods, *, settings, measure, **options):
+        seen.append((settings, measure))
+        return {"domain": domain, "results": [], "meta": {}}
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    runner = CliRunner()
+    assert runner.invoke(build_cli(), ["compare", "--domain", "finance", "--format", "json"]).exit_code == 0
+    settings, measure = seen[-1]
+    assert (settings.max_train_tokens, settings.max_eval_tokens) == (QUICK_TRAIN_TOKENS, QUICK_EVAL_TOKENS)
+    assert measure.budget() == {"budget_tokens": QUICK_BUDGET_TOKENS}
+    full = ["compare", "--domain", "finance", "--format", "json", "--max-train-tokens", "0", "--max-eval-tokens", "0",
+            "--budget", "0"]
+    assert runner.invoke(build_cli(), full).exit_code == 0
+    settings, measure = seen[-1]
+    assert settings.max_train_tokens is None and settings.max_eval_tokens is None and measure.budget() == {}
+    flops = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--format", "json", "--budget", "2TFLOPs"])
+    assert flops.exit_code == 0 and seen[-1][1].budget() == {"budget_flops": 2e12}
+    bad = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--budget", "lots"])
+    assert bad.exit_code == 1 and "is not a number of tokens" in bad.output

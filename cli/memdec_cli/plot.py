@@ -14,7 +14,8 @@ def check_plotting() -> None:
         raise ConfigError("--plot needs matplotlib: pip install 'memdec[plot]' (or pip install matplotlib)") from None
 
 
-def plot_comparison(report: dict, path: Path) -> None:
+def plot_comparison(report: dict, path: Path | str) -> None:
+    path = Path(path)
     check_plotting()
     import matplotlib
 
@@ -34,7 +35,7 @@ def plot_comparison(report: dict, path: Path) -> None:
     bars.set_xticks([index + 0.4 - width / 2 for index in range(len(bases))], [Path(b).name for b in bases])
     bars.set_ylabel("test perplexity")
     bars.set_title(f"{report['domain']}: test perplexity per method")
-    bars.legend()
+    bars.legend(ncol=3, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08))
     if curves:
         lam = axes[0][1]
         for row in curves:

@@ -212,3 +212,21 @@ def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypa
     assert flops.exit_code == 0 and seen[-1][1].budget() == {"budget_flops": 2e12}
     bad = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--budget", "lots"])
     assert bad.exit_code == 1 and "is not a number of tokens" in bad.output
+
+
+def test_compare_takes_a_combiner_file_and_tunes_its_knobs(corpus_dir, tiny_llama, tmp_path):
+    path = tmp_path / "geometric.py"
+    path.write_text(
+        "from memdec_core.interfaces import combiner\n\n"
+        "@combiner('geometric', grid=[{'alpha': a} for a in (0.1, 0.3)])\n"
+        "def geometric(base, memory, context, alpha=0.2):\n"
+        "    mixed = (1 - alpha) * base + alpha * memory.clamp(min=-30)\n"
+        "    return mixed - mixed.logsumexp(-1, keepdim=True)\n")
+    result = CliRunner().invoke(build_cli(), [
+        "compare", "--domain", str(corpus_dir), "--base", str(tiny_llama), "--method", "knn-lm",
+        "--combiner", f"{path}:geometric", "--set", "knn-lm.k=16", "--context", "64", "--stride", "32",
+        "--general-tokens", "200", "--latency-tokens", "100", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert row["knobs"]["alpha"] in (0.1, 0.3) and "lam" not in row["knobs"]
+    assert json.loads(result.stdout)["meta"]["combiner"] == "geometric"

@@ -26,6 +26,7 @@ import torch
 
 from memdec_core.artifacts import replacing_directory
 from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.models import model_device
 from memdec_core.progress import log, progress_bar
 
 
@@ -181,7 +182,7 @@ class Trainer:
         n_total = int(sum(min(start + self.context, len(self.stream) - 1) - start for start in starts))
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         for first in range(0, len(starts), self.settings.batch_size):
             batch = self._batch(starts[first:first + self.settings.batch_size]).to(device)
             share = len(batch.positions) / n_total  # token-weighted mean over the whole step

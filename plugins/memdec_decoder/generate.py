@@ -20,6 +20,7 @@ from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from memdec_combiners.linear import check_lambda
 from memdec_core.errors import ConfigError
+from memdec_core.models import model_device
 from memdec_decoder.memory import MemoryDecoder
 
 
@@ -105,7 +106,7 @@ def generate_with_memory(base, memory: MemoryDecoder | None, input_ids: torch.Te
         processors.append(MemoryLogitsProcessor(memory, lam, use_cache=use_cache))
     if streamer is not None and config.num_beams > 1:
         raise ConfigError("beam search cannot stream its output; the text is printed when it is done")
-    input_ids = input_ids.to(next(base.model.parameters()).device)
+    input_ids = input_ids.to(model_device(base.model))
     with torch.inference_mode():
         return base.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    generation_config=config, logits_processor=LogitsProcessorList(processors + warpers),

@@ -16,7 +16,7 @@ import torch
 from memdec_core.artifacts import read_manifest
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.interfaces import MemoryModel
-from memdec_core.models import default_device
+from memdec_core.models import default_device, model_device
 from memdec_decoder.vocab import Vocabulary
 
 ARTIFACT_TYPE = "memory-decoder"
@@ -32,7 +32,7 @@ class MemoryDecoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @property
     def tokenizer_fingerprint(self) -> str:

@@ -3,45 +3,81 @@
     from memdec_core import api
     report = api.evaluate("finance", bases=["memdec-demo-s"], methods=["base", "knn-lm"])
     table = api.compare("finance")          # every base × method, with forgetting, cost and latency
+    text = api.generate("memdec-demo-m", "The central bank", memory="knn-datastore", domain="finance",
+                        settings={"knn-datastore": {"temperatures": (10.0,)}})
+
+``settings`` (``method_settings`` in ``evaluate`` and ``compare``) maps any component's name — a
+method, a memory model, a retriever, the combiner, the domain — to overrides of its Config, as
+``--set NAME.KEY=VALUE`` does on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from memdec_core import registry
-from memdec_core.combiner_files import resolve_combiner
+from memdec_core.combiner_files import resolve_combiner, with_fixed_knobs
 from memdec_core.errors import ConfigError
+from memdec_core.interfaces import Combiner, Component, EvalContext, EvalSettings, Method
+from memdec_core.plan import Plan
 from memdec_core.progress import log
 
 
+@dataclass
+class Run:
+    """What a run of ``evaluate`` or ``compare`` is made of, resolved and checked before any work."""
+
+    corpus: Any  # memdec_core.data.Corpus
+    bases: list[str]
+    methods: list[Method]
+    combiner: type[Combiner]
+    plan: Plan
+    settings: EvalSettings
+
+
 def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("base",), *,
-             settings=None, combiner: Any = "linear",
+             settings: EvalSettings | None = None, combiner: Any = "linear",
              method_settings: dict[str, dict[str, Any]] | None = None,
              domain_settings: dict[str, Any] | None = None) -> dict:
     """Test perplexity of every base × method on ``domain``, knobs tuned on validation.
 
-    ``method_settings`` maps a method name to overrides of its Config, e.g.
-    ``{"knn-lm": {"k": 256}}``; ``domain_settings`` configures a registered domain, e.g.
-    ``{"source": "hub"}``. Returns ``{"domain", "results": [...], "settings"}``.
+    ``method_settings`` maps a component name to overrides of its Config, e.g.
+    ``{"knn-lm": {"k": 256}, "faiss": {"nprobe": 64}}``; ``domain_settings`` configures a
+    registered domain, e.g. ``{"source": "hub"}``. Returns ``{"domain", "results": [...], "settings"}``.
     """
+    run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
+                      component_settings=method_settings, domain_settings=domain_settings)
+    results = []
+    for base_name in run.bases:
+        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        for method in methods_for_base(ctx, run.methods):
+            results.append(_evaluate_one(ctx, method))
+    return {"domain": run.corpus.name, "results": results,
+            "settings": dataclasses.asdict(run.settings), "combiner": combiner_label(run.combiner)}
+
+
+def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, settings=None,
+                combiner: Any = "linear", component_settings=None, domain_settings=None) -> Run:
+    """Resolve every name of a run and check every setting, then load the corpus."""
     from memdec_core.data import load_corpus
-    from memdec_core.evaluate import EvalSettings
     from memdec_core.models import resolve_model_location
 
-    settings = settings or EvalSettings()
-    bases, methods = list(bases) or default_bases(), _method_instances(methods, method_settings or {})
-    combiner_class = resolve_combiner(combiner)
+    plan = Plan(component_settings)
+    names = list(methods)
+    if not names:
+        raise ConfigError("give at least one method")
+    instances = [plan.create("methods", name) for name in names]
+    combiner_class = combiner_with_settings(resolve_combiner(combiner), plan)
+    used = [component for _, component in plan.resolve(instances)]
+    plan.check_all_used(used, also=[combiner_class.name, domain])
+    bases = list(bases) or default_bases()
     for base_name in bases:  # a typo in the last base should not surface after an hour of work
         resolve_model_location(base_name)
-    corpus = load_corpus(domain, **(domain_settings or {}))
-    results = []
-    for base_name in bases:
-        results.extend(_evaluate_base(base_name, corpus, methods, settings, combiner_class))
-    return {"domain": corpus.name, "results": results,
-            "settings": dataclasses.asdict(settings), "combiner": combiner_class.name or combiner_class.__name__}
+    corpus = load_corpus(domain, **_domain_settings(domain, plan, domain_settings))
+    return Run(corpus, bases, instances, combiner_class, plan, settings or EvalSettings())
 
 
 def default_bases() -> list[str]:
@@ -52,43 +88,72 @@ def default_bases() -> list[str]:
     return defaults
 
 
-def _method_instances(names: Iterable[str], overrides: dict[str, dict[str, Any]]) -> list:
-    names = list(names)
-    if not names:
-        raise ConfigError("give at least one method")
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ConfigError(f"settings given for method(s) not being run: {', '.join(unknown)}")
-    return [registry.get("methods", name)(**overrides.get(name, {})) for name in names]
+def default_methods() -> list[str]:
+    """The methods that declare a place in the default comparison, in that order."""
+    ranked = [(cls.compare_rank, name) for name, cls in registry.components("methods").items()
+              if cls.compare_rank is not None]
+    return [name for _, name in sorted(ranked)]
 
 
-def prepare_context(corpus, base_name: str, settings=None, combiner: Any = "linear"):
-    """Load ``base_name`` and tokenise ``corpus`` (a Corpus, domain name or folder) for it."""
+def combiner_with_settings(combiner_class: type[Combiner], plan: Plan) -> type[Combiner]:
+    """``--set NAME.KNOB=VALUE`` for the combiner fixes that knob; the others are still tuned."""
+    values = plan.settings.get(combiner_class.name or "", {})
+    return with_fixed_knobs(combiner_class, combiner_class.settings_from_text(values)) if values else combiner_class
+
+
+def combiner_label(combiner_class: type[Combiner]) -> str:
+    return combiner_class.name or combiner_class.__name__
+
+
+def _domain_settings(domain: str, plan: Plan, given: dict[str, Any] | None) -> dict[str, Any]:
+    values = dict(given or {})
+    if domain in plan.settings:
+        values.update(registry.get("domains", domain).settings_from_text(plan.settings[domain]))
+    return values
+
+
+def prepare_context(corpus, base_name: str, settings=None, combiner: Any = "linear", *,
+                    plan: Plan | None = None) -> EvalContext:
+    """Load ``base_name`` and tokenise ``corpus`` (a Corpus, domain name, folder or None) for it."""
     from memdec_core.data import Corpus, load_corpus, tokenize_corpus
-    from memdec_core.evaluate import EvalContext, EvalSettings
     from memdec_core.models import load_model
 
     settings = settings or EvalSettings()
-    corpus = corpus if isinstance(corpus, Corpus) else load_corpus(corpus)
+    if corpus is not None and not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus)
     log(f"loading {base_name}")
     base = load_model(base_name)
     context, stride = settings.resolve_window(base)
-    tokenized = tokenize_corpus(corpus, base.tokenizer, base.tokenizer_fingerprint,
-                                context=context, max_tokens=settings.max_tokens())
-    return EvalContext(base, tokenized, context, stride, settings, resolve_combiner(combiner))
+    tokenized = None if corpus is None else tokenize_corpus(
+        corpus, base.tokenizer, base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())
+    return EvalContext(base, tokenized, context, stride, settings, resolve_combiner(combiner), plan or Plan())
 
 
-def _evaluate_base(base_name: str, corpus, methods: list, settings, combiner_class) -> list[dict]:
-    ctx = prepare_context(corpus, base_name, settings, combiner_class)
-    rows = []
-    for method in methods:
-        started = time.perf_counter()
-        result = method.evaluate(ctx)
-        rows.append({"base": base_name, "method": method.name, "test_ppl": result.test_ppl,
-                     "valid_ppl": result.valid_ppl, "knobs": result.knobs,
-                     "seconds": round(time.perf_counter() - started, 2),
-                     "test_tokens": len(ctx.corpus.streams["test"]) - 1, "details": result.details})
-    return rows
+def methods_for_base(ctx: EvalContext, methods: list[Method]) -> list[Method]:
+    """The run's methods for this base, each told the most parameters any method of the run plans
+    to add (``Method.with_parameter_target``: LoRA's automatic rank matches the memory's size)."""
+    planned = [count for method in methods for count in [method.planned_parameters(ctx)] if count]
+    if not planned:
+        return methods
+    return [method.with_parameter_target(max(planned)) for method in methods]
+
+
+def _evaluate_one(ctx: EvalContext, method: Method) -> dict:
+    started = time.perf_counter()
+    result = method.evaluate(ctx)
+    check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
+    return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
+            "valid_ppl": result.valid_ppl, "knobs": result.knobs, "costs": dataclasses.asdict(result.costs),
+            "seconds": round(time.perf_counter() - started, 2),
+            "test_tokens": len(ctx.corpus.streams["test"]) - 1, "tuning": result.tuning, "details": result.details}
+
+
+def check_finite(value: float | None, what: str) -> None:
+    """A perplexity that is NaN or infinite is a broken component, never a result."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{what}: the test perplexity is {value} (a component returned NaN or −inf log-probs)")
 
 
 def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), **options) -> dict:
@@ -96,3 +161,40 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     from memdec_core.compare import compare as run_compare
 
     return run_compare(domain, bases, methods, **options)
+
+
+def generate(base: str, prompt: str, *, memory: str | None = None, domain: str | None = None,
+             combiner: Any = "linear", settings: dict[str, dict[str, Any]] | None = None,
+             eval_settings: EvalSettings | None = None, streamer_factory=None, **generation) -> str:
+    """Continue ``prompt`` with ``base`` mixed with ``memory`` (a memory model name or folder; None:
+    the base alone) through ``combiner`` with fixed knobs. ``domain`` is needed by memories built
+    for one (a kNN datastore from the cache, a memory trained on first use)."""
+    from memdec_core.generation import generate_text
+
+    plan = Plan(settings)
+    memory_component = open_memory(memory, plan) if memory else None
+    combiner_class = combiner_with_settings(resolve_combiner(combiner), plan)
+    used: list[Component] = [component for _, component in plan.resolve([memory_component])] if memory else []
+    plan.check_all_used(used, also=[combiner_class.name] + ([domain] if domain else []))
+    ctx = prepare_context(domain, base, eval_settings, combiner_class, plan=plan)
+    return generate_text(ctx, memory_component, prompt, streamer_factory=streamer_factory, **generation)
+
+
+def open_memory(spec: str, plan: Plan):
+    """A memory model by name, or the one that opens a folder (its ``memdec.json`` type)."""
+    from pathlib import Path
+
+    from memdec_core.artifacts import read_manifest_type
+
+    folder = Path(spec).expanduser()
+    if spec in registry.components("memory-models") or not (folder.is_dir() or "/" in spec):
+        return plan.create("memory-models", spec)
+    artifact_type = read_manifest_type(folder)
+    for name, cls in registry.components("memory-models").items():
+        if cls.artifact_type == artifact_type and cls.artifact_setting:
+            return plan.create("memory-models", name, **{cls.artifact_setting: str(folder)})
+    raise ConfigError(f"{folder} holds a {artifact_type!r} artifact, which no memory model opens")
+
+
+__all__ = ["evaluate", "compare", "generate", "prepare_context", "prepare_run", "default_bases",
+           "default_methods", "methods_for_base"]

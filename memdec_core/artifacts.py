@@ -31,8 +31,11 @@ def cache_root() -> Path:
 
 
 def content_key(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (model, data hash, settings)."""
-    payload = json.dumps(parts, sort_keys=True, default=_jsonable, separators=(",", ":"))
+    """A short stable hash of JSON-serialisable parts (model, data hash, settings), and of the
+    environment that made them (engine versions, memdec's code: ``memdec_core.identity``)."""
+    from memdec_core.identity import environment
+
+    payload = json.dumps([environment(), *parts], sort_keys=True, default=_jsonable, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -71,6 +74,18 @@ def _jsonable(value: Any) -> Any:
 
 def read_manifest(folder: Path, expected_type: str) -> dict:
     """Read and check ``memdec.json``; a missing, corrupt or foreign manifest raises ArtifactError."""
+    manifest = _load_manifest(folder)
+    if manifest.get("type") != expected_type:
+        raise ArtifactError(f"{folder} holds a {manifest.get('type')!r} artifact, not a {expected_type!r}")
+    return manifest
+
+
+def read_manifest_type(folder: Path) -> str | None:
+    """The ``type`` of the artifact in ``folder``; ArtifactError when it is not a memdec artifact."""
+    return _load_manifest(folder).get("type")
+
+
+def _load_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a memdec artifact (no {MANIFEST})")
@@ -78,8 +93,8 @@ def read_manifest(folder: Path, expected_type: str) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path} is corrupt: {error}") from error
-    if manifest.get("type") != expected_type:
-        raise ArtifactError(f"{folder} holds a {manifest.get('type')!r} artifact, not a {expected_type!r}")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is corrupt: not a JSON object")
     return manifest
 
 

@@ -37,6 +37,17 @@ def _fixed(instance: Combiner) -> type[Combiner]:
                 {"grid": classmethod(lambda cls: [dataclasses.replace(config)])})
 
 
+def with_fixed_knobs(combiner_class: type[Combiner], values: dict[str, Any]) -> type[Combiner]:
+    """``combiner_class`` with some knobs fixed (``--set product.alpha=0.3``); the rest still tuned."""
+    grid = []
+    for point in combiner_class.grid():
+        fixed = dataclasses.replace(point, **values)
+        if fixed not in grid:
+            grid.append(fixed)
+    return type(combiner_class.__name__, (combiner_class,), {"grid": classmethod(lambda cls: list(grid)),
+                                                             "__module__": combiner_class.__module__})
+
+
 def load_combiner_file(spec: str) -> type[Combiner]:
     """Import ``file.py`` and pick the Combiner named after the colon (or its only one)."""
     path_text, _, wanted = spec.partition(":")

@@ -24,10 +24,6 @@ from memdec_core.artifacts import cached_artifact, content_key, write_json
 from memdec_core.errors import ConfigError
 from memdec_core.progress import log
 
-#: The methods compared when none are named, in the order of the table (those installed).
-DEFAULT_METHODS = ("base", "dapt", "lora", "knn-lm", "rag", "memdec")
-
-
 #: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
 #: demo bases × six methods on finance) runs cold in under 10 minutes on 2 CPU cores. ``0`` for the
 #: token caps means the whole split; the library's ``compare`` applies no cap unless given one.
@@ -79,36 +75,27 @@ def parse_budget(text: str) -> dict[str, float]:
     return {"budget_tokens": int(value)}
 
 
-def default_methods() -> list[str]:
-    installed = registry.names("methods")
-    return [name for name in DEFAULT_METHODS if name in installed]
-
-
 def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), *, settings=None,
             combiner: Any = "linear", method_settings: dict[str, dict[str, Any]] | None = None,
             domain_settings: dict[str, Any] | None = None, measure: CompareSettings = CompareSettings()) -> dict:
-    """Compare every base × method on ``domain``; returns ``{"domain", "results", "meta"}``."""
-    from memdec_core.api import _method_instances, default_bases, prepare_context
-    from memdec_core.combiner_files import resolve_combiner
-    from memdec_core.data import load_corpus
-    from memdec_core.evaluate import EvalSettings
-    from memdec_core.models import resolve_model_location
+    """Compare every base × method on ``domain``; returns ``{"domain", "results", "meta"}``.
 
-    settings = settings or EvalSettings()
-    bases = list(bases) or default_bases()
+    ``methods`` defaults to those that declare a place in the default comparison
+    (``Method.compare_rank``); ``method_settings`` maps any component's name to its settings.
+    """
+    from memdec_core.api import default_methods, methods_for_base, prepare_context, prepare_run
+    from memdec_core.data import load_corpus
+
     names = list(methods) or default_methods()
-    overrides = _with_budget(names, dict(method_settings or {}), measure.budget())
-    instances = _method_instances(names, overrides)
-    combiner_class = resolve_combiner(combiner)
-    for base_name in bases:
-        resolve_model_location(base_name)
-    corpus = load_corpus(domain, **(domain_settings or {}))
+    component_settings = _with_budget(names, dict(method_settings or {}), measure.budget())
+    run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
+                      component_settings=component_settings, domain_settings=domain_settings)
     general = load_corpus(measure.general) if measure.general else None
     results = []
-    for base_name in bases:
-        ctx = prepare_context(corpus, base_name, settings, combiner_class)
+    for base_name in run.bases:
+        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
         probes = _Probes(ctx, general, measure)
-        for method in instances:
+        for method in methods_for_base(ctx, run.methods):
             cached = _cached_row(ctx, method, general, measure)
             row = _read_row(cached) if measure.reuse_results else None
             if row is not None:
@@ -118,19 +105,25 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
             log(f"{base_name}: {method.name}")
             results.append(_measure(ctx, method, probes))
             write_json(cached, results[-1])
-    return {"domain": corpus.name, "results": results,
-            "meta": _meta(settings, measure, combiner_class, bases, names)}
+    return {"domain": run.corpus.name, "results": results,
+            "meta": _meta(run.settings, measure, run.combiner, run.bases, names)}
 
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
+    from memdec_core.api import check_finite
+
     started = time.perf_counter()
     result = method.evaluate(ctx)
+    check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
     seconds = time.perf_counter() - started
+    costs = result.costs
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
             "valid_ppl": result.valid_ppl, "general_ppl": probes.general_ppl(result), "knobs": result.knobs,
-            "params_added": result.details.get("params_added", 0), "bytes_added": result.details.get("bytes_added", 0),
-            "train_seconds": result.details.get("train_seconds", 0.0), "latency_ratio": probes.latency_ratio(result),
-            "seconds": round(seconds, 2), "details": result.details}
+            "params_added": costs.params_added, "bytes_added": costs.bytes_added,
+            "memory_bytes": costs.memory_bytes, "train_seconds": round(costs.train_seconds, 1),
+            "train_tokens": costs.train_tokens, "train_flops": costs.train_flops,
+            "latency_ratio": probes.latency_ratio(result), "seconds": round(seconds, 2),
+            "tuning": result.tuning, "details": result.details}
 
 
 def _read_row(path: Path) -> dict | None:
@@ -142,17 +135,23 @@ def _read_row(path: Path) -> dict | None:
     except (OSError, ValueError) as error:
         log(f"ignoring the unreadable row {path} ({error}); measuring again")
         return None
-    return row if isinstance(row, dict) and "test_ppl" in row else None
+    return row if isinstance(row, dict) and "test_ppl" in row and "tuning" in row else None
 
 
 def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
-    """Where the row of ``method`` on this base, data and settings is kept (a rerun reads it back)."""
-    from memdec_core import __version__
+    """Where the row of ``method`` on this base, data and settings is kept (a rerun reads it back).
+
+    The key holds everything that made the row: every component the method uses (plugin,
+    version or code hash, settings), the combiner's code and grid, the base, the data, the windows.
+    """
+    from memdec_core.identity import component_identity
+    from memdec_core.plan import identity
+
     combiner = ctx.combiner
-    key = content_key("compare-row", __version__, method.name, dataclasses.asdict(method.config), ctx.base.fingerprint,
+    key = content_key("compare-row", identity(ctx.plan.resolve([method])), ctx.base.fingerprint,
                       ctx.corpus.hashes, ctx.context, ctx.stride, dataclasses.asdict(ctx.settings),
-                      f"{combiner.__module__}.{combiner.__qualname__}", repr(combiner.grid()),
-                      general.hashes if general else None,
+                      f"{combiner.__module__}.{combiner.__qualname__}", component_identity(combiner),
+                      repr(combiner.grid()), general.hashes if general else None,
                       # the budget is already part of the method's settings (a method that trains none ignores it)
                       {k: v for k, v in dataclasses.asdict(measure).items()
                        if k not in ("reuse_results", "budget_tokens", "budget_flops")})
@@ -164,7 +163,7 @@ def _with_budget(names: list[str], overrides: dict, budget: dict) -> dict:
     if not budget:
         return overrides
     for name in names:
-        fields = {field.name for field in dataclasses.fields(registry.get("methods", name).Config)}
+        fields = {item.name for item in dataclasses.fields(registry.get("methods", name).Config)}
         if set(budget) <= fields:
             overrides[name] = {**overrides.get(name, {}), **budget}
     return overrides

@@ -11,85 +11,22 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from memdec_core.data import TokenizedCorpus, Window, make_windows
-from memdec_core.errors import ConfigError
-from memdec_core.interfaces import Combiner
-from memdec_core.models import LoadedModel, capture_last_ffn_input, model_device
+from memdec_core.data import Window
+from memdec_core.errors import ConfigError, ModelError
+from memdec_core.interfaces import (Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult,
+                                    Scorer)
+from memdec_core.models import capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
 
-PAPER_CONTEXT = 1024
-
-
-@dataclass
-class EvalSettings:
-    """How text is windowed and batched. ``None`` picks a default from the model."""
-
-    context: int | None = None  # default: min(1024, the model's maximum positions)
-    stride: int | None = None  # default: context // 2 (the paper scores the newest half)
-    batch_size: int = 4
-    max_train_tokens: int | None = None
-    max_eval_tokens: int | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
-        for name in ("max_train_tokens", "max_eval_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 2:
-                raise ConfigError(f"{name.replace('_', ' ')} must be at least 2, got {value}")
-
-    def resolve_window(self, model: LoadedModel) -> tuple[int, int]:
-        context = self.context or min(PAPER_CONTEXT, model.max_positions or PAPER_CONTEXT)
-        if model.max_positions and context > model.max_positions:
-            raise ConfigError(f"context {context} is longer than {model.model_id}'s "
-                              f"{model.max_positions} positions")
-        return context, self.stride or max(1, context // 2)
-
-    def max_tokens(self) -> dict[str, int | None]:
-        return {"train": self.max_train_tokens, "valid": self.max_eval_tokens,
-                "test": self.max_eval_tokens}
-
-
-@dataclass
-class EvalContext:
-    """Everything a Method needs to evaluate one base model on one corpus."""
-
-    base: LoadedModel
-    corpus: TokenizedCorpus
-    context: int
-    stride: int
-    settings: EvalSettings
-    combiner: type[Combiner]
-
-    def windows(self, split: str) -> list[Window]:
-        return make_windows(len(self.corpus.streams[split]), self.context, self.stride)
-
-
-#: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
-#: token stream of the base's tokenizer (``memdec compare`` scores general text and times it).
-Scorer = Callable[[np.ndarray, list[Window], str], "NLLTotal"]
-
-
-@dataclass
-class MethodResult:
-    """What a method reports for one base model."""
-
-    test_ppl: float
-    valid_ppl: float | None = None
-    knobs: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    scorer: Scorer | None = field(default=None, repr=False, compare=False)
-
-    def score(self, stream: np.ndarray, windows: list[Window], description: str = "scoring") -> "NLLTotal":
-        if self.scorer is None:
-            raise ConfigError("this method's result cannot score other text (its plugin gives no scorer)")
-        return self.scorer(stream, windows, description)
+#: Re-exported: methods and plugins written before they moved to ``memdec_core.interfaces``.
+__all__ = ["EvalContext", "EvalSettings", "MethodResult", "Scorer", "ScoredBatch", "NLLTotal",
+           "evaluate_mixture", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
+           "model_scorer", "format_knobs"]
 
 
 @dataclass
@@ -225,33 +162,19 @@ def model_scorer(model, batch_size: int) -> Scorer:
                                                           description=description)
 
 
-class MixtureMemory(Protocol):
-    """A distribution mixed with the base at every scored position (a kNN-LM, a Memory Decoder)."""
-
-    capture_hidden: bool
-
-    def grid(self) -> list[dict[str, Any]]:
-        """The memory's own knob settings to try on validation (e.g. kNN temperatures)."""
-
-    def prepare(self, batch: ScoredBatch) -> Any:
-        """Work shared by every knob setting for one batch (e.g. the neighbour search)."""
-
-    def gold_logprobs(self, state: Any, batch: ScoredBatch, knobs: dict) -> torch.Tensor:
-        """``[N]`` log-probs of the gold tokens under the memory."""
-
-    def logprobs(self, state: Any, batch: ScoredBatch, knobs: dict) -> torch.Tensor:
-        """``[N, vocab]`` full log-probs under the memory (for non-elementwise combiners)."""
-
-
-def tune_on_validation(ctx: EvalContext, memory: MixtureMemory) -> tuple[list, list[NLLTotal], int]:
+def tune_on_validation(ctx: EvalContext, memory: MemoryModel) -> tuple[list, list[NLLTotal], int]:
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index."""
     settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
     valid = _score_mixture(ctx, memory, "valid", settings)
     return settings, valid, min(range(len(settings)), key=lambda i: valid[i].perplexity)
 
 
-def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
-    """Tune memory × combiner knobs on validation in one pass, then score test with the best."""
+def evaluate_mixture(ctx: EvalContext, memory: MemoryModel) -> MethodResult:
+    """Tune memory × combiner knobs on validation in one pass, then score test with the best.
+
+    ``memory`` is prepared already; its costs and facts go into the result.
+    """
+    check_memory_matches(memory, ctx)
     settings, valid, best = tune_on_validation(ctx, memory)
     memory_knobs, combiner_config = settings[best]
     knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
@@ -263,24 +186,33 @@ def evaluate_mixture(ctx: EvalContext, memory: MixtureMemory) -> MethodResult:
     def scorer(stream, windows, description):
         return _score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
 
-    return MethodResult(test.perplexity, valid[best].perplexity, knobs,
-                        {"valid_grid": grid_report, "test_tokens": test.count}, scorer)
+    return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
+                        details={"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count},
+                        scorer=scorer)
 
 
-def _score_mixture(ctx: EvalContext, memory: MixtureMemory, split: str, settings: list) -> list[NLLTotal]:
+def check_memory_matches(memory: MemoryModel, ctx: EvalContext) -> None:
+    """A memory mixes only with a base of its own tokenizer: anything else is nonsense, loudly refused."""
+    if memory.tokenizer_fingerprint != ctx.base.tokenizer_fingerprint:
+        raise ModelError(f"memory {memory.name!r} uses another tokenizer (fingerprint "
+                         f"{memory.tokenizer_fingerprint or 'none'}) than {ctx.base.model_id} "
+                         f"({ctx.base.tokenizer_fingerprint}); a memory mixes only with bases of its own tokenizer")
+
+
+def _score_mixture(ctx: EvalContext, memory: MemoryModel, split: str, settings: list) -> list[NLLTotal]:
     return _score_stream(ctx, memory, ctx.corpus.streams[split], ctx.windows(split), settings, split,
                          f"{split} {ctx.base.short_name}")
 
 
-def _score_stream(ctx: EvalContext, memory: MixtureMemory, stream: np.ndarray, windows: list[Window],
+def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
                   settings: list, split: str, description: str) -> list[NLLTotal]:
     """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass."""
     totals = [NLLTotal() for _ in settings]
     combiners = [ctx.combiner(config) for _, config in settings]
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
-                                  capture_hidden=memory.capture_hidden, description=description)
+                                  capture_hidden=memory.needs_hidden, description=description)
     for batch in batches:
-        state = memory.prepare(batch)
+        state = memory.score(batch)
         by_memory_knobs: dict[str, torch.Tensor] = {}
         for total, combiner, (memory_knobs, _) in zip(totals, combiners, settings):
             key = repr(sorted(memory_knobs.items()))

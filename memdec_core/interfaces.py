@@ -1,10 +1,17 @@
-"""The abstract components that plugins provide.
+"""The abstract components that plugins provide, and the contracts between them.
 
 Every component class has a lowercase-hyphen ``name``, a ``Config`` dataclass holding its
 settings, and ``plugin`` (filled in by the registry: which plugin provided it). Components are
-built from their config: ``Linear(Linear.Config(lam=0.3))`` or ``Linear(lam=0.3)``.
+built from their config: ``Linear(Linear.Config(lam=0.3))`` or ``Linear(lam=0.3)``. A setting
+documents itself where it is declared: ``k: int = setting(1024, "neighbours per position")``;
+``memdec list --json``, ``--help`` and the docs read the help text from there.
 
-This module imports neither torch nor faiss, so listing components stays fast.
+Components name the components they use (``uses()``): a method its memory, a memory its
+retriever. memdec resolves that tree before a run starts, so an unknown name, a retriever of the
+wrong kind or a ``--set`` for a component that takes no part in the run fails at once.
+
+This module imports neither torch nor faiss, so listing components stays fast; neither may
+the modules a plugin's registration hooks import.
 """
 
 from __future__ import annotations
@@ -12,22 +19,55 @@ from __future__ import annotations
 import dataclasses
 import re
 from abc import abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 from memdec_core.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
-    from memdec_core.evaluate import EvalContext, MethodResult
+    from memdec_core.data import TokenizedCorpus, Window
+    from memdec_core.evaluate import NLLTotal, ScoredBatch
+    from memdec_core.models import LoadedModel
+    from memdec_core.plan import Plan
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+SPLITS = ("train", "valid", "test")
+#: The kinds of retriever: what ``build`` indexes and ``search`` takes.
+RETRIEVER_KINDS = ("vectors", "text")
+
+
+def setting(default: Any, help: str, *, build: bool = True) -> Any:
+    """A Config field with its help text (peft's pattern): one source for docs, listings and errors.
+
+    ``build=False`` marks a setting that changes how a built artifact is used but not the
+    artifact itself (faiss's ``nprobe``), so it stays out of the artifact's cache key.
+    """
+    metadata = {"help": help, "build": build}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class NoConfig:
     """The config of a component that has no settings."""
+
+
+@dataclass(frozen=True)
+class Use:
+    """One component that another one uses, named by one of its settings."""
+
+    kind: str  # a registry kind: "memory-models", "retrievers", ...
+    name: str
+    setting: str  # where the name came from, for errors: "knn-lm.retriever"
+    #: For retrievers: the kinds the user can take ("vectors", "text"); empty: any.
+    accepts: tuple[str, ...] = ()
+    #: The config to create it with, when the user shares it (a fixed memory takes its method's).
+    config: Any = field(default=None, compare=False)
 
 
 class Component:
@@ -36,6 +76,12 @@ class Component:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     plugin: ClassVar[str | None] = None
+    #: Plugins (entry-point names) this component needs besides its own, e.g. ``("knn",)``:
+    #: using it while one of them is disabled or missing is a one-line error.
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: Other component names whose ``--set`` settings this one also takes (a method whose
+    #: memory is fixed takes that memory's); its own name's settings win.
+    shares_settings_with: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any = None, **overrides: Any):
         if config is None:
@@ -46,77 +92,292 @@ class Component:
 
     @classmethod
     def _build_config(cls, values: dict[str, Any]):
-        known = {field.name for field in dataclasses.fields(cls.Config)}
+        known = {item.name for item in dataclasses.fields(cls.Config)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{cls.name}: unknown setting(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(known)) or 'none'})")
         return cls.Config(**values)
 
+    def uses(self) -> list[Use]:
+        """The components this one uses, by name (from its settings); resolved before a run."""
+        return []
+
     @classmethod
-    def settings_from_text(cls, values: dict[str, str]) -> dict[str, Any]:
-        """Convert ``key=value`` strings from the command line to the types of ``Config``'s fields."""
-        fields = {field.name: field for field in dataclasses.fields(cls.Config)}
+    def settings_from_text(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Convert ``key=value`` strings from the command line to the types of ``Config``'s fields
+        (values that are not strings pass through)."""
+        fields = {item.name: item for item in dataclasses.fields(cls.Config)}
         converted = {}
         for key, text in values.items():
             if key not in fields:
                 raise ConfigError(f"{cls.name}: unknown setting {key!r} "
                                   f"(known: {', '.join(sorted(fields)) or 'none'})")
-            converted[key] = _from_text(text, _default_of(fields[key]), f"{cls.name}.{key}")
+            converted[key] = (_from_text(text, _default_of(fields[key]), f"{cls.name}.{key}")
+                              if isinstance(text, str) else text)
         return converted
 
     @classmethod
+    def settings_help(cls) -> dict[str, str]:
+        """The help text of every setting (empty where a plugin gave none)."""
+        return {item.name: item.metadata.get("help", "") for item in dataclasses.fields(cls.Config)}
+
+    @classmethod
     def info(cls) -> dict[str, Any]:
-        """Facts for ``memdec list --json``: the settings and their defaults (subclasses add more)."""
-        return {"settings": dataclasses.asdict(cls.Config())}
+        """Facts for ``memdec list --json``: settings, their defaults and help (subclasses add more)."""
+        return {"settings": dataclasses.asdict(cls.Config()), "help": cls.settings_help(),
+                "requires": list(cls.requires)}
 
     @classmethod
     def describe(cls) -> str:
         """One line for listings: the first line of the class docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    def build_settings(self) -> dict[str, Any]:
+        """The settings that shape what this component builds (those not marked ``build=False``)."""
+        return {item.name: getattr(self.config, item.name) for item in dataclasses.fields(self.config)
+                if item.metadata.get("build", True)}
+
+
+# ----------------------------------------------------------------------------------------------
+# What a method reports
+
+
+@dataclass
+class Costs:
+    """What a method adds to its base and what that took, in typed fields (a compare row reads them)."""
+
+    params_added: int = 0  # parameters beside the base's (a memory, adapters); 0 when weights are replaced
+    bytes_added: int = 0  # bytes on disk of what the method adds (a datastore, a memory, an adapter)
+    memory_bytes: int = 0  # bytes held in RAM at inference beyond the base (weights, an index, keys)
+    train_seconds: float = 0.0  # wall time of building and training (every learning rate tried)
+    train_tokens: int = 0  # training tokens seen (the kept run)
+    train_flops: float = 0.0  # training FLOPs of every run (see memdec_core.training.training_flops_per_token)
+
+    def __add__(self, other: "Costs") -> "Costs":
+        return Costs(**{item.name: getattr(self, item.name) + getattr(other, item.name)
+                        for item in dataclasses.fields(self)})
+
+
+#: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
+#: token stream of the base's tokenizer (``memdec compare`` scores general text and times it).
+Scorer = Callable[["np.ndarray", "list[Window]", str], "NLLTotal"]
+
+
+@dataclass
+class MethodResult:
+    """What a method reports for one base model."""
+
+    test_ppl: float
+    valid_ppl: float | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)  # the setting chosen on validation
+    costs: Costs = field(default_factory=Costs)
+    #: Every knob setting tried on validation with its perplexity: ``[{**knobs, "valid_ppl": x}]``.
+    tuning: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # free-form facts for humans and the JSON
+    scorer: Scorer | None = field(default=None, repr=False, compare=False)
+
+    def score(self, stream, windows, description: str = "scoring") -> "NLLTotal":
+        if self.scorer is None:
+            raise ConfigError("this method's result cannot score other text (its plugin gives no scorer)")
+        return self.scorer(stream, windows, description)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a method is given
+
+
+@dataclass
+class EvalSettings:
+    """How text is windowed and batched. ``None`` picks a default from the model."""
+
+    context: int | None = None  # default: min(1024, the model's maximum positions)
+    stride: int | None = None  # default: context // 2 (the paper scores the newest half)
+    batch_size: int = 4
+    max_train_tokens: int | None = None
+    max_eval_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        for name in ("max_train_tokens", "max_eval_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least 2, got {value}")
+
+    def resolve_window(self, model: "LoadedModel") -> tuple[int, int]:
+        context = self.context or min(PAPER_CONTEXT, model.max_positions or PAPER_CONTEXT)
+        if model.max_positions and context > model.max_positions:
+            raise ConfigError(f"context {context} is longer than {model.model_id}'s "
+                              f"{model.max_positions} positions")
+        return context, self.stride or max(1, context // 2)
+
+    def max_tokens(self) -> dict[str, int | None]:
+        return {"train": self.max_train_tokens, "valid": self.max_eval_tokens,
+                "test": self.max_eval_tokens}
+
+
+PAPER_CONTEXT = 1024
+
+
+@dataclass
+class EvalContext:
+    """Everything a Method (and the memory it mixes) needs for one base model on one corpus.
+
+    ``corpus`` is None where there is no domain (``memdec generate`` with a memory folder): a
+    component that needs one says so. ``plan`` creates the components a run uses with the
+    user's settings: ``ctx.create("retrievers", "faiss")``.
+    """
+
+    base: "LoadedModel"
+    corpus: "TokenizedCorpus | None"
+    context: int
+    stride: int
+    settings: EvalSettings
+    combiner: type["Combiner"]
+    plan: "Plan | None" = None
+
+    def windows(self, split: str) -> "list[Window]":
+        from memdec_core.data import make_windows
+
+        return make_windows(len(self.require_corpus().streams[split]), self.context, self.stride)
+
+    def require_corpus(self, who: str = "this method") -> "TokenizedCorpus":
+        if self.corpus is None:
+            raise ConfigError(f"{who} needs a domain (--domain)")
+        return self.corpus
+
+    def create(self, kind: str, name: str, **extra_settings: Any) -> "Component":
+        """The component ``name`` of ``kind`` with the run's settings for it (``--set name.key=...``)."""
+        from memdec_core.plan import Plan
+
+        return (self.plan or Plan()).create(kind, name, **extra_settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kinds of component
+
 
 class Method(Component):
     """An adaptation method: given a base model and a domain corpus, it scores the test split.
 
     ``evaluate`` tunes the method's knobs on the validation split only, then reports the test
-    perplexity with the chosen knobs. Artifacts it needs (a datastore, a trained memory, an
-    adapter) are built on first use and cached by content hash through ``ctx.cache``.
+    perplexity with the chosen knobs, typed costs and a scorer for other text. Artifacts it
+    needs (a datastore, a trained memory, an adapter) are built on first use and cached by
+    content hash (``memdec_core.artifacts``).
     """
+
+    #: Place in the default comparison (``memdec compare`` without ``--method``), lowest first;
+    #: None: compared only when named.
+    compare_rank: ClassVar[float | None] = None
 
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> MethodResult:
         """Score ``ctx.corpus``'s test split with ``ctx.base``; knobs tuned on validation."""
 
+    def planned_parameters(self, ctx: EvalContext) -> int | None:
+        """Parameters the method will add to this base, if known before it runs (a memory's size)."""
+        return None
+
+    def with_parameter_target(self, parameters: int) -> "Method":
+        """This method for a run whose largest planned addition is ``parameters`` (the paper gives
+        LoRA a memory's parameter count); most methods ignore it and return themselves."""
+        return self
+
 
 class Retriever(Component):
-    """A search backend: builds an index over items and returns the nearest ones for queries."""
+    """A search backend: builds an index over items and returns the nearest ones for queries.
+
+    ``kind`` says what it indexes: ``"vectors"`` (float arrays ``[n, dim]``; ``search`` returns
+    squared L2 distances, ascending) or ``"text"`` (a list of strings; ``search`` returns relevance
+    scores, descending). Ids are row numbers of the items; a missing neighbour has id −1.
+    """
+
+    kind: ClassVar[str] = "vectors"
 
     @abstractmethod
-    def build(self, items: Any, path: str) -> None:
-        """Index ``items`` and write the index under ``path``."""
+    def build(self, items: Any, folder: Path) -> None:
+        """Index ``items`` and write the index's files under ``folder`` (an empty, new directory)."""
 
     @abstractmethod
-    def load(self, path: str) -> None:
-        """Open an index written by ``build``."""
+    def load(self, items: Any, folder: Path) -> None:
+        """Open the index ``build`` wrote to ``folder`` over the same ``items``."""
 
     @abstractmethod
     def search(self, queries: Any, k: int) -> tuple[Any, Any]:
-        """Return ``(scores, ids)`` of the ``k`` best items per query, best first."""
+        """``(scores, ids)``, each ``[n_queries, k]`` numpy arrays, best first."""
+
+    def facts(self) -> dict[str, Any]:
+        """Facts about the built or loaded index for its manifest (e.g. a resolved factory string)."""
+        return {}
+
+
+class MemoryStepper(Protocol):
+    """A memory's incremental next-token distribution during ``generate()``, with its own cache."""
+
+    def next_logprobs(self, input_ids: "torch.Tensor", hidden: "torch.Tensor | None", width: int) -> "torch.Tensor":
+        """``[rows, width]`` log-probs of the token after each row of ``input_ids`` (the whole
+        sequence so far; rows may be reordered between calls, as beam search does). ``hidden`` is
+        the base's ``last_ffn_input`` at the last position, when the memory ``needs_hidden``."""
 
 
 class MemoryModel(Component):
-    """A model that gives next-token log-probs for windows of tokens, mixed beside a base model.
+    """A next-token distribution mixed with a base by a combiner (a kNN-LM, a Memory Decoder, ...).
 
-    It declares the tokenizer it was trained with (``tokenizer_fingerprint``) so that mixing it
-    with a base of another tokenizer fails loudly instead of producing nonsense.
+    The life of a memory in a run: ``prepare(ctx)`` builds or loads it for the base and domain
+    (cached by content), then per batch of scored positions ``score(batch)`` does the work that
+    every knob setting shares and ``gold_logprobs`` / ``logprobs`` give the distribution under
+    one setting of the memory's own knobs (``grid()``, tuned on validation with the combiner's).
+    ``stepper(knobs)`` gives the same distribution incrementally for generation, ``costs()``
+    what the memory adds. ``tokenizer_fingerprint`` (set by ``prepare``) must equal the base's.
     """
 
-    tokenizer_fingerprint: str
+    #: True when the memory reads the base's ``last_ffn_input`` at each scored position
+    #: (``batch.hidden``); a kNN-LM's query.
+    needs_hidden: ClassVar[bool] = False
+    #: A folder whose ``memdec.json`` has this ``type`` opens as this memory, given to the
+    #: setting ``artifact_setting`` (``memdec generate --memory FOLDER``).
+    artifact_type: ClassVar[str | None] = None
+    artifact_setting: ClassVar[str | None] = None
+
+    tokenizer_fingerprint: str = ""
 
     @abstractmethod
-    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities ``[batch, length, vocab]`` of the next token at every position."""
+    def prepare(self, ctx: EvalContext) -> None:
+        """Build or load the memory for ``ctx.base`` and ``ctx.corpus`` (None without a domain)."""
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The memory's own knob settings to try on validation (e.g. kNN temperatures)."""
+        return [{}]
+
+    @abstractmethod
+    def score(self, batch: "ScoredBatch") -> Any:
+        """Work shared by every knob setting for one batch (a neighbour search, a forward pass)."""
+
+    @abstractmethod
+    def gold_logprobs(self, state: Any, batch: "ScoredBatch", knobs: dict) -> "torch.Tensor":
+        """``[N]`` log-probs of the gold tokens ``batch.targets`` under the memory."""
+
+    @abstractmethod
+    def logprobs(self, state: Any, batch: "ScoredBatch", knobs: dict) -> "torch.Tensor":
+        """``[N, vocab]`` log-probs over the base's vocabulary (``batch.logits.shape[1]`` columns)."""
+
+    @abstractmethod
+    def stepper(self, knobs: dict) -> MemoryStepper:
+        """An incremental scorer for ``generate()`` under ``knobs``."""
+
+    def costs(self) -> Costs:
+        """What the prepared memory adds (parameters, bytes, building time)."""
+        return Costs()
+
+    def planned_parameters(self, ctx: EvalContext) -> int | None:
+        """Parameters the memory will add, if known before ``prepare`` (for LoRA's rank matching)."""
+        return None
+
+    def describe_prepared(self) -> dict[str, Any]:
+        """Facts about the prepared memory for the results' details (its folder, its size...)."""
+        return {}
 
 
 class Combiner(Component):
@@ -124,7 +385,9 @@ class Combiner(Component):
 
     ``combine`` takes log-probs of shape ``[..., vocab]`` (or ``[..., 1]`` gathered at the gold
     token when ``elementwise`` is true) and returns log-probs of the same shape. Knobs live in
-    ``Config``; ``grid()`` lists the configs tried on the validation split.
+    ``Config``; ``grid()`` lists the configs tried on validation. ``context`` holds
+    ``"positions"`` (the global position of each row, a tensor, or None in generation) and
+    ``"split"`` (``"valid"``, ``"test"``, ``"other"`` or ``"generate"``).
     """
 
     #: True when output[v] depends only on base[v] and memory[v] and needs no renormalisation
@@ -133,8 +396,8 @@ class Combiner(Component):
     elementwise: ClassVar[bool] = False
 
     @abstractmethod
-    def combine(self, base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor,
-                context: dict[str, Any]) -> torch.Tensor:
+    def combine(self, base_logprobs: "torch.Tensor", memory_logprobs: "torch.Tensor",
+                context: dict[str, Any]) -> "torch.Tensor":
         """Mixed log-probs, same shape as the inputs."""
 
     @classmethod
@@ -160,7 +423,8 @@ def combiner(name: str, *, elementwise: bool = False, grid: list[dict] | None = 
     grid = grid or [{}]
     knob_names = sorted({key for point in grid for key in point})
     config_class = dataclasses.make_dataclass(
-        f"{name}-config", [(key, Any, dataclasses.field(default=grid[0].get(key))) for key in knob_names])
+        f"{name}-config", [(key, Any, setting(grid[0].get(key), f"a knob of {name}, tuned on validation"))
+                           for key in knob_names])
 
     def decorate(function):
         def combine(self, base_logprobs, memory_logprobs, context):
@@ -199,14 +463,11 @@ class ModelSource(Component):
         """A local directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
 
 
-SPLITS = ("train", "valid", "test")
-
-
-def _default_of(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
+def _default_of(item: dataclasses.Field) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
     return ""
 
 

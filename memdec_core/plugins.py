@@ -1,7 +1,8 @@
 """The plugin manager: loads every entry point of the ``memdec`` group, built-ins included.
 
-A plugin that fails to import is recorded and skipped (``memdec plugins`` reports it), so one
-broken third-party package never takes the CLI down. ``MEMDEC_DISABLE_PLUGINS=a,b`` blocks
+A plugin that fails to import, or whose registration hook raises when called, is recorded and
+skipped (``memdec plugins`` reports it), so one broken third-party package never takes the CLI
+down. ``MEMDEC_DISABLE_PLUGINS=a,b`` blocks
 plugins by entry-point name.
 """
 
@@ -60,9 +61,26 @@ def reset_plugin_manager() -> None:
     _forget_components()
 
 
-def plugin_records() -> list[PluginRecord]:
+def plugin_records(collect: bool = True) -> list[PluginRecord]:
+    """What ``memdec plugins`` shows. ``collect`` first calls every registration hook, so a plugin
+    whose hook raises shows as failed (the hooks import light modules only: no torch)."""
     get_plugin_manager()
+    if collect:
+        from memdec_core import registry
+
+        registry.collect_all()
     return list(_records)
+
+
+def mark_failed(name: str, error: str) -> None:
+    """Record that plugin ``name`` broke while registering, and unload it: the rest keeps working."""
+    manager = get_plugin_manager()
+    if manager.get_plugin(name) is not None:
+        manager.unregister(name=name)
+    for record in _records:
+        if record.name == name:
+            record.status, record.error, record.hooks = "failed", error, []
+    _forget_components()
 
 
 def register_plugin(module_or_object, name: str) -> None:

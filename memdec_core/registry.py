@@ -59,13 +59,24 @@ def names(kind: str) -> list[str]:
     return sorted(components(kind))
 
 
+def collect_all() -> None:
+    """Call every registration hook now, so a plugin whose hook raises is known to have failed."""
+    for kind in KINDS:
+        components(kind)
+
+
 def _collect(kind: Kind) -> dict[str, type]:
-    from memdec_core.plugins import get_plugin_manager
+    from memdec_core.plugins import get_plugin_manager, mark_failed
 
     manager = get_plugin_manager()
     table: dict[str, type] = {}
     for implementation in getattr(manager.hook, kind.hook).get_hookimpls():
-        for component in implementation.function() or []:
+        try:
+            returned = list(implementation.function() or [])
+        except Exception as error:  # a plugin's hook that raises is reported and skipped, never fatal
+            mark_failed(implementation.plugin_name, f"{kind.hook} raised {type(error).__name__}: {error}")
+            return _collect(kind)  # mark_failed cleared the tables: collect without that plugin
+        for component in returned:
             _add(table, kind, component, implementation.plugin_name)
     return table
 
@@ -76,17 +87,34 @@ def _add(table: dict[str, type], kind: Kind, component: type, plugin_name: str) 
                           f"but it is not a subclass of {kind.base.__name__}")
     check_name(component.name)
     if component.name in table:
-        other = table[component.name].plugin
+        first, second = sorted([table[component.name].plugin, plugin_name], key=_built_in_first)
         raise DuplicateComponentError(f"{kind.noun} name {component.name!r} is already used by "
-                                      f"plugin {other!r}; plugin {plugin_name!r} registers it again")
+                                      f"plugin {first!r}; plugin {second!r} registers it again")
     component.plugin = plugin_name
     table[component.name] = component
 
 
+def _built_in_first(plugin_name: str) -> tuple[bool, str]:
+    """A third-party plugin reusing a built-in name is the one to blame, whatever the load order."""
+    from memdec_core.plugins import plugin_records
+
+    record = next((record for record in plugin_records(collect=False) if record.name == plugin_name), None)
+    return (not (record and record.distribution == "memdec"), plugin_name)
+
+
 def describe(kind: str) -> list[dict]:
     """Rows for ``memdec list KIND``: name, plugin and one-line description."""
-    return [{"name": name, "plugin": cls.plugin, "description": cls.describe(), **cls.info()}
+    return [{"name": name, "plugin": cls.plugin, "description": cls.describe(), **_kind_facts(cls), **cls.info()}
             for name, cls in sorted(components(kind).items())]
 
 
-__all__ = ["KINDS", "components", "get", "names", "describe", "clear_cache", "Component"]
+def _kind_facts(cls: type) -> dict:
+    """What each kind declares beside its settings (a retriever's kind, a method's default place)."""
+    facts = {}
+    for attribute in ("kind", "compare_rank", "needs_hidden", "elementwise"):
+        if hasattr(cls, attribute):
+            facts[attribute] = getattr(cls, attribute)
+    return facts
+
+
+__all__ = ["KINDS", "components", "get", "names", "describe", "clear_cache", "collect_all", "Component"]

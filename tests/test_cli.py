@@ -43,7 +43,14 @@ def test_list_json_comes_from_the_registry():
     assert {"base", "knn-lm"} <= {row["name"] for row in rows}
     assert all(row["plugin"] and row["description"] for row in rows)
     knn = next(row for row in rows if row["name"] == "knn-lm")
-    assert knn["settings"]["k"] == 1024 and knn["settings"]["factory"] == "auto"
+    assert knn["settings"]["k"] == 1024 and knn["settings"]["retriever"] == "faiss"
+    assert knn["help"]["k"] and knn["compare_rank"] is not None
+    retrievers = {row["name"]: row for row in json.loads(invoke("list", "retrievers", "--json").stdout)}
+    assert retrievers["faiss"]["kind"] == "vectors" and retrievers["bm25"]["kind"] == "text"
+    assert retrievers["faiss"]["settings"]["factory"] == "auto" and "nprobe" in retrievers["faiss"]["help"]
+    one = invoke("list", "retrievers", "faiss")
+    assert one.exit_code == 0 and "nprobe" in one.stdout and "inverted lists" in one.stdout
+    assert "did you mean 'faiss'" in invoke("list", "retrievers", "fais").output
     assert invoke("list", "nonsense").exit_code == 2
 
 
@@ -91,7 +98,14 @@ def test_eval_with_a_fixed_lambda_and_a_user_combiner_file(corpus_dir, tiny_gpt2
     (["--method", "knn-ml"], "unknown method 'knn-ml'; did you mean 'knn-lm'?"),
     (["--method", "knn-lm", "--set", "knn-lm.k=0"], "k must be at least 1"),
     (["--method", "knn-lm", "--set", "knn-lm.kk=3"], "unknown setting 'kk'"),
-    (["--method", "base", "--set", "knn-lm.k=3"], "settings given for method(s) not being run: knn-lm"),
+    (["--method", "base", "--set", "knn-lm.k=3"], "settings given for knn-lm, which this run does not use"),
+    (["--method", "knn-lm", "--set", "knn-lm.retriever=bm25"], "'bm25' is a text retriever; this needs one of kind "
+                                                               "vectors"),
+    (["--method", "knn-lm", "--set", "knn-lm.retriever=fais"], "unknown retriever 'fais'; did you mean 'faiss'?"),
+    (["--method", "knn-lm", "--set", "faiss.nprobe=x"], "faiss.nprobe must be int"),
+    (["--method", "mixture"], "mixture needs a memory: --set mixture.memory=NAME"),
+    (["--method", "mixture", "--set", "mixture.memory=knn-datastor"], "did you mean 'knn-datastore'"),
+    (["--method", "knn-lm", "--set", "linear.lam=2"], "λ (lam) must be in [0, 1]"),
     (["--combiner", "lineer"], "did you mean 'linear'"),
 ])
 def test_bad_input_is_one_line_and_exit_1(corpus_dir, tiny_gpt2, extra, message):

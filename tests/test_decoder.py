@@ -88,18 +88,19 @@ def test_memdec_method_lowers_perplexity_and_reuses_its_memory(corpus_dir, tiny_
     from memdec_core import api as core_api
 
     report = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["base", "memdec"], settings=WINDOW,
-                               method_settings={"memdec": {"memory": str(trained_memory)}})
+                               method_settings={"memdec": {"path": str(trained_memory)}})
     base, memdec = report["results"]
     assert memdec["method"] == "memdec" and 0 < memdec["knobs"]["lam"] <= 1
     assert memdec["test_ppl"] < base["test_ppl"]
-    assert memdec["details"]["memory"] == str(trained_memory)
+    assert memdec["details"]["memory_folder"] == str(trained_memory)
+    assert memdec["costs"]["params_added"] == memdec["details"]["memory_parameters"] > 0
     # Trained on first use into the cache, then reused (one memory per domain for every base).
     settings = {"memdec": {"teacher": str(tiny_llama), "init": str(tiny_llama), **QUICK}}
     first = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
                               method_settings=settings)["results"][0]
     second = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
                                method_settings=settings)["results"][0]
-    assert first["details"]["memory"] == second["details"]["memory"]
+    assert first["details"]["memory_folder"] == second["details"]["memory_folder"]
     assert first["test_ppl"] == second["test_ppl"]
 
 
@@ -140,7 +141,7 @@ def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path
 
 def test_targets_of_other_data_are_refused(corpus_dir, tiny_llama, tmp_path):
     from memdec_core.api import prepare_context
-    from memdec_knn.targets import TargetSet
+    from memdec_decoder.targets import TargetSet
 
     targets = TargetSet(api.build_targets(str(corpus_dir), str(tiny_llama), settings=WINDOW, k=16))
     shorter = prepare_context(str(corpus_dir), str(tiny_llama), EvalSettings(context=64, max_train_tokens=500))
@@ -187,15 +188,15 @@ def test_cli_eval_with_a_trained_memory_and_bad_memory_options(corpus_dir, tiny_
 
     window = ["--context", 64, "--stride", 32]
     result = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
-                    "--memory", trained_memory, "--format", "json", *window)
+                    "--set", f"memdec.path={trained_memory}", "--format", "json", *window)
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["results"][0]
     assert row["method"] == "memdec" and set(row["knobs"]) == {"lam"}
     misplaced = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "base",
-                       "--memory", trained_memory, *window)
-    assert misplaced.exit_code == 2 and "applies to --method memdec" in misplaced.output
+                       "--set", f"memdec.path={trained_memory}", *window)
+    assert misplaced.exit_code == 1 and "settings given for memdec, which this run does not use" in misplaced.output
     foreign = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
-                     "--memory", corpus_dir, *window)
+                     "--set", f"memdec.path={corpus_dir}", *window)
     assert foreign.exit_code == 1 and "not a memdec artifact" in foreign.output
 
 
@@ -220,8 +221,8 @@ def test_cli_train_and_targets(corpus_dir, tiny_llama, trained_memory, tmp_path)
 
 def test_auto_temperature_is_the_one_knn_lm_picks_on_validation(corpus_dir, tiny_llama, tmp_path):
     from memdec_core.api import prepare_context
+    from memdec_decoder.targets import TargetSet
     from memdec_knn.method import KnnLM
-    from memdec_knn.targets import TargetSet
 
     built = invoke("targets", "build", "--domain", corpus_dir, "--teacher", tiny_llama, "--k", 16,
                    "--knn-temperature", "auto", "--output", tmp_path / "auto", "--context", 64)
@@ -244,5 +245,5 @@ def test_a_restricted_shallow_memory_trains_reloads_and_mixes(corpus_dir, tiny_l
     logprobs = memory.logprobs(torch.tensor([[5, 17, 40]]))
     assert logprobs.shape[-1] == 300 and torch.isneginf(logprobs).any()
     row = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
-                            method_settings={"memdec": {"memory": str(folder)}})["results"][0]
+                            method_settings={"memdec": {"path": str(folder)}})["results"][0]
     assert row["test_ppl"] > 1 and row["details"]["restricted"]

@@ -39,7 +39,7 @@ def test_padded_rows_from_a_target_set_feed_the_loss(tmp_path):
     import numpy as np
 
     from test_targets import make_store
-    from memdec_knn.targets import TargetSettings, build_targets
+    from memdec_decoder.targets import TargetSettings, build_targets
 
     store = make_store(tmp_path, np.tile(np.arange(10), 8))
     target_set = build_targets(store, tmp_path / "t", TargetSettings(k=3, temperature=1.0))

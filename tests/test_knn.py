@@ -13,9 +13,11 @@ from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.evaluate import EvalSettings
 from memdec_knn import datastore as datastore_module
 from memdec_knn import distribution
+from memdec_knn.api import datastore_for
 from memdec_knn.datastore import build_datastore, open_datastore
 from memdec_knn.index import FaissRetriever
-from memdec_knn.method import KnnLM, KnnMemory
+from memdec_knn.memory import KnnDatastore
+from memdec_knn.method import KnnLM
 
 CONTEXT, STRIDE = 64, 32
 
@@ -29,8 +31,8 @@ def ctx(tiny_gpt2, corpus_dir):
 def store(ctx, tmp_path_factory):
     folder = tmp_path_factory.mktemp("stores") / "store"
     stream = ctx.corpus.streams["train"][:400]
-    return build_datastore(ctx.base, stream, folder, context=CONTEXT, stride=STRIDE, batch_size=3,
-                           retriever=FaissRetriever(), data_hash="test")
+    store = build_datastore(ctx.base, stream, folder, context=CONTEXT, stride=STRIDE, batch_size=3, data_hash="test")
+    return store.with_index(FaissRetriever())
 
 
 def ln_2_outputs(model, input_ids: np.ndarray) -> torch.Tensor:
@@ -73,7 +75,7 @@ def test_knn_distribution_equals_numpy_brute_force(store, temperature):
     rng = np.random.default_rng(0)
     queries = keys[rng.choice(len(keys), 5)] + rng.normal(0, 0.05, (5, keys.shape[1])).astype(np.float32)
     k = 16
-    distances, ids = store.retriever.search(queries, k)
+    distances, ids = store.search(queries, k)
     values = torch.from_numpy(np.asarray(store.vals)[ids].astype(np.int64))
     token_ids, probs = distribution.sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
                                                         values, temperature)
@@ -105,21 +107,24 @@ def test_ivf_pq_index_is_trained_on_a_sample_and_searchable(ctx, tmp_path):
     stream = ctx.corpus.streams["train"][:1200]
     retriever = FaissRetriever(factory="IVF4,PQ4", nprobe=4, train_size=600)
     store = build_datastore(ctx.base, stream, tmp_path / "ivf", context=CONTEXT, stride=STRIDE, batch_size=4,
-                            retriever=retriever, data_hash="x")
-    assert store.manifest["retriever"]["factory"] == "IVF4,PQ4"
-    distances, ids = store.retriever.search(np.asarray(store.keys[:3], dtype=np.float32), 8)
+                            data_hash="x").with_index(retriever)
+    assert store.index_manifest["index_factory"] == "IVF4,PQ4" and store.index_manifest["retriever"] == "faiss"
+    assert store.index_folder.parent == store.folder / "indexes"
+    distances, ids = store.search(np.asarray(store.keys[:3], dtype=np.float32), 8)
     assert (ids >= 0).all() and (np.diff(distances, axis=1) >= -1e-4).all()
+    again = FaissRetriever(factory="IVF4,PQ4", nprobe=2, train_size=600)  # nprobe: a search setting, same index
+    assert open_datastore(store.folder).with_index(again).index_folder == store.index_folder
 
 
 def test_bad_index_settings(ctx, tmp_path):
     stream = ctx.corpus.streams["train"][:200]
+    store = build_datastore(ctx.base, stream, tmp_path / "a", context=CONTEXT, stride=STRIDE, batch_size=4,
+                            data_hash="x")
     with pytest.raises(ConfigError, match="needs at least 4096 keys"):
-        build_datastore(ctx.base, stream, tmp_path / "a", context=CONTEXT, stride=STRIDE, batch_size=4,
-                        retriever=FaissRetriever(factory="IVF4096,Flat"), data_hash="x")
+        store.with_index(FaissRetriever(factory="IVF4096,Flat"))
     with pytest.raises(ConfigError, match="invalid faiss factory"):
-        build_datastore(ctx.base, stream, tmp_path / "b", context=CONTEXT, stride=STRIDE, batch_size=4,
-                        retriever=FaissRetriever(factory="Nonsense12"), data_hash="x")
-    assert not list(tmp_path.iterdir())  # nothing half-written
+        store.with_index(FaissRetriever(factory="Nonsense12"))
+    assert not list((store.folder / "indexes").iterdir())  # nothing half-written
 
 
 def test_k_must_be_positive():
@@ -138,17 +143,16 @@ def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
             yield batch
 
     monkeypatch.setattr(datastore_module, "iter_scored_batches", interrupted)
-    method = KnnLM()
     with pytest.raises(KeyboardInterrupt):
-        method.datastore_for(ctx)
-    from memdec_knn.method import datastore_key
+        datastore_for(ctx)
     from memdec_core.artifacts import cached_artifact
+    from memdec_knn.api import datastore_key
 
-    folder = cached_artifact("datastores", datastore_key(ctx, method.config))
+    folder = cached_artifact("datastores", datastore_key(ctx))
     assert not folder.exists()
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
     monkeypatch.setattr(datastore_module, "iter_scored_batches", real)
-    store = method.datastore_for(ctx)
+    store = datastore_for(ctx)
     assert store.folder == folder and len(store) == len(ctx.corpus.streams["train"]) - 1
 
 
@@ -170,7 +174,7 @@ def test_corrupt_or_foreign_datastores_are_refused(store, tmp_path):
 def test_datastore_of_another_model_is_refused(ctx, store, tiny_llama, corpus_dir):
     other = prepare_context(str(corpus_dir), str(tiny_llama), EvalSettings(context=CONTEXT, stride=STRIDE))
     with pytest.raises(ArtifactError, match="same model for keys and queries"):
-        KnnLM(datastore=str(store.folder)).datastore_for(other)
+        datastore_for(other, store.folder)
 
 
 def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
@@ -181,16 +185,18 @@ def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
     assert result.test_ppl < base
     assert set(result.knobs) == {"temperature", "lam"}
     assert 0 < result.knobs["lam"] < 1
-    assert len(result.details["valid_grid"]) == len(KnnLM.Config().temperatures) * len(LAMBDA_GRID)
+    assert len(result.tuning) == len(KnnLM.Config().temperatures) * len(LAMBDA_GRID)
+    assert result.costs.params_added == 0 and result.costs.bytes_added > 0 and result.costs.train_seconds > 0
 
 
 def test_knn_memory_dense_rows_match_gold(store, ctx):
-    memory = KnnMemory(store, k=8, temperatures=(5.0,))
+    memory = KnnDatastore(k=8, temperatures=(5.0,), datastore=str(store.folder))
+    memory.prepare(ctx)
     from memdec_core.evaluate import iter_scored_batches
 
     batch = next(iter_scored_batches(ctx.base.model, ctx.corpus.streams["valid"], ctx.windows("valid"),
                                      batch_size=2, capture_hidden=True))
-    state = memory.prepare(batch)
+    state = memory.score(batch)
     dense = memory.logprobs(state, batch, {"temperature": 5.0})
     gold = memory.gold_logprobs(state, batch, {"temperature": 5.0})
     from_dense = dense.gather(1, batch.targets[:, None])[:, 0]

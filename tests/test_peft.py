@@ -10,7 +10,8 @@ from memdec_core import api
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.evaluate import EvalSettings
 from memdec_core.training import LoopSettings, Trainer
-from memdec_peft.methods import LoraSettings, lora_targets
+from memdec_peft.methods import lora_targets
+from memdec_peft.settings import LoraSettings
 
 from conftest import SMALL_WINDOWS
 
@@ -28,12 +29,12 @@ def test_lora_lowers_perplexity_and_counts_its_parameters(corpus_dir, family, re
     model = request.getfixturevalue(family)
     base, lora = run(corpus_dir, model, "lora", rank=4, epochs=2, lrs=(3e-3,))
     assert lora["test_ppl"] < base["test_ppl"]
-    assert lora["knobs"] == {"lr": 3e-3, "rank": 4, "alpha": 8.0}
+    assert lora["knobs"] == {"lr": 3e-3, "rank": 4}
     # 2 blocks of hidden size 32: rank 4 adds 4 · (fan_in + fan_out) per adapted matrix.
     per_block = {"tiny_gpt2": (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32),  # c_attn, attn c_proj, c_fc, mlp c_proj
                  "tiny_llama": 4 * (32 + 32) + 3 * (32 + 64)}[family]
-    assert lora["details"]["params_added"] == 2 * 4 * per_block
-    assert lora["details"]["bytes_added"] > 0
+    assert lora["costs"]["params_added"] == 2 * 4 * per_block
+    assert lora["costs"]["bytes_added"] > 0 and lora["costs"]["train_seconds"] > 0
 
 
 def test_dapt_lowers_perplexity_is_cached_and_leaves_the_base_untouched(corpus_dir, tiny_llama):
@@ -50,14 +51,14 @@ def test_dapt_lowers_perplexity_is_cached_and_leaves_the_base_untouched(corpus_d
     for name, tensor in ctx.base.model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     base = run(corpus_dir, tiny_llama, "base")[0]
-    assert first.test_ppl < base["test_ppl"] and first.details["params_added"] == 0
+    assert first.test_ppl < base["test_ppl"] and first.costs.params_added == 0
 
 
 def test_lora_refuses_unknown_architectures_and_bad_settings():
     stranger = SimpleNamespace(config=SimpleNamespace(model_type="bert"), named_modules=lambda: [])
     with pytest.raises(ModelError, match="does not know"):
         lora_targets(stranger)
-    with pytest.raises(ConfigError, match="rank and alpha"):
+    with pytest.raises(ConfigError, match="rank, alpha and match_parameters"):
         LoraSettings(rank=-1)
     with pytest.raises(ConfigError, match="learning rates must be positive"):
         LoraSettings(lrs=(0.0,))

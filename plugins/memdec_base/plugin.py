@@ -1,4 +1,4 @@
-"""Registers the ``base`` method."""
+"""Registers ``base`` (the unadapted model) and ``mixture`` (any memory model mixed with the base)."""
 
 from memdec_core.hookspecs import hookimpl
 
@@ -6,5 +6,6 @@ from memdec_core.hookspecs import hookimpl
 @hookimpl
 def memdec_register_methods():
     from memdec_base.method import Base
+    from memdec_core.mixture import Mixture
 
-    return [Base]
+    return [Base, Mixture]

@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from memdec_core.errors import ConfigError
-from memdec_core.interfaces import Combiner
+from memdec_core.interfaces import Combiner, setting
 
 #: λ values tried on validation. Small values matter: a strong base wants 0.05–0.15; a memory far
 #: better than a weak base on its domain wants 0.9 or more.
@@ -29,7 +27,7 @@ class Linear(Combiner):
 
     @dataclass
     class Config:
-        lam: float = 0.25
+        lam: float = setting(0.25, "λ, the weight of the memory; tuned on validation unless fixed")
 
         def __post_init__(self):
             self.lam = check_lambda(self.lam)
@@ -38,7 +36,9 @@ class Linear(Combiner):
     def grid(cls):
         return [cls.Config(lam) for lam in LAMBDA_GRID]
 
-    def combine(self, base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, context) -> torch.Tensor:
+    def combine(self, base_logprobs, memory_logprobs, context):
+        import torch
+
         lam = self.config.lam
         if lam == 0.0:  # log(0) would turn -inf memory entries into NaN
             return base_logprobs

@@ -10,52 +10,59 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
-from memdec_core.api import prepare_context
 from memdec_core.errors import ConfigError
-from memdec_core.progress import log
-from memdec_decoder.memory import MemoryDecoder, open_memory
-from memdec_decoder.method import DecoderSettings, MemoryDecoderMethod
-from memdec_decoder.train import train_memory
-from memdec_knn.targets import build_targets as build_target_set
+from memdec_core.plan import Plan, check_requirements
+from memdec_decoder.settings import DecoderSettings
+
+
+def _context(domain, model: str, settings, plan: Plan):
+    from memdec_core.api import prepare_context
+    from memdec_decoder.memory_model import DecoderMemory
+
+    check_requirements(DecoderMemory)
+    return prepare_context(domain, model, settings, plan=plan)
 
 
 def build_targets(domain, teacher: str, *, settings=None, output: Path | None = None, k: int = 1024,
-                  temperature: float | str = 16.0) -> str:
+                  temperature: float | str = 16.0, retriever: str = "faiss",
+                  component_settings: dict | None = None) -> str:
     """The teacher's kNN targets over ``domain``'s train split (cached unless ``output`` is given).
 
     ``temperature="auto"`` takes the T that the teacher's kNN-LM picks on the validation split.
     """
-    tune = temperature == "auto"
-    method = MemoryDecoderMethod(teacher=teacher, k=k, tune_temperature=tune,
-                                 **({} if tune else {"temperature": temperature}))
-    _refuse_existing(output)
-    ctx = prepare_context(domain, teacher, settings)
-    if output is None:
-        return str(method.targets_for(ctx).folder)
-    from memdec_knn.method import KnnLM
+    from memdec_decoder import pipeline
+    from memdec_decoder.targets import build_targets as write_targets
 
-    store = KnnLM(k=k).datastore_for(ctx)
-    return str(build_target_set(store, Path(output), method.target_settings_for(ctx, store)).folder)
+    tune = temperature == "auto"
+    config = DecoderSettings(teacher=teacher, k=k, retriever=retriever, tune_temperature=tune,
+                             **({} if tune else {"temperature": temperature}))
+    _refuse_existing(output)
+    ctx = _context(domain, teacher, settings, Plan(component_settings))
+    if output is None:
+        return str(pipeline.targets_for(ctx, config).folder)
+    store = pipeline.teacher_datastore(ctx, config)
+    return str(write_targets(store, Path(output), pipeline.target_settings_for(ctx, store, config)).folder)
 
 
 def train(domain, *, teacher: str = "", init: str = "", settings=None, output: Path | None = None,
-          **decoder_settings) -> str:
+          component_settings: dict | None = None, **decoder_settings) -> str:
     """Train (or reuse from the cache) the domain's Memory Decoder; returns its folder.
 
     ``teacher`` / ``init`` default to the largest / smallest demo model. With ``output`` the
     memory is written to that folder; an interrupted run resumes when called again the same way.
     """
-    method = MemoryDecoderMethod(teacher=teacher, init=init, **decoder_settings)
+    from memdec_decoder import pipeline
+    from memdec_decoder.train import train_memory
+
+    config = DecoderSettings(teacher=teacher, init=init, **decoder_settings)
     _refuse_existing(output)
-    ctx = prepare_context(domain, teacher or _default_teacher(), settings)
+    ctx = _context(domain, teacher or _default_teacher(), settings, Plan(component_settings))
     if output is None:
-        return str(method.memory_for(ctx).folder)
-    teacher_name, init_name = method.teacher_and_init(ctx.base)
-    targets = method.targets_for(ctx)
+        return str(pipeline.memory_for(ctx, config).folder)
+    teacher_name, init_name = pipeline.teacher_and_init(ctx.base, config)
+    targets = pipeline.targets_for(ctx, config)
     memory = train_memory(init_name, ctx.corpus, targets, Path(output).expanduser(), context=ctx.context,
-                          stride=ctx.stride, settings=method.config.train_settings(), teacher=teacher_name,
+                          stride=ctx.stride, settings=config.train_settings(), teacher=teacher_name,
                           eval_batch_size=ctx.settings.batch_size)
     return str(memory.folder)
 
@@ -72,22 +79,12 @@ def _refuse_existing(output) -> None:
 
 
 def generate(base: str, memory, prompt: str, *, lam: float = 0.6, streamer_factory=None, **generation) -> str:
-    """Continue ``prompt`` with ``base`` mixed with ``memory`` (a folder, a loaded memory or None).
+    """Continue ``prompt`` with ``base`` mixed with the memory folder ``memory`` (None: the base alone)
+    by the linear combiner with weight ``lam``."""
+    from memdec_core import api
 
-    ``streamer_factory(tokenizer)`` may return a transformers streamer to print tokens as they come.
-    """
-    from memdec_core.models import load_model
-    from memdec_decoder.generate import generate_with_memory
-
-    loaded_memory = memory if isinstance(memory, MemoryDecoder) or memory is None else open_memory(memory)
-    log(f"loading {base}")
-    loaded = load_model(base)
-    input_ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if input_ids.shape[1] == 0:
-        input_ids = torch.tensor([[loaded.tokenizer.eos_token_id]])
-    streamer = streamer_factory(loaded.tokenizer) if streamer_factory else None
-    output = generate_with_memory(loaded, loaded_memory, input_ids, lam=lam, streamer=streamer, **generation)
-    return loaded.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return api.generate(base, prompt, memory=str(memory) if memory is not None else None,
+                        settings={"linear": {"lam": lam}}, streamer_factory=streamer_factory, **generation)
 
 
 def memory_settings() -> dict:

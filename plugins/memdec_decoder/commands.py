@@ -1,4 +1,4 @@
-"""``memdec targets``, ``memdec train`` and ``memdec generate``."""
+"""``memdec targets`` and ``memdec train``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import eval_settings, window_options
+from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
 
 _domain = click.option("--domain", required=True,
                        help="A registered domain or a corpus folder (its train split is used).")
@@ -26,6 +26,9 @@ def _parse_temperature(context, parameter, value: str):
     return number
 
 
+_retriever = click.option("--retriever", default="faiss", show_default=True,
+                          help="The vectors retriever that searches the teacher's datastore (memdec list retrievers); "
+                               "its settings with --set NAME.KEY=VALUE.")
 _temperature = click.option("--knn-temperature", "temperature", default="16", show_default=True,
                             callback=_parse_temperature, metavar="T|auto",
                             help="T of the kNN weights softmax(−d/T). The paper's 16 suits the demo family; "
@@ -43,11 +46,13 @@ def targets():
 @click.option("--teacher", required=True, help="The model whose datastore makes the targets.")
 @_k
 @_temperature
+@_retriever
+@set_option
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Write the targets to this new folder instead of the cache.")
 @window_options
-def targets_build(domain, teacher, k, temperature, output, context, stride, batch_size, max_train_tokens,
-                  max_eval_tokens):
+def targets_build(domain, teacher, k, temperature, retriever, assignments, output, context, stride, batch_size,
+                  max_train_tokens, max_eval_tokens):
     """Search k + 1 neighbours of every train position in TEACHER's datastore, drop the position's own
     entry, and store the resulting distributions sparse (ids int32, probabilities fp16).
 
@@ -56,15 +61,16 @@ def targets_build(domain, teacher, k, temperature, output, context, stride, batc
     """
     from memdec_decoder.api import build_targets
 
-    click.echo(build_targets(domain, teacher, k=k, temperature=temperature, output=output, settings=eval_settings(
-        context, stride, batch_size, max_train_tokens, max_eval_tokens)))
+    click.echo(build_targets(domain, teacher, k=k, temperature=temperature, output=output, retriever=retriever,
+                             component_settings=parse_assignments(assignments),
+                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens)))
 
 
 @targets.command("info")
 @click.argument("folder", type=click.Path(path_type=Path))
 def targets_info(folder):
     """Print a targets folder's manifest."""
-    from memdec_knn.targets import TargetSet
+    from memdec_decoder.targets import TargetSet
 
     click.echo(json.dumps(TargetSet(folder).manifest, indent=2))
 
@@ -94,19 +100,22 @@ def targets_info(folder):
               help="Stop after N optimizer steps (a budget; 0: the epochs decide).")
 @_k
 @_temperature
+@_retriever
+@set_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Write the memory to this new folder instead of the cache. Rerunning the same command "
                    "after an interruption resumes from the last checkpoint.")
 @window_options
 def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, epochs, lr, train_batch, accumulate,
-          max_steps, k, temperature, seed, output, context, stride, batch_size, max_train_tokens, max_eval_tokens):
+          max_steps, k, temperature, retriever, assignments, seed, output, context, stride, batch_size,
+          max_train_tokens, max_eval_tokens):
     """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
 
     Builds (or reuses) the teacher's datastore and kNN targets, then trains with
     β·KL(p_kNN ‖ p_mem) + (1−β)·CE, evaluating the memory on the validation split after every
     epoch and keeping the best. Prints the memory folder: a plain HF model folder plus
-    memdec.json, usable with `memdec eval --method memdec --memory DIR` and `memdec generate`.
+    memdec.json, usable with `memdec eval --method memdec --set memdec.path=DIR` and `memdec generate --memory DIR`.
 
     \b
     Example (the offline demo family):
@@ -117,57 +126,10 @@ def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, ep
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
                             init_layers=init_layers, vocabulary=vocabulary, beta=beta, epochs=epochs, lr=lr,
                             batch_size=train_batch, accumulate=accumulate, max_steps=max_steps, k=k,
+                            retriever=retriever, component_settings=parse_assignments(assignments),
                             **_temperature_settings(temperature), seed=seed, settings=eval_settings(
                                 context, stride, batch_size, max_train_tokens, max_eval_tokens)))
 
 
 def _temperature_settings(temperature) -> dict:
     return {"tune_temperature": True} if temperature == "auto" else {"temperature": temperature}
-
-
-@click.command("generate")
-@click.option("--base", required=True, help="The base model (a name, folder, .gguf file or hub id).")
-@click.option("--memory", type=click.Path(path_type=Path), default=None,
-              help="A memory folder from `memdec train`; without it the base generates alone.")
-@click.option("--lam", type=click.FloatRange(0, 1), default=0.6, show_default=True,
-              help="Weight of the memory: log(λ·p_mem + (1−λ)·p_base).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--sample", is_flag=True, help="Sample instead of greedy / beam search.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Sampling temperature, applied to the mixture.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Sampling: keep the k best tokens (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-              help="Sampling: nucleus mass.")
-@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True, help="Beam search width.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
-@click.argument("prompt")
-def generate(base, memory, lam, max_new_tokens, sample, temperature, top_k, top_p, num_beams, seed, prompt):
-    """Continue PROMPT with BASE mixed with a Memory Decoder, streamed to the terminal.
-
-    The memory runs beside generate() with its own KV cache, so greedy decoding, sampling and
-    beam search all work (beams are printed when done).
-
-    \b
-    Example:
-      memdec generate --base memdec-demo-m --memory finance-memory --sample --top-p 0.9 "The central bank"
-    """
-    import torch
-    from transformers import TextStreamer
-
-    from memdec_decoder.api import generate as generate_text
-
-    torch.manual_seed(seed)
-
-    class _Streamer(TextStreamer):
-        def on_finalized_text(self, text, stream_end=False):
-            click.echo(text, nl=stream_end)
-
-    streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
-        if num_beams == 1 else None
-    click.echo(prompt, nl=False)
-    text = generate_text(base, memory, prompt, lam=lam, streamer_factory=streamer_factory,
-                         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                         top_p=top_p, num_beams=num_beams)
-    if streamer_factory is None:
-        click.echo(text)

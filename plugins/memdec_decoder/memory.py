@@ -15,7 +15,6 @@ import torch
 
 from memdec_core.artifacts import read_manifest
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
-from memdec_core.interfaces import MemoryModel
 from memdec_core.models import default_device, model_device
 from memdec_decoder.vocab import Vocabulary
 
@@ -137,21 +136,49 @@ def open_memory(folder) -> MemoryDecoder:
     return MemoryDecoder(model, folder, manifest, vocabulary)
 
 
-class DecoderMemoryModel(MemoryModel):
-    """A trained Memory Decoder folder as a MemoryModel: log-probs for windows of tokens."""
+class DecoderStepper:
+    """The memory in generation, with its own KV cache that follows ``generate()``'s rows.
 
-    name = "memory-decoder"
+    Beam search reorders and duplicates rows between steps: for every row the stepper finds the
+    cached row whose tokens are its prefix and reorders the cache to match, so nothing is
+    recomputed. A call that extends no cached row (the first, or an unrelated one) fills the
+    cache with the whole sequence.
+    """
 
-    @dataclass
-    class Config:
-        path: str = ""
+    def __init__(self, memory: MemoryDecoder, use_cache: bool = True):
+        self.memory, self.use_cache = memory, use_cache
+        self._cache = None
+        self._seen: torch.Tensor | None = None  # [rows, length] the tokens the cache holds
 
-    def __init__(self, config=None, **overrides):
-        super().__init__(config, **overrides)
-        if not self.config.path:
-            raise ConfigError("memory-decoder needs path=<a memory folder written by memdec train>")
-        self.memory = open_memory(self.config.path)
-        self.tokenizer_fingerprint = self.memory.tokenizer_fingerprint
+    @torch.inference_mode()
+    def next_logprobs(self, input_ids: torch.Tensor, hidden=None, width: int | None = None) -> torch.Tensor:
+        """``[rows, width]`` full-vocabulary log-probs of the token after each row."""
+        return self.memory.to_full(self.restricted_next(input_ids), width).to(input_ids.device)
 
-    def logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.memory.logprobs(input_ids)
+    def restricted_next(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[rows, memory vocab]`` log-probs of the next token, in the memory's own numbering."""
+        if not self.use_cache:
+            logits = self.memory.forward(input_ids, logits_to_keep=1).logits[:, -1]
+            return self.memory.restricted_logprobs(logits)
+        source = self._source_rows(input_ids)
+        if source is None:
+            from transformers import DynamicCache
+
+            self._cache = DynamicCache(config=self.memory.model.config)
+            new_tokens = input_ids
+        else:
+            if not torch.equal(source, torch.arange(len(self._seen), device=source.device)):
+                self._cache.reorder_cache(source.to(self.memory.device))
+            new_tokens = input_ids[:, -1:]
+        output = self.memory.forward(new_tokens, past_key_values=self._cache, logits_to_keep=1)
+        self._seen = input_ids.clone()
+        return self.memory.restricted_logprobs(output.logits[:, -1])
+
+    def _source_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """For each row, the cached row it extends by one token; None when some row has none."""
+        if self._seen is None or input_ids.shape[1] != self._seen.shape[1] + 1:
+            return None
+        matches = (input_ids[:, None, :-1] == self._seen[None, :, :]).all(dim=-1)  # [rows, cached rows]
+        if not bool(matches.any(dim=1).all()):
+            return None
+        return matches.float().argmax(dim=1)

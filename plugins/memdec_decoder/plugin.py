@@ -1,4 +1,4 @@
-"""Registers the Memory Decoder method, its MemoryModel and ``memdec targets|train|generate``."""
+"""Registers the Memory Decoder method, its memory model and ``memdec targets|train``."""
 
 from memdec_core.hookspecs import hookimpl
 
@@ -12,14 +12,14 @@ def memdec_register_methods():
 
 @hookimpl
 def memdec_register_memory_models():
-    from memdec_decoder.memory import DecoderMemoryModel
+    from memdec_decoder.memory_model import DecoderMemory
 
-    return [DecoderMemoryModel]
+    return [DecoderMemory]
 
 
 @hookimpl
 def memdec_register_commands(cli):
-    from memdec_decoder.commands import generate, targets, train
+    from memdec_decoder.commands import targets, train
 
-    for command in (targets, train, generate):
+    for command in (targets, train):
         cli.add_command(command)

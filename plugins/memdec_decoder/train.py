@@ -29,11 +29,11 @@ from memdec_core.training import LoopSettings, TrainBatch, Trainer
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
 from memdec_decoder.vocab import Vocabulary, restrict_model
-from memdec_knn.targets import TargetSet
+from memdec_decoder.settings import VOCABULARY_CHOICES
+from memdec_decoder.targets import TargetSet
 
 #: ``vocabulary="auto"`` restricts the output layer for vocabularies larger than this.
 AUTO_RESTRICT_ABOVE = 32_768
-VOCABULARY_CHOICES = ("auto", "full", "restricted")
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def _readme_lines(init, vocabulary, targets, settings, state, parameters) -> lis
         f"train data hash `{targets.manifest['data_hash']}`.",
         f"- Best epoch {state['best_epoch']} of {settings.epochs}: validation perplexity of the memory alone "
         f"{state['best_valid_ppl']:.3f}.",
-        "- Use: `memdec eval --method memdec --memory THIS_FOLDER` or "
+        "- Use: `memdec eval --method memdec --set memdec.path=THIS_FOLDER` or "
         "`memdec generate --base MODEL --memory THIS_FOLDER \"prompt\"`.",
     ]
     if vocabulary:

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from memdec_core.data import read_documents
 from memdec_core.errors import ConfigError, DataError
-from memdec_core.interfaces import SPLITS, Domain
+from memdec_core.interfaces import SPLITS, Domain, setting
 
 DATA = Path(__file__).parent / "data"
 SOURCES = ("package", "hub")
@@ -17,7 +17,8 @@ SOURCES = ("package", "hub")
 
 @dataclass
 class PackConfig:
-    source: str = "package"  # "package": the shipped sample; "hub": the paper-scale dataset online
+    source: str = setting("package", "package: the shipped sample; hub: the paper-scale dataset on the Hugging "
+                                     "Face hub (needs network and `pip install datasets`)")
 
     def __post_init__(self):
         if self.source not in SOURCES:

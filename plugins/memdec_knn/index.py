@@ -9,22 +9,25 @@ from pathlib import Path
 import numpy as np
 
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.interfaces import Retriever
+from memdec_core.interfaces import Retriever, setting
 
 ADD_CHUNK = 65_536  # keys converted fp16 → fp32 and added per step, to bound memory
+INDEX_FILE = "index.faiss"
 
 
 class FaissRetriever(Retriever):
     """Exact or approximate L2 search over vectors with faiss (any factory string)."""
 
     name = "faiss"
+    kind = "vectors"
 
     @dataclass
     class Config:
-        factory: str = "auto"  # "auto", or any faiss factory string, e.g. "Flat", "IVF4096,PQ64"
-        nprobe: int = 32  # inverted lists visited per query (IVF only)
-        train_size: int = 100_000  # keys sampled to train an IVF/PQ index
-        seed: int = 0
+        factory: str = setting("auto", 'a faiss factory string ("Flat", "IVF4096,PQ64"); "auto": exact up to '
+                                       '100k keys, then an inverted file (with PQ codes above 2M keys)')
+        nprobe: int = setting(32, "inverted lists visited per query (IVF indexes only)", build=False)
+        train_size: int = setting(100_000, "keys sampled (seeded) to train an IVF/PQ index")
+        seed: int = setting(0, "seed of the training sample")
 
         def __post_init__(self):
             if self.nprobe < 1:
@@ -37,8 +40,11 @@ class FaissRetriever(Retriever):
         self.index = None
         self.factory = self.config.factory  # the concrete factory string once "auto" is resolved
 
-    def build(self, items: np.ndarray, path: str) -> None:
-        """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``path``."""
+    def facts(self) -> dict:
+        return {"index_factory": self.factory}
+
+    def build(self, items: np.ndarray, folder: Path) -> None:
+        """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``folder``."""
         import faiss
 
         self.factory = resolve_factory(self.config.factory, *items.shape)
@@ -47,7 +53,7 @@ class FaissRetriever(Retriever):
             self._train(index, items)
         for start in range(0, len(items), ADD_CHUNK):
             index.add(np.ascontiguousarray(items[start:start + ADD_CHUNK], dtype=np.float32))
-        faiss.write_index(index, str(path))
+        faiss.write_index(index, str(Path(folder) / INDEX_FILE))
         self.index = index
         self._set_nprobe()
 
@@ -73,10 +79,12 @@ class FaissRetriever(Retriever):
         except RuntimeError as error:
             raise ConfigError(f"training index {self.factory!r} failed: {_faiss_message(error)}") from error
 
-    def load(self, path: str) -> None:
+    def load(self, items: np.ndarray, folder: Path) -> None:
+        """Open ``folder``'s index memory-mapped (where the index type allows), checking its size."""
         import faiss
 
-        if not Path(path).is_file():
+        path = Path(folder) / INDEX_FILE
+        if not path.is_file():
             raise ArtifactError(f"index file missing: {path}")
         try:
             self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
@@ -85,6 +93,8 @@ class FaissRetriever(Retriever):
                 self.index = faiss.read_index(str(path))
             except RuntimeError as error:
                 raise ArtifactError(f"corrupt faiss index {path}: {_faiss_message(error)}") from error
+        if self.index.ntotal != len(items):
+            raise ArtifactError(f"faiss index {path} holds {self.index.ntotal} keys, the datastore {len(items)}")
         self._set_nprobe()
 
     def _set_nprobe(self) -> None:
@@ -94,10 +104,6 @@ class FaissRetriever(Retriever):
             faiss.extract_index_ivf(self.index).nprobe = self.config.nprobe
         except RuntimeError:
             pass  # not an IVF index
-
-    @property
-    def ntotal(self) -> int:
-        return self.index.ntotal
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared L2 distances and ids ``[n, k]``; missing neighbours have id -1."""

@@ -1,4 +1,4 @@
-"""Registers the kNN-LM method, the faiss retriever and ``memdec datastore``."""
+"""Registers the kNN-LM method, the ``knn-datastore`` memory, the faiss retriever and ``memdec datastore``."""
 
 from memdec_core.hookspecs import hookimpl
 
@@ -8,6 +8,13 @@ def memdec_register_methods():
     from memdec_knn.method import KnnLM
 
     return [KnnLM]
+
+
+@hookimpl
+def memdec_register_memory_models():
+    from memdec_knn.memory import KnnDatastore
+
+    return [KnnDatastore]
 
 
 @hookimpl

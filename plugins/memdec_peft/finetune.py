@@ -18,38 +18,19 @@ import torch
 
 from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, folder_bytes, previous_version,
                                    read_manifest, start_or_resume, write_manifest, write_readme)
-from memdec_core.errors import ConfigError
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
+from memdec_core.identity import component_identity
+from memdec_core.interfaces import Costs
 from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer
+from memdec_peft.settings import FinetuneSettings
 
 
-@dataclass
-class FinetuneSettings:
-    """Settings shared by ``dapt`` and ``lora``."""
-
-    lrs: tuple = (1e-3,)  # learning rates tried; the best on validation is kept
-    epochs: int = 3
-    patience: int = 1  # epochs without a better validation perplexity before stopping
-    batch_size: int = 8
-    accumulate: int = 1
-    max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
-    budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
-    budget_flops: float = 0.0  # or in training FLOPs: 6N per token for dapt, about 4N for lora
-    seed: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.lrs, (int, float)):
-            self.lrs = (self.lrs,)
-        self.lrs = tuple(float(lr) for lr in self.lrs)
-        if not self.lrs or min(self.lrs) <= 0:
-            raise ConfigError(f"learning rates must be positive, got {self.lrs}")
-        self.loop(self.lrs[0])
-
-    def loop(self, lr: float) -> LoopSettings:
-        return LoopSettings(epochs=self.epochs, lr=lr, batch_size=self.batch_size, accumulate=self.accumulate,
-                            max_steps=self.max_steps, max_tokens=self.budget_tokens, max_flops=self.budget_flops, patience=self.patience,
-                            seed=self.seed)
+def loop_settings(settings: FinetuneSettings, lr: float) -> LoopSettings:
+    """The training loop's settings for one learning rate of the grid."""
+    return LoopSettings(epochs=settings.epochs, lr=lr, batch_size=settings.batch_size, accumulate=settings.accumulate,
+                        max_steps=settings.max_steps, max_tokens=settings.budget_tokens, max_flops=settings.budget_flops,
+                        patience=settings.patience, seed=settings.seed)
 
 
 def cross_entropy(model, batch: TrainBatch) -> torch.Tensor:
@@ -62,19 +43,21 @@ class Adaptation:
     """How one method adapts a base: what it trains, how it saves and how it is loaded back."""
 
     kind: str  # artifact type and cache folder, e.g. "lora"
+    method: type  # the Method class (its plugin and code are part of the cache key)
     #: base model → a new model to train (the base itself is never modified)
     prepare: Callable[[torch.nn.Module], torch.nn.Module]
     #: (base model, saved folder, trainable) → a new adapted model
     load: Callable[..., torch.nn.Module]
     identity: dict  # what besides data, base and loop settings defines the artifact (e.g. the rank)
     adds_parameters: bool = True  # False when the trained weights replace the base's (DAPT)
+    knobs: dict = dataclasses.field(default_factory=dict)  # what the result reports beside the lr
 
 
 def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation: Adaptation) -> MethodResult:
     """Train one adapted model per learning rate, keep the best on validation, score test with it."""
     runs = []
     for lr in settings.lrs:
-        folder = train_cached(ctx, settings.loop(lr), adaptation)
+        folder = train_cached(ctx, loop_settings(settings, lr), adaptation)
         runs.append((folder, read_manifest(folder, adaptation.kind), lr))
     folder, state, lr = min(runs, key=lambda run: run[1]["best_valid_ppl"])
     model = adaptation.load(ctx.base.model, folder, trainable=False).eval()
@@ -82,23 +65,26 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
     test_ppl = scorer(ctx.corpus.streams["test"], ctx.windows("test"),
                       f"test {ctx.base.short_name} + {adaptation.kind}").perplexity
     trainable = state["trainable_parameters"]
-    details = {"artifact": str(folder), "params_added": trainable if adaptation.adds_parameters else 0,
-               "trained_parameters": trainable, "bytes_added": folder_bytes(folder),
-               # the cost of the method includes every learning rate tried
-               "train_seconds": round(sum(run_state["train_seconds"] for _, run_state, _ in runs), 1),
-               "train_tokens": state["train_tokens"],
-               "train_flops": sum(run_state["train_tokens"] * run_state.get("flops_per_token", 0)
-                                  for _, run_state, _ in runs),
-               "best_epoch": state["best_epoch"], "stopped_early": state["stopped_early"],
+    added = trainable if adaptation.adds_parameters else 0
+    costs = Costs(params_added=added, bytes_added=folder_bytes(folder), memory_bytes=4 * added,
+                  # the cost of the method includes every learning rate tried
+                  train_seconds=round(sum(run_state["train_seconds"] for _, run_state, _ in runs), 1),
+                  train_tokens=state["train_tokens"],
+                  train_flops=sum(run_state["train_tokens"] * run_state.get("flops_per_token", 0)
+                                  for _, run_state, _ in runs))
+    details = {"artifact": str(folder), "trained_parameters": trainable, "best_epoch": state["best_epoch"],
+               "stopped_early": state["stopped_early"],
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
-    return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.identity}, details, scorer)
+    tuning = [{"lr": run_lr, "valid_ppl": run_state["best_valid_ppl"]} for _, run_state, run_lr in runs]
+    return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.knobs}, costs=costs,
+                        tuning=tuning, details=details, scorer=scorer)
 
 
 def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -> Path:
     """The adapted model's folder, trained on first use (an interrupted run resumes)."""
     identity = {"kind": adaptation.kind, "base": ctx.base.fingerprint, "train": ctx.corpus.data_hash("train"),
                 "valid": ctx.corpus.data_hash("valid"), "context": ctx.context, "stride": ctx.stride,
-                **dataclasses.asdict(loop), **adaptation.identity}
+                "code": component_identity(adaptation.method), **dataclasses.asdict(loop), **adaptation.identity}
     identity.pop("save_every")
     folder = cached_artifact(adaptation.kind, content_key(identity))
     if folder.exists():

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import dataclasses
+from typing import TYPE_CHECKING
 
-from memdec_core.errors import ConfigError, ModelError
-from memdec_core.evaluate import EvalContext, MethodResult
+from memdec_core.errors import ModelError
 from memdec_core.interfaces import Method
-from memdec_core.models import model_device
-from memdec_peft.finetune import Adaptation, FinetuneSettings, evaluate_finetuned
+from memdec_peft.settings import FALLBACK_RANK, DaptSettings, LoraSettings
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import EvalContext, MethodResult
 
 #: model_type → modules LoRA adapts: the attention projections and the MLP of every block.
 LORA_TARGETS = {
@@ -19,21 +21,17 @@ LORA_TARGETS = {
 }
 
 
-@dataclass
-class DaptSettings(FinetuneSettings):
-    """The settings of ``dapt``."""
-
-    lrs: tuple = (1e-4, 5e-4)
-
-
 class Dapt(Method):
     """DAPT: continued training of every weight of the base on the train split; lr tuned, early stopping."""
 
     name = "dapt"
     Config = DaptSettings
+    compare_rank = 10
 
-    def evaluate(self, ctx: EvalContext) -> MethodResult:
-        return evaluate_finetuned(ctx, self.config, Adaptation("dapt", prepare=copy.deepcopy, load=_load_dapt,
+    def evaluate(self, ctx: "EvalContext") -> "MethodResult":
+        from memdec_peft.finetune import Adaptation, evaluate_finetuned
+
+        return evaluate_finetuned(ctx, self.config, Adaptation("dapt", Dapt, prepare=copy.deepcopy, load=_load_dapt,
                                                                identity={}, adds_parameters=False))
 
 
@@ -42,32 +40,29 @@ def _load_dapt(base_model, folder, trainable: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from memdec_core.models import model_device
+
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(model_device(base_model))
 
 
-@dataclass
-class LoraSettings(FinetuneSettings):
-    """The settings of ``lora``."""
-
-    lrs: tuple = (5e-4, 2e-3)
-    rank: int = 0  # 0: auto, matched to the parameters of the domain's Memory Decoder (as the paper does)
-    alpha: float = 0.0  # 0: twice the rank
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.rank < 0 or self.alpha < 0:
-            raise ConfigError(f"rank and alpha must be 0 (auto) or positive, got {self.rank} and {self.alpha}")
-
-
 class Lora(Method):
-    """LoRA: low-rank adapters on attention and MLP, rank matched to the Memory Decoder; lr tuned."""
+    """LoRA: low-rank adapters on attention and MLP, rank matched to the run's memory; lr tuned."""
 
     name = "lora"
     Config = LoraSettings
+    compare_rank = 20
 
-    def evaluate(self, ctx: EvalContext) -> MethodResult:
+    def with_parameter_target(self, parameters: int) -> "Lora":
+        """An automatic rank with nothing given to match takes the run's largest memory's size."""
+        if self.config.rank or self.config.match_parameters:
+            return self
+        return Lora(dataclasses.replace(self.config, match_parameters=parameters))
+
+    def evaluate(self, ctx: "EvalContext") -> "MethodResult":
+        from memdec_peft.finetune import Adaptation, evaluate_finetuned
+
         targets = lora_targets(ctx.base.model)
-        rank = self.config.rank or auto_rank(ctx, targets)
+        rank = self.config.rank or auto_rank(ctx.base.model, targets, self.config.match_parameters)
         alpha = self.config.alpha or 2.0 * rank
         fused = ctx.base.model.config.model_type == "gpt2"
 
@@ -83,7 +78,9 @@ class Lora(Method):
 
             return PeftModel.from_pretrained(copy.deepcopy(base_model), folder, is_trainable=trainable)
 
-        return evaluate_finetuned(ctx, self.config, Adaptation("lora", prepare, load, {"rank": rank, "alpha": alpha}))
+        knobs = {"rank": rank, **({"alpha": alpha} if self.config.alpha else {})}
+        return evaluate_finetuned(ctx, self.config, Adaptation("lora", Lora, prepare, load,
+                                                               {"rank": rank, "alpha": alpha}, knobs=knobs))
 
 
 def lora_targets(model) -> list[str]:
@@ -98,25 +95,14 @@ def lora_targets(model) -> list[str]:
     return LORA_TARGETS[model_type]
 
 
-def auto_rank(ctx: EvalContext, targets: list[str]) -> int:
-    """The rank whose adapters hold as many parameters as the domain's Memory Decoder."""
+def auto_rank(model, targets: list[str], match_parameters: int) -> int:
+    """The rank whose adapters hold ``match_parameters`` parameters (capped by the smallest width)."""
+    if not match_parameters:
+        return FALLBACK_RANK
     per_rank, smallest = 0, None
-    for name, module in ctx.base.model.named_modules():
+    for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in targets and hasattr(module, "weight"):
             rows, columns = module.weight.shape
             per_rank += rows + columns
             smallest = min(smallest or min(rows, columns), min(rows, columns))
-    rank = round(memory_parameters(ctx) / per_rank)
-    return max(1, min(rank, smallest))
-
-
-def memory_parameters(ctx: EvalContext) -> int:
-    """Parameters of the Memory Decoder that ``memdec`` would train for this base."""
-    from memdec_decoder.method import MemoryDecoderMethod
-
-    _, init = MemoryDecoderMethod().teacher_and_init(ctx.base)
-    if init == ctx.base.model_id:
-        return sum(parameter.numel() for parameter in ctx.base.model.parameters())
-    from memdec_core.models import load_model
-
-    return sum(parameter.numel() for parameter in load_model(init).model.parameters())
+    return max(1, min(round(match_parameters / per_rank), smallest))

@@ -18,36 +18,34 @@ Nothing is tuned, so the validation split is not scored (``valid_ppl`` is None).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from memdec_core.errors import ConfigError
-from memdec_core.evaluate import EvalContext, MethodResult, NLLTotal
-from memdec_core.interfaces import Method
-from memdec_core.models import model_device
-from memdec_core.progress import progress_bar
-from memdec_rag.index import RETRIEVERS, PassageIndex
+from memdec_core.interfaces import Costs, EvalContext, Method, MethodResult, Use, setting
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from memdec_core.evaluate import NLLTotal
+    from memdec_rag.index import PassageIndex
 
 
 @dataclass
 class RagSettings:
     """The settings of ``rag`` (the paper's: a 32-token query, a new retrieval every 4 tokens)."""
 
-    passage_tokens: int = 128  # train passages are consecutive chunks of this many tokens
-    query_tokens: int = 32
-    retrieval_stride: int = 4
-    batch_size: int = 8  # sequences per forward pass
-    merge_runs: bool = True  # score consecutive retrievals of the same passage in one pass
-    retriever: str = "bm25"  # or "dense": sentence-transformers embeddings (pip install 'memdec[dense]')
-    encoder: str = ""  # the dense retriever's model (folder or hub id); default: all-MiniLM-L6-v2, offline
+    passage_tokens: int = setting(128, "train passages are consecutive chunks of this many tokens")
+    query_tokens: int = setting(32, "the last tokens of the text that form each query")
+    retrieval_stride: int = setting(4, "tokens scored per retrieval")
+    batch_size: int = setting(8, "sequences per forward pass")
+    merge_runs: bool = setting(True, "score consecutive retrievals of the same passage in one pass")
+    retriever: str = setting("bm25", "the text retriever over the passages (memdec list retrievers): bm25, or "
+                                     "dense (pip install 'memdec[dense]')")
 
     def __post_init__(self):
         for name in ("passage_tokens", "query_tokens", "retrieval_stride", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.retriever not in RETRIEVERS:
-            raise ConfigError(f"rag.retriever must be one of {', '.join(RETRIEVERS)}, got {self.retriever!r}")
 
 
 @dataclass(frozen=True)
@@ -64,22 +62,31 @@ class Rag(Method):
 
     name = "rag"
     Config = RagSettings
+    compare_rank = 40
+
+    def uses(self) -> list[Use]:
+        return [Use("retrievers", self.config.retriever, f"{self.name}.retriever", accepts=("text",))]
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
+        from memdec_rag.index import PassageIndex
+
         if self.config.passage_tokens + self.config.retrieval_stride > ctx.context:
             raise ConfigError(f"rag: passages of {self.config.passage_tokens} tokens leave no room for "
                               f"{self.config.retrieval_stride} scored tokens in windows of {ctx.context}; "
                               f"lower rag.passage_tokens")
-        index = PassageIndex.for_corpus(ctx, self.config.passage_tokens, self.config.retriever, self.config.encoder)
+        retriever = ctx.create("retrievers", self.config.retriever)
+        index = PassageIndex.for_corpus(ctx, self.config.passage_tokens, retriever)
         test = self.score(ctx, index, ctx.corpus.streams["test"], f"rag test {ctx.base.short_name}")
-        return MethodResult(test.perplexity, None, {},
-                            {"passages": len(index), "passage_tokens": self.config.passage_tokens,
-                             "retriever": self.config.retriever,
-                             "test_tokens": test.count, "params_added": 0, "bytes_added": 0, "train_seconds": 0.0},
+        return MethodResult(test.perplexity, None, {}, costs=Costs(),
+                            details={"passages": len(index), "passage_tokens": self.config.passage_tokens,
+                                     "retriever": self.config.retriever, "test_tokens": test.count},
                             scorer=lambda stream, windows, description: self.score(ctx, index, stream, description))
 
-    def score(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, description: str) -> NLLTotal:
+    def score(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray", description: str) -> "NLLTotal":
         """NLL of every position of ``stream`` with retrieval (windows are the method's own)."""
+        from memdec_core.evaluate import NLLTotal
+        from memdec_core.progress import progress_bar
+
         runs = self.runs(ctx, index, stream)
         total = NLLTotal()
         with progress_bar(description, len(stream) - 1, "tokens") as advance:
@@ -89,7 +96,7 @@ class Rag(Method):
                 advance(sum(run.end - run.start for run in batch))
         return total
 
-    def runs(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray) -> list[Run]:
+    def runs(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray") -> list[Run]:
         """One retrieval per ``retrieval_stride`` positions; consecutive equal passages merged."""
         settings = self.config
         starts = list(range(0, len(stream) - 1, settings.retrieval_stride))
@@ -109,9 +116,19 @@ class Rag(Method):
                 runs.append(block)
         return runs
 
-    @torch.inference_mode()
-    def _score_runs(self, ctx: EvalContext, index: PassageIndex, stream: np.ndarray, runs: list[Run]):
+    def _score_runs(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray", runs: list[Run]):
         """Log-probs of the gold tokens of each run, its passage prepended to the text before it."""
+        import torch
+
+        with torch.inference_mode():
+            return self._forward_runs(ctx, index, stream, runs)
+
+    def _forward_runs(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray", runs: list[Run]):
+        import numpy as np
+        import torch
+
+        from memdec_core.models import model_device
+
         sequences, scored = [], []
         for run in runs:
             passage = index.passage(run.passage)

@@ -1,33 +1,7 @@
-"""An example memdec plugin: registers the ``product`` combiner."""
+"""An example memdec plugin: one component of each kind a plugin usually adds.
 
-from dataclasses import dataclass
-
-from memdec_core.hookspecs import hookimpl
-from memdec_core.interfaces import Combiner
-
-
-class Product(Combiner):
-    """Product of experts: (1−α)·log p_base + α·log p_memory, renormalised."""
-
-    name = "product"
-    elementwise = False  # the renormalisation needs whole rows
-
-    @dataclass
-    class Config:
-        alpha: float = 0.2
-
-    @classmethod
-    def grid(cls):
-        return [cls.Config(alpha) for alpha in (0.05, 0.1, 0.2, 0.3)]
-
-    def combine(self, base_logprobs, memory_logprobs, context):
-        alpha = self.config.alpha
-        # Where the memory gives a token no mass (-inf), keep the base's opinion of it.
-        memory = memory_logprobs.clamp(min=-30.0)
-        mixed = (1 - alpha) * base_logprobs + alpha * memory
-        return mixed - mixed.logsumexp(dim=-1, keepdim=True)
-
-
-@hookimpl
-def memdec_register_combiners():
-    return [Product]
+- ``product``: a combiner (product of experts), in ``combiner.py``;
+- ``numpy-exact``: a vectors retriever (exact L2 search in numpy), in ``retriever.py``;
+- ``unigram``: a memory model (the domain's token frequencies), in ``memory.py``;
+The hooks live in ``plugin.py``; the entry point in ``pyproject.toml`` names that module.
+"""

@@ -22,8 +22,7 @@ import torch
 from memdec_core.artifacts import atomic_directory, read_manifest, start_or_resume, write_manifest
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.progress import progress_bar
-from memdec_knn.datastore import Datastore
-from memdec_knn.distribution import sparse_distribution
+from memdec_knn.api import Datastore, sparse_distribution
 
 ARTIFACT_TYPE = "knn-targets"
 
@@ -65,6 +64,7 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
         raise ConfigError(f"targets folder already exists: {folder}")
     work = folder.parent / f".{folder.name}.partial"
     start_or_resume(work, {"datastore_data_hash": store.manifest["data_hash"], "size": len(store),
+                           "model": store.manifest["model_fingerprint"], "retriever": [store.index_manifest.get(key) for key in ("retriever", "settings")],
                            **asdict(settings)}, "targets build")
     n_shards = -(-len(store) // settings.shard_size)
     with progress_bar("kNN targets", len(store), "positions") as advance:
@@ -90,7 +90,7 @@ def _write_shard(store: Datastore, target: Path, start: int, end: int, settings:
     for first in range(start, end, settings.search_batch):
         positions = np.arange(first, min(first + settings.search_batch, end))
         queries = np.asarray(store.keys[positions], dtype=np.float32)
-        distances, ids = store.retriever.search(queries, k_search)
+        distances, ids = store.search(queries, k_search)
         distances, ids = exclude_self(distances, ids, positions, settings.k)
         values = store.vals[np.clip(ids, 0, None)]
         row_ids, row_probs = sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),

@@ -1,0 +1,95 @@
+"""``memdec generate``: continue a prompt with a base model mixed with any memory."""
+
+from __future__ import annotations
+
+import click
+
+from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
+
+
+@click.command("generate")
+@click.option("--base", required=True, help="The base model (a name, folder, .gguf file or hub id).")
+@click.option("--memory", default=None, metavar="NAME|FOLDER",
+              help="A memory model (memdec list memory-models) or a folder one of them opens (a memory from "
+                   "`memdec train`, a datastore from `memdec datastore build`); without it the base generates alone.")
+@click.option("--domain", default=None,
+              help="The domain a memory is built for, when it is not a folder (a cached datastore, a unigram...).")
+@click.option("--combiner", default="linear", show_default=True,
+              help="How the memory is mixed with the base: a registered name or path/to/file.py:Name.")
+@click.option("--lam", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="The combiner's λ (the memory's weight), for combiners that have one.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy / beam search.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Sampling temperature, applied to the mixture.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sampling: keep the k best tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Sampling: nucleus mass.")
+@click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True, help="Beam search width.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@set_option
+@window_options
+@click.argument("prompt")
+def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temperature, top_k, top_p, num_beams,
+             seed, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, prompt):
+    """Continue PROMPT with BASE mixed with a memory, streamed to the terminal.
+
+    The memory runs beside generate() with its own cache, mixed through the combiner at every
+    step, so greedy decoding, sampling and beam search all work (beams are printed when done).
+    Knobs are fixed here: --lam for the combiner, --set NAME.KEY=VALUE for the memory's own
+    (a kNN datastore tunes T over a grid in eval; pick one: --set knn-datastore.temperatures=10).
+
+    \b
+    Examples:
+      memdec generate --base memdec-demo-m --memory finance-memory --sample --top-p 0.9 "The central bank"
+      memdec generate --base memdec-demo-l --memory knn-datastore --domain finance \\
+                      --set knn-datastore.temperatures=10 --lam 0.3 "Shares of the bank"
+    """
+    import torch
+    from transformers import TextStreamer
+
+    from memdec_core import api
+    from memdec_core.combiner_files import resolve_combiner
+
+    torch.manual_seed(seed)
+    settings = parse_assignments(assignments)
+    combiner_class = resolve_combiner(combiner)
+    if any(name == "lam" for name in combiner_class.Config.__dataclass_fields__):
+        settings.setdefault(combiner_class.name or "", {}).setdefault("lam", lam)
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text, stream_end=False):
+            click.echo(text, nl=stream_end)
+
+    streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
+        if num_beams == 1 else None
+    generation = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                      top_p=top_p, num_beams=num_beams)
+    _check_generation(generation)
+    started = _PromptEcho(prompt, streamer_factory)
+    text = api.generate(base, prompt, memory=memory, domain=domain, combiner=combiner_class, settings=settings,
+                        eval_settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
+                        streamer_factory=started.factory, **generation)
+    if streamer_factory is None:
+        click.echo(prompt + text)
+
+
+def _check_generation(generation: dict) -> None:
+    """Bad generation settings fail before anything is loaded or printed."""
+    from memdec_core.generation import generation_settings
+
+    generation_settings(**generation)
+
+
+class _PromptEcho:
+    """Prints the prompt only once generation starts streaming (after every check passed)."""
+
+    def __init__(self, prompt: str, streamer_factory):
+        self.prompt, self.streamer_factory = prompt, streamer_factory
+
+    def factory(self, tokenizer):
+        if self.streamer_factory is None:
+            return None
+        click.echo(self.prompt, nl=False)
+        return self.streamer_factory(tokenizer)

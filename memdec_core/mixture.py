@@ -1,0 +1,75 @@
+"""The mixture path: base + memory + combiner, every knob tuned on validation.
+
+``MixtureMethod`` is the one method behind every memory: ``mixture`` takes the memory by name
+(``--set mixture.memory=NAME``); a plugin's method with its memory fixed (``knn-lm``,
+``memdec``) is this path too, and takes its memory's settings under its own name
+(``--set knn-lm.k=64`` sets the ``knn-datastore`` memory it mixes). With the same memory and
+knobs, both routes give the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, ClassVar
+
+from memdec_core.errors import ConfigError
+from memdec_core.interfaces import Method, MethodResult, Use, setting
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import EvalContext, MemoryModel
+
+MEMORY_KIND = "memory-models"
+
+
+class MixtureMethod(Method):
+    """Mix a registered memory with the base through the combiner; memory and combiner knobs tuned."""
+
+    #: The memory of a method that fixes it (its Config is then that memory's Config).
+    memory: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.memory:
+            cls.shares_settings_with = (cls.memory,)
+
+    def memory_name(self) -> str:
+        if self.memory:
+            return self.memory
+        name = self.config.memory
+        if not name:
+            from memdec_core import registry
+
+            raise ConfigError(f"{self.name} needs a memory: --set {self.name}.memory=NAME "
+                              f"(memory models: {', '.join(registry.names(MEMORY_KIND)) or 'none installed'})")
+        return name
+
+    def uses(self) -> list[Use]:
+        shared = self.config if self.memory else None  # a fixed memory takes this method's settings
+        return [Use(MEMORY_KIND, self.memory_name(), f"{self.name}.memory" if not self.memory else self.name,
+                    config=shared)]
+
+    def create_memory(self, ctx: "EvalContext") -> "MemoryModel":
+        use = self.uses()[0]
+        return ctx.create(MEMORY_KIND, use.name, config=use.config)
+
+    def evaluate(self, ctx: "EvalContext") -> MethodResult:
+        from memdec_core.evaluate import evaluate_mixture
+
+        memory = self.create_memory(ctx)
+        memory.prepare(ctx)
+        return evaluate_mixture(ctx, memory)
+
+    def planned_parameters(self, ctx: "EvalContext") -> int | None:
+        return self.create_memory(ctx).planned_parameters(ctx)
+
+
+@dataclasses.dataclass
+class MixtureConfig:
+    memory: str = setting("", "the memory model to mix (memdec list memory-models); its settings: --set NAME.KEY=...")
+
+
+class Mixture(MixtureMethod):
+    """Any registered memory model mixed with the base by the combiner; knobs tuned on validation."""
+
+    name = "mixture"
+    Config = MixtureConfig

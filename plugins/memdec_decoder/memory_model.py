@@ -1,0 +1,85 @@
+"""``memory-decoder``: a trained Memory Decoder as a memory model.
+
+With ``path`` it is a folder from ``memdec train``; without, the domain's memory is made on
+first use and cached by content hash (the teacher's datastore, its kNN targets, training from
+the init model). The memory depends on teacher, init, data and settings — not on the base —
+so one memory per domain serves every base of the family.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from memdec_core.errors import ConfigError
+from memdec_core.interfaces import Costs, MemoryModel, Use
+from memdec_decoder.settings import DecoderSettings
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import EvalContext
+    from memdec_decoder.memory import MemoryDecoder
+
+
+class DecoderMemory(MemoryModel):
+    """A small causal LM trained to imitate a kNN-LM; runs beside the base on the same tokens."""
+
+    name = "memory-decoder"
+    Config = DecoderSettings
+    artifact_type = "memory-decoder"
+    artifact_setting = "path"
+    requires = ("knn", "combiners")  # the teacher's datastore; the linear kNN-LM that picks T
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self.memory: MemoryDecoder | None = None
+
+    def uses(self) -> list[Use]:
+        if self.config.path:
+            return []
+        return [Use("retrievers", self.config.retriever, f"{self.name}.retriever", accepts=("vectors",))]
+
+    def prepare(self, ctx: "EvalContext") -> None:
+        from memdec_decoder.pipeline import memory_for
+
+        self.memory = memory_for(ctx, self.config)
+        self.memory.check_compatible(ctx.base, ctx.context)
+        self.tokenizer_fingerprint = self.memory.tokenizer_fingerprint
+
+    def _loaded(self) -> "MemoryDecoder":
+        if self.memory is None:
+            raise ConfigError("memory-decoder: prepare() was not called")
+        return self.memory
+
+    def score(self, batch):
+        return self._loaded().scored_logprobs(batch.input_ids, batch.attention_mask, batch.rows, batch.columns)
+
+    def gold_logprobs(self, state, batch, knobs: dict):
+        return self._loaded().gold(state, batch.targets)
+
+    def logprobs(self, state, batch, knobs: dict):
+        return self._loaded().to_full(state, batch.logits.shape[1])
+
+    def stepper(self, knobs: dict):
+        from memdec_decoder.memory import DecoderStepper
+
+        return DecoderStepper(self._loaded())
+
+    def costs(self) -> Costs:
+        from memdec_core.artifacts import folder_bytes
+
+        memory = self._loaded()
+        manifest = memory.manifest
+        tokens = manifest.get("train_tokens") or 0
+        return Costs(params_added=memory.parameters, bytes_added=folder_bytes(memory.folder),
+                     memory_bytes=sum(p.numel() * p.element_size() for p in memory.model.parameters()),
+                     train_seconds=float(manifest.get("train_seconds") or 0), train_tokens=tokens,
+                     train_flops=float(tokens * (manifest.get("flops_per_token") or 0)))
+
+    def describe_prepared(self) -> dict:
+        memory = self._loaded()
+        return {"memory_folder": str(memory.folder), "memory_parameters": memory.parameters,
+                "teacher": memory.manifest.get("teacher"), "restricted": memory.manifest.get("restricted")}
+
+    def planned_parameters(self, ctx: "EvalContext") -> int | None:
+        from memdec_decoder.pipeline import planned_parameters
+
+        return planned_parameters(ctx, self.config)

@@ -1,0 +1,171 @@
+"""How the domain's memory is made and cached: teacher datastore → kNN targets → training.
+
+The teacher's datastore comes from the kNN-LM plugin's public API (shared with ``knn-lm``), the
+targets search it through the configured retriever, and training starts from the init model.
+Every step is cached by content hash; the memory's key does not name the base, so one memory
+per domain serves every base of the family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+from memdec_core import registry
+from memdec_core.artifacts import cached_artifact, content_key
+from memdec_core.errors import ModelError
+from memdec_core.identity import component_identity
+from memdec_core.interfaces import EvalContext
+from memdec_core.models import LoadedModel, load_model, model_fingerprint
+from memdec_core.progress import log
+from memdec_decoder.memory import MemoryDecoder, open_memory
+from memdec_decoder.settings import DecoderSettings
+from memdec_decoder.targets import TargetSet, TargetSettings, build_targets
+from memdec_decoder.train import train_memory
+
+#: Memories opened in this process: one memory serves every base of a compare run.
+_OPENED: dict[Path, MemoryDecoder] = {}
+
+
+def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
+    """The memory at ``config.path``, or the domain's cached one, made on first use."""
+    if config.path:
+        return open_cached(Path(config.path).expanduser())
+    teacher_ctx = teacher_context(ctx, config)
+    _, init_name = teacher_and_init(ctx.base, config)
+    folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
+    if folder.exists():
+        log(f"reusing memory {folder}")
+        return open_cached(folder)
+    targets = targets_for(teacher_ctx, config)
+    log(f"training a memory from {init_name} in {folder}")
+    memory = train_memory(init_name, teacher_ctx.corpus, targets, folder, context=teacher_ctx.context,
+                          stride=teacher_ctx.stride, settings=config.train_settings(),
+                          teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size)
+    _OPENED[folder] = memory
+    return memory
+
+
+def teacher_context(ctx: EvalContext, config: DecoderSettings) -> EvalContext:
+    """``ctx`` with the teacher as its base (and the teacher's windows)."""
+    ctx.require_corpus("training a memory")
+    teacher_name, _ = teacher_and_init(ctx.base, config)
+    teacher = ctx.base if teacher_name == ctx.base.model_id else load_model(teacher_name)
+    if teacher.tokenizer_fingerprint != ctx.base.tokenizer_fingerprint:
+        raise ModelError(f"teacher {teacher_name} has another tokenizer than {ctx.base.model_id}")
+    teacher_ctx = dataclasses.replace(ctx, base=teacher)
+    teacher_ctx.context, teacher_ctx.stride = ctx.settings.resolve_window(teacher)
+    return teacher_ctx
+
+
+def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
+    """The teacher's kNN targets over the train split (its datastore is shared with knn-lm)."""
+    store = teacher_datastore(teacher_ctx, config)
+    settings = target_settings_for(teacher_ctx, store, config)
+    folder = cached_artifact("targets", content_key("targets", store.manifest["data_hash"],
+                                                     store.manifest["model_fingerprint"], store.folder.name,
+                                                     store.index_folder.name, _decoder_identity(),
+                                                     dataclasses.asdict(settings)))
+    if folder.exists():
+        log(f"reusing kNN targets {folder}")
+        return TargetSet(folder)
+    log(f"computing kNN targets in {folder}")
+    return build_targets(store, folder, settings)
+
+
+def teacher_datastore(teacher_ctx: EvalContext, config: DecoderSettings):
+    """The teacher's datastore searched by the configured retriever (the kNN plugin's public API)."""
+    from memdec_knn import api as knn
+
+    retriever = teacher_ctx.create("retrievers", config.retriever)
+    return knn.datastore_for(teacher_ctx).with_index(retriever)
+
+
+def target_settings_for(teacher_ctx: EvalContext, store, config: DecoderSettings) -> TargetSettings:
+    """k and T of the targets; T tuned on validation when ``tune_temperature`` is set."""
+    settings = config.target_settings()
+    if config.tune_temperature:
+        settings = dataclasses.replace(settings, temperature=tuned_temperature(teacher_ctx, config))
+    return settings
+
+
+def tuned_temperature(teacher_ctx: EvalContext, config: DecoderSettings) -> float:
+    """The temperature with which the teacher's kNN-LM (linear λ) scores best on validation.
+
+    Squared-L2 distances between hidden states differ by orders of magnitude between families
+    (T ≈ 10–30 for the demo family, ≈ 300–1000 for Qwen), so a fixed T can make every target
+    one-hot or flat.
+    """
+    from memdec_core.evaluate import tune_on_validation
+    from memdec_knn import api as knn
+
+    knn_memory = teacher_ctx.create("memory-models", "knn-datastore", k=config.k,
+                                    temperatures=knn.TEMPERATURE_GRID, retriever=config.retriever)
+    knn_memory.prepare(teacher_ctx)
+    ctx = dataclasses.replace(teacher_ctx, combiner=registry.get("combiners", "linear"))
+    settings, valid, best = tune_on_validation(ctx, knn_memory)
+    temperature = settings[best][0]["temperature"]
+    log(f"target temperature: T = {temperature:g} (teacher's kNN-LM on validation, ppl {valid[best].perplexity:.3f})")
+    return temperature
+
+
+def teacher_and_init(base: LoadedModel, config: DecoderSettings) -> tuple[str, str]:
+    """The configured teacher and init, else the largest / smallest default model sharing the
+    base's tokenizer (the paper: the largest family member teaches, the smallest learns)."""
+    family = _default_family(base.tokenizer_fingerprint)
+    teacher = config.teacher or (family[-1] if family else base.model_id)
+    init = config.init or (family[0] if family else base.model_id)
+    if not family and not (config.teacher and config.init):
+        log(f"no default family shares {base.model_id}'s tokenizer: the memory uses {teacher} as teacher "
+            f"and {init} as init (set memdec.teacher / memdec.init to choose)")
+    return teacher, init
+
+
+def _decoder_identity() -> dict:
+    from memdec_decoder.memory_model import DecoderMemory
+
+    return component_identity(DecoderMemory)
+
+
+def memory_key(teacher_ctx: EvalContext, init_name: str, config: DecoderSettings) -> str:
+    ignored = ("path", "teacher", "init", "save_every")  # named by the other parts, or no effect on the result
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ignored}
+    retriever = teacher_ctx.create("retrievers", config.retriever)
+    teacher = teacher_ctx.base
+    return content_key("memory", teacher.fingerprint, model_fingerprint(init_name), teacher.tokenizer_fingerprint,
+                       teacher_ctx.corpus.data_hash("train"), teacher_ctx.corpus.data_hash("valid"),
+                       teacher_ctx.context, teacher_ctx.stride, settings, _decoder_identity(),
+                       retriever.name, component_identity(type(retriever)), retriever.build_settings())
+
+
+def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
+    """Parameters of the memory ``memory_for`` gives: the trained one's, else its init model's."""
+    if config.path:
+        return open_cached(Path(config.path).expanduser()).parameters
+    _, init = teacher_and_init(ctx.base, config)
+    if init == ctx.base.model_id:
+        return sum(parameter.numel() for parameter in ctx.base.model.parameters())
+    return _parameters_of(init)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters_of(model_name: str) -> int:
+    return sum(parameter.numel() for parameter in load_model(model_name).model.parameters())
+
+
+def _default_family(tokenizer_fingerprint: str) -> list[str]:
+    """Default models (smallest first) whose tokenizer matches."""
+    return [name for name, cls in registry.components("models").items()
+            if cls.default and _tokenizer_of(name) == tokenizer_fingerprint]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_of(model_name: str) -> str | None:
+    return registry.get("models", model_name).info().get("tokenizer_fingerprint")
+
+
+def open_cached(folder: Path) -> MemoryDecoder:
+    if folder not in _OPENED:
+        _OPENED[folder] = open_memory(folder)
+    return _OPENED[folder]

@@ -1,0 +1,136 @@
+"""``knn-datastore``: the kNN-LM distribution as a memory model.
+
+Per batch the base's ``last_ffn_input`` at every scored position is searched once for its k
+nearest datastore keys; every temperature of the grid is computed from that one search. The
+search goes through a registered vectors retriever (``retriever=faiss`` by default), so a
+third party's retriever (an hnswlib graph, a GPU index, a vector database) plugs in by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.interfaces import Costs, MemoryModel, Use, setting
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import EvalContext
+    from memdec_knn.datastore import Datastore
+
+#: Temperatures tried on validation. Squared-L2 distances between post-norm states range from
+#: ~1 to ~10^4 depending on the model, so the grid is wide and logarithmic.
+TEMPERATURE_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+RETRIEVER_KIND = "retrievers"
+
+
+@dataclass
+class KnnSettings:
+    """The settings of ``knn-datastore`` (and of ``knn-lm``, which mixes it)."""
+
+    k: int = setting(1024, "neighbours retrieved per scored position")
+    temperatures: tuple = setting(TEMPERATURE_GRID, "temperatures T of the weights softmax(−d/T), tried on validation")
+    retriever: str = setting("faiss", "the vectors retriever that searches the datastore (memdec list retrievers)")
+    datastore: str = setting("", "a datastore folder (memdec datastore build); empty: build or reuse one in the cache")
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}")
+        if isinstance(self.temperatures, (int, float)):
+            self.temperatures = (self.temperatures,)
+        self.temperatures = tuple(float(t) for t in self.temperatures)
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ConfigError(f"temperatures must be positive, got {self.temperatures}")
+
+
+class KnnDatastore(MemoryModel):
+    """A datastore of (hidden state → next token) over the train split, searched at every token."""
+
+    name = "knn-datastore"
+    Config = KnnSettings
+    needs_hidden = True
+    artifact_type = "datastore"
+    artifact_setting = "datastore"
+
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        self.store: Datastore | None = None
+
+    def uses(self) -> list[Use]:
+        return [Use(RETRIEVER_KIND, self.config.retriever, f"{self.name}.retriever", accepts=("vectors",))]
+
+    def prepare(self, ctx: "EvalContext") -> None:
+        from memdec_knn.api import datastore_for
+
+        retriever = ctx.create(RETRIEVER_KIND, self.config.retriever)
+        self.store = datastore_for(ctx, self.config.datastore).with_index(retriever)
+        self.tokenizer_fingerprint = self.store.manifest["tokenizer_fingerprint"]
+
+    def grid(self) -> list[dict]:
+        return [{"temperature": temperature} for temperature in self.config.temperatures]
+
+    def _k(self) -> int:
+        return min(self.config.k, len(self._store()))
+
+    def _store(self) -> "Datastore":
+        if self.store is None:
+            raise ArtifactError("knn-datastore: prepare() was not called")
+        return self.store
+
+    def score(self, batch):
+        return self.neighbours(batch.hidden)
+
+    def neighbours(self, hidden):
+        """``(distances, ids, values)`` of the k nearest keys to each row of ``hidden``."""
+        import numpy as np
+        import torch
+
+        store = self._store()
+        distances, ids = store.search(hidden.float().numpy(), self._k())
+        values = store.vals[np.clip(ids, 0, None)]  # id -1 (no neighbour) is masked later
+        return torch.from_numpy(distances), torch.from_numpy(ids), torch.from_numpy(values.astype(np.int64))
+
+    def gold_logprobs(self, state, batch, knobs: dict):
+        from memdec_knn import distribution
+
+        distances, ids, values = state
+        return distribution.gold_logprobs(distances, ids, values, batch.targets, knobs["temperature"])
+
+    def logprobs(self, state, batch, knobs: dict):
+        return self._dense(state, knobs, batch.logits.shape[1])
+
+    def _dense(self, state, knobs: dict, width: int):
+        from memdec_knn import distribution
+
+        distances, ids, values = state
+        return distribution.dense_logprobs(distances, ids, values, knobs["temperature"], vocab_size=width)
+
+    def stepper(self, knobs: dict) -> "KnnStepper":
+        return KnnStepper(self, knobs)
+
+    def costs(self) -> Costs:
+        from memdec_core.artifacts import folder_bytes
+
+        store = self._store()
+        index_bytes = folder_bytes(store.index_folder) if store.index_folder else 0
+        return Costs(bytes_added=folder_bytes(store.folder), memory_bytes=index_bytes + store.vals.nbytes,
+                     train_seconds=float(store.manifest.get("build_seconds") or 0)
+                     + float(store.index_manifest.get("build_seconds") or 0))
+
+    def describe_prepared(self) -> dict:
+        store = self._store()
+        return {"datastore": str(store.folder), "datastore_size": len(store), "retriever": self.config.retriever,
+                "index": str(store.index_folder)}
+
+
+class KnnStepper:
+    """kNN-LM in generation: the base's hidden state at the newest position is the query."""
+
+    def __init__(self, memory: KnnDatastore, knobs: dict):
+        self.memory, self.knobs = memory, knobs
+
+    def next_logprobs(self, input_ids, hidden, width: int):
+        if hidden is None:
+            raise ConfigError("knn-datastore needs the base's hidden states in generation")
+        return self.memory._dense(self.memory.neighbours(hidden.cpu()), self.knobs, width)

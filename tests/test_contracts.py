@@ -1,0 +1,35 @@
+"""The plugin authors' contracts (memdec_core.testing), run over every built-in component.
+
+A new built-in component is picked up here by itself; its settings for a quick run go in SETTINGS.
+"""
+
+from memdec_core import registry
+from memdec_core.testing import (CombinerContract, DomainContract, MemoryModelContract, MethodContract,
+                                 RetrieverContract)
+
+#: Small settings per component name, so each contract runs in seconds on the tiny fixtures.
+QUICK = {
+    "knn-datastore": {"k": 8, "temperatures": (3.0, 30.0)},
+    "knn-lm": {"k": 8, "temperatures": (3.0,)},
+    "memory-decoder": {"epochs": 1, "k": 8, "temperature": 1.0, "batch_size": 4},
+    "memdec": {"epochs": 1, "k": 8, "temperature": 1.0, "batch_size": 4},
+    "dapt": {"epochs": 1, "lrs": (3e-3,)},
+    "lora": {"epochs": 1, "lrs": (3e-3,)},
+    "rag": {"passage_tokens": 16, "retrieval_stride": 16},
+    "mixture": {"memory": "knn-datastore"},
+}
+CONTRACTS = {"retrievers": RetrieverContract, "memory-models": MemoryModelContract, "combiners": CombinerContract,
+             "methods": MethodContract, "domains": DomainContract}
+
+
+def _contract_classes():
+    for kind, contract in CONTRACTS.items():
+        for name, cls in registry.components(kind).items():
+            if cls.plugin == "example":  # the example plugin runs the kit in its own suite
+                continue
+            settings = {key: value for key, value in QUICK.items() if key in (name, "knn-datastore")}
+            title = "".join(part.capitalize() for part in f"{kind}-{name}".split("-"))
+            yield f"Test{title}", type(f"Test{title}", (contract,), {"component": name, "settings": settings})
+
+
+globals().update(dict(_contract_classes()))

@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/memdec compare --domain $(DOMAIN)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -q
 
 clean-venv:

@@ -87,14 +87,12 @@ def latency_report(domain: str, base: str, tokens: int, repeats: int, memory_fol
     """Seconds per scored token: base alone, base + memory, base + kNN-LM, on the same windows."""
     from memdec_core.api import prepare_context
     from memdec_core.evaluate import EvalSettings, iter_scored_batches
-    from memdec_decoder.method import DecoderMixture, MemoryDecoderMethod
-    from memdec_knn.method import KnnLM, KnnMemory
 
     ctx = prepare_context(domain, base, EvalSettings(max_eval_tokens=tokens))
-    from memdec_decoder.memory import open_memory
-
-    memory = DecoderMixture(open_memory(memory_folder) if memory_folder else MemoryDecoderMethod().memory_for(ctx))
-    knn = KnnMemory(KnnLM().datastore_for(ctx), k=1024, temperatures=(10.0,))
+    memory = ctx.create("memory-models", "memory-decoder", **({"path": memory_folder} if memory_folder else {}))
+    knn = ctx.create("memory-models", "knn-datastore", k=1024, temperatures=(10.0,))
+    memory.prepare(ctx)
+    knn.prepare(ctx)
     stream, windows = ctx.corpus.streams["valid"], ctx.windows("valid")
 
     def run(kind: str) -> float:
@@ -102,9 +100,9 @@ def latency_report(domain: str, base: str, tokens: int, repeats: int, memory_fol
         for batch in iter_scored_batches(ctx.base.model, stream, windows, batch_size=4,
                                          capture_hidden=kind == "knn-lm", description=kind):
             if kind == "memdec":
-                memory.gold_logprobs(memory.prepare(batch), batch, {})
+                memory.gold_logprobs(memory.score(batch), batch, {})
             elif kind == "knn-lm":
-                knn.gold_logprobs(knn.prepare(batch), batch, {"temperature": 10.0})
+                knn.gold_logprobs(knn.score(batch), batch, {"temperature": 10.0})
             batch.gold_logprobs()
             scored += len(batch.targets)
         return (time.perf_counter() - started) / scored
@@ -115,7 +113,7 @@ def latency_report(domain: str, base: str, tokens: int, repeats: int, memory_fol
         for kind in times:
             times[kind].append(run(kind))
     medians = {kind: float(np.median(values)) for kind, values in times.items()}
-    return {"seconds_per_token": medians, "memory_parameters": memory.memory.parameters,
+    return {"seconds_per_token": medians, "memory_parameters": memory.costs().params_added,
             "base_parameters": sum(p.numel() for p in ctx.base.model.parameters()),
             "scored_tokens": sum(window.n_scored for window in windows)}
 
@@ -137,10 +135,11 @@ def main() -> None:
 
     from memdec_core.api import prepare_context
     from memdec_core.evaluate import EvalSettings
-    from memdec_decoder.method import MemoryDecoderMethod
+    from memdec_decoder.pipeline import targets_for
+    from memdec_decoder.settings import DecoderSettings
 
     teacher_ctx = prepare_context(args.domain, "memdec-demo-l", EvalSettings())
-    storage = storage_report(MemoryDecoderMethod().targets_for(teacher_ctx))
+    storage = storage_report(targets_for(teacher_ctx, DecoderSettings()))
     print(f"## Target storage ({args.domain}, teacher memdec-demo-l, k = 1024)\n")
     print("| vocabulary | rows | sparse, as stored | sparse, fp16 zeros dropped (memdec now) | "
           "dense fp32 rows (public code) | dense / memdec |\n|---|---|---|---|---|---|")

@@ -34,7 +34,7 @@ def main() -> None:
                                                                max_eval_tokens=args.tokens))
     stream = ctx.corpus.streams["test"]
     variants = {"merged": Rag(merge_runs=True), "per retrieval": Rag(merge_runs=False)}
-    index = PassageIndex.for_corpus(ctx, variants["merged"].config.passage_tokens)
+    index = PassageIndex.for_corpus(ctx, variants["merged"].config.passage_tokens, ctx.create("retrievers", "bm25"))
     seconds = {name: [] for name in variants}
     totals = {}
     for _ in range(args.repeats):

@@ -18,8 +18,7 @@ import torch
 
 from memdec_core.data import Window
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.interfaces import (Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult,
-                                    Scorer)
+from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
 from memdec_core.models import capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
 

@@ -16,8 +16,14 @@ import contextlib
 from typing import Any
 
 import torch
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner, EvalContext, MemoryModel, MemoryStepper

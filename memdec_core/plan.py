@@ -56,8 +56,8 @@ class Plan:
         if use.accepts and getattr(cls, "kind", None) not in use.accepts:
             fitting = [name for name, other in registry.components(use.kind).items()
                        if getattr(other, "kind", None) in use.accepts]
-            raise ConfigError(f"{use.setting}={use.name}: {use.name!r} is a {cls.kind} retriever; this needs "
-                              f"one of kind {' or '.join(use.accepts)} ({', '.join(sorted(fitting)) or 'none installed'})")
+            raise ConfigError(f"{use.setting}={use.name}: {use.name!r} is a {cls.kind} retriever; this needs one "
+                              f"of kind {' or '.join(use.accepts)} ({', '.join(sorted(fitting)) or 'none installed'})")
         return self.create(use.kind, use.name, config=use.config)
 
     def check_all_used(self, components: Iterable[Component], also: Iterable[str] = ()) -> None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memdec_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
-from memdec_core.interfaces import (Combiner, Component, Domain, MemoryModel, Method,
-                                    ModelSource, Retriever, check_name)
+from memdec_core.interfaces import Combiner, Component, Domain, MemoryModel, Method, ModelSource, Retriever, check_name
 
 
 @dataclass(frozen=True)

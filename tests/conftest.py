@@ -13,7 +13,7 @@ import pytest
 
 pytest.register_assert_rewrite("memdec_core.testing")
 
-from memdec_core.testing import save_tiny_model, synthetic_documents, write_corpus  # noqa: F401 (used by tests)
+from memdec_core.testing import save_tiny_model, synthetic_documents, write_corpus  # noqa: E402, F401 (tests use them)
 
 pytest_plugins = ["memdec_core.testing"]
 

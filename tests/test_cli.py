@@ -185,3 +185,15 @@ def test_a_combiner_that_does_not_normalise_is_a_one_line_error(corpus_dir, tiny
                     "--context", "64", "--set", "knn-lm.k=8", "--set", "knn-lm.temperatures=10",
                     "--combiner", str(combiner_file))
     assert result.exit_code == 1 and "do not sum to 1" in one_line_error(result)
+
+
+def test_the_components_reference_is_generated_from_the_settings():
+    """docs/components.md is the output of `python -m memdec_core.docs --built-in`: regenerate it when a
+    setting or its help text changes."""
+    from pathlib import Path
+
+    from memdec_core.docs import built_in_plugins, reference
+
+    shipped = (Path(__file__).resolve().parents[1] / "docs" / "components.md").read_text()
+    assert shipped == reference(built_in_plugins())
+    assert "| `nprobe` | `32` | inverted lists visited per query" in shipped

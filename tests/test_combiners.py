@@ -6,10 +6,10 @@ import textwrap
 import pytest
 import torch
 
+from memdec_combiners.linear import Linear
 from memdec_core.combiner_files import resolve_combiner
 from memdec_core.errors import ConfigError, UnknownComponentError
 from memdec_core.interfaces import Combiner, combiner
-from memdec_combiners.linear import Linear
 
 
 def random_logprobs(rows, vocab, seed):

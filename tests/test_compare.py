@@ -6,13 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from conftest import SMALL_WINDOWS
 
 from memdec_cli.main import build_cli
 from memdec_core.compare import CompareSettings, compare
 from memdec_core.errors import ConfigError, UnknownComponentError
 from memdec_core.evaluate import EvalSettings
-
-from conftest import SMALL_WINDOWS
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 ALL = ["base", "dapt", "lora", "knn-lm", "rag", "memdec"]

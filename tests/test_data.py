@@ -4,10 +4,10 @@ import gzip
 import json
 
 import pytest
+from conftest import write_corpus
 
 from memdec_core.data import load_corpus, make_windows, read_documents
 from memdec_core.errors import ConfigError, DataError, UnknownComponentError
-from conftest import write_corpus
 
 
 @pytest.mark.parametrize("n_tokens,context,stride", [(10, 4, 2), (100, 16, 8), (17, 16, 3), (5, 8, 4), (64, 8, 8)])

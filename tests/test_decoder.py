@@ -5,6 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK_MEMORY as QUICK
+from conftest import SMALL_WINDOWS
 
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.evaluate import EvalSettings
@@ -13,9 +15,6 @@ from memdec_decoder import train as train_module
 from memdec_decoder.memory import MemoryDecoder, open_memory
 from memdec_decoder.train import TrainSettings
 from memdec_decoder.vocab import Vocabulary, restrict_model
-
-from conftest import QUICK_MEMORY as QUICK
-from conftest import SMALL_WINDOWS
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 

@@ -37,8 +37,8 @@ def test_sparse_kl_equals_dense_kl_div():
 
 def test_padded_rows_from_a_target_set_feed_the_loss(tmp_path):
     import numpy as np
-
     from test_targets import make_store
+
     from memdec_decoder.targets import TargetSettings, build_targets
 
     store = make_store(tmp_path, np.tile(np.arange(10), 8))

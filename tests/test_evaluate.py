@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from memdec_core.data import make_windows, tokenize_corpus, load_corpus
+from memdec_core.data import load_corpus, make_windows, tokenize_corpus
 from memdec_core.errors import ConfigError, DataError
 from memdec_core.evaluate import EvalSettings, iter_scored_batches, perplexity
 from memdec_core.models import load_model

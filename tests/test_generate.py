@@ -124,8 +124,8 @@ def test_generation_mixes_through_the_chosen_combiner(base, prompt, trained_memo
 def test_a_knn_memory_generates_from_the_base_hidden_states(base, prompt, corpus_dir):
     """kNN-LM in generation: the stepper's query is the base's last_ffn_input at the newest token,
     so each step's distribution equals scoring the whole sequence so far."""
-    from memdec_core.evaluate import iter_scored_batches
     from memdec_core.data import make_windows
+    from memdec_core.evaluate import iter_scored_batches
     from memdec_knn.memory import KnnDatastore
 
     ctx = prepare_context(str(corpus_dir), base.model_id, EvalSettings(context=64))

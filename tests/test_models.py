@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import save_tiny_model
 
 from memdec_core.errors import ConfigError, ModelError, UnknownComponentError
 from memdec_core.models import capture_last_ffn_input, last_block_mlp, load_model, tokenizer_fingerprint
-from conftest import save_tiny_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma3_text"])

@@ -56,7 +56,8 @@ def test_domain_settings_do_not_apply_to_folders(corpus_dir):
 
 
 def test_list_domains_json_has_sizes_and_sources():
-    rows = {row["name"]: row for row in json.loads(CliRunner().invoke(build_cli(), ["list", "domains", "--json"]).stdout)}
+    listed = CliRunner().invoke(build_cli(), ["list", "domains", "--json"]).stdout
+    rows = {row["name"]: row for row in json.loads(listed)}
     assert set(PACKS) <= set(rows)
     finance = rows["finance"]
     assert finance["splits"]["train"]["tokens"] > 200_000

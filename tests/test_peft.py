@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_WINDOWS
 
 from memdec_core import api
 from memdec_core.errors import ConfigError, ModelError
@@ -12,8 +13,6 @@ from memdec_core.evaluate import EvalSettings
 from memdec_core.training import LoopSettings, Trainer
 from memdec_peft.methods import lora_targets
 from memdec_peft.settings import LoraSettings
-
-from conftest import SMALL_WINDOWS
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 

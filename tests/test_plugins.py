@@ -87,7 +87,8 @@ def test_unknown_name_has_did_you_mean_and_the_list():
     with pytest.raises(UnknownComponentError) as raised:
         registry.get("methods", "knn-ml")
     message = str(raised.value)
-    assert "did you mean 'knn-lm'?" in message and "available: base, dapt, knn-lm, lora, memdec, mixture, rag" in message
+    assert "did you mean 'knn-lm'?" in message
+    assert "available: base, dapt, knn-lm, lora, memdec, mixture, rag" in message
     assert isinstance(raised.value, LookupError) and not isinstance(raised.value, KeyError)
 
 
@@ -115,5 +116,5 @@ def test_disabling_an_unknown_plugin_on_the_command_line(monkeypatch):
                             env={**__import__("os").environ, "MEMDEC_DISABLE_PLUGINS": "knnn"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: unknown plugin 'knnn'; did you mean 'knn'? (available: base, combiners, decoder, domains, knn, peft, rag, zoo); "
-        "check MEMDEC_DISABLE_PLUGINS"]
+        "Error: unknown plugin 'knnn'; did you mean 'knn'? "
+        "(available: base, combiners, decoder, domains, knn, peft, rag, zoo); check MEMDEC_DISABLE_PLUGINS"]

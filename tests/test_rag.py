@@ -1,10 +1,10 @@
 """In-context RAG: every position scored once, aligned with a brute-force reference; BM25 finds passages."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-
-import dataclasses
 
 from memdec_core import api
 from memdec_core.api import prepare_context

@@ -46,8 +46,8 @@ def eval_command(domain, bases, methods, combiner, lam, assignments, context, st
       memdec eval --domain finance --method mixture --set mixture.memory=knn-datastore --set faiss.nprobe=64
       memdec eval --domain biomed --set biomed.source=hub --base Qwen/Qwen2.5-0.5B --method base,knn-lm
     """
-    from memdec_core import api
     from memdec_cli.render import print_evaluation
+    from memdec_core import api
 
     report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),

@@ -8,7 +8,6 @@ and, for a vocabulary-restricted memory, ``vocabulary.npy`` (the kept token ids)
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -63,8 +63,9 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
     if folder.exists():
         raise ConfigError(f"targets folder already exists: {folder}")
     work = folder.parent / f".{folder.name}.partial"
+    searched_by = [store.index_manifest.get(key) for key in ("retriever", "settings")]
     start_or_resume(work, {"datastore_data_hash": store.manifest["data_hash"], "size": len(store),
-                           "model": store.manifest["model_fingerprint"], "retriever": [store.index_manifest.get(key) for key in ("retriever", "settings")],
+                           "model": store.manifest["model_fingerprint"], "retriever": searched_by,
                            **asdict(settings)}, "targets build")
     n_shards = -(-len(store) // settings.shard_size)
     with progress_bar("kNN targets", len(store), "positions") as advance:

@@ -28,9 +28,9 @@ from memdec_core.models import BLOCK_PATHS, LoadedModel, default_device, load_mo
 from memdec_core.training import LoopSettings, TrainBatch, Trainer
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
-from memdec_decoder.vocab import Vocabulary, restrict_model
 from memdec_decoder.settings import VOCABULARY_CHOICES
 from memdec_decoder.targets import TargetSet
+from memdec_decoder.vocab import Vocabulary, restrict_model
 
 #: ``vocabulary="auto"`` restricts the output layer for vocabularies larger than this.
 AUTO_RESTRICT_ABOVE = 32_768

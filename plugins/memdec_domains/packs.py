@@ -48,7 +48,8 @@ class PackDomain(Domain):
     def info(cls) -> dict:
         meta = cls.meta()
         tokens = token_counts(cls)
-        return {**super().info(), "splits": {split: {"documents": meta["documents"][split], "words": meta["words"][split],
+        return {**super().info(), "splits": {split: {"documents": meta["documents"][split],
+                                                     "words": meta["words"][split],
                                    **({"tokens": tokens["counts"][split]} if tokens else {})}
                            for split in SPLITS},
                 **({"tokens_counted_with": tokens["model"]} if tokens else {}),

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, read_manifest, write_manifest,
-                                   write_readme)
+from memdec_core.artifacts import (
+    atomic_directory,
+    cached_artifact,
+    content_key,
+    read_manifest,
+    write_manifest,
+    write_readme,
+)
 from memdec_core.errors import ArtifactError
 from memdec_core.evaluate import iter_scored_batches
 from memdec_core.interfaces import Retriever

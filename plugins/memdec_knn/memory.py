@@ -9,7 +9,6 @@ third party's retriever (an hnswlib graph, a GPU index, a vector database) plugs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memdec_core.errors import ArtifactError, ConfigError

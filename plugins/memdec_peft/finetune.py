@@ -16,8 +16,17 @@ from typing import Callable
 
 import torch
 
-from memdec_core.artifacts import (atomic_directory, cached_artifact, content_key, folder_bytes, previous_version,
-                                   read_manifest, start_or_resume, write_manifest, write_readme)
+from memdec_core.artifacts import (
+    atomic_directory,
+    cached_artifact,
+    content_key,
+    folder_bytes,
+    previous_version,
+    read_manifest,
+    start_or_resume,
+    write_manifest,
+    write_readme,
+)
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import Costs
@@ -28,9 +37,9 @@ from memdec_peft.settings import FinetuneSettings
 
 def loop_settings(settings: FinetuneSettings, lr: float) -> LoopSettings:
     """The training loop's settings for one learning rate of the grid."""
-    return LoopSettings(epochs=settings.epochs, lr=lr, batch_size=settings.batch_size, accumulate=settings.accumulate,
-                        max_steps=settings.max_steps, max_tokens=settings.budget_tokens, max_flops=settings.budget_flops,
-                        patience=settings.patience, seed=settings.seed)
+    return LoopSettings(epochs=settings.epochs, lr=lr, batch_size=settings.batch_size,
+                        accumulate=settings.accumulate, max_steps=settings.max_steps, max_tokens=settings.budget_tokens,
+                        max_flops=settings.budget_flops, patience=settings.patience, seed=settings.seed)
 
 
 def cross_entropy(model, batch: TrainBatch) -> torch.Tensor:

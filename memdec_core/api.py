@@ -132,6 +132,8 @@ def prepare_context(corpus, base_name: str, settings=None, combiner: Any = "line
 def methods_for_base(ctx: EvalContext, methods: list[Method]) -> list[Method]:
     """The run's methods for this base, each told the most parameters any method of the run plans
     to add (``Method.with_parameter_target``: LoRA's automatic rank matches the memory's size)."""
+    if not any(type(method).with_parameter_target is not Method.with_parameter_target for method in methods):
+        return methods  # nobody matches a size: do not load models to count parameters
     planned = [count for method in methods for count in [method.planned_parameters(ctx)] if count]
     if not planned:
         return methods
@@ -167,8 +169,13 @@ def generate(base: str, prompt: str, *, memory: str | None = None, domain: str |
              combiner: Any = "linear", settings: dict[str, dict[str, Any]] | None = None,
              eval_settings: EvalSettings | None = None, streamer_factory=None, **generation) -> str:
     """Continue ``prompt`` with ``base`` mixed with ``memory`` (a memory model name or folder; None:
-    the base alone) through ``combiner`` with fixed knobs. ``domain`` is needed by memories built
-    for one (a kNN datastore from the cache, a memory trained on first use)."""
+    the base alone) through ``combiner``. ``domain`` is needed by memories built for one (a kNN
+    datastore from the cache, a memory trained on first use).
+
+    Knobs are fixed, not tuned: the combiner's single grid point when fixed
+    (``settings={"linear": {"lam": 0.3}}``), else its defaults; the memory's grid must be one
+    setting (``{"knn-datastore": {"temperatures": (10.0,)}}``).
+    """
     from memdec_core.generation import generate_text
 
     plan = Plan(settings)
@@ -189,6 +196,8 @@ def open_memory(spec: str, plan: Plan):
     folder = Path(spec).expanduser()
     if spec in registry.components("memory-models") or not (folder.is_dir() or "/" in spec):
         return plan.create("memory-models", spec)
+    if not folder.is_dir():
+        raise ConfigError(f"memory folder not found: {folder}")
     artifact_type = read_manifest_type(folder)
     for name, cls in registry.components("memory-models").items():
         if cls.artifact_type == artifact_type and cls.artifact_setting:

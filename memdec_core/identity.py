@@ -2,9 +2,10 @@
 
 A cached datastore, memory or compare row is reused only when everything that made it is the
 same: the engines' versions (torch, transformers, faiss, ...), memdec's own code, and for each
-component the plugin's distribution and version. Where a version number does not pin the code
-— a plugin installed editable (``pip install -e``), a plugin registered from a module on the
-path, a combiner file — the hash of the source files stands in for it.
+component the plugin's distribution and version. A version number pins the code only when the
+code is installed in site-packages; elsewhere — a plugin installed editable (``pip install -e``),
+one registered from a module on the path, a combiner file — the hash of the source files stands
+in for it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import functools
 import hashlib
 import importlib.metadata
 import inspect
-import json
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -37,50 +38,42 @@ def component_identity(cls: type) -> dict[str, Any]:
     """The plugin, distribution, version and (where the version does not pin it) code of ``cls``."""
     from memdec_core.plugins import plugin_records
 
-    record = next((record for record in plugin_records() if record.name == cls.plugin), None)
-    distribution = record.distribution if record else None
-    identity = {"plugin": cls.plugin, "distribution": distribution, "version": record.version if record else None}
-    if distribution is None or _is_editable(distribution):
-        identity["code"] = _code_hash_of(cls)
+    record = next((record for record in plugin_records(collect=False) if record.name == cls.plugin), None)
+    identity = {"plugin": cls.plugin, "distribution": record.distribution if record else None,
+                "version": record.version if record else None}
+    source = _source_of(cls)
+    if record is None or record.distribution is None or not _installed(source):
+        identity["code"] = source_hash(source) if source else "unknown"
     return identity
 
 
 def _package_identity(module_name: str) -> dict[str, Any]:
-    """Version of the distribution that ships ``module_name``, and its code hash when editable."""
-    distribution = _distribution_of(module_name)
-    identity = {"version": importlib.metadata.version(distribution) if distribution else None}
-    if distribution is None or _is_editable(distribution):
-        identity["code"] = source_hash(Path(sys.modules[module_name].__file__).parent)
+    """Version of memdec, and the hash of ``module_name``'s package when it is not installed."""
+    folder = Path(sys.modules[module_name].__file__).parent
+    identity = {"version": importlib.metadata.version("memdec")}
+    if not _installed(folder):
+        identity["code"] = source_hash(folder)
     return identity
 
 
-def _distribution_of(module_name: str) -> str | None:
-    top = module_name.split(".")[0]
-    names = importlib.metadata.packages_distributions().get(top) or []
-    return names[0] if names else None
-
-
-@functools.lru_cache(maxsize=None)
-def _is_editable(distribution: str) -> bool:
-    """True for a ``pip install -e`` install: its version number does not pin its code."""
-    try:
-        text = importlib.metadata.distribution(distribution).read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
+def _installed(path: Path | None) -> bool:
+    """True for code inside site-packages, where the distribution's version pins it."""
+    if path is None:
         return False
-    if not text:
-        return False
-    return bool(json.loads(text).get("dir_info", {}).get("editable"))
+    roots = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    resolved = Path(path).resolve()
+    return any(root == resolved or root in resolved.parents for root in roots)
 
 
-def _code_hash_of(cls: type) -> str:
-    """The hash of the source that defines ``cls``: its whole top-level package, or its single file."""
+def _source_of(cls: type) -> Path | None:
+    """What defines ``cls``: its top-level package's folder, or its single file."""
     module = sys.modules.get(cls.__module__)
     package = (getattr(module, "__package__", "") or "").split(".")[0]
     top = sys.modules.get(package) if package else None
     if top is not None and getattr(top, "__file__", None):
-        return source_hash(Path(top.__file__).parent)
+        return Path(top.__file__).parent
     file = getattr(module, "__file__", None) or _source_file(cls)
-    return source_hash(Path(file)) if file else "unknown"
+    return Path(file) if file else None
 
 
 def _source_file(cls: type) -> str | None:

@@ -1,8 +1,11 @@
 """Artifacts: directories with a ``memdec.json`` manifest, written atomically, cached by content.
 
 A directory is built under a temporary name beside its target and renamed into place only when
-complete, so an interrupted build leaves nothing that a rerun could mistake for a finished one.
-Nothing here uses pickle: loading an artifact never executes code.
+complete, so an interrupted build leaves nothing that a rerun could mistake for a finished one;
+a disk that refuses the write (full, read-only) is one ``DiskError`` line and the temporary
+folder is removed. Manifests carry a ``format_version`` and are checked when opened. Nothing
+here uses pickle: loading an artifact never executes code (training checkpoints hold the
+optimizer state in ``optimizer.pt``, read with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from memdec_core import __version__
+from memdec_core.disk import disk_errors, require_space
 from memdec_core.errors import ArtifactError
 
 MANIFEST = "memdec.json"
+#: The layout version of every manifest memdec writes; a newer one is refused, not misread.
+FORMAT_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -40,18 +46,25 @@ def content_key(*parts: Any) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds."""
+def atomic_directory(target: Path, needed_bytes: int | None = None) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds.
+
+    ``needed_bytes``, when known, is checked against the free space before anything is written.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
+    with disk_errors(target, needed_bytes):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if needed_bytes:
+            require_space(target.parent, needed_bytes, target)
+        temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temporary.mkdir()
     try:
-        yield temporary
-        if target.exists():  # another process finished the same artifact first
-            shutil.rmtree(temporary)
-        else:
-            os.replace(temporary, target)
+        with disk_errors(target, needed_bytes):
+            yield temporary
+            if target.exists():  # another process finished the same artifact first
+                shutil.rmtree(temporary)
+            else:
+                os.replace(temporary, target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -59,7 +72,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
 
 def write_manifest(folder: Path, artifact_type: str, **fields: Any) -> dict:
     """Write ``memdec.json``: type, version, time, command line and the given fields."""
-    manifest = {"type": artifact_type, "memdec_version": __version__,
+    manifest = {"type": artifact_type, "format_version": FORMAT_VERSION, "memdec_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "command": " ".join(sys.argv), **fields}
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable) + "\n")
@@ -72,11 +85,25 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read_manifest(folder: Path, expected_type: str) -> dict:
-    """Read and check ``memdec.json``; a missing, corrupt or foreign manifest raises ArtifactError."""
+def read_manifest(folder: Path, expected_type: str, required: dict[str, type | tuple] | None = None) -> dict:
+    """Read and check ``memdec.json``: its type, its format version and the ``required`` keys' types.
+
+    A missing, corrupt, foreign or incomplete manifest raises ArtifactError naming the folder;
+    keys the schema does not name are kept as they are (a newer memdec may have added them).
+    """
     manifest = _load_manifest(folder)
     if manifest.get("type") != expected_type:
         raise ArtifactError(f"{folder} holds a {manifest.get('type')!r} artifact, not a {expected_type!r}")
+    version = manifest.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{folder} was written in format {version!r}, newer than this memdec reads "
+                            f"({FORMAT_VERSION}); upgrade memdec, or delete the folder and rebuild it")
+    for key, kind in (required or {}).items():
+        value = manifest.get(key)
+        if value is None or isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            expected = " or ".join(t.__name__ for t in kind) if isinstance(kind, tuple) else kind.__name__
+            raise ArtifactError(f"{folder}/{MANIFEST} lacks a valid {key!r} (a {expected}, got {value!r}); "
+                                f"delete the folder (memdec cache rm {Path(folder).name}) and rerun to rebuild it")
     return manifest
 
 
@@ -115,12 +142,18 @@ def cached_artifact(kind: str, key: str) -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write a JSON file atomically (a reader never sees half of it)."""
+    """Write a JSON file atomically (a reader never sees half of it); valid JSON only (no NaN)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable, allow_nan=False) + "\n"
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with disk_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(text)
+            os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def start_or_resume(work: Path, identity: dict[str, Any], what: str) -> bool:
@@ -133,7 +166,11 @@ def start_or_resume(work: Path, identity: dict[str, Any], what: str) -> bool:
     stamp = work / "settings.json"
     identity = json.loads(json.dumps(identity, sort_keys=True, default=_jsonable))
     if stamp.exists():
-        previous = json.loads(stamp.read_text())
+        try:
+            previous = json.loads(stamp.read_text())
+        except (OSError, ValueError) as error:
+            raise ArtifactError(f"the interrupted {what} in {work} has an unreadable settings.json ({error}); "
+                                f"delete that folder to start over") from error
         if previous != identity:
             changed = sorted(key for key in set(identity) | set(previous) if previous.get(key) != identity.get(key))
             raise ArtifactError(f"an interrupted {what} in {work} used other settings ({', '.join(changed)}); "
@@ -152,9 +189,10 @@ def replacing_directory(target: Path) -> Iterator[Path]:
     """
     target = Path(target)
     temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir(parents=True)
     try:
-        yield temporary
+        with disk_errors(target):
+            temporary.mkdir(parents=True)
+            yield temporary
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -75,11 +75,20 @@ def _import_file(path: Path):
     try:
         spec.loader.exec_module(module)
     except MemdecError:
-        raise
-    except Exception as error:
         sys.modules.pop(module_name, None)
-        raise ConfigError(f"cannot import combiner file {path}: {type(error).__name__}: {error}") from error
+        raise
+    except (Exception, SystemExit) as error:  # a file that calls sys.exit() must not end memdec silently
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"cannot import combiner file {path}: {_cause(error)}") from error
     return module
+
+
+def _cause(error: BaseException) -> str:
+    """``SystemExit(3)``, ``NameError: name 'x' is not defined``: one line."""
+    if isinstance(error, SystemExit):
+        return repr(error)
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _combiners_in(module) -> dict[str, type[Combiner]]:

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key, write_json
-from memdec_core.errors import ConfigError
+from memdec_core.errors import ConfigError, MemdecError
 from memdec_core.progress import log
 
 #: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
@@ -83,7 +83,7 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     ``methods`` defaults to those that declare a place in the default comparison
     (``Method.compare_rank``); ``method_settings`` maps any component's name to its settings.
     """
-    from memdec_core.api import default_methods, methods_for_base, prepare_context, prepare_run
+    from memdec_core.api import default_methods, prepare_run
     from memdec_core.data import load_corpus
 
     names = list(methods) or default_methods()
@@ -91,22 +91,37 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
                       component_settings=component_settings, domain_settings=domain_settings)
     general = load_corpus(measure.general) if measure.general else None
-    results = []
-    for base_name in run.bases:
-        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
-        probes = _Probes(ctx, general, measure)
-        for method in methods_for_base(ctx, run.methods):
-            cached = _cached_row(ctx, method, general, measure)
-            row = _read_row(cached) if measure.reuse_results else None
-            if row is not None:
-                log(f"{base_name}: {method.name}: reusing the row measured in {cached.parent}")
-                results.append(row)
-                continue
-            log(f"{base_name}: {method.name}")
-            results.append(_measure(ctx, method, probes))
-            write_json(cached, results[-1])
-    return {"domain": run.corpus.name, "results": results,
+    results: list[dict] = []
+    try:
+        for base_name in run.bases:
+            _compare_base(run, base_name, general, measure, results)
+    except MemdecError as error:  # what was measured is not lost: the caller can print and save it
+        error.partial_report = _report(run, results, measure, names)
+        raise
+    return _report(run, results, measure, names)
+
+
+def _report(run, results: list[dict], measure: CompareSettings, names: list[str]) -> dict:
+    return {"domain": run.corpus.name, "results": list(results),
             "meta": _meta(run.settings, measure, run.combiner, run.bases, names)}
+
+
+def _compare_base(run, base_name: str, general, measure: CompareSettings, results: list[dict]) -> None:
+    """Every method's row on one base, appended to ``results`` as soon as it is measured."""
+    from memdec_core.api import methods_for_base, prepare_context
+
+    ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+    probes = _Probes(ctx, general, measure)
+    for method in methods_for_base(ctx, run.methods):
+        cached = _cached_row(ctx, method, general, measure)
+        row = _read_row(cached) if measure.reuse_results else None
+        if row is not None:
+            log(f"{base_name}: {method.name}: reusing the row measured in {cached.parent}")
+            results.append(row)
+            continue
+        log(f"{base_name}: {method.name}")
+        results.append(_measure(ctx, method, probes))
+        write_json(cached, results[-1])
 
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
@@ -118,12 +133,20 @@ def _measure(ctx, method, probes: "_Probes") -> dict:
     seconds = time.perf_counter() - started
     costs = result.costs
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
-            "valid_ppl": result.valid_ppl, "general_ppl": probes.general_ppl(result), "knobs": result.knobs,
+            "valid_ppl": result.valid_ppl, "general_ppl": _finite(probes.general_ppl(result), method.name, ctx),
+            "knobs": result.knobs,
             "params_added": costs.params_added, "bytes_added": costs.bytes_added,
             "memory_bytes": costs.memory_bytes, "train_seconds": round(costs.train_seconds, 1),
             "train_tokens": costs.train_tokens, "train_flops": costs.train_flops,
             "latency_ratio": probes.latency_ratio(result), "seconds": round(seconds, 2),
             "tuning": result.tuning, "details": result.details}
+
+
+def _finite(value: float | None, method: str, ctx) -> float | None:
+    from memdec_core.api import check_finite
+
+    check_finite(value, f"{method} on {ctx.base.model_id} (general text)")
+    return value
 
 
 def _read_row(path: Path) -> dict | None:

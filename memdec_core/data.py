@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,15 +84,43 @@ def read_split(folder: Path, split: str) -> list[str]:
 
 
 def read_documents(path: Path) -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
+    """The documents of one split file; a DataError naming the file when it is not (gzipped) UTF-8 text."""
+    text = _read_text(path)
+    if "\x00" in text:
+        raise DataError(f"{path} looks binary, not text: it holds NUL bytes")
     if ".jsonl" in path.name:
         return _jsonl_documents(text, path)
     return [doc.strip() for doc in text.split("\n\n") if doc.strip()]
+
+
+def _read_text(path: Path) -> str:
+    if path.suffix != ".gz":
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text ({_decode_problem(error)}): it looks binary, "
+                            f"or is text in another encoding") from error
+        except OSError as error:
+            raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+    except EOFError as error:  # the end-of-stream marker never came: a cut-off download or copy
+        raise DataError(f"{path} is truncated: the gzip stream ends early") from error
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise DataError(f"{path} is not valid gzip ({error})") from error
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} does not hold UTF-8 text once decompressed ({_decode_problem(error)}): "
+                        f"it looks binary, or is text in another encoding") from error
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as a text-mode read gives
+
+
+def _decode_problem(error: UnicodeDecodeError) -> str:
+    return f"byte 0x{error.object[error.start]:02x} at offset {error.start}"
 
 
 def _jsonl_documents(text: str, path: Path) -> list[str]:

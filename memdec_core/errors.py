@@ -50,3 +50,11 @@ class ArtifactError(MemdecError):
 
 class PluginError(MemdecError):
     """A plugin that is broken in a way that stops memdec from working."""
+
+
+class DiskError(ArtifactError):
+    """A write the disk refused: full, read-only, over quota or failing. Nothing half-written is left."""
+
+
+class ResultError(MemdecError):
+    """A result that is not a number (NaN or infinite), named by the component that produced it."""

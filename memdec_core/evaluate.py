@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from memdec_core.data import Window
-from memdec_core.errors import ConfigError, ModelError
+from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
 from memdec_core.models import capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
@@ -46,6 +46,17 @@ class ScoredBatch:
 
     def logprobs(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=-1)
+
+    def head(self, count: int) -> "ScoredBatch":
+        """The first ``count`` scored positions, with only the windows they sit in."""
+        windows = int(self.rows[:count].max()) + 1 if self.rows is not None else None
+
+        def cut(tensor, rows=count):
+            return None if tensor is None else tensor[:rows]
+
+        return ScoredBatch(self.positions[:count], self.targets[:count], cut(self.logits), cut(self.hidden),
+                           cut(self.input_ids, windows), cut(self.attention_mask, windows), cut(self.rows),
+                           cut(self.columns))
 
     def gold_logprobs(self) -> torch.Tensor:
         """``[N]`` log p(gold); computed once per batch, however many knob settings read it."""
@@ -210,28 +221,81 @@ def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, win
     combiners = [ctx.combiner(config) for _, config in settings]
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
                                   capture_hidden=memory.needs_hidden, description=description)
-    for batch in batches:
-        state = memory.score(batch)
+    for number, batch in enumerate(batches):
+        _check_finite(batch.logits, f"the base {ctx.base.model_id}", split)
+        state = _call(memory, "memory", memory.score, batch)
+        if number == 0 and ctx.combiner.elementwise:
+            check_elementwise_claim(combiners[0], memory, batch, settings[0][0])
         by_memory_knobs: dict[str, torch.Tensor] = {}
         for total, combiner, (memory_knobs, _) in zip(totals, combiners, settings):
             key = repr(sorted(memory_knobs.items()))
             if key not in by_memory_knobs:
-                by_memory_knobs[key] = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
-            total.add(_mixed_gold(combiner, batch, by_memory_knobs[key], split))
+                rows = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
+                _check_not_nan(rows, f"memory {memory.name!r} ({format_knobs(memory_knobs) or 'its settings'})", split)
+                by_memory_knobs[key] = rows
+            gold = _mixed_gold(combiner, batch, by_memory_knobs[key], split)
+            _check_finite(gold, f"combiner {_name(combiner)!r} ({format_knobs(combiner.knobs())})", split)
+            total.add(gold)
     return totals
+
+
+def _name(component) -> str:
+    return component.name or type(component).__name__
+
+
+def _call(component, role: str, function, *args):
+    """A plugin's code that raises is named in one line, not a traceback through memdec."""
+    try:
+        return function(*args)
+    except MemdecError:
+        raise
+    except Exception as error:
+        raise PluginError(f"{role} {_name(component)!r} (plugin {component.plugin or 'none'}) raised "
+                          f"{type(error).__name__}: {error}") from error
+
+
+def _check_not_nan(values: torch.Tensor, who: str, split: str) -> None:
+    if torch.isnan(values).any():
+        raise ResultError(f"{who} gave NaN log-probs on the {split} split: a result must be a number")
+
+
+def _check_finite(values: torch.Tensor, who: str, split: str) -> None:
+    """NaN anywhere, or a gold token given probability 0 (log-prob −inf, an infinite perplexity)."""
+    if not torch.isfinite(values).all():
+        bad = "NaN" if torch.isnan(values).any() else "−inf (probability 0 for a token that occurs)"
+        raise ResultError(f"{who} gave {bad} on the {split} split: a result must be a finite number")
+
+
+def check_elementwise_claim(combiner: Combiner, memory: MemoryModel, batch: ScoredBatch, knobs: dict,
+                            rows: int = 8) -> None:
+    """A combiner that declares ``elementwise`` must give the gold entry of its whole-row output
+    from the gold columns alone; checked on a few rows of the first batch (a wrong claim would
+    report a perplexity of the unnormalised values)."""
+    few = batch.head(rows)
+    base = few.logprobs()
+    memory_rows = _call(memory, "memory", memory.logprobs, _call(memory, "memory", memory.score, few), few, knobs)
+    gold = few.targets[:, None]
+    context = {"positions": few.positions, "split": "check"}
+    whole = _call(combiner, "combiner", combiner.combine, base, memory_rows, context).gather(1, gold)
+    columns = _call(combiner, "combiner", combiner.combine, base.gather(1, gold), memory_rows.gather(1, gold), context)
+    if not torch.allclose(whole, columns, atol=1e-4, rtol=1e-4, equal_nan=True):
+        raise ConfigError(f"combiner {_name(combiner)!r} declares elementwise = True, but its output at a token "
+                          f"depends on the other tokens (off by {float((whole - columns).abs().max()):.3g}); "
+                          f"set elementwise = False")
 
 
 def _memory_rows(memory, state, batch, knobs, elementwise: bool) -> torch.Tensor:
     if elementwise:
-        return memory.gold_logprobs(state, batch, knobs)[:, None]
-    return memory.logprobs(state, batch, knobs)
+        return _call(memory, "memory", memory.gold_logprobs, state, batch, knobs)[:, None]
+    return _call(memory, "memory", memory.logprobs, state, batch, knobs)
 
 
 def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, split: str) -> torch.Tensor:
     context = {"positions": batch.positions, "split": split}
     if memory_rows.shape[1] == 1:  # elementwise: only the gold column is needed
-        return combiner.combine(batch.gold_logprobs()[:, None], memory_rows, context)[:, 0]
-    mixed = combiner.combine(batch.logprobs(), memory_rows, context)
+        return _call(combiner, "combiner", combiner.combine, batch.gold_logprobs()[:, None], memory_rows,
+                     context)[:, 0]
+    mixed = _call(combiner, "combiner", combiner.combine, batch.logprobs(), memory_rows, context)
     total_mass = torch.logsumexp(mixed, dim=-1).abs().max()
     if total_mass > 1e-3:
         raise ConfigError(f"combiner {combiner.name!r} returned log-probs that do not sum to 1 "

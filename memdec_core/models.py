@@ -152,11 +152,71 @@ def _from_pretrained(location: str, name: str, **kwargs):
     transformers_logging.disable_progress_bar()  # memdec shows its own progress
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+        with _held_logs() as held:  # transformers' load report reaches stderr only if memdec keeps the model
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            # Mismatched shapes are reported below, not raised with a pointer to a report left unshown.
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    except Exception as error:
+        # A local folder's broken files (a truncated safetensors, a corrupt tokenizer.json) surface as
+        # whatever the reader raises. An ImportError for a GGUF file is load_model's to explain.
+        if not Path(location).is_dir() or (isinstance(error, ImportError) and kwargs.get("gguf_file")):
+            raise
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    _check_loaded_weights(model, info, name)
+    for handler, record in held:  # unexpected extra weights and the like stay warnings
+        handler.handle(record)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _held_logs():
+    """Keep back what transformers logs meanwhile: yields the ``(handler, record)`` pairs to replay."""
+    import logging
+
+    held: list = []
+    filters = []
+    for handler in logging.getLogger("transformers").handlers:
+        def hold(record, handler=handler):
+            held.append((handler, record))
+            return False
+
+        handler.addFilter(hold)
+        filters.append((handler, hold))
+    try:
+        yield held
+    finally:
+        for handler, hold in filters:
+            handler.removeFilter(hold)
+
+
+def _check_loaded_weights(model, info: dict, name: str) -> None:
+    """Refuse weights that transformers would silently initialise at random: missing or of the wrong shape."""
+    missing = _untied_missing_weights(model, info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"cannot load model {name!r}: its weights lack {_some(missing)} "
+                         f"(a renamed or missing tensor would be randomly initialised)")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=str)
+    if mismatched:
+        shown = [f"{entry[0]} ({tuple(entry[1])} in the file, {tuple(entry[2])} in the config)"
+                 if isinstance(entry, (tuple, list)) and len(entry) == 3 else str(entry) for entry in mismatched]
+        raise ModelError(f"cannot load model {name!r}: weights of the wrong shape: {_some(shown)}")
+
+
+def _some(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def _untied_missing_weights(model, missing_keys) -> list[str]:
+    """The missing parameters that are not tied to a loaded one (a tied lm_head shares the embeddings)."""
+    if not missing_keys:
+        return []
+    missing = set(missing_keys)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {parameter.data_ptr() for key, parameter in parameters.items() if key not in missing}
+    return sorted(key for key in missing if key in parameters and parameters[key].data_ptr() not in loaded)
 
 
 def _first_line(error: Exception) -> str:
@@ -173,16 +233,18 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
 
         cache_dir = cache_root()
     converted = cache_dir / "models" / f"{target_file.stem}-{key}"
-    if (converted / "config.json").exists():
-        return str(converted)
-    try:
-        model, tokenizer = _from_pretrained(str(folder), str(target_file), gguf_file=gguf_file)
-    except ImportError as error:
-        raise ModelError(f"loading {target_file.name} needs the gguf package: pip install gguf") from error
     from memdec_core.artifacts import atomic_directory
+    from memdec_core.disk import entry_lock
 
-    with atomic_directory(converted) as temporary:
-        _save_dequantised(model, tokenizer, temporary)
+    with entry_lock(converted):  # two runs loading one GGUF file convert it once
+        if (converted / "config.json").exists():
+            return str(converted)
+        try:
+            model, tokenizer = _from_pretrained(str(folder), str(target_file), gguf_file=gguf_file)
+        except ImportError as error:
+            raise ModelError(f"loading {target_file.name} needs the gguf package: pip install gguf") from error
+        with atomic_directory(converted) as temporary:
+            _save_dequantised(model, tokenizer, temporary)
     return str(converted)
 
 

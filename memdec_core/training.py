@@ -8,8 +8,12 @@ the model, the best epoch is kept, and training stops early after ``patience`` e
 improvement.
 
 The caller gives the loss (cross-entropy for continued training, the kNN objective for a Memory
-Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, progress;
-rewritten every ``save_every`` steps and at each epoch end) and ``best/``.
+Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, torch's RNG
+state, progress; rewritten every ``save_every`` steps and at each epoch end) and ``best/``.
+
+Randomness (dropout) draws from torch's generator seeded with the run's seed inside
+``torch.random.fork_rng`` — the caller's global RNG is untouched — and a resumed run restores
+the generator's state from the checkpoint, so resumed or not, the same seed gives the same bits.
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class Trainer:
         self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
                       "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False,
                       "flops_per_token": self.flops_per_token}
+        self.rng_states: dict | None = None  # torch generators' states from a checkpoint
 
     def _budget_steps(self, settings: LoopSettings) -> int:
         """Optimizer steps: the epochs, or the token budget (which may span more epochs), capped by max_steps."""
@@ -146,6 +151,7 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+            self.rng_states = load_rng_states(checkpoint / RNG_FILE)
         except (OSError, RuntimeError, ValueError, KeyError) as error:
             raise ArtifactError(f"corrupt training checkpoint {checkpoint}: {error}; "
                                 f"delete {checkpoint.parent} to start over") from error
@@ -154,6 +160,14 @@ class Trainer:
 
     def run(self) -> dict:
         """Train until the budget is spent or validation stops improving; returns the state."""
+        with torch.random.fork_rng(devices=cuda_devices()):
+            if self.rng_states is None:
+                torch.manual_seed(self.settings.seed)
+            else:
+                set_rng_states(self.rng_states)
+            return self._run()
+
+    def _run(self) -> dict:
         started = time.perf_counter() - self.state["train_seconds"]
         with progress_bar(self.description, self.total_steps, "steps") as advance:
             advance(self.state["global_step"])
@@ -233,4 +247,50 @@ class Trainer:
             self.model.save_pretrained(temporary)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        temporary / "optimizer.pt")
+            save_rng_states(temporary / RNG_FILE)
             (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
+
+
+RNG_FILE = "rng.safetensors"
+
+
+def cuda_devices() -> list[int]:
+    """The GPUs whose generators ``fork_rng`` saves and restores (none on a CPU machine)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def save_rng_states(path: Path) -> None:
+    """torch's CPU generator state (and every GPU's), as safetensors: no pickle."""
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.get_rng_state()}
+    states.update({f"cuda:{device}": torch.cuda.get_rng_state(device) for device in cuda_devices()})
+    save_file(states, str(path))
+
+
+def load_rng_states(path: Path) -> dict | None:
+    """The states ``save_rng_states`` wrote; None for a checkpoint written before they were kept."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path)) if path.is_file() else None
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    for device in cuda_devices():
+        if f"cuda:{device}" in states:
+            torch.cuda.set_rng_state(states[f"cuda:{device}"], device)
+
+
+def seeded(seed: int):
+    """A block whose torch randomness (a fresh model's weights) depends on ``seed`` only; the
+    global generator is restored afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        with torch.random.fork_rng(devices=cuda_devices()):
+            torch.manual_seed(seed)
+            yield
+
+    return block()

@@ -210,7 +210,7 @@ def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypa
     flops = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--format", "json", "--budget", "2TFLOPs"])
     assert flops.exit_code == 0 and seen[-1][1].budget() == {"budget_flops": 2e12}
     bad = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--budget", "lots"])
-    assert bad.exit_code == 1 and "is not a number of tokens" in bad.output
+    assert bad.exit_code == 2 and "is not a number of tokens" in bad.output  # bad usage
 
 
 def test_compare_takes_a_combiner_file_and_tunes_its_knobs(corpus_dir, tiny_llama, tmp_path):

@@ -10,6 +10,17 @@ from memdec_cli.eval_command import _combiner
 from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
 from memdec_core.artifacts import write_json
 from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
+from memdec_core.errors import ConfigError, MemdecError
+
+
+def _parse_budget(ctx, param, value):
+    """--budget as CompareSettings fields; a malformed one is bad usage (exit 2), caught before any work."""
+    from memdec_core.compare import parse_budget
+
+    try:
+        return parse_budget(value)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from error
 
 
 @click.command("compare")
@@ -22,6 +33,7 @@ from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TR
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
 @click.option("--budget", default=str(QUICK_BUDGET_TOKENS), show_default=True, metavar="TOKENS|FLOPS",
+              callback=_parse_budget,
               help="The same training budget for every method that trains (dapt, lora, memdec): tokens "
                    "(24576, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, "
                    "about 4N for lora); 0: each method's own schedule (epochs with early stopping).")
@@ -66,18 +78,22 @@ def compare_command(domain, bases, methods, combiner, lam, budget, general_token
       memdec compare --domain finance --method base,knn-lm,mixture --set mixture.memory=unigram
     """
     from memdec_cli.render import print_comparison
-    from memdec_core.compare import compare, parse_budget
+    from memdec_core.compare import compare
 
     if plot:  # before the long run, not after it
         from memdec_cli.plot import check_plotting
 
         check_plotting()
-    report = compare(domain, bases, split_list(methods) if methods else (),
-                     settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                     combiner=_combiner(combiner, lam),
-                     method_settings=parse_assignments(assignments),
-                     measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
-                                             reuse_results=not fresh, **parse_budget(budget)))
+    try:
+        report = compare(domain, bases, split_list(methods) if methods else (),
+                         settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
+                         combiner=_combiner(combiner, lam),
+                         method_settings=parse_assignments(assignments),
+                         measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
+                                                 reuse_results=not fresh, **budget))
+    except MemdecError as error:  # print and save the rows measured before the failure, then report it
+        _keep_partial(getattr(error, "partial_report", None), output_format, output)
+        raise
     print_comparison(report, output_format)
     if output:
         write_json(output, report)
@@ -85,3 +101,18 @@ def compare_command(domain, bases, methods, combiner, lam, budget, general_token
         from memdec_cli.plot import plot_comparison
 
         plot_comparison(report, plot)
+
+
+def _keep_partial(report: dict | None, output_format: str, output: Path | None) -> None:
+    from memdec_cli.render import print_comparison
+    from memdec_core.progress import log
+
+    if not report or not report["results"]:
+        return
+    print_comparison(report, output_format)
+    log(f"kept the {len(report['results'])} row(s) measured before the failure (a rerun resumes after them)")
+    if output:
+        try:
+            write_json(output, report)
+        except MemdecError:
+            pass  # the disk that failed the run may refuse this too; the table is on stdout

@@ -34,7 +34,7 @@ EVAL_COLUMNS = ["base", "method", "test ppl ↓", "valid ppl ↓", "tuned knobs"
 
 def print_evaluation(report: dict, output_format: str) -> None:
     if output_format == "json":
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str, allow_nan=False))
     elif output_format == "markdown":
         print("| " + " | ".join(EVAL_COLUMNS) + " |")
         print("|" + "---|" * len(EVAL_COLUMNS))
@@ -94,7 +94,7 @@ def best_rows(report: dict) -> set[int]:
 def print_comparison(report: dict, output_format: str) -> None:
     rows, best = comparison_rows(report), best_rows(report)
     if output_format == "json":
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report, indent=2, default=str, allow_nan=False))
     elif output_format == "csv":
         import csv
         import sys

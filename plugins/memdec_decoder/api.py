@@ -49,21 +49,24 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     """Train (or reuse from the cache) the domain's Memory Decoder; returns its folder.
 
     ``teacher`` / ``init`` default to the largest / smallest demo model. With ``output`` the
-    memory is written to that folder; an interrupted run resumes when called again the same way.
+    memory is written to that folder; an interrupted run resumes when called again the same way,
+    and a finished one is returned as it is (a folder made otherwise is refused).
     """
+    from memdec_core.disk import entry_lock
     from memdec_decoder import pipeline
     from memdec_decoder.train import train_memory
 
     config = DecoderSettings(teacher=teacher, init=init, **decoder_settings)
-    _refuse_existing(output)
     ctx = _context(domain, teacher or _default_teacher(), settings, Plan(component_settings))
     if output is None:
         return str(pipeline.memory_for(ctx, config).folder)
     teacher_name, init_name = pipeline.teacher_and_init(ctx.base, config)
     targets = pipeline.targets_for(ctx, config)
-    memory = train_memory(init_name, ctx.corpus, targets, Path(output).expanduser(), context=ctx.context,
-                          stride=ctx.stride, settings=config.train_settings(), teacher=teacher_name,
-                          eval_batch_size=ctx.settings.batch_size)
+    output = Path(output).expanduser()
+    with entry_lock(output):  # two runs onto one --output: the second waits, then finds it done
+        memory = train_memory(init_name, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
+                              settings=config.train_settings(), teacher=teacher_name,
+                              eval_batch_size=ctx.settings.batch_size)
     return str(memory.folder)
 
 

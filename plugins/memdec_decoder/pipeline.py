@@ -14,6 +14,7 @@ from pathlib import Path
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key
+from memdec_core.disk import entry_lock
 from memdec_core.errors import ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
@@ -35,14 +36,15 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
     teacher_ctx = teacher_context(ctx, config)
     _, init_name = teacher_and_init(ctx.base, config)
     folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
-    if folder.exists():
-        log(f"reusing memory {folder}")
-        return open_cached(folder)
-    targets = targets_for(teacher_ctx, config)
-    log(f"training a memory from {init_name} in {folder}")
-    memory = train_memory(init_name, teacher_ctx.corpus, targets, folder, context=teacher_ctx.context,
-                          stride=teacher_ctx.stride, settings=config.train_settings(),
-                          teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size)
+    with entry_lock(folder):  # a second run sharing the cache waits, then reuses it
+        if folder.exists():
+            log(f"reusing memory {folder}")
+            return open_cached(folder)
+        targets = targets_for(teacher_ctx, config)
+        log(f"training a memory from {init_name} in {folder}")
+        memory = train_memory(init_name, teacher_ctx.corpus, targets, folder, context=teacher_ctx.context,
+                              stride=teacher_ctx.stride, settings=config.train_settings(),
+                              teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size)
     _OPENED[folder] = memory
     return memory
 
@@ -67,11 +69,12 @@ def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
                                                      store.manifest["model_fingerprint"], store.folder.name,
                                                      store.index_folder.name, _decoder_identity(),
                                                      dataclasses.asdict(settings)))
-    if folder.exists():
-        log(f"reusing kNN targets {folder}")
-        return TargetSet(folder)
-    log(f"computing kNN targets in {folder}")
-    return build_targets(store, folder, settings)
+    with entry_lock(folder):
+        if folder.exists():
+            log(f"reusing kNN targets {folder}")
+            return TargetSet(folder)
+        log(f"computing kNN targets in {folder}")
+        return build_targets(store, folder, settings)
 
 
 def teacher_datastore(teacher_ctx: EvalContext, config: DecoderSettings):

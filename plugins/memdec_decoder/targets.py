@@ -25,6 +25,8 @@ from memdec_core.progress import progress_bar
 from memdec_knn.api import Datastore, sparse_distribution
 
 ARTIFACT_TYPE = "knn-targets"
+MANIFEST_SCHEMA = {"size": int, "shard_size": int, "shards": int, "k": int, "temperature": (int, float),
+                   "data_hash": str, "tokenizer_fingerprint": str}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
             advance(end - start)
     write_manifest(work, ARTIFACT_TYPE, datastore=str(store.folder), data_hash=store.manifest["data_hash"],
                    tokenizer_fingerprint=store.manifest["tokenizer_fingerprint"], size=len(store),
+                   model_fingerprint=store.manifest["model_fingerprint"], retriever=searched_by,
                    shards=n_shards, **asdict(settings))
     work.replace(folder)
     return TargetSet(folder)
@@ -113,7 +116,7 @@ class TargetSet:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, ARTIFACT_TYPE)
+        self.manifest = read_manifest(self.folder, ARTIFACT_TYPE, MANIFEST_SCHEMA)
         self.shard_size = self.manifest["shard_size"]
         self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -160,9 +163,33 @@ class TargetSet:
         if shard not in self._shards:
             path = self.folder / _shard_name(shard)
             try:
-                self._shards[shard] = tuple(np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-                                            for name in ("offsets", "token_ids", "probs"))
+                arrays = tuple(np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                               for name in ("offsets", "token_ids", "probs"))
             except (OSError, ValueError) as error:
                 raise ArtifactError(f"corrupt or missing targets shard {path}: {error}") from error
+            self._check_shard(path, shard, *arrays)
+            self._shards[shard] = arrays
         return self._shards[shard]
+
+    def _check_shard(self, path: Path, shard: int, offsets, token_ids, probs) -> None:
+        """Offsets that start at 0, never decrease and end at the arrays' length, one per row + 1."""
+        rows = min(self.shard_size, len(self) - shard * self.shard_size)
+        problem = None
+        if offsets.shape != (rows + 1,) or token_ids.shape != probs.shape or token_ids.ndim != 1:
+            problem = f"offsets of {offsets.shape[0]} entries for {rows} rows, {len(token_ids)} ids, {len(probs)} probs"
+        elif offsets[0] != 0 or offsets[-1] != len(token_ids) or (np.diff(offsets) < 0).any():
+            problem = "offsets that do not run from 0 to the number of entries in order"
+        elif len(token_ids) and token_ids.min() < 0:
+            problem = "negative token ids"
+        if problem:
+            raise ArtifactError(f"corrupt targets shard {path}: {problem}; delete {self.folder} to rebuild it")
+
+    def check_token_range(self, vocab_size: int) -> None:
+        """Every token id below ``vocab_size`` (the memory's vocabulary), checked once before training."""
+        for shard in range(self.manifest["shards"]):
+            token_ids = self._shard(shard)[1]
+            if len(token_ids) and int(token_ids.max()) >= vocab_size:
+                raise ArtifactError(f"targets shard {self.folder / _shard_name(shard)} holds token id "
+                                    f"{int(token_ids.max())}, outside the vocabulary of {vocab_size}; "
+                                    f"delete {self.folder} to rebuild it")
 

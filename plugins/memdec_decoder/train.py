@@ -20,12 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core.artifacts import atomic_directory, previous_version, start_or_resume, write_manifest, write_readme
+from memdec_core.artifacts import (
+    atomic_directory,
+    content_key,
+    previous_version,
+    start_or_resume,
+    write_manifest,
+    write_readme,
+)
 from memdec_core.data import TokenizedCorpus, make_windows
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
 from memdec_core.evaluate import NLLTotal, iter_scored_batches
 from memdec_core.models import BLOCK_PATHS, LoadedModel, default_device, load_model
-from memdec_core.training import LoopSettings, TrainBatch, Trainer
+from memdec_core.progress import log
+from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
 from memdec_decoder.settings import VOCABULARY_CHOICES
@@ -76,8 +84,6 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
                  eval_batch_size: int = 8) -> MemoryDecoder:
     """Train a memory initialised from ``init_name`` on ``targets``; write it to ``output``."""
     output = Path(output).expanduser()
-    if output.exists():
-        raise ConfigError(f"output folder already exists: {output}")
     stream = corpus.streams["train"]
     check_targets_match(targets, corpus)
     init = load_model(init_name)
@@ -85,12 +91,12 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
         raise ModelError(f"{init_name} has another tokenizer than the teacher whose targets these are; "
                          f"a memory must share its family's tokenizer")
     full_vocab_size = init.vocab_size  # read now: building the memory may cut init's layers in place
+    targets.check_token_range(full_vocab_size)
     vocabulary = choose_vocabulary(settings.vocabulary, stream, full_vocab_size)
+    identity = training_identity(init, targets, settings, vocabulary, full_vocab_size, context, stride)
+    if output.exists():
+        return _already_trained(output, identity)
     work = output.parent / f".{output.name}.partial"
-    identity = {"init": init.fingerprint, "targets": targets.manifest["data_hash"], "k": targets.manifest["k"],
-                "temperature": targets.manifest["temperature"], "context": context,
-                "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
-                **{key: value for key, value in dataclasses.asdict(settings).items() if key != "save_every"}}
     resuming = start_or_resume(work, identity, "training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
     model = _load_checkpoint_model(checkpoint) if checkpoint else build_memory_model(init, settings, vocabulary)
@@ -106,7 +112,31 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
     if checkpoint:
         trainer.restore(checkpoint)
     trainer.run()
-    return _finish(work, output, init, vocabulary, targets, trainer, settings, teacher=teacher, context=context)
+    return _finish(work, output, init, vocabulary, targets, trainer, settings, teacher=teacher, context=context,
+                   identity=identity)
+
+
+def training_identity(init: LoadedModel, targets: TargetSet, settings: TrainSettings, vocabulary, full_vocab_size: int,
+                      context: int, stride: int) -> dict:
+    """Every input that shapes the trained weights: a resumed run must match all of them."""
+    manifest = targets.manifest
+    return {"init": init.fingerprint, "teacher": manifest.get("model_fingerprint"), "targets": manifest["data_hash"],
+            "targets_folder": targets.folder.name, "k": manifest["k"], "temperature": manifest["temperature"],
+            "retriever": manifest.get("retriever"), "context": context, "stride": stride,
+            "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
+            **{key: value for key, value in dataclasses.asdict(settings).items() if key != "save_every"}}
+
+
+def _already_trained(output: Path, identity: dict) -> MemoryDecoder:
+    """A rerun onto a finished memory: the memory when it was made the same way, else a clear error."""
+    from memdec_core.artifacts import read_manifest
+
+    manifest = read_manifest(output, ARTIFACT_TYPE) if (output / "memdec.json").is_file() else {}
+    if manifest.get("identity") != content_key(identity):
+        raise ConfigError(f"output folder already exists: {output} (not a memory trained with these settings); "
+                          f"choose another --output or delete it")
+    log(f"already trained: {output}")
+    return open_memory(output)
 
 
 def check_targets_match(targets: TargetSet, corpus: TokenizedCorpus) -> None:
@@ -136,8 +166,8 @@ def build_memory_model(init: LoadedModel, settings: TrainSettings, vocabulary: V
 
     model = init.model.cpu()  # cut on the CPU, then moved to where it trains
     if settings.from_scratch:
-        torch.manual_seed(settings.seed)
-        model = AutoModelForCausalLM.from_config(init.model.config)
+        with seeded(settings.seed):
+            model = AutoModelForCausalLM.from_config(init.model.config)
     if settings.init_layers:
         keep_first_blocks(model, settings.init_layers)
     if vocabulary:
@@ -210,7 +240,7 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
 
 
 def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary | None, targets: TargetSet,
-            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int) -> MemoryDecoder:
+            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int, identity: dict) -> MemoryDecoder:
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
@@ -231,7 +261,8 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
                        parameters=parameters, train=dataclasses.asdict(settings),
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
-                       train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"])
+                       train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"],
+                       identity=content_key(identity))
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
             init, vocabulary, targets, settings, state, parameters))
     shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memdec_core.artifacts import cached_artifact, content_key
+from memdec_core.disk import entry_lock
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.interfaces import EvalContext
 from memdec_core.progress import log
@@ -40,10 +41,11 @@ def datastore_for(ctx: EvalContext, folder: str | Path = "") -> Datastore:
         check_datastore_matches(store, ctx)
         return store
     location = cached_artifact("datastores", datastore_key(ctx))
-    if location.exists():
-        log(f"reusing datastore {location}")
-        return open_datastore(location)
-    return _build(ctx, location)
+    with entry_lock(location):  # a second run sharing the cache waits, then reuses it
+        if location.exists():
+            log(f"reusing datastore {location}")
+            return open_datastore(location)
+        return _build(ctx, location)
 
 
 def _build(ctx: EvalContext, folder: Path) -> Datastore:

@@ -2,12 +2,18 @@
 
 On disk: ``keys.npy`` (fp16, memory-mapped), ``vals.npy`` (int32) and ``memdec.json``; beside
 them ``indexes/<retriever>-<key>/``, one search index per retriever and build settings (built
-on first use, written atomically). Row p is written at the global position p of the train
-stream, so the key/value alignment never depends on batching order.
+on first use, written atomically). Row p is the global position p of the train stream: the
+windows score consecutive positions, so rows are appended in order (and checked to be).
+
+A build works in ``.NAME.partial`` with ordinary buffered writes (a full disk is an error, not a
+SIGBUS from a memory map) and records every few batches how far it got, after flushing to disk:
+a killed build resumes from there and gives the same bytes. The folder is renamed into place
+when complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,9 +26,12 @@ from memdec_core.artifacts import (
     cached_artifact,
     content_key,
     read_manifest,
+    start_or_resume,
+    write_json,
     write_manifest,
     write_readme,
 )
+from memdec_core.disk import disk_errors, entry_lock, require_space
 from memdec_core.errors import ArtifactError
 from memdec_core.evaluate import iter_scored_batches
 from memdec_core.interfaces import Retriever
@@ -30,6 +39,10 @@ from memdec_core.interfaces import Retriever
 ARTIFACT_TYPE = "datastore"
 INDEX_TYPE = "datastore-index"
 LAYER = "last_ffn_input"
+#: Batches between two records of a build's progress (each record flushes the files to disk).
+COMMIT_EVERY = 16
+MANIFEST_SCHEMA = {"size": int, "dim": int, "data_hash": str, "tokenizer_fingerprint": str,
+                   "model_fingerprint": str, "base_model": str}
 
 
 @dataclass
@@ -53,6 +66,12 @@ class Datastore:
             raise ArtifactError(f"datastore {self.folder} has no index attached (call with_index)")
         return self.retriever.search(queries, k)
 
+    def check_values(self, vocab_size: int) -> None:
+        """Every value a token id of the base's vocabulary (a corrupt store would silently mis-score)."""
+        if len(self) and (int(self.vals.min()) < 0 or int(self.vals.max()) >= vocab_size):
+            raise ArtifactError(f"datastore {self.folder}: vals.npy holds token ids outside [0, {vocab_size}) "
+                                f"(min {int(self.vals.min())}, max {int(self.vals.max())}); delete it to rebuild it")
+
     def with_index(self, retriever: Retriever) -> "Datastore":
         """This datastore searched by ``retriever``: its index opened, or built on first use."""
         from memdec_core.identity import component_identity
@@ -60,9 +79,10 @@ class Datastore:
         key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
                           len(self), retriever.name, component_identity(type(retriever)), retriever.build_settings())
         folder = _index_location(self.folder, f"{retriever.name}-{key}")
-        if not (folder / "memdec.json").is_file():
-            _build_index(self, retriever, folder)
-        manifest = read_manifest(folder, INDEX_TYPE)
+        with entry_lock(folder):
+            if not (folder / "memdec.json").is_file():
+                _build_index(self, retriever, folder)
+        manifest = read_manifest(folder, INDEX_TYPE, {"size": int, "retriever": str})
         if manifest.get("size") != len(self):
             raise ArtifactError(f"index {folder} covers {manifest.get('size')} keys, the datastore {len(self)}")
         retriever.load(self.keys, folder)
@@ -91,43 +111,113 @@ def _build_index(store: Datastore, retriever: Retriever, folder: Path) -> None:
 
 def build_datastore(base, stream: np.ndarray, folder: Path, *, context: int, stride: int,
                     batch_size: int, data_hash: str) -> Datastore:
-    """Run ``base`` over ``stream`` and write a complete datastore (keys and values) to ``folder``."""
+    """Run ``base`` over ``stream`` and write a complete datastore (keys and values) to ``folder``,
+    resuming the work an interrupted build left."""
     from memdec_core.data import make_windows
 
     windows = make_windows(len(stream), context, stride)
     n_rows, dim = len(stream) - 1, base.model.config.get_text_config().hidden_size
-    started = time.perf_counter()
-    with atomic_directory(folder) as temporary:
-        _write_keys_and_values(base, stream, windows, temporary, n_rows, dim, batch_size)
-        write_manifest(temporary, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
+    work, needed = folder.parent / f".{folder.name}.partial", n_rows * (2 * dim + 4)
+    identity = {"model": base.fingerprint, "data_hash": data_hash, "rows": n_rows, "dim": dim, "context": context,
+                "stride": stride, "batch_size": batch_size}
+    with disk_errors(folder, needed):
+        if not work.exists():
+            require_space(folder.parent, needed, folder)
+        start_or_resume(work, identity, "datastore build")
+        started = time.perf_counter() - _progress(work)["seconds"]
+        _write_keys_and_values(base, stream, windows, work, n_rows, dim, batch_size, started)
+        write_manifest(work, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
                        tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
                        data_hash=data_hash, context=context, stride=stride,
                        build_seconds=round(time.perf_counter() - started, 1))
-        write_readme(temporary, f"kNN-LM datastore for {base.model_id}", [
+        write_readme(work, f"kNN-LM datastore for {base.model_id}", [
             f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
             "- search indexes under `indexes/`, one per retriever and build settings.",
             f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."])
+        for name in ("settings.json", "progress.json"):
+            (work / name).unlink(missing_ok=True)
+        os.replace(work, folder)
     return open_datastore(folder)
 
 
-def _write_keys_and_values(base, stream, windows, folder: Path, n_rows: int, dim: int, batch_size: int) -> None:
-    keys = np.lib.format.open_memmap(folder / "keys.npy", mode="w+", dtype=np.float16, shape=(n_rows, dim))
-    vals = np.lib.format.open_memmap(folder / "vals.npy", mode="w+", dtype=np.int32, shape=(n_rows,))
-    for batch in iter_scored_batches(base.model, stream, windows, batch_size=batch_size,
-                                     capture_hidden=True, with_logits=False,
-                                     description=f"datastore {base.short_name}"):
-        positions = batch.positions.numpy()
-        keys[positions] = batch.hidden.numpy().astype(np.float16)
-        vals[positions] = batch.targets.numpy()
+def _progress(work: Path) -> dict:
+    """How far a build got: windows and rows written and flushed, seconds spent."""
+    path = work / "progress.json"
+    if not path.is_file():
+        return {"windows": 0, "rows": 0, "seconds": 0.0}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"windows": 0, "rows": 0, "seconds": 0.0}  # an unreadable record: start over
+
+
+def _write_keys_and_values(base, stream, windows, work: Path, n_rows: int, dim: int, batch_size: int,
+                           started: float) -> None:
+    done = _progress(work)
+    with RowFile(work / "keys.npy", (n_rows, dim), np.float16, done["rows"]) as keys, \
+            RowFile(work / "vals.npy", (n_rows,), np.int32, done["rows"]) as vals:
+        batches = iter_scored_batches(base.model, stream, windows[done["windows"]:], batch_size=batch_size,
+                                      capture_hidden=True, with_logits=False,
+                                      description=f"datastore {base.short_name}")
+        for number, batch in enumerate(batches, 1):
+            positions = batch.positions.numpy()
+            if not np.array_equal(positions, np.arange(keys.rows, keys.rows + len(positions))):
+                raise ArtifactError(f"datastore build in {work}: positions out of order at row {keys.rows}")
+            keys.append(batch.hidden.numpy())
+            vals.append(batch.targets.numpy())
+            if number % COMMIT_EVERY == 0:
+                _commit(work, keys, vals, done["windows"] + number * batch_size, started)
+        if keys.rows != n_rows:
+            raise ArtifactError(f"datastore build in {work} wrote {keys.rows} of {n_rows} rows")
+        _commit(work, keys, vals, len(windows), started)
+
+
+def _commit(work: Path, keys: "RowFile", vals: "RowFile", windows_done: int, started: float) -> None:
     keys.flush()
     vals.flush()
-    del keys, vals
+    write_json(work / "progress.json", {"windows": windows_done, "rows": keys.rows,
+                                        "seconds": time.perf_counter() - started})
+
+
+class RowFile:
+    """An ``.npy`` file of a known final shape, filled by appending rows with buffered writes.
+
+    Reopened with ``rows`` committed, it is cut back to them (a killed writer may have left more).
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype, rows: int):
+        self.path, self.shape, self.dtype, self.rows = Path(path), shape, np.dtype(dtype), rows
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __enter__(self) -> "RowFile":
+        if self.rows == 0 or not self.path.exists():
+            self.rows, self.handle = 0, open(self.path, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self.handle, header)
+        else:
+            self.handle = open(self.path, "r+b")
+            np.lib.format.read_magic(self.handle)
+            np.lib.format.read_array_header_1_0(self.handle)
+            self.handle.truncate(self.handle.tell() + self.rows * self.row_bytes)
+            self.handle.seek(0, os.SEEK_END)
+        return self
+
+    def append(self, rows: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def flush(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
 
 def open_datastore(folder: Path) -> Datastore:
     """Open a datastore written by ``build_datastore``, checking that its parts agree."""
     folder = Path(folder)
-    manifest = read_manifest(folder, ARTIFACT_TYPE)
+    manifest = read_manifest(folder, ARTIFACT_TYPE, MANIFEST_SCHEMA)
     keys, vals = _load_array(folder / "keys.npy"), _load_array(folder / "vals.npy")
     if keys.shape != (manifest["size"], manifest["dim"]) or vals.shape != (manifest["size"],):
         raise ArtifactError(f"datastore {folder} is inconsistent: keys {keys.shape}, values {vals.shape}, "

@@ -45,15 +45,13 @@ class FaissRetriever(Retriever):
 
     def build(self, items: np.ndarray, folder: Path) -> None:
         """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``folder``."""
-        import faiss
-
         self.factory = resolve_factory(self.config.factory, *items.shape)
         index = self._empty_index(items.shape[1])
         if not index.is_trained:
             self._train(index, items)
         for start in range(0, len(items), ADD_CHUNK):
             index.add(np.ascontiguousarray(items[start:start + ADD_CHUNK], dtype=np.float32))
-        faiss.write_index(index, str(Path(folder) / INDEX_FILE))
+        write_index(index, Path(folder) / INDEX_FILE)
         self.index = index
         self._set_nprobe()
 
@@ -133,6 +131,26 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
         return f"IVF{lists},Flat"
     codes = max(m for m in range(1, 65) if dim % m == 0)
     return f"IVF{lists},PQ{codes}"
+
+
+def write_index(index, path: Path) -> None:
+    """faiss's writer reports a full or read-only disk as a RuntimeError: say what happened."""
+    import errno
+
+    import faiss
+
+    from memdec_core.disk import refusal
+
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as error:
+        message = _faiss_message(error)
+        causes = ((errno.ENOSPC, "No space left"), (errno.EDQUOT, "quota"), (errno.EROFS, "Read-only"),
+                  (errno.EACCES, "Permission denied"), (errno.EIO, "Input/output error"))
+        code = next((number for number, words in causes if words in str(error)), None)
+        if code is None:
+            raise ArtifactError(f"cannot write the faiss index {path}: {message}") from error
+        raise refusal(OSError(code, message), path) from error
 
 
 def _minimum_training_points(index) -> int:

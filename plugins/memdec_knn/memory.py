@@ -64,6 +64,7 @@ class KnnDatastore(MemoryModel):
 
         retriever = ctx.create(RETRIEVER_KIND, self.config.retriever)
         self.store = datastore_for(ctx, self.config.datastore).with_index(retriever)
+        self.store.check_values(ctx.base.vocab_size)
         self.tokenizer_fingerprint = self.store.manifest["tokenizer_fingerprint"]
 
     def grid(self) -> list[dict]:

@@ -27,11 +27,12 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
+from memdec_core.disk import entry_lock
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import Costs
 from memdec_core.progress import log
-from memdec_core.training import LoopSettings, TrainBatch, Trainer
+from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_peft.settings import FinetuneSettings
 
 
@@ -96,16 +97,22 @@ def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -
                 "code": component_identity(adaptation.method), **dataclasses.asdict(loop), **adaptation.identity}
     identity.pop("save_every")
     folder = cached_artifact(adaptation.kind, content_key(identity))
-    if folder.exists():
-        log(f"reusing {adaptation.kind} {folder}")
-        return folder
+    with entry_lock(folder):  # a second run sharing the cache waits, then reuses it
+        if folder.exists():
+            log(f"reusing {adaptation.kind} {folder}")
+            return folder
+        return _train(ctx, loop, adaptation, identity, folder)
+
+
+def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identity: dict, folder: Path) -> Path:
+    """Train (or resume training) the adapted model and write it to ``folder``."""
     log(f"training {adaptation.kind} for {ctx.base.model_id} (lr {loop.lr:g}) in {folder}")
     work = folder.parent / f".{folder.name}.partial"
     resuming = start_or_resume(work, identity, f"{adaptation.kind} training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
-    torch.manual_seed(loop.seed)  # adapters are initialised at random (LoRA's A matrices)
-    model = (adaptation.load(ctx.base.model, checkpoint, trainable=True) if checkpoint
-             else adaptation.prepare(ctx.base.model))
+    with seeded(loop.seed):  # adapters are initialised at random (LoRA's A matrices)
+        model = (adaptation.load(ctx.base.model, checkpoint, trainable=True) if checkpoint
+                 else adaptation.prepare(ctx.base.model))
     model.train()
     valid, valid_windows = ctx.corpus.streams["valid"], ctx.windows("valid")
 

@@ -1,0 +1,454 @@
+"""Faults: a full or read-only disk, a killed process, two runs sharing a cache, corrupt artifacts,
+NaN from a combiner or a memory. Each gives one clear line (or the right result) and leaves
+nothing half-written; a killed job reruns to the same bits."""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL_WINDOWS
+
+from memdec_core import api
+from memdec_core.errors import ArtifactError, DiskError, ResultError
+from memdec_core.hookspecs import hookimpl
+from memdec_core.interfaces import EvalSettings, MemoryModel
+from memdec_core.plugins import register_plugin, unregister_plugin
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+
+
+def memdec(*args, cache: Path, timeout=300, **env):
+    return subprocess.run([sys.executable, "-m", "memdec_cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MEMDEC_CACHE": str(cache), **env})
+
+
+def cli(*args, cache: Path):
+    """The CLI in this process (no interpreter start-up), with its own cache."""
+    from click.testing import CliRunner
+
+    from memdec_cli.main import build_cli
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMDEC_CACHE", str(cache))
+        result = CliRunner().invoke(build_cli(), [str(arg) for arg in args])
+    result.returncode = result.exit_code
+    return result
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary folders or files a failed write left (locks are not artifacts)."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
+                  if ".tmp-" in path.name and "locks" not in path.parts)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False, fill_from: Path | None = None):
+    """A real small (or read-only) file system, when running as root."""
+    if not ROOT or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        if fill_from is not None:
+            shutil.copytree(fill_from, path, dirs_exist_ok=True)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk, a read-only cache
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, corpus_dir, tiny_gpt2):
+    with tmpfs(tmp_path / "full", "96k") as cache:
+        result = cli("datastore", "build", "--domain", corpus_dir, "--base", tiny_gpt2, "--context", 64, cache=cache)
+        line = one_line(result)
+        assert "no space left on the device" in line and "needs about" in line and "free" in line
+        assert not leftovers(cache) and not list(cache.glob("datastores/*"))
+
+
+def test_a_disk_that_fills_mid_write_is_one_line(tmp_path, monkeypatch, corpus_dir, tiny_gpt2):
+    from memdec_knn import datastore as datastore_module
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datastore_module.RowFile, "append", full)
+    with pytest.raises(DiskError, match="no space left on the device"):
+        api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                     method_settings={"knn-lm": {"k": 8}})
+    assert not leftovers(tmp_path / "cache")
+    assert not [path for path in (tmp_path / "cache" / "datastores").iterdir() if not path.name.endswith(".partial")]
+
+
+def test_faiss_index_writes_on_a_full_disk_are_one_line(tmp_path):
+    from memdec_knn.index import FaissRetriever
+
+    keys = np.random.default_rng(0).normal(size=(20_000, 64)).astype(np.float32)
+    with tmpfs(tmp_path / "full", "1m") as folder:
+        with pytest.raises(DiskError, match="no space left"):
+            FaissRetriever(factory="Flat").build(keys, folder)
+
+
+def test_a_read_only_cache_refuses_to_build_and_still_reads(tmp_path, corpus_dir, tiny_gpt2):
+    warm = tmp_path / "warm"
+    args = ["eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "knn-lm", "--context", 64,
+            "--set", "knn-lm.k=8", "--format", "json"]
+    built = cli(*args, cache=warm)
+    assert built.returncode == 0, built.stderr
+    with tmpfs(tmp_path / "cold", "10m", read_only=True) as cold:
+        line = one_line(cli(*args, cache=cold))
+        assert "read-only" in line and "MEMDEC_CACHE" in line
+    with tmpfs(tmp_path / "ro", "200m", read_only=True, fill_from=warm) as copy:
+        again = cli(*args, cache=copy)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["results"][0]["test_ppl"] == json.loads(built.stdout)["results"][0]["test_ppl"]
+
+
+def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
+    from memdec_core import compare as compare_module
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    real, calls = compare_module.write_json, []
+
+    def fails_on_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise DiskError("cannot write: no space left on the device")
+        real(path, data)
+
+    monkeypatch.setattr(compare_module, "write_json", fails_on_second)
+    with pytest.raises(DiskError) as raised:
+        compare_module.compare(str(corpus_dir), [str(tiny_gpt2)], ["base", "knn-lm"], settings=WINDOW,
+                               method_settings={"knn-lm": {"k": 8}},
+                               measure=compare_module.CompareSettings(general="", latency_tokens=50))
+    partial = raised.value.partial_report
+    assert [row["method"] for row in partial["results"]] == ["base", "knn-lm"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Killed processes: the rerun gives the same bits
+
+
+KILL_DATASTORE = """
+import os, signal, sys
+from memdec_knn import datastore
+datastore.COMMIT_EVERY = 1
+real = datastore.RowFile.append
+count = [0]
+def append(self, rows):
+    real(self, rows)
+    if self.path.name == "vals.npy":
+        count[0] += 1
+        if count[0] == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+datastore.RowFile.append = append
+from memdec_knn.api import build_datastore
+from memdec_core.interfaces import EvalSettings
+build_datastore(sys.argv[1], sys.argv[2], settings=EvalSettings(context=64, stride=32, batch_size=2))
+"""
+
+
+def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_gpt2):
+    from memdec_knn.api import build_datastore
+
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
+    killed = subprocess.run([sys.executable, "-c", KILL_DATASTORE, str(corpus_dir), str(tiny_gpt2), "5"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    work = next((tmp_path / "cache" / "datastores").glob(".*.partial"))
+    assert json.loads((work / "progress.json").read_text())["rows"] > 0
+    resumed = subprocess.run([sys.executable, "-c", KILL_DATASTORE, str(corpus_dir), str(tiny_gpt2), "0"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not work.exists()
+    folder = work.parent / work.name[1:-len(".partial")]
+    fresh = Path(build_datastore(str(corpus_dir), str(tiny_gpt2), output=tmp_path / "fresh",
+                                 settings=EvalSettings(context=64, stride=32, batch_size=2)))
+    for name in ("keys.npy", "vals.npy"):
+        assert (folder / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
+KILL_TRAINING = """
+import os, signal, sys
+from memdec_core import training
+real = training.Trainer._step
+count = [0]
+def step(self, starts):
+    count[0] += 1
+    if count[0] == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, starts)
+training.Trainer._step = step
+from memdec_decoder import api
+from memdec_core.interfaces import EvalSettings
+api.train(sys.argv[1], teacher=sys.argv[2], init=sys.argv[2], output=sys.argv[3], epochs=2, batch_size=2, k=8,
+          temperature=1.0, lr=3e-3, save_every=1, settings=EvalSettings(context=64, stride=32))
+"""
+
+
+def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path, corpus_dir, tiny_gpt2):
+    """The tiny GPT-2 has dropout 0.1: bit-identical weights need the RNG state in the checkpoint."""
+    from safetensors.numpy import load_file
+
+    from memdec_decoder import api as decoder
+
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
+
+    def train(output, kill_at):
+        return subprocess.run([sys.executable, "-c", KILL_TRAINING, str(corpus_dir), str(tiny_gpt2), str(output),
+                               str(kill_at)], env=env, capture_output=True, text=True, timeout=600)
+
+    killed = train(tmp_path / "resumed", 5)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = train(tmp_path / "resumed", 0)
+    assert resumed.returncode == 0, resumed.stderr
+    # The same run uninterrupted, in another process and another cache: the same bits.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMDEC_CACHE", str(tmp_path / "other-cache"))
+        decoder.train(str(corpus_dir), teacher=str(tiny_gpt2), init=str(tiny_gpt2), output=tmp_path / "reference",
+                      epochs=2, batch_size=2, k=8, temperature=1.0, lr=3e-3, save_every=1,
+                      settings=EvalSettings(context=64, stride=32))
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    weights = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert expected.keys() == weights.keys()
+    assert all(np.array_equal(expected[name], weights[name]) for name in expected)
+
+
+def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt2, tiny_llama, monkeypatch):
+    from memdec_core import training
+    from memdec_decoder import api as decoder
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    real, count = training.Trainer._step, []
+
+    def interrupted(self, starts):
+        if len(count) == 2:
+            raise KeyboardInterrupt
+        count.append(1)
+        return real(self, starts)
+
+    common = dict(init=str(tiny_llama), output=tmp_path / "memory", epochs=2, batch_size=2, k=8, temperature=1.0,
+                  save_every=1, settings=WINDOW)
+    monkeypatch.setattr(training.Trainer, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        decoder.train(str(corpus_dir), teacher=str(tiny_llama), **common)
+    monkeypatch.setattr(training.Trainer, "_step", real)
+    other_teacher = tmp_path / "other-teacher"
+    shutil.copytree(tiny_llama, other_teacher)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other_teacher / "model.safetensors")
+    weights = {name: tensor * 1.01 for name, tensor in weights.items()}
+    save_file(weights, other_teacher / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ArtifactError, match="other settings .*teacher"):
+        decoder.train(str(corpus_dir), teacher=str(other_teacher), **common)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two runs sharing one cache
+
+
+def test_two_runs_started_together_share_the_cache(tmp_path, corpus_dir, tiny_llama):
+    args = ["eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "base,knn-lm,memdec", "--context", 64,
+            "--set", "knn-lm.k=8", "--set", "memdec.k=8", "--set", "memdec.epochs=1", "--set", "memdec.temperature=1",
+            "--format", "json"]
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    first, second = (json.loads(out)["results"] for out, _ in outputs)
+    assert [row["test_ppl"] for row in first] == [row["test_ppl"] for row in second]
+    cache = tmp_path / "cache"
+    assert not leftovers(cache) and not list(cache.rglob("*.partial"))
+
+
+def test_two_trainings_onto_one_output_both_end_with_the_memory(tmp_path, corpus_dir, tiny_llama):
+    args = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 1, "--k", 8,
+            "--knn-temperature", 1, "--train-batch", 2, "--output", tmp_path / "memory", "--context", 64]
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
+    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [out.strip() for out, _ in outputs] == [str(tmp_path / "memory")] * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Corrupt artifacts
+
+
+@pytest.fixture
+def store_copy(tmp_path, corpus_dir, tiny_gpt2):
+    from memdec_knn.api import build_datastore
+
+    return Path(build_datastore(str(corpus_dir), str(tiny_gpt2), output=tmp_path / "store", settings=WINDOW))
+
+
+def knn_with(store, corpus_dir, model):
+    return api.evaluate(str(corpus_dir), [str(model)], ["knn-lm"], settings=WINDOW,
+                        method_settings={"knn-lm": {"k": 8, "datastore": str(store)}})
+
+
+def test_out_of_range_values_are_refused(store_copy, corpus_dir, tiny_gpt2):
+    vals = np.load(store_copy / "vals.npy")
+    vals[3] = 10_000
+    np.save(store_copy / "vals.npy", vals)
+    with pytest.raises(ArtifactError, match="token ids outside"):
+        knn_with(store_copy, corpus_dir, tiny_gpt2)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([1, 2], "not a JSON object"), ({"type": "datastore"}, "lacks a valid 'size'"),
+    ({"type": "datastore", "format_version": 99}, "newer than this memdec reads"),
+])
+def test_bad_manifests_are_one_clear_error(store_copy, corpus_dir, tiny_gpt2, manifest, message):
+    (store_copy / "memdec.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        knn_with(store_copy, corpus_dir, tiny_gpt2)
+
+
+def test_corrupt_targets_are_refused(tmp_path, corpus_dir, tiny_llama):
+    from memdec_decoder import api as decoder
+    from memdec_decoder.targets import TargetSet
+
+    folder = Path(decoder.build_targets(str(corpus_dir), str(tiny_llama), settings=WINDOW, k=8,
+                                        output=tmp_path / "targets"))
+    shard = folder / "shard-00000"
+    ids = np.load(shard / "token_ids.npy")
+    ids[0] = 99_999
+    np.save(shard / "token_ids.npy", ids)
+    with pytest.raises(ArtifactError, match="outside the vocabulary of 300"):
+        TargetSet(folder).check_token_range(300)
+    np.save(shard / "offsets.npy", np.load(shard / "offsets.npy")[:-5])
+    with pytest.raises(ArtifactError, match="corrupt targets shard"):
+        TargetSet(folder).row(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results that are not numbers
+
+
+class NanMemory(MemoryModel):
+    """A memory whose weights decoded to NaN."""
+
+    name = "nan-memory"
+
+    def prepare(self, ctx):
+        import torch
+
+        self.vocab = ctx.base.vocab_size
+        self.tokenizer_fingerprint = ctx.base.tokenizer_fingerprint
+        self.torch = torch
+
+    def score(self, batch):
+        return None
+
+    def gold_logprobs(self, state, batch, knobs):
+        return self.torch.full((len(batch.targets),), float("nan"))
+
+    def logprobs(self, state, batch, knobs):
+        return self.torch.full((len(batch.targets), self.vocab), float("nan"))
+
+    def stepper(self, knobs):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def nan_memory(fresh_plugins):
+    register_plugin(types.SimpleNamespace(memdec_register_memory_models=hookimpl(lambda: [NanMemory])), name="nan")
+    yield
+    unregister_plugin("nan")
+
+
+def test_a_memory_that_gives_nan_is_named(nan_memory, corpus_dir, tiny_gpt2):
+    with pytest.raises(ResultError, match="memory 'nan-memory' .*NaN log-probs on the valid split"):
+        api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["mixture"], settings=WINDOW,
+                     method_settings={"mixture": {"memory": "nan-memory"}})
+
+
+COMBINER_FILES = {
+    "nan": ("import torch\nfrom memdec_core.interfaces import combiner\n\n@combiner('nan', elementwise=True)\n"
+            "def nan(base, memory, context):\n    return base * float('nan')\n", "gave NaN on the valid split"),
+    "raises": ("from memdec_core.interfaces import combiner\n\n@combiner('raises', elementwise=True)\n"
+               "def raises(base, memory, context):\n    raise ValueError('boom')\n",
+               "combiner 'raises' .*raised ValueError: boom"),
+    "liar": ("from memdec_core.interfaces import combiner\n\n@combiner('liar', elementwise=True)\n"
+             "def liar(base, memory, context):\n    return base - base.logsumexp(-1, keepdim=True)\n",
+             "declares elementwise = True, but"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(COMBINER_FILES))
+def test_a_combiner_that_breaks_is_one_line(kind, tmp_path, corpus_dir, tiny_gpt2):
+    source, message = COMBINER_FILES[kind]
+    (tmp_path / "mine.py").write_text(source)
+    result = cli("eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "knn-lm", "--context", 64,
+                 "--set", "knn-lm.k=8", "--combiner", f"{tmp_path / 'mine.py'}:{kind}", "--format", "json",
+                 cache=tmp_path.parent / "shared-cache")
+    import re
+
+    assert re.search(message, one_line(result)), result.stderr
+    assert result.stdout == ""  # no NaN result printed, no half report
+
+
+def dead_pid() -> int:
+    """A PID no process has (the kernel's limit is far below it)."""
+    return 2 ** 22 + 12345
+
+
+def test_temporary_folders_of_killed_processes_are_cleared(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
+    from memdec_core.artifacts import cached_artifact
+    from memdec_knn.api import datastore_for, datastore_key
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    ctx = api.prepare_context(str(corpus_dir), str(tiny_gpt2), WINDOW)
+    target = cached_artifact("datastores", datastore_key(ctx))
+    stale = target.parent / f".{target.name}.tmp-{dead_pid()}-deadbeef"
+    alive = target.parent / f".{target.name}.tmp-{os.getpid()}-cafef00d"
+    for folder in (stale, alive):
+        (folder / "keys.npy").parent.mkdir(parents=True)
+        (folder / "keys.npy").write_bytes(b"half")
+    datastore_for(ctx)
+    assert not stale.exists() and alive.exists()  # a live process's work is never touched
+
+
+def test_the_cli_prints_the_rows_a_failed_compare_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
+    from memdec_core import compare as compare_module
+
+    real, calls = compare_module.write_json, []
+
+    def fails_on_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise DiskError("cannot write the row: no space left on the device")
+        real(path, data)
+
+    monkeypatch.setattr(compare_module, "write_json", fails_on_second)
+    result = cli("compare", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base,knn-lm",
+                 "--set", "knn-lm.k=8", "--context", 64, "--general-tokens", 100, "--latency-tokens", 50,
+                 "--format", "json", cache=tmp_path / "cache")
+    assert result.exit_code == 1 and "no space left" in result.stderr.strip().splitlines()[-1]
+    assert [row["method"] for row in json.loads(result.stdout)["results"]] == ["base", "knn-lm"]

@@ -126,19 +126,27 @@ def test_a_read_only_cache_refuses_to_build_and_still_reads(tmp_path, corpus_dir
         assert json.loads(again.stdout)["results"][0]["test_ppl"] == json.loads(built.stdout)["results"][0]["test_ppl"]
 
 
-def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
+@pytest.fixture
+def second_row_write_fails(monkeypatch):
+    """The disk refuses the second compare row: the first two rows are measured by then."""
     from memdec_core import compare as compare_module
 
-    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
     real, calls = compare_module.write_json, []
 
     def fails_on_second(path, data):
         calls.append(path)
         if len(calls) == 2:
-            raise DiskError("cannot write: no space left on the device")
+            raise DiskError("cannot write the row: no space left on the device")
         real(path, data)
 
     monkeypatch.setattr(compare_module, "write_json", fails_on_second)
+
+
+def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch,
+                                                     second_row_write_fails):
+    from memdec_core import compare as compare_module
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DiskError) as raised:
         compare_module.compare(str(corpus_dir), [str(tiny_gpt2)], ["base", "knn-lm"], settings=WINDOW,
                                method_settings={"knn-lm": {"k": 8}},
@@ -435,18 +443,7 @@ def test_temporary_folders_of_killed_processes_are_cleared(tmp_path, corpus_dir,
     assert not stale.exists() and alive.exists()  # a live process's work is never touched
 
 
-def test_the_cli_prints_the_rows_a_failed_compare_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
-    from memdec_core import compare as compare_module
-
-    real, calls = compare_module.write_json, []
-
-    def fails_on_second(path, data):
-        calls.append(path)
-        if len(calls) == 2:
-            raise DiskError("cannot write the row: no space left on the device")
-        real(path, data)
-
-    monkeypatch.setattr(compare_module, "write_json", fails_on_second)
+def test_the_cli_prints_the_rows_a_failed_compare_measured(tmp_path, corpus_dir, tiny_gpt2, second_row_write_fails):
     result = cli("compare", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base,knn-lm",
                  "--set", "knn-lm.k=8", "--context", 64, "--general-tokens", 100, "--latency-tokens", 50,
                  "--format", "json", cache=tmp_path / "cache")

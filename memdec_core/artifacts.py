@@ -98,6 +98,7 @@ def read_manifest(folder: Path, expected_type: str, required: dict[str, type | t
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{folder} was written in format {version!r}, newer than this memdec reads "
                             f"({FORMAT_VERSION}); upgrade memdec, or delete the folder and rebuild it")
+    _warn_if_newer(folder, manifest)
     for key, kind in (required or {}).items():
         value = manifest.get(key)
         if value is None or isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
@@ -105,6 +106,25 @@ def read_manifest(folder: Path, expected_type: str, required: dict[str, type | t
             raise ArtifactError(f"{folder}/{MANIFEST} lacks a valid {key!r} (a {expected}, got {value!r}); "
                                 f"delete the folder (memdec cache rm {Path(folder).name}) and rerun to rebuild it")
     return manifest
+
+
+def _warn_if_newer(folder: Path, manifest: dict) -> None:
+    """A manifest from a newer memdec may hold fields this one does not know: they are ignored, said once."""
+    from packaging.version import InvalidVersion, Version
+
+    from memdec_core.progress import log
+
+    try:
+        newer = Version(str(manifest.get("memdec_version", __version__))) > Version(__version__)
+    except InvalidVersion:
+        newer = False
+    if newer and str(folder) not in _WARNED:
+        _WARNED.add(str(folder))
+        log(f"warning: {folder} was written by memdec {manifest['memdec_version']} (this is {__version__}); "
+            f"fields this version does not know are ignored")
+
+
+_WARNED: set[str] = set()
 
 
 def read_manifest_type(folder: Path) -> str | None:

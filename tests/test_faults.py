@@ -244,6 +244,75 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
     assert all(np.array_equal(expected[name], weights[name]) for name in expected)
 
 
+KILL_TARGETS = """
+import os, signal, sys
+from memdec_decoder import settings, targets
+settings.DecoderSettings.target_settings = lambda self: targets.TargetSettings(k=self.k, temperature=self.temperature,
+                                                                              shard_size=700, search_batch=64)
+real, count = targets._write_shard, [0]
+def write_shard(*args):
+    count[0] += 1
+    if count[0] == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+targets._write_shard = write_shard
+from memdec_decoder import api
+from memdec_core.interfaces import EvalSettings
+print(api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
+                        settings=EvalSettings(context=64, stride=32)))
+"""
+
+
+def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_llama):
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
+
+    def build(output, kill_at):
+        return subprocess.run([sys.executable, "-c", KILL_TARGETS, str(corpus_dir), str(tiny_llama), str(output),
+                               str(kill_at)], env=env, capture_output=True, text=True, timeout=300)
+
+    killed = build(tmp_path / "resumed", 3)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(list((tmp_path / ".resumed.partial").glob("shard-*"))) == 2
+    assert build(tmp_path / "resumed", 0).returncode == 0
+    assert build(tmp_path / "fresh", 0).returncode == 0
+    shards = sorted(path.relative_to(tmp_path / "fresh") for path in (tmp_path / "fresh").rglob("*.npy"))
+    assert len(shards) > 6
+    for shard in shards:
+        assert (tmp_path / "resumed" / shard).read_bytes() == (tmp_path / "fresh" / shard).read_bytes(), shard
+
+
+KILL_COMPARE = """
+import os, signal, sys, json
+from memdec_core import compare
+real, count = compare.write_json, [0]
+def write_json(path, data):
+    real(path, data)
+    count[0] += 1
+    if count[0] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+compare.write_json = write_json
+from memdec_core.interfaces import EvalSettings
+report = compare.compare(sys.argv[1], [sys.argv[2]], ["base", "knn-lm", "rag"], settings=EvalSettings(context=64),
+                         method_settings={"knn-lm": {"k": 8}, "rag": {"passage_tokens": 16, "retrieval_stride": 16}},
+                         measure=compare.CompareSettings(general="", latency_tokens=50, latency_repeats=1))
+print(json.dumps([row["test_ppl"] for row in report["results"]]))
+"""
+
+
+def test_a_killed_compare_resumes_to_the_same_table(tmp_path, corpus_dir, tiny_gpt2):
+    def run(cache, kill_at):
+        return subprocess.run([sys.executable, "-c", KILL_COMPARE, str(corpus_dir), str(tiny_gpt2), str(kill_at)],
+                              env={**os.environ, "MEMDEC_CACHE": str(tmp_path / cache), "MEMDEC_NO_PROGRESS": "0"},
+                              capture_output=True,
+                              text=True, timeout=300)
+
+    assert run("cache", 2).returncode == -signal.SIGKILL  # killed after two rows were saved
+    resumed, fresh = run("cache", 0), run("other-cache", 0)
+    assert resumed.returncode == fresh.returncode == 0, resumed.stderr + fresh.stderr
+    assert resumed.stderr.count("reusing the row") == 2
+    assert json.loads(resumed.stdout) == json.loads(fresh.stdout)
+
+
 def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt2, tiny_llama, monkeypatch):
     from memdec_core import training
     from memdec_decoder import api as decoder
@@ -336,6 +405,18 @@ def test_bad_manifests_are_one_clear_error(store_copy, corpus_dir, tiny_gpt2, ma
     (store_copy / "memdec.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=message):
         knn_with(store_copy, corpus_dir, tiny_gpt2)
+
+
+def test_a_manifest_from_a_newer_memdec_is_read_with_a_warning(store_copy, corpus_dir, tiny_gpt2, monkeypatch):
+    from memdec_core import artifacts
+
+    said = []
+    monkeypatch.setattr("memdec_core.progress.log", said.append)
+    manifest = json.loads((store_copy / "memdec.json").read_text())
+    manifest.update(memdec_version="9.0.0", a_field_from_the_future=[1, 2])
+    (store_copy / "memdec.json").write_text(json.dumps(manifest))
+    assert artifacts.read_manifest(store_copy, "datastore")["size"] == manifest["size"]
+    assert any("written by memdec 9.0.0" in line and "ignored" in line for line in said)
 
 
 def test_corrupt_targets_are_refused(tmp_path, corpus_dir, tiny_llama):

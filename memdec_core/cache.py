@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from memdec_core.artifacts import MANIFEST, cache_root
-from memdec_core.disk import human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
+from memdec_core.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 
 COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "stale"
@@ -37,7 +37,6 @@ KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-sta
 MIN_PREFIX = 6
 MADE_BY_WIDTH = 60
 
-_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
 _MEMO_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)$")  # fingerprints' files in the making
 _PARTIAL = re.compile(r"^\.(?P<target>.+)\.partial$")
 _AGE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[smhdw])\s*$")
@@ -144,7 +143,7 @@ def describe_entry(kind: str, path: Path) -> CacheEntry:
     info = path.lstat()
     mtime = dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc)
     size = path_bytes(path)
-    temporary = _TEMPORARY.match(path.name) or (kind == "fingerprints" and _MEMO_TEMPORARY.match(path.name))
+    temporary = TEMPORARY_NAME.match(path.name) or (kind == "fingerprints" and _MEMO_TEMPORARY.match(path.name))
     if temporary:
         pid = int(temporary["pid"])
         alive = pid_alive(pid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -114,12 +115,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+#: The name of a folder or file being written atomically: ``.KEY.tmp-PID-xxxxxxxx``.
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]+)?$")
+
+
 def temporary_pid(name: str) -> int | None:
-    """The PID in a temporary folder's name (``.KEY.tmp-PID-xxxxxxxx``), or None."""
-    if ".tmp-" not in name:
-        return None
-    pid = name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+    """The PID in a temporary folder's name, or None when it is not one."""
+    match = TEMPORARY_NAME.match(name)
+    return int(match["pid"]) if match else None
 
 
 def remove_stale(target: Path) -> None:

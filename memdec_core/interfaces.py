@@ -154,10 +154,6 @@ class Costs:
     train_tokens: int = 0  # training tokens seen (the kept run)
     train_flops: float = 0.0  # training FLOPs of every run (see memdec_core.training.training_flops_per_token)
 
-    def __add__(self, other: "Costs") -> "Costs":
-        return Costs(**{item.name: getattr(self, item.name) + getattr(other, item.name)
-                        for item in dataclasses.fields(self)})
-
 
 #: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
 #: token stream of the base's tokenizer (``memdec compare`` scores general text and times it).

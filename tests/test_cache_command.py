@@ -3,8 +3,6 @@
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -302,10 +300,8 @@ def test_library_helpers():
 
 @pytest.mark.parametrize("args", [["cache", "ls"], ["cache", "du", "--json"], ["cache", "rm", "--stale", "--dry-run"]])
 def test_cache_commands_do_not_import_torch_or_faiss(args, cache):
-    probe = ("import sys; from memdec_cli.main import main\n"
-             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-             "heavy = [m for m in ('torch', 'faiss', 'transformers') if m in sys.modules]\n"
-             "print('HEAVY', heavy, file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    from test_cli import run_counting_heavy_imports
+
+    result = run_counting_heavy_imports(*args)
     assert "HEAVY []" in result.stderr, result.stderr
     assert "Error" not in result.stderr and result.stdout

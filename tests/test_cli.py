@@ -21,13 +21,18 @@ def invoke(*args):
     return CliRunner().invoke(build_cli(), list(args))
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["list", "methods", "--help"]])
-def test_light_commands_do_not_import_torch_or_faiss(args):
+def run_counting_heavy_imports(*args) -> subprocess.CompletedProcess:
+    """``memdec ARGS`` in a fresh interpreter that reports, on stderr, which heavy engines it imported."""
     probe = ("import sys; from memdec_cli.main import main\n"
              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "heavy = [m for m in ('torch', 'faiss', 'transformers') if m in sys.modules]\n"
              "print('HEAVY', heavy, file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["list", "methods", "--help"]])
+def test_light_commands_do_not_import_torch_or_faiss(args):
+    result = run_counting_heavy_imports(*args)
     assert "HEAVY []" in result.stderr, result.stderr
 
 

@@ -41,22 +41,36 @@ class Run:
 def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("base",), *,
              settings: EvalSettings | None = None, combiner: Any = "linear",
              method_settings: dict[str, dict[str, Any]] | None = None,
-             domain_settings: dict[str, Any] | None = None) -> dict:
+             domain_settings: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
+             command: list[str] | None = None) -> dict:
     """Test perplexity of every base × method on ``domain``, knobs tuned on validation.
 
     ``method_settings`` maps a component name to overrides of its Config, e.g.
     ``{"knn-lm": {"k": 256}, "faiss": {"nprobe": 64}}``; ``domain_settings`` configures a
-    registered domain, e.g. ``{"source": "hub"}``. Returns ``{"domain", "results": [...], "settings"}``.
+    registered domain, e.g. ``{"source": "hub"}``. Returns ``{"domain", "results": [...],
+    "settings", "combiner", "meta"}`` (docs/reports.md). ``config`` and ``command`` are the CLI's
+    resolved options and command line for ``meta``; from Python, ``meta["config"]`` holds the
+    arguments of this call.
     """
+    from memdec_core.meta import call_config, context_entry, run_meta
+
     run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
                       component_settings=method_settings, domain_settings=domain_settings)
-    results = []
+    names = [method.name for method in run.methods]
+    results, contexts = [], {}
     for base_name in run.bases:
         ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        contexts[ctx.base.model_id] = context_entry(ctx)  # the window each base was actually scored with
         for method in methods_for_base(ctx, run.methods):
             results.append(_evaluate_one(ctx, method))
+    if config is None:
+        given = {**(method_settings or {}), **({domain: domain_settings} if domain_settings else {})}
+        config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
+                             settings=run.settings, component_settings=given)
+    meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
+                    contexts=contexts, config=config, command=command)
     return {"domain": run.corpus.name, "results": results,
-            "settings": dataclasses.asdict(run.settings), "combiner": combiner_label(run.combiner)}
+            "settings": dataclasses.asdict(run.settings), "combiner": combiner_label(run.combiner), "meta": meta}
 
 
 def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, settings=None,
@@ -76,6 +90,7 @@ def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, se
     bases = list(bases) or default_bases()
     for base_name in bases:  # a typo in the last base should not surface after an hour of work
         resolve_model_location(base_name)
+    plan.bases = tuple(bases)
     corpus = load_corpus(domain, **_domain_settings(domain, plan, domain_settings))
     return Run(corpus, bases, instances, combiner_class, plan, settings or EvalSettings())
 
@@ -147,7 +162,8 @@ def _evaluate_one(ctx: EvalContext, method: Method) -> dict:
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
             "valid_ppl": result.valid_ppl, "knobs": result.knobs, "costs": dataclasses.asdict(result.costs),
             "seconds": round(time.perf_counter() - started, 2),
-            "test_tokens": len(ctx.corpus.streams["test"]) - 1, "tuning": result.tuning, "details": result.details}
+            "test_tokens": len(ctx.corpus.streams["test"]) - 1, "memory": result.memory, "tuning": result.tuning,
+            "details": result.details}
 
 
 def check_finite(value: float | None, what: str) -> None:

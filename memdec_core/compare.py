@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
-import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +19,14 @@ from typing import Any, Iterable
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key, write_json
 from memdec_core.errors import ConfigError, MemdecError
+from memdec_core.meta import call_config, context_entry, run_meta
 from memdec_core.progress import log
 
 #: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
 #: demo bases × six methods on finance) runs cold in under 10 minutes on 2 CPU cores. ``0`` for the
 #: token caps means the whole split; the library's ``compare`` applies no cap unless given one.
-QUICK_TRAIN_TOKENS = 65_536
+QUICK_TRAIN_TOKENS = 32_768
 QUICK_EVAL_TOKENS = 4_096
-QUICK_BUDGET_TOKENS = 24_576
-#: A latency ratio above this is measured once instead of as the median of repeats.
-SLOW_RATIO = 5.0
 
 
 @dataclass
@@ -40,17 +35,29 @@ class CompareSettings:
 
     general: str = "general"  # the domain whose test split measures forgetting; "" to skip
     general_tokens: int = 2048  # tokens of its test split scored per base × method
-    latency_tokens: int = 512  # domain test tokens timed for the latency ratio
-    latency_repeats: int = 3  # base and method timed alternately this many times; the median ratio is kept
+    latency_tokens: int = 256  # domain test tokens scored for the (teacher-forced) latency ratio
+    generation_tokens: int = 32  # tokens generated for the generation latency ratio (0: not timed)
+    latency_seconds: float = 0.5  # time each side is measured for, over at least 5 alternating pairs
     budget_tokens: int = 0  # training tokens for every method that trains (0: each method's default)
     budget_flops: float = 0.0  # or training FLOPs for every method that trains (see training_flops_per_token)
+    #: Without a budget: every method that trains gets the FLOPs of the Memory Decoder's own training
+    #: (the paper's protocol); False: each method's own schedule.
+    equal_compute: bool = True
     reuse_results: bool = True  # a row measured before with identical inputs is read back, not re-measured
 
     def __post_init__(self):
-        if self.general_tokens < 2 or self.latency_tokens < 2 or self.latency_repeats < 1:
-            raise ConfigError("general and latency token counts must be at least 2, latency repeats at least 1")
+        if self.general_tokens < 2 or self.latency_tokens < 2 or self.generation_tokens < 0 or self.latency_seconds < 0:
+            raise ConfigError("general and latency token counts must be at least 2, generation tokens and "
+                              "latency seconds not negative")
         if self.budget_tokens < 0 or self.budget_flops < 0 or (self.budget_tokens and self.budget_flops):
             raise ConfigError("the budget is a non-negative number of tokens or of FLOPs, not both")
+
+    @property
+    def protocol(self) -> str:
+        """``equal-flops``, ``tokens`` or ``own-schedule``: how the methods that train were given compute."""
+        if self.budget_tokens:
+            return "tokens"
+        return "equal-flops" if self.budget_flops or self.equal_compute else "own-schedule"
 
     def budget(self) -> dict[str, float]:
         """The settings every method that trains receives (none when each keeps its default)."""
@@ -59,29 +66,42 @@ class CompareSettings:
         return {"budget_flops": self.budget_flops} if self.budget_flops else {}
 
 
-def parse_budget(text: str) -> dict[str, float]:
-    """``65536``, ``64k``, ``2M`` (training tokens) or ``3e12flops``, ``2.5TFLOPs`` (FLOPs) → settings."""
+#: ``--budget`` for the paper's protocol: every method that trains gets the Memory Decoder's FLOPs.
+EQUAL_COMPUTE = "equal"
+
+
+def parse_budget(text: str) -> dict[str, Any]:
+    """``equal`` (the paper's protocol), ``0`` (each method's own schedule), ``65536``, ``64k``,
+    ``2M`` (training tokens) or ``3e12flops``, ``2.5TFLOPs`` (FLOPs) → CompareSettings fields."""
     import re
 
+    if text.strip().lower() == EQUAL_COMPUTE:
+        return {"equal_compute": True}
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgtp]?)\s*(flops?|tokens?)?\s*", text.lower())
     if not match:
-        raise ConfigError(f"budget {text!r} is not a number of tokens (65536, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs)")
+        raise ConfigError(f"budget {text!r} is not 'equal', 0, a number of tokens (65536, 64k, 2M) or FLOPs "
+                          f"(3e12flops, 2TFLOPs)")
     number, prefix, unit = match.groups()
     value = float(number) * 1000 ** "_kmgtp".index(prefix or "_")
+    if value == 0:
+        return {"equal_compute": False}
     if unit and unit.startswith("flop"):
-        return {"budget_flops": value}
+        return {"budget_flops": value, "equal_compute": False}
     if value != int(value):
         raise ConfigError(f"a budget in tokens must be a whole number, got {text!r}")
-    return {"budget_tokens": int(value)}
+    return {"budget_tokens": int(value), "equal_compute": False}
 
 
 def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), *, settings=None,
             combiner: Any = "linear", method_settings: dict[str, dict[str, Any]] | None = None,
-            domain_settings: dict[str, Any] | None = None, measure: CompareSettings = CompareSettings()) -> dict:
+            domain_settings: dict[str, Any] | None = None, measure: CompareSettings = CompareSettings(),
+            config: dict | None = None, command: list[str] | None = None) -> dict:
     """Compare every base × method on ``domain``; returns ``{"domain", "results", "meta"}``.
 
     ``methods`` defaults to those that declare a place in the default comparison
     (``Method.compare_rank``); ``method_settings`` maps any component's name to its settings.
+    ``config`` and ``command`` (the CLI's resolved options and command line) go into the meta;
+    from Python the call's own arguments are recorded.
     """
     from memdec_core.api import default_methods, prepare_run
     from memdec_core.data import load_corpus
@@ -92,36 +112,122 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
                       component_settings=component_settings, domain_settings=domain_settings)
     general = load_corpus(measure.general) if measure.general else None
     results: list[dict] = []
+    protocol = _Protocol(measure, run.methods)
+    contexts: dict[str, dict] = {}
+    config = config or call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
+                                   settings=run.settings, component_settings=method_settings,
+                                   options=_measure_options(measure))
+
+    def report() -> dict:
+        meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
+                        contexts=contexts, config=config, command=command,
+                        extra={"measure": dataclasses.asdict(measure), **protocol.facts()})
+        return {"domain": run.corpus.name, "results": list(results), "meta": meta}
+
     try:
         for base_name in run.bases:
-            _compare_base(run, base_name, general, measure, results)
+            _compare_base(run, base_name, general, measure, protocol, results, contexts)
     except MemdecError as error:  # what was measured is not lost: the caller can print and save it
-        error.partial_report = _report(run, results, measure, names)
+        error.partial_report = report()
         raise
-    return _report(run, results, measure, names)
+    return report()
 
 
-def _report(run, results: list[dict], measure: CompareSettings, names: list[str]) -> dict:
-    return {"domain": run.corpus.name, "results": list(results),
-            "meta": _meta(run.settings, measure, run.combiner, run.bases, names)}
+def _measure_options(measure: CompareSettings) -> dict:
+    """compare's own options in config-file form, for the meta of a call from Python."""
+    from memdec_core.runconfig import budget_from_fields
+
+    fields = {key: value for key, value in dataclasses.asdict(measure).items()
+              if key in ("budget_tokens", "budget_flops", "equal_compute")}
+    return {"budget": budget_from_fields(fields), "general_tokens": measure.general_tokens,
+            "latency_tokens": measure.latency_tokens}
 
 
-def _compare_base(run, base_name: str, general, measure: CompareSettings, results: list[dict]) -> None:
-    """Every method's row on one base, appended to ``results`` as soon as it is measured."""
+class _Protocol:
+    """How the methods that train get their compute, and what they got.
+
+    Under equal compute the reference method (``Method.compute_reference``: the Memory Decoder)
+    is measured first on each base; every other method that trains then gets the FLOPs its row
+    reports (``Method.with_flops_budget``). Without a reference in the run, each method keeps
+    its own schedule, and the report says so.
+    """
+
+    def __init__(self, measure: CompareSettings, methods):
+        self.reference = next((method for method in methods if method.compute_reference), None)
+        self.equal = measure.equal_compute and not measure.budget()
+        self.name = measure.protocol if not self.equal or self.reference else "own-schedule"
+        if self.equal and self.reference is None:
+            log("no method of the run sets the equal-compute budget (the Memory Decoder does): "
+                "every method that trains follows its own schedule")
+        self.budgets: dict[str, float] = {}  # base → FLOPs given to the methods that train
+
+    def order(self, methods) -> list:
+        """The reference first, so that its compute is known before the others train."""
+        if not self.equal or self.reference is None:
+            return list(methods)
+        return sorted(methods, key=lambda method: not method.compute_reference)
+
+    def apply(self, base_name: str, method, reference_row: dict | None):
+        if not self.equal or method.compute_reference or reference_row is None:
+            return method
+        flops = float(reference_row.get("train_flops") or 0.0)
+        if flops <= 0:
+            return method
+        self.budgets[base_name] = flops
+        return method.with_flops_budget(flops)
+
+    def facts(self) -> dict:
+        facts = {"protocol": self.name}
+        if self.name == "equal-flops" and self.equal:
+            facts["compute_reference"] = self.reference.name
+            facts["budget_flops"] = dict(self.budgets)
+        return facts
+
+
+def _compare_base(run, base_name: str, general, measure: CompareSettings, protocol: _Protocol,
+                  results: list[dict], contexts: dict[str, dict]) -> None:
+    """Every method's row on one base, appended to ``results`` as soon as it is measured (then
+    put back in the run's order)."""
     from memdec_core.api import methods_for_base, prepare_context
 
     ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+    contexts[ctx.base.model_id] = context_entry(ctx)
+    methods = methods_for_base(ctx, run.methods)
+    _check_budget_fits(ctx, methods, measure)
     probes = _Probes(ctx, general, measure)
-    for method in methods_for_base(ctx, run.methods):
+    first, reference_row = len(results), None
+    for method in protocol.order(methods):
+        method = protocol.apply(base_name, method, reference_row)
         cached = _cached_row(ctx, method, general, measure)
         row = _read_row(cached) if measure.reuse_results else None
-        if row is not None:
-            log(f"{base_name}: {method.name}: reusing the row measured in {cached.parent}")
+        if row is None:
+            log(f"{ctx.base.model_id}: {method.name}")
+            results.append(_measure(ctx, method, probes))
+            write_json(cached, results[-1])  # after the append: a row that cannot be saved is still reported
+        else:
+            log(f"{ctx.base.model_id}: {method.name}: reusing the row measured in {cached.parent}")
             results.append(row)
+        if method.compute_reference:
+            reference_row = results[-1]
+    rank = {method.name: number for number, method in enumerate(methods)}
+    results[first:] = sorted(results[first:], key=lambda row: rank[row["method"]])
+
+
+def _check_budget_fits(ctx, methods, measure: CompareSettings) -> None:
+    """A token budget smaller than one optimizer step of a method that trains is refused before
+    any work (the step is batch × accumulate × context tokens)."""
+    if not measure.budget_tokens:
+        return
+    for method in methods:
+        config = method.config
+        if not (hasattr(config, "budget_tokens") and hasattr(config, "batch_size")):
             continue
-        log(f"{base_name}: {method.name}")
-        results.append(_measure(ctx, method, probes))
-        write_json(cached, results[-1])
+        step = config.batch_size * getattr(config, "accumulate", 1) * ctx.context
+        if measure.budget_tokens < step:
+            raise ConfigError(f"--budget {measure.budget_tokens:,} tokens is less than one optimizer step of "
+                              f"{method.name} on {ctx.base.model_id} ({step:,} tokens: batch {config.batch_size} × "
+                              f"accumulate {getattr(config, 'accumulate', 1)} × context {ctx.context}); give at "
+                              f"least {step:,}")
 
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
@@ -138,8 +244,18 @@ def _measure(ctx, method, probes: "_Probes") -> dict:
             "params_added": costs.params_added, "bytes_added": costs.bytes_added,
             "memory_bytes": costs.memory_bytes, "train_seconds": round(costs.train_seconds, 1),
             "train_tokens": costs.train_tokens, "train_flops": costs.train_flops,
-            "latency_ratio": probes.latency_ratio(result), "seconds": round(seconds, 2),
-            "tuning": result.tuning, "details": result.details}
+            **probes.latency(method, result), "seconds": round(seconds, 2),
+            **_memory_facts(result), "tuning": result.tuning, "details": result.details}
+
+
+#: The memory facts every mixture row carries (None where a memory does not give one).
+MEMORY_FACTS = ("memory_alone_ppl", "memory_coverage", "target_agreement", "target_kl")
+
+
+def _memory_facts(result) -> dict:
+    if not result.memory:
+        return {}
+    return {name: result.memory.get(name) for name in MEMORY_FACTS}
 
 
 def _finite(value: float | None, method: str, ctx) -> float | None:
@@ -193,69 +309,63 @@ def _with_budget(names: list[str], overrides: dict, budget: dict) -> dict:
 
 
 class _Probes:
-    """The general-text stream and the latency slice for one base, and the base's own timing."""
+    """The general-text stream, the latency slice and prompt for one base, and the base's own
+    scorer and generator (the reference every ratio divides by)."""
 
     def __init__(self, ctx, general, measure: CompareSettings):
+        import torch
+
         from memdec_core.data import make_windows, tokenize_documents
         from memdec_core.evaluate import model_scorer
+        from memdec_core.generation import model_generator
+        from memdec_core.latency import Timing
 
-        self.ctx, self.repeats = ctx, measure.latency_repeats
+        self.ctx, self.measure = ctx, measure
+        self.timing = Timing(min_seconds=measure.latency_seconds, max_seconds=max(30.0, 4 * measure.latency_seconds))
         self.base_scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
+        self.base_generator = model_generator(ctx.base.model, ctx.base.tokenizer)
         self.general = None
         if general is not None:
             stream = tokenize_documents(ctx.base.tokenizer, general.documents["test"])[:measure.general_tokens]
             self.general = (stream, make_windows(len(stream), ctx.context, ctx.stride))
         latency = ctx.corpus.streams["test"][:measure.latency_tokens]
-        self.latency = (latency, make_windows(len(latency), ctx.context, ctx.stride))
+        self.latency_slice = (latency, make_windows(len(latency), ctx.context, ctx.stride))
+        prompt = ctx.corpus.streams["test"][:min(PROMPT_TOKENS, ctx.context - measure.generation_tokens)]
+        self.prompt = torch.from_numpy(prompt.astype("int64"))[None]
 
     def general_ppl(self, result) -> float | None:
         if self.general is None or result.scorer is None:
             return None
         return result.score(*self.general, f"general {self.ctx.base.short_name}").perplexity
 
-    def latency_ratio(self, result) -> float | None:
-        """Scoring time of the method over the base's on the same slice, timed back to back (this
-        machine may be busy: the median of alternating repeats). Teacher-forced scoring, not
-        generation: a method that re-reads its context every few tokens (rag) pays far more here.
-        A method more than ``SLOW_RATIO`` times slower is timed once: noise cannot change that."""
-        if result.scorer is None:
-            return None
-        ratios = []
-        for _ in range(self.repeats):
-            base = self._seconds(self.base_scorer)
-            ratios.append(self._seconds(result.scorer) / max(base, 1e-9))
-            if ratios[0] > SLOW_RATIO:
-                break
-        return round(statistics.median(ratios), 3)
+    def latency(self, method, result) -> dict:
+        """``latency_ratio``/``latency_spread`` (teacher-forced scoring of the slice) and
+        ``generation_ratio``/``generation_spread``/``generation_ms_per_token`` (greedy generation
+        with KV caches), each the method's time over the base's, timed alternately
+        (``memdec_core.latency``). The unadapted base is 1 by construction: it is not timed."""
+        from memdec_core.latency import generation_latency, scoring_latency
+        from memdec_core.progress import quiet
 
-    def _seconds(self, scorer) -> float:
-        started = time.perf_counter()
-        scorer(*self.latency, "latency")
-        return time.perf_counter() - started
-
-
-def _meta(settings, measure: CompareSettings, combiner_class, bases: list[str], methods: list[str]) -> dict:
-    import torch
-
-    from memdec_core import __version__
-
-    versions = {"memdec": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transformers", "peft", "faiss", "bm25s"):
-        try:
-            versions[package] = __import__(package).__version__
-        except (ImportError, AttributeError):
-            versions[package] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"versions": versions, "seeds": {"eval": settings.seed}, "git": _git_hash(), "device": device,
-            "settings": dataclasses.asdict(settings), "measure": dataclasses.asdict(measure),
-            "combiner": combiner_class.name or combiner_class.__name__, "bases": bases, "methods": methods}
+        facts = dict.fromkeys(LATENCY_FACTS)
+        if method.unadapted:
+            facts.update(latency_ratio=1.0, latency_spread=0.0, generation_ratio=1.0, generation_spread=0.0)
+            return facts
+        with quiet():
+            if result.scorer is not None:
+                ratio, spread = scoring_latency(self.base_scorer, result.scorer, *self.latency_slice,
+                                                timing=self.timing)
+                facts.update(latency_ratio=round(ratio, 3), latency_spread=round(spread, 3))
+            if result.generator is not None and self.measure.generation_tokens:
+                ratio, spread, base_ms, method_ms = generation_latency(
+                    self.base_generator, result.generator, self.prompt, self.measure.generation_tokens,
+                    timing=self.timing)
+                facts.update(generation_ratio=round(ratio, 3), generation_spread=round(spread, 3),
+                             generation_ms_per_token=round(method_ms, 2), base_ms_per_token=round(base_ms, 2))
+        return facts
 
 
-def _git_hash() -> str | None:
-    try:
-        output = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return output.stdout.strip() or None if output.returncode == 0 else None
+#: The latency figures of every row (None where a method cannot be timed that way).
+LATENCY_FACTS = ("latency_ratio", "latency_spread", "generation_ratio", "generation_spread",
+                 "generation_ms_per_token", "base_ms_per_token")
+#: Test tokens that prompt the timed generation (fewer when the window is shorter).
+PROMPT_TOKENS = 64

@@ -9,6 +9,7 @@ pass, picks the best setting on validation only, and scores the test split with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -18,6 +19,7 @@ import torch
 
 from memdec_core.data import Window
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
+from memdec_core.grids import extend, numeric_knobs
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
 from memdec_core.models import capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
@@ -172,33 +174,126 @@ def model_scorer(model, batch_size: int) -> Scorer:
                                                           description=description)
 
 
-def tune_on_validation(ctx: EvalContext, memory: MemoryModel) -> tuple[list, list[NLLTotal], int]:
-    """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index."""
+def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
+                       edges: list[str] | None = None) -> tuple[list, list[NLLTotal], int]:
+    """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.
+
+    A numeric knob whose best value is an edge of its grid is tried once beyond it
+    (``memdec_core.grids``); what happened is appended to ``edges`` and logged.
+    """
     settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
     valid = _score_mixture(ctx, memory, "valid", settings)
-    return settings, valid, min(range(len(settings)), key=lambda i: valid[i].perplexity)
+    best = _best(valid)
+    extensions, extra = _edge_settings(ctx, memory, settings, best)
+    if extra:
+        settings, valid = settings + extra, valid + _score_mixture(ctx, memory, "valid", extra)
+        best = _best(valid)
+        notes = [_edge_note(ctx, memory, extension, settings[best]) for extension in extensions]
+        for note in notes:
+            log(f"{ctx.base.model_id}: {note}")
+        if edges is not None:
+            edges.extend(notes)
+    return settings, valid, best
+
+
+def _best(valid: list[NLLTotal]) -> int:
+    return min(range(len(valid)), key=lambda i: valid[i].perplexity)
+
+
+def _setting_knobs(ctx: EvalContext, setting: tuple) -> tuple[dict, dict]:
+    memory_knobs, combiner_config = setting
+    return memory_knobs, ctx.combiner(combiner_config).knobs()
+
+
+def _edge_settings(ctx: EvalContext, memory: MemoryModel, settings: list, best: int):
+    """The extensions of every knob whose best value is an edge of its grid, as new settings:
+    the best setting with that one knob moved (memory knobs and combiner knobs alike)."""
+    best_memory, best_combiner = _setting_knobs(ctx, settings[best])
+    known = {repr(_setting_knobs(ctx, setting)) for setting in settings}
+    extensions, extra = [], []
+    owners = ((memory, [mem for mem, _ in settings], best_memory),
+              (ctx.combiner, [_setting_knobs(ctx, setting)[1] for setting in settings], best_combiner))
+    for owner, points, best_knobs in owners:
+        for knob, values in numeric_knobs(points).items():
+            extension = extend(knob, values, best_knobs[knob], owner.knob_bounds.get(knob))
+            if extension is None:
+                continue
+            new = [_moved(settings[best], owner is memory, knob, value) for value in extension.values]
+            new = [setting for setting in new if repr(_setting_knobs(ctx, setting)) not in known]
+            if new:
+                extensions.append(extension)
+                extra.extend(new)
+    return extensions, extra
+
+
+def _moved(setting: tuple, in_memory: bool, knob: str, value) -> tuple:
+    memory_knobs, combiner_config = setting
+    if in_memory:
+        return {**memory_knobs, knob: value}, combiner_config
+    return memory_knobs, dataclasses.replace(combiner_config, **{knob: value})
+
+
+def _edge_note(ctx: EvalContext, memory: MemoryModel, extension, best_setting: tuple) -> str:
+    memory_knobs, combiner_knobs = _setting_knobs(ctx, best_setting)
+    chosen = {**memory_knobs, **combiner_knobs}[extension.knob]
+    note = f"{extension.describe()}: best now {extension.knob}={chosen:g}"
+    if chosen in (min(extension.values), max(extension.values)) and chosen != extension.best:
+        owner = memory.name if extension.knob in memory_knobs else _name(ctx.combiner)
+        note += f", still the edge of the extended grid (widen it: memdec list {owner})"
+    return note
 
 
 def evaluate_mixture(ctx: EvalContext, memory: MemoryModel) -> MethodResult:
     """Tune memory × combiner knobs on validation in one pass, then score test with the best.
 
-    ``memory`` is prepared already; its costs and facts go into the result.
+    ``memory`` is prepared already; its costs and facts go into the result, with the memory on
+    its own: its test perplexity (same pass) and its fidelity to what it imitates.
     """
     check_memory_matches(memory, ctx)
-    settings, valid, best = tune_on_validation(ctx, memory)
+    edges: list[str] = []
+    settings, valid, best = tune_on_validation(ctx, memory, edges)
     memory_knobs, combiner_config = settings[best]
     knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
     log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
-    test = _score_mixture(ctx, memory, "test", [settings[best]])[0]
+    alone = MemoryAlone()
+    test = _score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [settings[best]], "test",
+                         f"test {ctx.base.short_name}", alone)[0]
     grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
                    for i, (mem, comb) in enumerate(settings)]
 
     def scorer(stream, windows, description):
         return _score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
 
+    details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count}
+    if edges:
+        details["grid_edges"] = edges
+    from memdec_core.generation import mixture_generator
+
+    generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
     return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
-                        details={"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count},
-                        scorer=scorer)
+                        details=details, scorer=scorer, generator=generator,
+                        memory={**alone.facts(), **_call(memory, "memory", memory.fidelity, ctx, memory_knobs)})
+
+
+class MemoryAlone:
+    """The memory on its own: NLL over the positions it names (a finite log-prob), and their share.
+
+    A kNN-LM or a restricted-vocabulary memory gives probability 0 to some tokens, so its own
+    perplexity is infinite; over the tokens it can name it says how sharp it is.
+    """
+
+    def __init__(self):
+        self.named, self.positions = NLLTotal(), 0
+
+    def add(self, gold_logprobs: torch.Tensor) -> None:
+        self.named.add(gold_logprobs[torch.isfinite(gold_logprobs)])
+        self.positions += int(gold_logprobs.numel())
+
+    def facts(self) -> dict:
+        if not self.positions:
+            return {}
+        return {"memory_alone_ppl": self.named.perplexity if self.named.count else None,
+                "memory_coverage": self.named.count / self.positions}
 
 
 def check_memory_matches(memory: MemoryModel, ctx: EvalContext) -> None:
@@ -215,8 +310,9 @@ def _score_mixture(ctx: EvalContext, memory: MemoryModel, split: str, settings: 
 
 
 def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
-                  settings: list, split: str, description: str) -> list[NLLTotal]:
-    """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass."""
+                  settings: list, split: str, description: str, alone: MemoryAlone | None = None) -> list[NLLTotal]:
+    """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass;
+    and the memory alone under the first setting's knobs, into ``alone`` when given."""
     totals = [NLLTotal() for _ in settings]
     combiners = [ctx.combiner(config) for _, config in settings]
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
@@ -233,6 +329,8 @@ def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, win
                 rows = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
                 _check_not_nan(rows, f"memory {memory.name!r} ({format_knobs(memory_knobs) or 'its settings'})", split)
                 by_memory_knobs[key] = rows
+                if alone is not None and len(by_memory_knobs) == 1:
+                    alone.add(_gold_of(rows, batch))
             gold = _mixed_gold(combiner, batch, by_memory_knobs[key], split)
             _check_finite(gold, f"combiner {_name(combiner)!r} ({format_knobs(combiner.knobs())})", split)
             total.add(gold)
@@ -288,6 +386,13 @@ def _memory_rows(memory, state, batch, knobs, elementwise: bool) -> torch.Tensor
     if elementwise:
         return _call(memory, "memory", memory.gold_logprobs, state, batch, knobs)[:, None]
     return _call(memory, "memory", memory.logprobs, state, batch, knobs)
+
+
+def _gold_of(memory_rows: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
+    """The gold token's log-prob from memory rows (already gathered when elementwise)."""
+    if memory_rows.shape[1] == 1:
+        return memory_rows[:, 0]
+    return memory_rows.gather(1, batch.targets[:, None])[:, 0]
 
 
 def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, split: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ Sampling knobs (temperature, top-k, top-p) are applied by memdec *after* the mix
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from transformers import (
 )
 
 from memdec_core.errors import ConfigError
-from memdec_core.interfaces import Combiner, EvalContext, MemoryModel, MemoryStepper
+from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel, MemoryStepper
 from memdec_core.models import LoadedModel, capture_last_ffn_input, model_device
 from memdec_core.progress import log
 
@@ -95,16 +96,112 @@ def generate_with_memory(base: LoadedModel, memory: MemoryModel | None, input_id
     config, warpers = generation_settings(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos, **settings)
     if streamer is not None and config.num_beams > 1:
         raise ConfigError("beam search cannot stream its output; the text is printed when it is done")
-    input_ids = input_ids.to(model_device(base.model))
-    with _capturing(base, memory) as captured, torch.inference_mode():
-        processors = []
-        if memory is not None:
-            if combiner is None:
-                raise ConfigError("generation with a memory needs a combiner")
-            processors.append(MixtureLogitsProcessor(memory.stepper(fixed_knobs(memory)), combiner, captured))
-        return base.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   generation_config=config, logits_processor=LogitsProcessorList(processors + warpers),
-                                   streamer=streamer)
+    if memory is not None and combiner is None:
+        raise ConfigError("generation with a memory needs a combiner")
+    with _capturing(base, memory) as captured:
+        processors = [] if memory is None else [_mixture(memory, fixed_knobs(memory), combiner, captured)]
+        return _generate(base.model, input_ids, config, processors + warpers, streamer=streamer).sequences
+
+
+def _mixture(memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner, captured) -> MixtureLogitsProcessor:
+    """A mixture processor over a fresh stepper: its memory caches start empty."""
+    return MixtureLogitsProcessor(memory.stepper(knobs), combiner, captured)
+
+
+def _generate(model, input_ids: torch.Tensor, config: GenerationConfig, processors: list, *, cache=None,
+              streamer=None):
+    """``model.generate`` over an unpadded prompt; the output holds the sequences and the KV cache
+    (``_kv_cache(output)``). ``cache`` holds a prefix of ``input_ids``: only the rest is run."""
+    input_ids = input_ids.to(model_device(model))
+    config = copy.copy(config)
+    config.return_dict_in_generate = True  # in the config: beside it as an argument, generate warns
+    continued = {} if cache is None else {_CACHE_NAME: cache}
+    with torch.inference_mode():
+        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              generation_config=config, logits_processor=LogitsProcessorList(processors),
+                              streamer=streamer, **continued)
+
+
+def _cache_name() -> str:
+    """transformers 5 renamed ``generate``'s ``past_key_values`` (argument and output) ``cache``."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+_CACHE_NAME = _cache_name()
+
+
+def _kv_cache(output):
+    return getattr(output, _CACHE_NAME)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators: each method's inference as ``generator(prompt_ids, n)`` (MethodResult.generator)
+
+
+class _NoEos(LogitsProcessor):
+    """Forbid EOS after the mixture: the memory could give it back the mass ``min_new_tokens`` took
+    from the base's scores, and a generator must return exactly the tokens it was asked for."""
+
+    def __init__(self, eos: int | None):
+        self.eos = eos
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.eos is not None:
+            scores[:, self.eos] = float("-inf")
+        return scores
+
+
+def _eos_id(tokenizer_or_eos) -> int | None:
+    return tokenizer_or_eos if tokenizer_or_eos is None or isinstance(tokenizer_or_eos, int) \
+        else tokenizer_or_eos.eos_token_id
+
+
+def fixed_length_config(eos: int | None, new_tokens: int) -> GenerationConfig:
+    """Greedy, exactly ``new_tokens`` tokens (EOS is never chosen, so it cannot stop early). The pad
+    id is given so that ``generate`` does not warn about it on every call."""
+    config, _ = generation_settings(max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos)
+    config.min_new_tokens = new_tokens
+    return config
+
+
+def greedy_steps(model, input_ids: torch.Tensor, new_tokens: int, eos: int | None, *, cache=None,
+                 processors: list | None = None) -> tuple[torch.Tensor, Any]:
+    """Continue ``input_ids`` ([1, length]) by exactly ``new_tokens`` greedy tokens with the KV cache.
+
+    ``cache`` (a cache returned by an earlier call) holds a prefix of ``input_ids``: only the rest
+    is run through the model. Returns the new ids ``[1, new_tokens]`` and the cache to continue.
+    """
+    output = _generate(model, input_ids, fixed_length_config(eos, new_tokens),
+                       [*(processors or []), _NoEos(eos)], cache=cache)
+    return output.sequences[:, input_ids.shape[1]:].cpu(), _kv_cache(output)
+
+
+def model_generator(model, tokenizer_or_eos) -> Generator:
+    """The generator of a plain causal LM (the base, DAPT's weights, a PEFT model): greedy, KV cache.
+
+    ``tokenizer_or_eos``: the tokenizer, or its EOS id.
+    """
+    eos = _eos_id(tokenizer_or_eos)
+
+    def generate(prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        return greedy_steps(model, prompt_ids, new_tokens, eos)[0]
+
+    return generate
+
+
+def mixture_generator(base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner) -> Generator:
+    """The generator of the base mixed with ``memory`` (its ``knobs``) by ``combiner``, as
+    ``generate_with_memory`` mixes: the memory steps with its own caches, fresh for every call."""
+    eos = base.tokenizer.eos_token_id
+
+    def generate(prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        with _capturing(base, memory) as captured:
+            mixture = _mixture(memory, knobs, combiner, captured)
+            return greedy_steps(base.model, prompt_ids, new_tokens, eos, processors=[mixture])[0]
+
+    return generate
 
 
 def _capturing(base: LoadedModel, memory: MemoryModel | None):

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SPLITS = ("train", "valid", "test")
+#: The settings by which a method that trains is given its compute.
+BUDGET_SETTINGS = ("budget_tokens", "budget_flops", "max_steps")
 #: The kinds of retriever: what ``build`` indexes and ``search`` takes.
 RETRIEVER_KINDS = ("vectors", "text")
 
@@ -158,6 +160,8 @@ class Costs:
 #: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
 #: token stream of the base's tokenizer (``memdec compare`` scores general text and times it).
 Scorer = Callable[["np.ndarray", "list[Window]", str], "NLLTotal"]
+#: generator(prompt_ids [1, length], new_tokens) → the generated ids [1, new_tokens].
+Generator = Callable[["torch.Tensor", int], "torch.Tensor"]
 
 
 @dataclass
@@ -171,7 +175,15 @@ class MethodResult:
     #: Every knob setting tried on validation with its perplexity: ``[{**knobs, "valid_ppl": x}]``.
     tuning: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # free-form facts for humans and the JSON
+    #: A mixture's memory on its own: ``memory_alone_ppl`` (test perplexity over the positions it
+    #: names, i.e. gives a finite log-prob), ``memory_coverage`` (their share), and the memory's
+    #: ``fidelity()`` (``target_agreement``, ``target_kl``).
+    memory: dict[str, Any] = field(default_factory=dict)
     scorer: Scorer | None = field(default=None, repr=False, compare=False)
+    #: Generates as the method does at inference, greedy with KV caches: ``generator(prompt_ids, n)``
+    #: continues ``prompt_ids`` (``[1, length]``) by ``n`` tokens and returns their ids ``[1, n]``.
+    #: ``memdec compare`` times it against the base's for the generation latency column.
+    generator: Generator | None = field(default=None, repr=False, compare=False)
 
     def score(self, stream, windows, description: str = "scoring") -> "NLLTotal":
         if self.scorer is None:
@@ -267,6 +279,11 @@ class Method(Component):
     #: Place in the default comparison (``memdec compare`` without ``--method``), lowest first;
     #: None: compared only when named.
     compare_rank: ClassVar[float | None] = None
+    #: In ``memdec compare``'s equal-compute protocol (the paper's), every method that trains gets
+    #: the training FLOPs this method reports (the Memory Decoder's); it runs first on each base.
+    compute_reference: ClassVar[bool] = False
+    #: The base model as it is: the reference of every ratio (its own are 1 by construction).
+    unadapted: ClassVar[bool] = False
 
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> MethodResult:
@@ -280,6 +297,15 @@ class Method(Component):
         """This method for a run whose largest planned addition is ``parameters`` (the paper gives
         LoRA a memory's parameter count); most methods ignore it and return themselves."""
         return self
+
+    def with_flops_budget(self, flops: float) -> "Method":
+        """This method trained with ``flops`` of compute (the equal-compute protocol), if it trains:
+        a Config with a ``budget_flops`` setting takes it, unless the user already gave it a budget
+        (``budget_tokens``, ``budget_flops`` or ``max_steps``), which wins. Others return themselves."""
+        names = {item.name for item in dataclasses.fields(self.config)} if dataclasses.is_dataclass(self.config) else ()
+        if "budget_flops" not in names or any(getattr(self.config, name, 0) for name in BUDGET_SETTINGS):
+            return self
+        return type(self)(dataclasses.replace(self.config, budget_flops=float(flops)))
 
 
 class Retriever(Component):
@@ -336,6 +362,10 @@ class MemoryModel(Component):
     #: setting ``artifact_setting`` (``memdec generate --memory FOLDER``).
     artifact_type: ClassVar[str | None] = None
     artifact_setting: ClassVar[str | None] = None
+    #: The range each numeric knob may take, ``{"temperature": (0, inf)}``: when the best value on
+    #: validation sits at an edge of the grid, memdec tries values beyond it, inside this range
+    #: (a knob not listed is taken to be positive and log-spaced).
+    knob_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     tokenizer_fingerprint: str = ""
 
@@ -375,6 +405,12 @@ class MemoryModel(Component):
         """Facts about the prepared memory for the results' details (its folder, its size...)."""
         return {}
 
+    def fidelity(self, ctx: EvalContext, knobs: dict) -> dict[str, Any]:
+        """How well the prepared memory imitates what it was trained on, for the report: a trained
+        memory gives ``target_agreement`` (top-1 agreement with its kNN teacher on validation) and
+        ``target_kl`` (KL(p_kNN ‖ p_memory), nats per position). Empty when that does not apply."""
+        return {}
+
 
 class Combiner(Component):
     """Mixes a base model's next-token distribution with a memory's.
@@ -390,6 +426,8 @@ class Combiner(Component):
     #: (a mixture of two distributions). Then the evaluator only gathers the gold token's
     #: log-prob instead of materialising full-vocabulary rows.
     elementwise: ClassVar[bool] = False
+    #: The range of each numeric knob (as ``MemoryModel.knob_bounds``): ``{"lam": (0.0, 1.0)}``.
+    knob_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     @abstractmethod
     def combine(self, base_logprobs: "torch.Tensor", memory_logprobs: "torch.Tensor",

@@ -18,10 +18,12 @@ from memdec_core.interfaces import Component, Use
 
 
 class Plan:
-    """Settings by component name (values are typed, or strings from the command line)."""
+    """Settings by component name (values are typed, or strings from the command line), and the
+    run's base models (a memory trained for the run picks its teacher and init among them)."""
 
-    def __init__(self, settings: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, settings: dict[str, dict[str, Any]] | None = None, bases: Iterable[str] = ()):
         self.settings = {name: dict(values) for name, values in (settings or {}).items()}
+        self.bases = tuple(bases)
 
     def create(self, kind: str, name: str, *, config: Any = None, **extra: Any) -> Component:
         """The component ``name`` of ``kind``: its settings from this plan, or the given ``config``."""

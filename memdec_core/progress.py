@@ -12,8 +12,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 stderr = Console(stderr=True)
 
 
+_QUIET = [False]
+
+
 def progress_enabled() -> bool:
-    return os.environ.get("MEMDEC_NO_PROGRESS", "") in ("", "0")
+    return not _QUIET[0] and os.environ.get("MEMDEC_NO_PROGRESS", "") in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bars or log lines inside (work repeated to time it would print dozens)."""
+    before, _QUIET[0] = _QUIET[0], True
+    try:
+        yield
+    finally:
+        _QUIET[0] = before
 
 
 @contextlib.contextmanager

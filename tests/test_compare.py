@@ -26,7 +26,7 @@ def quick_settings(model) -> dict:
 @pytest.fixture(scope="module")
 def report(corpus_dir, tiny_llama):
     return compare(str(corpus_dir), [str(tiny_llama)], ALL, settings=WINDOW, method_settings=quick_settings(tiny_llama),
-                   measure=CompareSettings(general_tokens=300, latency_tokens=200))
+                   measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0))
 
 
 def test_every_method_gets_a_row_with_every_measure(report):
@@ -38,6 +38,15 @@ def test_every_method_gets_a_row_with_every_measure(report):
     assert rows["lora"]["params_added"] > 0 and rows["memdec"]["params_added"] > 0
     assert rows["knn-lm"]["bytes_added"] > 0 and rows["dapt"]["bytes_added"] > 0
     assert rows["memdec"]["test_ppl"] < rows["base"]["test_ppl"]
+    # The base is the reference of every ratio: 1 by construction, not timed against itself.
+    assert (rows["base"]["latency_ratio"], rows["base"]["generation_ratio"]) == (1.0, 1.0)
+    for name in ALL[1:]:
+        assert rows[name]["generation_ratio"] > 0 and rows[name]["latency_spread"] >= 0, name
+        assert rows[name]["generation_ms_per_token"] > 0 and rows[name]["base_ms_per_token"] > 0, name
+    for name in ("knn-lm", "memdec"):
+        assert rows[name]["memory_alone_ppl"] > 1 and 0 < rows[name]["memory_coverage"] <= 1, name
+    assert 0 <= rows["memdec"]["target_agreement"] <= 1 and rows["memdec"]["target_kl"] >= 0
+    assert rows["knn-lm"]["target_agreement"] is None  # a kNN-LM is the distribution, not its imitation
     assert set(report["meta"]) >= {"versions", "seeds", "git", "device"}
 
 
@@ -56,7 +65,8 @@ def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):
 def test_a_second_compare_reuses_every_artifact(corpus_dir, tiny_llama, report):
     again = compare(str(corpus_dir), [str(tiny_llama)], ["dapt", "lora", "knn-lm", "memdec"], settings=WINDOW,
                     method_settings={k: v for k, v in quick_settings(tiny_llama).items() if k != "rag"},
-                    measure=CompareSettings(general_tokens=300, latency_tokens=200, reuse_results=False))
+                    measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0,
+                                            reuse_results=False))
     first = {row["method"]: row for row in report["results"]}
     for row in again["results"]:
         assert row["test_ppl"] == first[row["method"]]["test_ppl"]
@@ -65,17 +75,42 @@ def test_a_second_compare_reuses_every_artifact(corpus_dir, tiny_llama, report):
 
 
 def test_a_third_compare_reads_its_rows_back_without_evaluating(corpus_dir, tiny_llama, report, monkeypatch):
+    from memdec_decoder.method import MemoryDecoderMethod
     from memdec_peft.methods import Lora
 
     def must_not_run(self, ctx):
         raise AssertionError("the row should have been read back")
 
     monkeypatch.setattr(Lora, "evaluate", must_not_run)
-    again = compare(str(corpus_dir), [str(tiny_llama)], ["lora"], settings=WINDOW,
-                    method_settings={"lora": quick_settings(tiny_llama)["lora"]},
-                    measure=CompareSettings(general_tokens=300, latency_tokens=200))
+    monkeypatch.setattr(MemoryDecoderMethod, "evaluate", must_not_run)
+    settings = quick_settings(tiny_llama)
+    again = compare(str(corpus_dir), [str(tiny_llama)], ["lora", "memdec"], settings=WINDOW,
+                    method_settings={"lora": settings["lora"], "memdec": settings["memdec"]},
+                    measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0))
     first = next(row for row in report["results"] if row["method"] == "lora")
+    assert [row["method"] for row in again["results"]] == ["lora", "memdec"]
     assert again["results"][0]["test_ppl"] == first["test_ppl"] and again["results"][0]["latency_ratio"] > 0
+
+
+def test_by_default_every_method_that_trains_gets_the_memory_decoders_flops(report):
+    """The paper's protocol: dapt and lora train with the compute the memory's training took
+    (to within one optimizer step, the unit a budget is spent in)."""
+    rows = {row["method"]: row for row in report["results"]}
+    budget = rows["memdec"]["train_flops"]
+    assert budget > 0 and report["meta"]["protocol"] == "equal-flops"
+    assert report["meta"]["compute_reference"] == "memdec"
+    for name in ("dapt", "lora"):
+        row = rows[name]
+        per_token = row["train_flops"] / row["train_tokens"]
+        step_flops = per_token * 4 * SMALL_WINDOWS["context"] * 2  # batch 8 × context, with slack
+        assert budget - step_flops <= row["train_flops"] <= budget, name
+
+
+def test_without_the_memory_decoder_each_method_keeps_its_own_schedule(corpus_dir, tiny_llama):
+    report = compare(str(corpus_dir), [str(tiny_llama)], ["base", "dapt"], settings=WINDOW,
+                     method_settings={"dapt": quick_settings(tiny_llama)["dapt"]},
+                     measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0))
+    assert report["meta"]["protocol"] == "own-schedule"
 
 
 def test_budget_too_small_and_unknown_method(corpus_dir, tiny_llama):
@@ -124,11 +159,19 @@ def test_plot_without_matplotlib_fails_before_the_run(corpus_dir, tiny_llama, tm
 
 @pytest.mark.parametrize("text, expected", [
     ("32768", {"budget_tokens": 32768}), ("64k", {"budget_tokens": 64000}), ("2M tokens", {"budget_tokens": 2_000_000}),
-    ("3e12flops", {"budget_flops": 3e12}), ("2.5TFLOPs", {"budget_flops": 2.5e12}), ("0", {"budget_tokens": 0})])
+    ("3e12flops", {"budget_flops": 3e12}), ("2.5TFLOPs", {"budget_flops": 2.5e12}), ("0", {})])
 def test_a_budget_is_tokens_or_flops(text, expected):
     from memdec_core.compare import parse_budget
 
-    assert parse_budget(text) == expected
+    assert parse_budget(text) == {**expected, "equal_compute": False}
+    protocol = "own-schedule" if text == "0" else "tokens" if "budget_tokens" in expected else "equal-flops"
+    assert CompareSettings(**parse_budget(text)).protocol == protocol
+
+
+def test_equal_compute_is_the_default_budget():
+    from memdec_core.compare import parse_budget
+
+    assert parse_budget("equal") == {"equal_compute": True} and CompareSettings().protocol == "equal-flops"
 
 
 @pytest.mark.parametrize("text", ["12x", "1.5", "flops", "-3"])
@@ -154,7 +197,7 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
     from memdec_rag.method import Rag
 
     settings = {"dapt": {"epochs": 1, "lrs": (1e-3,)}, "rag": {"passage_tokens": 16, "retrieval_stride": 8}}
-    measure = CompareSettings(general_tokens=300, latency_tokens=200)
+    measure = CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0)
 
     def interrupted(self, ctx):
         raise KeyboardInterrupt
@@ -188,7 +231,7 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
 
 def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypatch):
     import memdec_core.compare as compare_module
-    from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
+    from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
     seen = []
 
@@ -201,16 +244,17 @@ def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypa
     assert runner.invoke(build_cli(), ["compare", "--domain", "finance", "--format", "json"]).exit_code == 0
     settings, measure = seen[-1]
     assert (settings.max_train_tokens, settings.max_eval_tokens) == (QUICK_TRAIN_TOKENS, QUICK_EVAL_TOKENS)
-    assert measure.budget() == {"budget_tokens": QUICK_BUDGET_TOKENS}
+    assert measure.budget() == {} and measure.equal_compute and measure.protocol == "equal-flops"
     full = ["compare", "--domain", "finance", "--format", "json", "--max-train-tokens", "0", "--max-eval-tokens", "0",
             "--budget", "0"]
     assert runner.invoke(build_cli(), full).exit_code == 0
     settings, measure = seen[-1]
     assert settings.max_train_tokens is None and settings.max_eval_tokens is None and measure.budget() == {}
+    assert measure.protocol == "own-schedule"
     flops = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--format", "json", "--budget", "2TFLOPs"])
     assert flops.exit_code == 0 and seen[-1][1].budget() == {"budget_flops": 2e12}
     bad = runner.invoke(build_cli(), ["compare", "--domain", "finance", "--budget", "lots"])
-    assert bad.exit_code == 2 and "is not a number of tokens" in bad.output  # bad usage
+    assert bad.exit_code == 2 and "is not 'equal', 0, a number of tokens" in bad.output  # bad usage
 
 
 def test_compare_takes_a_combiner_file_and_tunes_its_knobs(corpus_dir, tiny_llama, tmp_path):
@@ -229,3 +273,16 @@ def test_compare_takes_a_combiner_file_and_tunes_its_knobs(corpus_dir, tiny_llam
     row = json.loads(result.stdout)["results"][0]
     assert row["knobs"]["alpha"] in (0.1, 0.3) and "lam" not in row["knobs"]
     assert json.loads(result.stdout)["meta"]["combiner"] == "geometric"
+
+
+def test_a_token_budget_below_one_optimizer_step_is_refused_before_any_work(corpus_dir, tiny_llama, monkeypatch):
+    from memdec_peft.methods import Dapt
+
+    def must_not_run(self, ctx):
+        raise AssertionError("nothing should run")
+
+    monkeypatch.setattr(Dapt, "evaluate", must_not_run)
+    with pytest.raises(ConfigError, match=r"less than one optimizer step of dapt .*512 tokens"):
+        compare(str(corpus_dir), [str(tiny_llama)], ["base", "dapt"], settings=WINDOW,
+                method_settings={"dapt": {"batch_size": 8}},
+                measure=CompareSettings(general_tokens=300, latency_tokens=200, budget_tokens=100))

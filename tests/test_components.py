@@ -193,7 +193,7 @@ def test_editing_a_plugin_s_code_or_a_combiner_file_measures_the_row_again(fresh
     monkeypatch.syspath_prepend(str(tmp_path))
     plugin = importlib.import_module("constant_plugin")
     register_plugin(plugin, name="constant-plugin")
-    measure = CompareSettings(general="", latency_tokens=50, latency_repeats=1)
+    measure = CompareSettings(general="", latency_tokens=50, latency_seconds=0)
 
     def run(combiner="linear"):
         compare(str(corpus_dir), [str(tiny_gpt2)], ["constant"], settings=WINDOW, combiner=combiner, measure=measure)

@@ -294,7 +294,7 @@ compare.write_json = write_json
 from memdec_core.interfaces import EvalSettings
 report = compare.compare(sys.argv[1], [sys.argv[2]], ["base", "knn-lm", "rag"], settings=EvalSettings(context=64),
                          method_settings={"knn-lm": {"k": 8}, "rag": {"passage_tokens": 16, "retrieval_stride": 16}},
-                         measure=compare.CompareSettings(general="", latency_tokens=50, latency_repeats=1))
+                         measure=compare.CompareSettings(general="", latency_tokens=50, latency_seconds=0))
 print(json.dumps([row["test_ppl"] for row in report["results"]]))
 """
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
+from memdec_cli.options import (
+    config_option,
+    eval_settings,
+    require_domain,
+    run_config,
+    set_option,
+    split_list,
+    window_options,
+)
 from memdec_core.artifacts import write_json
-from memdec_core.compare import QUICK_BUDGET_TOKENS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
+from memdec_core.compare import EQUAL_COMPUTE, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
 from memdec_core.errors import ConfigError, MemdecError
+from memdec_core.runconfig import FORMATS
 
 
 def _parse_budget(ctx, param, value):
@@ -24,7 +34,9 @@ def _parse_budget(ctx, param, value):
 
 
 @click.command("compare")
-@click.option("--domain", required=True, help="A registered domain (memdec list domains) or a corpus folder.")
+@config_option("compare")
+@click.option("--domain", help="A registered domain (memdec list domains) or a corpus folder. Required, here or in "
+              "--config.")
 @click.option("--base", "bases", multiple=True, help="Base model (repeatable). Default: the offline demo family.")
 @click.option("--method", "methods", multiple=True,
               help="Methods, comma-separated or repeated. Default: every installed method that declares a place "
@@ -32,11 +44,12 @@ def _parse_budget(ctx, param, value):
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
-@click.option("--budget", default=str(QUICK_BUDGET_TOKENS), show_default=True, metavar="TOKENS|FLOPS",
+@click.option("--budget", default=EQUAL_COMPUTE, show_default=True, metavar="equal|0|TOKENS|FLOPS",
               callback=_parse_budget,
-              help="The same training budget for every method that trains (dapt, lora, memdec): tokens "
-                   "(24576, 64k, 2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, "
-                   "about 4N for lora); 0: each method's own schedule (epochs with early stopping).")
+              help="Training compute of the methods that train (dapt, lora, memdec). equal: the paper's protocol, "
+                   "every method gets the FLOPs of the Memory Decoder's own training, with early stopping on "
+                   "validation; 0: each method's own schedule; or the same budget for all, in tokens (24576, 64k, "
+                   "2M) or FLOPs (3e12flops, 2TFLOPs: 6N per token for dapt and the memory, about 4N for lora).")
 @click.option("--general-tokens", type=click.IntRange(min=2), default=CompareSettings.general_tokens,
               show_default=True, help="Tokens of the general test split scored per base × method (forgetting).")
 @click.option("--latency-tokens", type=click.IntRange(min=2), default=CompareSettings.latency_tokens,
@@ -46,15 +59,16 @@ def _parse_budget(ctx, param, value):
                    "(artifacts are still reused).")
 @set_option
 @window_options(train_default=QUICK_TRAIN_TOKENS, eval_default=QUICK_EVAL_TOKENS)
-@click.option("--format", "output_format", type=click.Choice(["table", "json", "markdown", "csv"]),
+@click.option("--format", "output_format", type=click.Choice(FORMATS["compare"]),
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Save a figure: test perplexity per method per base, and each mixture's validation curve of "
                    "the combiner's knob (needs matplotlib).")
-def compare_command(domain, bases, methods, combiner, lam, budget, general_tokens, latency_tokens, fresh,
-                    assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
+@click.pass_context
+def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, budget, general_tokens, latency_tokens,
+                    fresh, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
                     output, plot):
     """Adapt every base model to a domain with every method and compare them head to head.
 
@@ -65,8 +79,9 @@ def compare_command(domain, bases, methods, combiner, lam, budget, general_token
     row measured with identical inputs (--fresh measures them again).
 
     The defaults are sized for a laptop CPU (the demo family on finance in under 10 minutes):
-    the first 65,536 train tokens, 4,096 valid and test tokens, 24,576 training tokens per
-    method. For the full splits and each method's own schedule:
+    the first 65,536 train tokens and 4,096 valid and test tokens. Every method that trains gets
+    the compute of the Memory Decoder's own training (the paper's equal-compute protocol). For
+    the full splits and each method's own schedule:
     --max-train-tokens 0 --max-eval-tokens 0 --budget 0.
 
     \b
@@ -76,10 +91,13 @@ def compare_command(domain, bases, methods, combiner, lam, budget, general_token
       memdec compare --domain finance --budget 5TFLOPs --max-train-tokens 0 --max-eval-tokens 0
       memdec compare --domain biomed --base Qwen/Qwen2.5-0.5B --base Qwen/Qwen2.5-1.5B --plot biomed.png
       memdec compare --domain finance --method base,knn-lm,mixture --set mixture.memory=unigram
+      memdec compare --config finance.toml --budget 0     # the file's options, its budget overridden
     """
     from memdec_cli.render import print_comparison
     from memdec_core.compare import compare
 
+    require_domain(ctx, domain)
+    run = run_config(ctx)
     if plot:  # before the long run, not after it
         from memdec_cli.plot import check_plotting
 
@@ -88,9 +106,10 @@ def compare_command(domain, bases, methods, combiner, lam, budget, general_token
         report = compare(domain, bases, split_list(methods) if methods else (),
                          settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                          combiner=_combiner(combiner, lam),
-                         method_settings=parse_assignments(assignments),
+                         method_settings=run.settings,
                          measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
-                                                 reuse_results=not fresh, **budget))
+                                                 reuse_results=not fresh, **budget),
+                         config=run.meta, command=list(sys.argv))
     except MemdecError as error:  # print and save the rows measured before the failure, then report it
         _keep_partial(getattr(error, "partial_report", None), output_format, output)
         raise

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
-from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
+from memdec_cli.options import (
+    config_option,
+    eval_settings,
+    require_domain,
+    run_config,
+    set_option,
+    split_list,
+    window_options,
+)
 from memdec_core.artifacts import write_json
+from memdec_core.runconfig import FORMATS
 
 
 @click.command("eval")
-@click.option("--domain", required=True, help="A registered domain (memdec list domains) or a corpus folder "
-              "with train/valid/test files (.txt: documents split by blank lines; .jsonl: {\"text\": ...}).")
+@config_option("eval")
+@click.option("--domain", help="A registered domain (memdec list domains) or a corpus folder with "
+              "train/valid/test files (.txt: documents split by blank lines; .jsonl: {\"text\": ...}). "
+              "Required, here or in --config.")
 @click.option("--base", "bases", multiple=True,
               help="Base model: a registered name (memdec list models), a local HF folder, a .gguf file "
                    "or a hub id. Repeatable. Default: the offline demo family.")
@@ -24,11 +36,12 @@ from memdec_core.artifacts import write_json
               help="Fix the combiner's λ instead of tuning it on the validation split.")
 @set_option
 @window_options
-@click.option("--format", "output_format", type=click.Choice(["table", "json", "markdown"]),
+@click.option("--format", "output_format", type=click.Choice(FORMATS["eval"]),
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
-def eval_command(domain, bases, methods, combiner, lam, assignments, context, stride, batch_size,
+@click.pass_context
+def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assignments, context, stride, batch_size,
                  max_train_tokens, max_eval_tokens, output_format, output):
     """Test perplexity of every base × method on a domain; knobs are tuned on the validation split.
 
@@ -38,6 +51,11 @@ def eval_command(domain, bases, methods, combiner, lam, assignments, context, st
     Every setting of every component is reachable with --set NAME.KEY=VALUE; `mixture` mixes any
     registered memory model (memdec list memory-models) through the combiner.
 
+    The defaults are those of `memdec compare`, sized for a laptop CPU: the first 65,536 train
+    tokens and 4,096 valid and test tokens. For the whole splits: --max-train-tokens 0
+    --max-eval-tokens 0. --config FILE takes every option from a YAML or TOML file (flags given
+    as well win); the JSON report's meta says what ran (docs/reports.md).
+
     \b
     Examples:
       memdec eval --domain ./my-corpus --base HuggingFaceTB/SmolLM2-135M \\
@@ -45,13 +63,17 @@ def eval_command(domain, bases, methods, combiner, lam, assignments, context, st
       memdec eval --domain finance --method base,memdec --set memdec.path=finance-memory
       memdec eval --domain finance --method mixture --set mixture.memory=knn-datastore --set faiss.nprobe=64
       memdec eval --domain biomed --set biomed.source=hub --base Qwen/Qwen2.5-0.5B --method base,knn-lm
+      memdec eval --config finance-knn.yaml --max-eval-tokens 0
     """
     from memdec_cli.render import print_evaluation
     from memdec_core import api
 
+    require_domain(ctx, domain)
+    run = run_config(ctx)
     report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                          combiner=_combiner(combiner, lam), method_settings=parse_assignments(assignments))
+                          combiner=_combiner(combiner, lam), method_settings=run.settings, config=run.meta,
+                          command=sys.argv)
     print_evaluation(report, output_format)
     if output:
         write_json(output, report)

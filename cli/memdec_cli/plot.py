@@ -1,10 +1,26 @@
-"""``memdec compare --plot``: perplexity per method per base, and each mixture's validation curve."""
+"""``memdec compare --plot``: a paper-ready figure of the test perplexity per method per base (bars on an
+axis that shows the differences, the base as a reference line) and each mixture's validation curve."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from memdec_core.errors import ConfigError
+
+#: Okabe & Ito's colour-blind-safe palette (yellow last: it is faint on white); the base method is grey.
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+BASE_COLOUR = "#999999"
+BASE_METHOD = "base"
+#: Line styles and markers that tell the bases apart on the curves (the colour is the method's).
+BASE_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+#: Fonts embedded as TrueType in a PDF (publishers reject Type 3) and kept as text in an SVG (editable).
+PAPER_STYLE = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "none", "font.size": 9,
+               "axes.titlesize": 10, "axes.spines.top": False, "axes.spines.right": False}
+VECTOR_SUFFIXES = {".pdf", ".svg", ".eps", ".ps"}
+RASTER_DPI = 300
+#: Space left under the smallest bar and over the largest, as a fraction of their difference.
+BAR_MARGIN_BELOW, BAR_MARGIN_ABOVE = 0.25, 0.35
 
 
 def check_plotting() -> None:
@@ -22,48 +38,133 @@ def curve_knob(tuning: list[dict]) -> str | None:
     return best if best and counts[best] >= 3 else None
 
 
-def _plot_curves(axis, curves: list[tuple[dict, str]]) -> None:
-    """Validation perplexity against the tuned knob (the best over the other knobs at each value)."""
-    for row, knob in curves:
-        best: dict = {}
-        for point in row["tuning"]:
-            best[point[knob]] = min(best.get(point[knob], float("inf")), point["valid_ppl"])
-        values = sorted(best)
-        axis.plot(values, [best[value] for value in values], marker="o",
-                  label=f"{Path(row['base']).name} · {row['method']} ({knob})")
-    knobs = sorted({knob for _, knob in curves})
-    axis.set_xlabel(" / ".join(knobs))
-    axis.set_ylabel("validation perplexity")
-    axis.set_title("Tuned on validation")
-    axis.legend(fontsize="small")
+def knob_label(knob: str) -> str:
+    from memdec_cli.render import KNOB_LABELS
+
+    return KNOB_LABELS.get(knob, knob)
 
 
-def plot_comparison(report: dict, path: Path | str) -> None:
-    path = Path(path)
-    check_plotting()
-    import matplotlib
+def _finite(values) -> list[float]:
+    return [value for value in values if isinstance(value, (int, float)) and math.isfinite(value)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def bar_limits(values: list[float]) -> tuple[float, float]:
+    """y-limits that make the differences visible: from a little under the smallest bar (not zero, so 94
+    and 93 differ by more than a hair) to a little over the largest, leaving room for the values."""
+    low, high = min(values), max(values)
+    spread = high - low or abs(high) * 0.05 or 1.0
+    step = 10 ** math.floor(math.log10(spread))  # a round lower limit: 30 rather than 30.8
+    lower = math.floor((low - BAR_MARGIN_BELOW * spread) / step) * step
+    return max(0.0, lower), high + BAR_MARGIN_ABOVE * spread
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    others = [method for method in methods if method != BASE_METHOD]
+    colours = {method: OKABE_ITO[index % len(OKABE_ITO)] for index, method in enumerate(others)}
+    return {**colours, BASE_METHOD: BASE_COLOUR}
+
+
+def _plot_bars(axis, report: dict, colours: dict[str, str]) -> None:
     results = report["results"]
     bases = list(dict.fromkeys(row["base"] for row in results))
     methods = list(dict.fromkeys(row["method"] for row in results))
-    curves = [(row, knob) for row in results for knob in [curve_knob(row.get("tuning") or [])] if knob]
-    figure, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4.5), squeeze=False)
-    bars = axes[0][0]
+    test_ppl = {(row["base"], row["method"]): row.get("test_ppl") for row in results}
     width = 0.8 / len(methods)
     for offset, method in enumerate(methods):
-        values = [next((row["test_ppl"] for row in results if row["base"] == base and row["method"] == method),
-                       float("nan")) for base in bases]
-        bars.bar([index + offset * width for index in range(len(bases))], values, width, label=method)
-    bars.set_xticks([index + 0.4 - width / 2 for index in range(len(bases))], [Path(b).name for b in bases])
-    bars.set_ylabel("test perplexity")
-    bars.set_title(f"{report['domain']}: test perplexity per method")
-    bars.legend(ncol=3, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.08))
-    if curves:
-        _plot_curves(axes[0][1], curves)
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
+        values = [test_ppl.get((base, method)) for base in bases]
+        heights = [value if _finite([value]) else math.nan for value in values]
+        bars = axis.bar([index + offset * width for index in range(len(bases))], heights, width, label=method,
+                        color=colours[method], edgecolor="white", linewidth=0.5)
+        axis.bar_label(bars, labels=[f"{h:.1f}" if math.isfinite(h) else "" for h in heights], padding=2,
+                       fontsize=6.5, rotation=90)
+    _plot_base_lines(axis, bases, test_ppl, width, len(methods))
+    axis.set_xticks([index + 0.4 - width / 2 for index in range(len(bases))], [Path(b).name for b in bases])
+    shown = _finite(test_ppl.values())
+    if shown:
+        lower, upper = bar_limits(shown)
+        axis.set_ylim(lower, upper)
+        # Bars that do not start at zero: the label says so, as a reader compares their tops, not their lengths.
+        axis.set_ylabel("test perplexity ↓" + (f" (axis from {lower:.3g}, not 0)" if lower > 0 else ""))
+    axis.set_title(f"{report['domain']}: test perplexity per method")
+    axis.legend(ncol=min(len(methods) + 1, 4), fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1),
+                frameon=False)
+
+
+def _plot_base_lines(axis, bases: list[str], test_ppl: dict, bar_width: float, bars_per_group: int) -> None:
+    """A dashed line across each base's group at its unadapted test perplexity: what every method must beat."""
+    groups = [(index, test_ppl.get((base, BASE_METHOD))) for index, base in enumerate(bases)]
+    groups = [(index - bar_width / 2, value) for index, value in groups if _finite([value])]  # first bar's left
+    if groups:
+        axis.hlines([value for _, value in groups], [left for left, _ in groups],
+                    [left + bar_width * bars_per_group for left, _ in groups], colors="black", linestyles="--",
+                    linewidth=0.9, zorder=3, label="base model (reference)")
+
+
+def _best_by_knob(row: dict, knob: str) -> dict[float, float]:
+    """Validation perplexity at each value of ``knob``, the best over the other knobs tuned with it."""
+    best: dict[float, float] = {}
+    for point in row["tuning"]:
+        best[point[knob]] = min(best.get(point[knob], math.inf), point["valid_ppl"])
+    return best
+
+
+def _plot_curves(axis, curves: list[tuple[dict, str]], colours: dict[str, str]) -> None:
+    """Each mixture's validation curve over its tuned knob, the value it chose marked with a star."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
+
+    bases = list(dict.fromkeys(row["base"] for row, _ in curves))
+    for row, knob in curves:
+        best = _best_by_knob(row, knob)
+        values = sorted(best)
+        line, marker = BASE_STYLES[bases.index(row["base"]) % len(BASE_STYLES)]
+        colour = colours.get(row["method"], "black")
+        axis.plot(values, [best[value] for value in values], linestyle=line, marker=marker, markersize=3,
+                  color=colour, linewidth=1.2, label=f"{Path(row['base']).name} · {row['method']}")
+        chosen = (row.get("knobs") or {}).get(knob)
+        if chosen in best:
+            axis.plot([chosen], [best[chosen]], marker="*", markersize=11, color=colour, markeredgecolor="black",
+                      markeredgewidth=0.6, linestyle="none", zorder=4)
+    # A perplexity is exp(loss): on a log axis the far end of a grid (λ near 1) does not squash the minimum.
+    axis.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 60, not 6×10¹
+    axis.yaxis.set_major_formatter(plain)
+    axis.yaxis.set_minor_formatter(plain)
+    axis.set_xlabel(" / ".join(knob_label(knob) for knob in sorted({knob for _, knob in curves})))
+    axis.set_ylabel("validation perplexity ↓ (log)")
+    axis.set_title("Tuned on validation (★ the chosen value)")
+    chosen = Line2D([], [], marker="*", markersize=9, color="white", markeredgecolor="black", linestyle="none")
+    handles, labels = axis.get_legend_handles_labels()
+    axis.legend([*handles, chosen], [*labels, "chosen on validation"], ncol=3, fontsize="x-small", frameon=False,
+                loc="upper center", bbox_to_anchor=(0.5, -0.14))
+
+
+def comparison_figure(report: dict):
+    """The matplotlib Figure of ``report``: bars of test perplexity, and the validation curves if any."""
+    check_plotting()
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    results = report["results"]
+    colours = method_colours(list(dict.fromkeys(row["method"] for row in results)))
+    curves = [(row, knob) for row in results for knob in [curve_knob(row.get("tuning") or [])] if knob]
+    with matplotlib.rc_context(PAPER_STYLE):
+        # A Figure without pyplot: no global state and no GUI backend, whatever the caller's environment.
+        figure = Figure(figsize=(11 if curves else 6.5, 4.2), layout="constrained")
+        axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
+        _plot_bars(axes[0], report, colours)
+        if curves:
+            _plot_curves(axes[1], curves, colours)
+    return figure
+
+
+def plot_comparison(report: dict, path: Path | str) -> None:
+    """Save the figure at ``path``: vector for .pdf/.svg/.eps, otherwise a raster at print resolution."""
+    import matplotlib
+
+    path = Path(path)
+    figure = comparison_figure(report)
+    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")  # the suffix tells matplotlib the format
+    with matplotlib.rc_context(PAPER_STYLE):  # the font settings apply when the file is written
+        figure.savefig(temporary, dpi="figure" if path.suffix.lower() in VECTOR_SUFFIXES else RASTER_DPI)
     temporary.replace(path)

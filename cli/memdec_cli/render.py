@@ -1,21 +1,44 @@
-"""Rendering results on stdout: rich tables, JSON, markdown."""
+"""Rendering results on stdout: rich tables, JSON, markdown, csv."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
+
+#: How wide a table may grow when stdout is a file or a pipe (no terminal to fit): wider than any real row,
+#: so a cell is never cut; the table itself is printed at its natural width.
+PIPE_MAX_WIDTH = 1000
+
+
+def _console(*tables: Table) -> Console:
+    """A terminal's own width, or $COLUMNS when set (rich reads it); otherwise, for a file or a pipe,
+    the natural width of ``tables``, as rich's 80-column fallback would fold or cut their cells."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS", "").strip().isdigit():
+        return Console()
+    wide = Console(width=PIPE_MAX_WIDTH)
+    natural = max((Measurement.get(wide, wide.options, table).maximum for table in tables), default=80)
+    return Console(width=max(natural, 80))
+
+
+def _new_table(title: str, columns: list[str]) -> Table:
+    """A table whose cells fold onto more lines when space runs short, never cut with an ellipsis."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
 
 
 def print_table(title: str, columns: list[str], rows: list[list]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    table = _new_table(title, columns)
     for row in rows:
         table.add_row(*[str(cell) for cell in row])
-    Console().print(table)
+    _console(table).print(table)
 
 
 def format_ppl(value) -> str:
@@ -36,16 +59,27 @@ def print_evaluation(report: dict, output_format: str) -> None:
     if output_format == "json":
         print(json.dumps(report, indent=2, default=str, allow_nan=False))
     elif output_format == "markdown":
-        print("| " + " | ".join(EVAL_COLUMNS) + " |")
-        print("|" + "---|" * len(EVAL_COLUMNS))
-        for row in evaluation_rows(report):
-            print("| " + " | ".join(row) + " |")
+        _print_markdown(EVAL_COLUMNS, evaluation_rows(report))
     else:
         print_table(f"{report['domain']}: perplexity on the test split", EVAL_COLUMNS, evaluation_rows(report))
 
 
+def _print_markdown(columns: list[str], rows: list[list[str]]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 COMPARE_COLUMNS = ["base", "method", "test ppl ↓", "general ppl ↓", "tuned knobs", "params added", "MB added",
-                   "train s", "latency ×"]
+                   "train s", "latency ×", "gen ×"]
+#: The second table: how closely each memory reproduces the kNN distribution it was trained on.
+FIDELITY_COLUMNS = ["base", "method", "memory alone ppl ↓", "top-1 agreement with kNN targets ↑",
+                    "KL(p_kNN‖p_mem) nats ↓"]
+FIDELITY_KEYS = ("memory_alone_ppl", "target_agreement", "target_kl")
+#: The csv columns: the row's keys, raw; the last ones are absent (empty) in reports written before them.
+CSV_KEYS = ["base", "method", "test_ppl", "general_ppl", "knobs", "params_added", "bytes_added", "train_seconds",
+            "latency_ratio", "latency_spread", "generation_ratio", *FIDELITY_KEYS, "memory_coverage"]
 
 
 #: How the table abbreviates common knob names (the JSON keeps the full names).
@@ -71,14 +105,42 @@ def human_count(value) -> str:
     return str(value)
 
 
-def comparison_rows(report: dict) -> list[list[str]]:
-    def number(value, pattern):
-        return "-" if value is None else pattern.format(value)
+def _number(value, pattern: str) -> str:
+    """``pattern`` applied to ``value``; "-" for a figure the report does not have (None, NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return pattern.format(value)
 
-    return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_ppl(r["general_ppl"]),
-             compact_knobs(r["knobs"]), human_count(r["params_added"]),
-             number(r["bytes_added"] and r["bytes_added"] / 1e6, "{:.1f}"), number(r["train_seconds"], "{:.0f}"),
-             number(r["latency_ratio"], "{:.2f}")] for r in report["results"]]
+
+def latency_cell(ratio, spread) -> str:
+    """1.38 and 0.03 → ``1.38 ±3%``: the median ratio to the base and the relative spread of the repeats."""
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" + ("" if spread is None else f" ±{spread * 100:.2g}%")
+
+
+def comparison_rows(report: dict) -> list[list[str]]:
+    return [[r["base"], r["method"], format_ppl(r.get("test_ppl")), format_ppl(r.get("general_ppl")),
+             compact_knobs(r.get("knobs") or {}), human_count(r.get("params_added")),
+             _number(r.get("bytes_added") and r["bytes_added"] / 1e6, "{:.1f}"),
+             _number(r.get("train_seconds"), "{:.0f}"),
+             latency_cell(r.get("latency_ratio"), r.get("latency_spread")),
+             _number(r.get("generation_ratio"), "{:.2f}")] for r in report["results"]]
+
+
+def fidelity_rows(report: dict) -> list[list[str]]:
+    """The memory-fidelity figures of the rows that have any (the memory methods); none for old reports."""
+    return [[r["base"], r["method"], _memory_alone(r),
+             _number(r.get("target_agreement"), "{:.1%}"), _number(r.get("target_kl"), "{:.3f}")]
+            for r in report["results"] if any(r.get(key) is not None for key in FIDELITY_KEYS)]
+
+
+def _memory_alone(row: dict) -> str:
+    """The memory's own perplexity, with the share of tokens it names when that is not all of them
+    (a kNN-LM alone gives probability 0 to tokens none of its neighbours holds)."""
+    text = format_ppl(row.get("memory_alone_ppl"))
+    coverage = row.get("memory_coverage")
+    return f"{text} ({coverage:.0%} of tokens)" if coverage is not None and coverage < 1 else text
 
 
 def best_rows(report: dict) -> set[int]:
@@ -91,44 +153,96 @@ def best_rows(report: dict) -> set[int]:
     return set(best.values())
 
 
+def protocol_note(meta: dict) -> str | None:
+    """One line saying how the methods that train were given compute, or None for a report that does not say."""
+    protocol = meta.get("protocol")
+    if not protocol:
+        return None
+    measure = meta.get("measure") or {}
+    if protocol == "equal-flops" and measure.get("budget_flops"):
+        return f"training compute: every method that trains gets the same {measure['budget_flops']:.3g} FLOPs"
+    if protocol == "equal-flops":
+        return "training compute: every method that trains gets the Memory Decoder's FLOPs (the paper's protocol)"
+    if protocol == "tokens":
+        tokens = measure.get("budget_tokens")
+        budget = f"{tokens:,} training tokens" if tokens else "token budget"
+        return f"training compute: every method that trains gets the same {budget}"
+    if protocol == "own-schedule":
+        return "training compute: each method's own schedule (its epochs, with early stopping)"
+    return f"training compute: {protocol}"
+
+
+def memory_note(report: dict) -> str | None:
+    """Which teacher the Memory Decoder learned from and which model it started from, as its rows record."""
+    described = []
+    for row in report["results"]:
+        details = row.get("details") or {}
+        if row["method"] != "memdec" or not (details.get("teacher") or details.get("init")):
+            continue
+        parts = [f"{label} {details[key]}" for key, label in (("teacher", "teacher"), ("init", "initialised from"))
+                 if details.get(key)]
+        described.append(", ".join(parts))
+    unique = list(dict.fromkeys(described))  # one memory is usually shared by every base
+    return f"memory decoder: {'; '.join(unique)}" if unique else None
+
+
+def comparison_notes(report: dict) -> list[str]:
+    return [note for note in (protocol_note(report.get("meta") or {}), memory_note(report)) if note]
+
+
 def print_comparison(report: dict, output_format: str) -> None:
-    rows, best = comparison_rows(report), best_rows(report)
     if output_format == "json":
         print(json.dumps(report, indent=2, default=str, allow_nan=False))
     elif output_format == "csv":
-        import csv
-        import sys
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["base", "method", "test_ppl", "general_ppl", "knobs", "params_added", "bytes_added",
-                         "train_seconds", "latency_ratio"])
-        for r in report["results"]:
-            writer.writerow([r["base"], r["method"], r["test_ppl"], r["general_ppl"], json.dumps(r["knobs"]),
-                             r["params_added"], r["bytes_added"], r["train_seconds"], r["latency_ratio"]])
+        _print_comparison_csv(report)
     elif output_format == "markdown":
-        print("| " + " | ".join(COMPARE_COLUMNS) + " |")
-        print("|" + "---|" * len(COMPARE_COLUMNS))
-        for index, row in enumerate(rows):
-            if index in best:
-                row = [*row[:2], f"**{row[2]}**", *row[3:]]
-            print("| " + " | ".join(row) + " |")
+        _print_comparison_markdown(report)
     else:
-        table = Table(title=f"{report['domain']}: adaptation methods compared (best test ppl per base in green)")
-        for column in COMPARE_COLUMNS:
-            table.add_column(column, no_wrap=column != "tuned knobs")
-        results = report["results"]
-        for index, row in enumerate(rows):
-            if index in best:
-                row = [*row[:2], f"[bold green]{row[2]}[/bold green]", *row[3:]]
-            if index and results[index - 1]["base"] == results[index]["base"]:
-                row = ["", *row[1:]]  # the base is named once per group
-            last_of_base = index + 1 == len(results) or results[index + 1]["base"] != results[index]["base"]
-            table.add_row(*row, end_section=last_of_base)
-        _console().print(table)
+        _print_comparison_table(report)
 
 
-def _console() -> Console:
-    """Rich's console; a pipe or file gets 120 columns rather than rich's 80, so tables do not wrap."""
-    import sys
+def _print_comparison_csv(report: dict) -> None:
+    import csv
 
-    return Console() if sys.stdout.isatty() else Console(width=120)
+    writer = csv.writer(sys.stdout)
+    writer.writerow(CSV_KEYS)
+    for r in report["results"]:
+        writer.writerow([json.dumps(r.get("knobs") or {}) if key == "knobs" else r.get(key) for key in CSV_KEYS])
+
+
+def _print_comparison_markdown(report: dict) -> None:
+    best = best_rows(report)
+    rows = [[*row[:2], f"**{row[2]}**", *row[3:]] if index in best else row
+            for index, row in enumerate(comparison_rows(report))]
+    _print_markdown(COMPARE_COLUMNS, rows)
+    fidelity = fidelity_rows(report)
+    if fidelity:
+        print("\nMemory fidelity:\n")
+        _print_markdown(FIDELITY_COLUMNS, fidelity)
+    notes = comparison_notes(report)
+    if notes:
+        print("\n" + "  \n".join(notes))  # two trailing spaces: a markdown line break
+
+
+def _print_comparison_table(report: dict) -> None:
+    results, best = report["results"], best_rows(report)
+    table = _new_table(f"{report['domain']}: adaptation methods compared (best test ppl per base in green)",
+                       COMPARE_COLUMNS)
+    for index, row in enumerate(comparison_rows(report)):
+        if index in best:
+            row = [*row[:2], f"[bold green]{row[2]}[/bold green]", *row[3:]]
+        if index and results[index - 1]["base"] == results[index]["base"]:
+            row = ["", *row[1:]]  # the base is named once per group
+        last_of_base = index + 1 == len(results) or results[index + 1]["base"] != results[index]["base"]
+        table.add_row(*row, end_section=last_of_base)
+    tables = [table]
+    fidelity = fidelity_rows(report)
+    if fidelity:
+        tables.append(_new_table("memory fidelity", FIDELITY_COLUMNS))
+        for row in fidelity:
+            tables[1].add_row(*row)
+    console = _console(*tables)
+    for printed in tables:
+        console.print(printed)
+    for note in comparison_notes(report):
+        console.print(note, markup=False, highlight=False, soft_wrap=True)  # a file keeps it on one line

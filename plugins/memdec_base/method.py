@@ -10,10 +10,13 @@ class Base(Method):
 
     name = "base"
     compare_rank = 0
+    unadapted = True
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
         from memdec_core.evaluate import model_scorer
+        from memdec_core.generation import model_generator
 
         scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
         test = scorer(ctx.corpus.streams["test"], ctx.windows("test"), f"test {ctx.base.short_name}")
-        return MethodResult(test.perplexity, scorer=scorer)
+        return MethodResult(test.perplexity, scorer=scorer,
+                            generator=model_generator(ctx.base.model, ctx.base.tokenizer))

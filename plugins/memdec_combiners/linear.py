@@ -24,6 +24,7 @@ class Linear(Combiner):
 
     name = "linear"
     elementwise = True
+    knob_bounds = {"lam": (0.0, 1.0)}
 
     @dataclass
     class Config:

@@ -77,7 +77,13 @@ class DecoderMemory(MemoryModel):
     def describe_prepared(self) -> dict:
         memory = self._loaded()
         return {"memory_folder": str(memory.folder), "memory_parameters": memory.parameters,
-                "teacher": memory.manifest.get("teacher"), "restricted": memory.manifest.get("restricted")}
+                "teacher": memory.manifest.get("teacher"), "init": memory.manifest.get("init"),
+                "restricted": memory.manifest.get("restricted")}
+
+    def fidelity(self, ctx: "EvalContext", knobs: dict) -> dict:
+        from memdec_decoder.fidelity import target_fidelity
+
+        return target_fidelity(ctx, self.config, self._loaded()) if ctx.corpus is not None else {}
 
     def planned_parameters(self, ctx: "EvalContext") -> int | None:
         from memdec_decoder.pipeline import planned_parameters

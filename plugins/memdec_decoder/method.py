@@ -17,4 +17,5 @@ class MemoryDecoderMethod(MixtureMethod):
     Config = DecoderSettings
     memory = "memory-decoder"
     compare_rank = 50
+    compute_reference = True  # the paper's protocol: the baselines get the memory's training FLOPs
     requires = ("knn", "combiners")

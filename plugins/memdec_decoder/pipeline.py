@@ -34,7 +34,7 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
     if config.path:
         return open_cached(Path(config.path).expanduser())
     teacher_ctx = teacher_context(ctx, config)
-    _, init_name = teacher_and_init(ctx.base, config)
+    _, init_name = teacher_and_init(ctx.base, config, run_bases(ctx))
     folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
     with entry_lock(folder):  # a second run sharing the cache waits, then reuses it
         if folder.exists():
@@ -52,7 +52,7 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
 def teacher_context(ctx: EvalContext, config: DecoderSettings) -> EvalContext:
     """``ctx`` with the teacher as its base (and the teacher's windows)."""
     ctx.require_corpus("training a memory")
-    teacher_name, _ = teacher_and_init(ctx.base, config)
+    teacher_name, _ = teacher_and_init(ctx.base, config, run_bases(ctx))
     teacher = ctx.base if teacher_name == ctx.base.model_id else load_model(teacher_name)
     if teacher.tokenizer_fingerprint != ctx.base.tokenizer_fingerprint:
         raise ModelError(f"teacher {teacher_name} has another tokenizer than {ctx.base.model_id}")
@@ -113,16 +113,30 @@ def tuned_temperature(teacher_ctx: EvalContext, config: DecoderSettings) -> floa
     return temperature
 
 
-def teacher_and_init(base: LoadedModel, config: DecoderSettings) -> tuple[str, str]:
-    """The configured teacher and init, else the largest / smallest default model sharing the
-    base's tokenizer (the paper: the largest family member teaches, the smallest learns)."""
-    family = _default_family(base.tokenizer_fingerprint)
-    teacher = config.teacher or (family[-1] if family else base.model_id)
-    init = config.init or (family[0] if family else base.model_id)
-    if not family and not (config.teacher and config.init):
-        log(f"no default family shares {base.model_id}'s tokenizer: the memory uses {teacher} as teacher "
-            f"and {init} as init (set memdec.teacher / memdec.init to choose)")
+def teacher_and_init(base: LoadedModel, config: DecoderSettings, bases: tuple[str, ...] = ()) -> tuple[str, str]:
+    """The configured teacher and init, else the largest / smallest model of the base's family:
+    the default models and the run's ``bases`` that share its tokenizer (the paper: the largest
+    family member teaches, the smallest learns, and one memory serves them all)."""
+    family = _family(base, bases)
+    teacher = config.teacher or family[-1]
+    init = config.init or family[0]
+    if len(family) == 1 and not (config.teacher and config.init):
+        log(f"no other model of the run or the defaults shares {base.model_id}'s tokenizer: the memory uses "
+            f"{teacher} as teacher and {init} as init (set memdec.teacher / memdec.init to choose)")
     return teacher, init
+
+
+def run_bases(ctx: EvalContext) -> tuple[str, ...]:
+    return ctx.plan.bases if ctx.plan is not None else ()
+
+
+def _family(base: LoadedModel, bases: tuple[str, ...]) -> list[str]:
+    """The default models and run bases of ``base``'s tokenizer, smallest first (ties: by name)."""
+    fingerprint = base.tokenizer_fingerprint
+    members = set(_default_family(fingerprint)) | {base.model_id}
+    members |= {name for name in bases if name != base.model_id and _facts_of(name)[0] == fingerprint}
+    sizes = {name: _count(base.model) if name == base.model_id else _parameters_of(name) for name in members}
+    return sorted(members, key=lambda name: (sizes[name], name))
 
 
 def _decoder_identity() -> dict:
@@ -146,15 +160,28 @@ def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
     """Parameters of the memory ``memory_for`` gives: the trained one's, else its init model's."""
     if config.path:
         return open_cached(Path(config.path).expanduser()).parameters
-    _, init = teacher_and_init(ctx.base, config)
-    if init == ctx.base.model_id:
-        return sum(parameter.numel() for parameter in ctx.base.model.parameters())
-    return _parameters_of(init)
+    _, init = teacher_and_init(ctx.base, config, run_bases(ctx))
+    return _count(ctx.base.model) if init == ctx.base.model_id else _parameters_of(init)
+
+
+def _parameters_of(model_name: str) -> int:
+    return _facts_of(model_name)[1]
 
 
 @functools.lru_cache(maxsize=None)
-def _parameters_of(model_name: str) -> int:
-    return sum(parameter.numel() for parameter in load_model(model_name).model.parameters())
+def _facts_of(model_name: str) -> tuple[str, int]:
+    """A model's tokenizer fingerprint and parameter count: from its registration when it states
+    them (no weights loaded), else from the loaded model (once per process)."""
+    if model_name in registry.components("models"):
+        info = registry.get("models", model_name).info()
+        if info.get("tokenizer_fingerprint") and info.get("parameters"):
+            return info["tokenizer_fingerprint"], int(info["parameters"])
+    model = load_model(model_name)
+    return model.tokenizer_fingerprint, _count(model.model)
+
+
+def _count(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def _default_family(tokenizer_fingerprint: str) -> list[str]:

@@ -51,6 +51,7 @@ class KnnDatastore(MemoryModel):
     needs_hidden = True
     artifact_type = "datastore"
     artifact_setting = "datastore"
+    knob_bounds = {"temperature": (0.0, float("inf"))}
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)

@@ -29,6 +29,7 @@ from memdec_core.artifacts import (
 )
 from memdec_core.disk import entry_lock
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
+from memdec_core.generation import model_generator
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import Costs
 from memdec_core.progress import log
@@ -87,7 +88,9 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
                "valid_by_lr": {str(run_lr): run_state["best_valid_ppl"] for _, run_state, run_lr in runs}}
     tuning = [{"lr": run_lr, "valid_ppl": run_state["best_valid_ppl"]} for _, run_state, run_lr in runs]
     return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.knobs}, costs=costs,
-                        tuning=tuning, details=details, scorer=scorer)
+                        tuning=tuning, details=details, scorer=scorer,
+                        # the model the scorer scores with: DAPT's weights, or the PEFT model for LoRA
+                        generator=model_generator(model, ctx.base.tokenizer))
 
 
 def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -> Path:

@@ -80,7 +80,45 @@ class Rag(Method):
         return MethodResult(test.perplexity, None, {}, costs=Costs(),
                             details={"passages": len(index), "passage_tokens": self.config.passage_tokens,
                                      "retriever": self.config.retriever, "test_tokens": test.count},
-                            scorer=lambda stream, windows, description: self.score(ctx, index, stream, description))
+                            scorer=lambda stream, windows, description: self.score(ctx, index, stream, description),
+                            generator=self.generator(ctx, index))
+
+    def generator(self, ctx: EvalContext, index: "PassageIndex"):
+        """Generation as In-Context RALM does it: ``generator(prompt_ids, n)`` → the new ids ``[1, n]``.
+
+        Every ``retrieval_stride`` tokens the last ``query_tokens`` tokens of the text (prompt and
+        tokens generated so far) query the index; the best passage goes in front of the text,
+        truncated to fit the window, and the next ``retrieval_stride`` tokens are generated greedily.
+        A new passage is a new prefix, so the KV cache is rebuilt from scratch; the same passage
+        again continues the cache (unless the window is full, which also forces a new prefix).
+        """
+        def generate(prompt_ids, new_tokens: int):
+            return self._generate(ctx, index, prompt_ids, new_tokens)
+
+        return generate
+
+    def _generate(self, ctx: EvalContext, index: "PassageIndex", prompt_ids, new_tokens: int):
+        import numpy as np
+        import torch
+
+        from memdec_core.generation import greedy_steps
+
+        settings, eos = self.config, ctx.base.tokenizer.eos_token_id
+        text = prompt_ids[0].cpu().numpy().astype(np.int64)
+        sequence, cache, current = None, None, None  # what the model has seen, its KV cache, its passage
+        while len(text) - prompt_ids.shape[1] < new_tokens:
+            steps = min(settings.retrieval_stride, new_tokens - (len(text) - prompt_ids.shape[1]))
+            passage = index.best_ids(ctx.base.tokenizer, [text[-settings.query_tokens:]])[0]
+            # the model reads the sequence and all but the last of the ``steps`` new tokens
+            if passage != current or len(sequence) + steps - 1 > ctx.context:
+                # a new prefix: the cache of the old one holds other positions, so it starts empty
+                room = ctx.context - index.length(passage) - steps + 1  # ≥ 1: evaluate checked the lengths
+                sequence, cache, current = np.concatenate([index.passage(passage), text[-room:]]), None, passage
+            ids, cache = greedy_steps(ctx.base.model, torch.from_numpy(sequence.astype(np.int64))[None], steps, eos,
+                                      cache=cache)
+            new = ids[0].numpy().astype(np.int64)
+            text, sequence = np.concatenate([text, new]), np.concatenate([sequence, new])
+        return torch.from_numpy(text[prompt_ids.shape[1]:])[None]
 
     def score(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray", description: str) -> "NLLTotal":
         """NLL of every position of ``stream`` with retrieval (windows are the method's own)."""

@@ -34,9 +34,9 @@ class CompareSettings:
     """What ``compare`` measures beyond the test perplexity, and the training budget."""
 
     general: str = "general"  # the domain whose test split measures forgetting; "" to skip
-    general_tokens: int = 2048  # tokens of its test split scored per base × method
-    latency_tokens: int = 256  # domain test tokens scored for the (teacher-forced) latency ratio
-    generation_tokens: int = 32  # tokens generated for the generation latency ratio (0: not timed)
+    general_tokens: int = 1024  # tokens of its test split scored per base × method
+    latency_tokens: int = 512  # domain test tokens scored for the (teacher-forced) latency ratio
+    generation_tokens: int = 16  # tokens generated for the generation latency ratio (0: not timed)
     latency_seconds: float = 0.5  # time each side is measured for, over at least 5 alternating pairs
     budget_tokens: int = 0  # training tokens for every method that trains (0: each method's default)
     budget_flops: float = 0.0  # or training FLOPs for every method that trains (see training_flops_per_token)

@@ -5,8 +5,8 @@ machine hits both; a ratio is computed per pair and the median kept, with its sp
 interquartile range of the ratios, relative to the median). Timing goes on for at least
 ``min_pairs`` pairs and until each side has run ``min_seconds``, within a cap; a method more than
 ``SLOW_RATIO`` times slower stops after two pairs once its own side has run ``min_seconds``. A call too short
-to time alone is repeated within a sample. Each side is called once before timing starts
-(caches, lazy initialisation, the first retrieval of an index).
+to time alone is repeated within a sample. Each side of a generation is called once before timing
+starts (caches, lazy initialisation); a scorer has just scored the test split, so it is timed at once.
 
 Two things are timed: teacher-forced scoring of a token stream (``scoring_latency``) and greedy
 generation with KV caches (``generation_latency``), which is where the paper's latency claim
@@ -60,10 +60,18 @@ def ratio_statistics(base_seconds: list[float], method_seconds: list[float]) -> 
 
 
 def time_pairs(base_call: Callable[[], object], method_call: Callable[[], object], timing: Timing = Timing(),
-               clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[float]]:
-    """Seconds per call of the base and of the method, sample by sample, timed alternately."""
-    base_repeats = _repeats(base_call, timing.sample_seconds, clock)  # also the warm-up calls
-    method_repeats = _repeats(method_call, timing.sample_seconds, clock)
+               clock: Callable[[], float] = time.perf_counter, *,
+               warm_up: bool = True) -> tuple[list[float], list[float]]:
+    """Seconds per call of the base and of the method, sample by sample, timed alternately.
+
+    ``warm_up=False`` for calls that have just run (a method's scorer right after it scored the
+    test split): no warm-up call, one call per sample (for a slow method the warm-up call would be
+    the costliest part of the timing)."""
+    if warm_up:
+        base_repeats = _repeats(base_call, timing.sample_seconds, clock)  # also the warm-up calls
+        method_repeats = _repeats(method_call, timing.sample_seconds, clock)
+    else:
+        base_repeats = method_repeats = 1
     base_times, method_times = [], []
     while len(base_times) < timing.max_pairs:
         base_times.append(_sample(base_call, base_repeats, clock))
@@ -102,9 +110,11 @@ def _timed_enough(base_times: list[float], method_times: list[float], base_repea
 
 def scoring_latency(base_scorer, method_scorer, stream, windows, *, timing: Timing = Timing(),
                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """``(ratio, spread)``: the method's teacher-forced scoring time of ``stream`` over the base's."""
+    """``(ratio, spread)``: the method's teacher-forced scoring time of ``stream`` over the base's
+    (both scorers have just scored the test split: no warm-up)."""
     base_times, method_times = time_pairs(lambda: base_scorer(stream, windows, "latency"),
-                                          lambda: method_scorer(stream, windows, "latency"), timing, clock)
+                                          lambda: method_scorer(stream, windows, "latency"), timing, clock,
+                                          warm_up=False)
     return ratio_statistics(base_times, method_times)
 
 

@@ -303,3 +303,19 @@ def test_lora_generates_through_the_peft_model_it_scores_with(ctx, prompt):
     adapted = PeftModel.from_pretrained(copy.deepcopy(ctx.base.model), result.details["artifact"]).eval()
     assert got.shape == (1, NEW)
     assert torch.equal(got, greedy_reference(adapted, prompt, NEW, ctx.base.tokenizer.eos_token_id))
+
+
+def test_a_scorer_that_has_just_run_is_timed_without_a_warm_up_call():
+    """Scoring follows the method's own test scoring: a warm-up call would only add (for RAG, most of) the cost."""
+    clock = FakeClock()
+    calls = {"base": 0, "method": 0}
+
+    def counting(side, seconds):
+        def call(*args):
+            calls[side] += 1
+            clock.now += seconds
+        return call
+
+    scoring_latency(counting("base", 0.1), counting("method", 0.3), None, None,
+                    timing=Timing(min_pairs=3, min_seconds=0.2), clock=clock)
+    assert calls == {"base": 3, "method": 3}

@@ -97,6 +97,12 @@ def test_the_new_columns_and_dashes_for_missing_figures(report, piped):
     assert "191.500 (75% of tokens)" in line_of(text, "knn-lm", "191.500")  # a kNN-LM alone names 75 %
 
 
+def test_a_knob_at_the_edge_of_its_grid_is_noted_under_the_table(report, piped):
+    note = "temperature=30000 was the top of its grid; also tried 90000, 270000, 810000: best now temperature=90000"
+    report["results"][1]["details"] = {"grid_edges": [note]}
+    assert f"grid edge: knn-lm on org/model-s: {note}" in piped(report)
+
+
 def test_no_fidelity_table_for_a_report_without_memories(report, piped):
     report["results"] = [r for r in report["results"] if r["method"] not in ("memdec", "knn-lm")]
     text = piped(report)

@@ -79,7 +79,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
     row measured with identical inputs (--fresh measures them again).
 
     The defaults are sized for a laptop CPU (the demo family on finance in under 10 minutes):
-    the first 65,536 train tokens and 4,096 valid and test tokens. Every method that trains gets
+    the first 32,768 train tokens and 4,096 valid and test tokens. Every method that trains gets
     the compute of the Memory Decoder's own training (the paper's equal-compute protocol). For
     the full splits and each method's own schedule:
     --max-train-tokens 0 --max-eval-tokens 0 --budget 0.

@@ -51,7 +51,7 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
     Every setting of every component is reachable with --set NAME.KEY=VALUE; `mixture` mixes any
     registered memory model (memdec list memory-models) through the combiner.
 
-    The defaults are those of `memdec compare`, sized for a laptop CPU: the first 65,536 train
+    The defaults are those of `memdec compare`, sized for a laptop CPU: the first 32,768 train
     tokens and 4,096 valid and test tokens. For the whole splits: --max-train-tokens 0
     --max-eval-tokens 0. --config FILE takes every option from a YAML or TOML file (flags given
     as well win); the JSON report's meta says what ran (docs/reports.md).

@@ -186,8 +186,15 @@ def memory_note(report: dict) -> str | None:
     return f"memory decoder: {'; '.join(unique)}" if unique else None
 
 
+def grid_notes(report: dict) -> list[str]:
+    """Knobs whose best value was the edge of their grid (the grid was extended once; see the row)."""
+    return [f"grid edge: {row['method']} on {row['base']}: {note}" for row in report["results"]
+            for note in (row.get("details") or {}).get("grid_edges", [])]
+
+
 def comparison_notes(report: dict) -> list[str]:
-    return [note for note in (protocol_note(report.get("meta") or {}), memory_note(report)) if note]
+    notes = [protocol_note(report.get("meta") or {}), memory_note(report), *grid_notes(report)]
+    return [note for note in notes if note]
 
 
 def print_comparison(report: dict, output_format: str) -> None:

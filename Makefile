@@ -7,16 +7,22 @@ DOMAIN ?= finance
 
 .PHONY: demo test install clean-venv
 
-$(VENV)/.installed: pyproject.toml
+# The main job needs memdec and its core engines only; the tests add their extras on top
+# (pytest, ruff, gguf, matplotlib, sentence-transformers), so `make demo` sets up faster.
+$(VENV)/.core: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH)"
+	$(PYTHON) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.core
 	$(PYTHON) -m pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.core
 	$(VENV)/bin/memdec compare --domain $(DOMAIN)
 
 test: $(VENV)/.installed

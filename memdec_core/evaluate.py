@@ -237,7 +237,8 @@ def _edge_note(ctx: EvalContext, memory: MemoryModel, extension, best_setting: t
     memory_knobs, combiner_knobs = _setting_knobs(ctx, best_setting)
     chosen = {**memory_knobs, **combiner_knobs}[extension.knob]
     note = f"{extension.describe()}: best now {extension.knob}={chosen:g}"
-    if chosen in (min(extension.values), max(extension.values)) and chosen != extension.best:
+    farthest = max(extension.values) if extension.edge == "top" else min(extension.values)
+    if chosen == farthest:
         owner = memory.name if extension.knob in memory_knobs else _name(ctx.combiner)
         note += f", still the edge of the extended grid (widen it: memdec list {owner})"
     return note

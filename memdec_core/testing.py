@@ -382,6 +382,12 @@ class MethodContract(ComponentContract):
             from memdec_core.data import make_windows
 
             assert math.isfinite(result.score(stream, make_windows(len(stream), ctx.context, ctx.stride)).perplexity)
+        if result.generator is not None:  # compare times it for the generation latency column
+            import torch
+
+            prompt = torch.from_numpy(ctx.corpus.streams["test"][:8].astype("int64"))[None]
+            generated = result.generator(prompt, 4)
+            assert tuple(generated.shape) == (1, 4)
 
 
 class DomainContract(ComponentContract):

@@ -286,3 +286,10 @@ def test_a_token_budget_below_one_optimizer_step_is_refused_before_any_work(corp
         compare(str(corpus_dir), [str(tiny_llama)], ["base", "dapt"], settings=WINDOW,
                 method_settings={"dapt": {"batch_size": 8}},
                 measure=CompareSettings(general_tokens=300, latency_tokens=200, budget_tokens=100))
+
+
+@pytest.mark.parametrize("field, value", [("generation_tokens", -1), ("latency_seconds", -0.5), ("latency_tokens", 1),
+                                          ("general_tokens", 0)])
+def test_out_of_range_measure_settings_are_one_clear_error(field, value):
+    with pytest.raises(ConfigError, match="at least 2|not negative"):
+        CompareSettings(**{field: value})

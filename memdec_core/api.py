@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from memdec_core import registry
 from memdec_core.combiner_files import resolve_combiner, with_fixed_knobs
@@ -24,6 +24,10 @@ from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner, Component, EvalContext, EvalSettings, Method
 from memdec_core.plan import Plan
 from memdec_core.progress import log
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import MemoryModel
+    from memdec_core.models import LoadedModel
 
 
 @dataclass
@@ -127,17 +131,21 @@ def _domain_settings(domain: str, plan: Plan, given: dict[str, Any] | None) -> d
     return values
 
 
-def prepare_context(corpus, base_name: str, settings=None, combiner: Any = "linear", *,
+def prepare_context(corpus, base_name: "str | LoadedModel", settings=None, combiner: Any = "linear", *,
                     plan: Plan | None = None) -> EvalContext:
-    """Load ``base_name`` and tokenise ``corpus`` (a Corpus, domain name, folder or None) for it."""
+    """Load ``base_name`` (or take a LoadedModel as it is) and tokenise ``corpus`` (a Corpus,
+    domain name, folder or None) for it."""
     from memdec_core.data import Corpus, load_corpus, tokenize_corpus
-    from memdec_core.models import load_model
+    from memdec_core.models import LoadedModel, load_model
 
     settings = settings or EvalSettings()
     if corpus is not None and not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
-    log(f"loading {base_name}")
-    base = load_model(base_name)
+    if isinstance(base_name, LoadedModel):
+        base = base_name
+    else:
+        log(f"loading {base_name}")
+        base = load_model(base_name)
     context, stride = settings.resolve_window(base)
     tokenized = None if corpus is None else tokenize_corpus(
         corpus, base.tokenizer, base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())
@@ -181,26 +189,71 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     return run_compare(domain, bases, methods, **options)
 
 
-def generate(base: str, prompt: str, *, memory: str | None = None, domain: str | None = None,
-             combiner: Any = "linear", settings: dict[str, dict[str, Any]] | None = None,
-             eval_settings: EvalSettings | None = None, streamer_factory=None, **generation) -> str:
-    """Continue ``prompt`` with ``base`` mixed with ``memory`` (a memory model name or folder; None:
-    the base alone) through ``combiner``. ``domain`` is needed by memories built for one (a kNN
-    datastore from the cache, a memory trained on first use).
+def generate(base: "str | LoadedModel", prompt: "str | list[str]", *, memory: "str | MemoryModel | None" = None,
+             domain: str | None = None, combiner: Any = "linear", settings: dict[str, dict[str, Any]] | None = None,
+             eval_settings: EvalSettings | None = None, streamer_factory=None, **generation) -> "str | list[str]":
+    """Continue ``prompt`` with ``base`` mixed with ``memory`` (a memory model name or folder, a
+    MemoryModel object; None: the base alone) through ``combiner``. ``domain`` is needed by
+    memories built for one (a kNN datastore from the cache, a memory trained on first use).
+
+    ``base`` may be a loaded model (``memdec_core.models.load_model``) to keep it between calls,
+    and ``prompt`` a list of prompts, generated as one left-padded batch. Returns the new text
+    (or a list: one text per prompt, ``num_return_sequences`` texts per prompt in order).
 
     Knobs are fixed, not tuned: the combiner's single grid point when fixed
     (``settings={"linear": {"lam": 0.3}}``), else its defaults; the memory's grid must be one
     setting (``{"knn-datastore": {"temperatures": (10.0,)}}``).
     """
-    from memdec_core.generation import generate_text
+    from memdec_core.generation import generate_texts, generation_settings
+
+    generation_settings(**generation)  # bad settings fail before anything is loaded
+    ctx, memory_component = _memory_context(base, memory, domain, combiner, settings, eval_settings)
+    texts = generate_texts(ctx, memory_component, [prompt] if isinstance(prompt, str) else list(prompt),
+                           streamer_factory=streamer_factory, **generation)
+    return texts[0] if isinstance(prompt, str) and len(texts) == 1 else texts
+
+
+def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, domain: str | None = None,
+                    lam: float | None = None, combiner: Any = "linear",
+                    settings: dict[str, dict[str, Any]] | None = None, eval_settings: EvalSettings | None = None):
+    """Base + memory + combiner as one ``transformers`` causal LM (``MemdecForCausalLM``), ready
+    for ``generate()``, ``pipeline("text-generation")`` or lm-evaluation-harness; its
+    ``.tokenizer`` is the base's. ``lam`` fixes the linear combiner's λ (else ``settings``, else
+    its default). A composite built from names saves as a folder of references
+    (``save_pretrained``) that ``from_pretrained`` rebuilds.
+    """
+    from memdec_core.composite import MemdecForCausalLM
+    from memdec_core.generation import fixed_combiner, fixed_knobs, prepare_memory
+
+    settings = {name: dict(values) for name, values in (settings or {}).items()}
+    combiner_class = resolve_combiner(combiner)
+    if lam is not None:
+        if "lam" not in combiner_class.Config.__dataclass_fields__:
+            raise ConfigError(f"combiner {combiner_class.name!r} has no λ (lam) to set")
+        settings.setdefault(combiner_class.name or "", {})["lam"] = lam  # its Config checks the range
+    ctx, memory_component = _memory_context(base, memory, domain, combiner_class, settings, eval_settings)
+    if memory_component is None:
+        raise ConfigError("a composite model needs a memory (a memory model name or folder)")
+    prepare_memory(ctx, memory_component)
+    mixing = fixed_combiner(ctx.combiner)
+    parts = None
+    if isinstance(base, str) and isinstance(memory, str):
+        parts = {"base": base, "memory": memory, "domain": domain, "combiner": combiner_class.name,
+                 "lam": mixing.knobs().get("lam"), "settings": settings}
+    return MemdecForCausalLM.from_parts(ctx.base, memory_component, fixed_knobs(memory_component), mixing, parts=parts)
+
+
+def _memory_context(base, memory, domain, combiner, settings, eval_settings):
+    """The context and the (unprepared) memory component for generating with ``base``."""
+    from memdec_core.interfaces import MemoryModel
 
     plan = Plan(settings)
-    memory_component = open_memory(memory, plan) if memory else None
+    memory_component = memory if isinstance(memory, MemoryModel) else open_memory(memory, plan) if memory else None
     combiner_class = combiner_with_settings(resolve_combiner(combiner), plan)
-    used: list[Component] = [component for _, component in plan.resolve([memory_component])] if memory else []
+    used: list[Component] = [component for _, component in plan.resolve([memory_component])] \
+        if memory_component is not None and not isinstance(memory, MemoryModel) else []
     plan.check_all_used(used, also=[combiner_class.name] + ([domain] if domain else []))
-    ctx = prepare_context(domain, base, eval_settings, combiner_class, plan=plan)
-    return generate_text(ctx, memory_component, prompt, streamer_factory=streamer_factory, **generation)
+    return prepare_context(domain, base, eval_settings, combiner_class, plan=plan), memory_component
 
 
 def open_memory(spec: str, plan: Plan):
@@ -221,5 +274,5 @@ def open_memory(spec: str, plan: Plan):
     raise ConfigError(f"{folder} holds a {artifact_type!r} artifact, which no memory model opens")
 
 
-__all__ = ["evaluate", "compare", "generate", "prepare_context", "prepare_run", "default_bases",
+__all__ = ["evaluate", "compare", "generate", "composite_model", "prepare_context", "prepare_run", "default_bases",
            "default_methods", "methods_for_base"]

@@ -1,75 +1,50 @@
 """Generation with any memory beside any ``generate()`` strategy: greedy, sampling, beam search.
 
-``MixtureLogitsProcessor`` asks the memory's stepper for its next-token log-probs (the memory
-keeps its own cache; a kNN memory gets the base's hidden state at the newest position, captured
-by a hook) and replaces the base's scores by the chosen Combiner's mixture — the same
-``combine`` that evaluation tuned. Beam search reorders and duplicates rows between steps; a
-stepper finds for every row the cached row it extends, so no strategy is special-cased.
-
-Sampling knobs (temperature, top-k, top-p) are applied by memdec *after* the mixture:
-``generate()`` would apply its own warpers to the base's scores before any custom processor.
+Base and memory run as one model (``memdec_core.composite.MemdecForCausalLM``), whose logits
+are the chosen Combiner's mixture — the same ``combine`` that evaluation tuned — so
+``generate()``'s own logits processors and warpers (temperature, top-k, top-p, the repetition
+penalty) act on the mixture, and a padded batch generates what each prompt generates alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from memdec_core.errors import ConfigError
-from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel, MemoryStepper
-from memdec_core.models import LoadedModel, capture_last_ffn_input, model_device
+from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
+from memdec_core.models import LoadedModel, model_device
 from memdec_core.progress import log
-
-
-class MixtureLogitsProcessor(LogitsProcessor):
-    """Mix a memory's next-token distribution into ``generate()``'s scores through a combiner."""
-
-    def __init__(self, stepper: MemoryStepper, combiner: Combiner, captured: dict | None = None):
-        self.stepper, self.combiner, self.captured = stepper, combiner, captured
-
-    @torch.inference_mode()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        hidden = self.captured["hidden"][:, -1] if self.captured is not None else None
-        base = torch.log_softmax(scores.float(), dim=-1)
-        memory = self.stepper.next_logprobs(input_ids, hidden, scores.shape[-1]).to(base.device)
-        mixed = self.combiner.combine(base, memory, {"positions": None, "split": "generate"})
-        return mixed.to(scores.dtype)
 
 
 def generation_settings(*, max_new_tokens: int = 64, do_sample: bool = False, num_beams: int = 1,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                        eos_token_id=None, pad_token_id=None) -> tuple[GenerationConfig, list]:
-    """A GenerationConfig with neutral warpers, and memdec's warpers to run after the mixture."""
-    if max_new_tokens < 1 or num_beams < 1:
-        raise ConfigError("max_new_tokens and num_beams must be at least 1")
+                        repetition_penalty: float = 1.0, stop: tuple[str, ...] | list[str] = (),
+                        num_return_sequences: int = 1, eos_token_id=None, pad_token_id=None) -> GenerationConfig:
+    """A checked GenerationConfig (every bad value is one ConfigError before anything runs)."""
+    if max_new_tokens < 1 or num_beams < 1 or num_return_sequences < 1:
+        raise ConfigError("max_new_tokens, num_beams and num_return_sequences must be at least 1")
     if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ConfigError(f"need temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1 "
                           f"(got {temperature}, {top_k}, {top_p})")
     if not do_sample and (temperature != 1.0 or top_k or top_p < 1.0):
         raise ConfigError("temperature, top-k and top-p apply to sampling; add --sample")
-    warpers = []
-    if do_sample:
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
-                              temperature=1.0, top_k=None, top_p=None, eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id)
-    return config, warpers
+    if not repetition_penalty > 0:
+        raise ConfigError(f"the repetition penalty must be positive (1: none), got {repetition_penalty}")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ConfigError(f"{num_return_sequences} return sequences need sampling (--sample) or at least as "
+                          f"many beams (--num-beams {num_return_sequences})")
+    if any(not text for text in stop):
+        raise ConfigError("a stop string must not be empty")
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
+                            temperature=temperature if do_sample else None, top_k=top_k or None if do_sample else None,
+                            top_p=top_p if do_sample and top_p < 1 else None,
+                            repetition_penalty=repetition_penalty if repetition_penalty != 1.0 else None,
+                            stop_strings=list(stop) or None, num_return_sequences=num_return_sequences,
+                            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 def fixed_knobs(memory: MemoryModel) -> dict[str, Any]:
@@ -88,38 +63,52 @@ def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:
     return combiner_class(grid[0] if len(grid) == 1 else combiner_class.Config())
 
 
+def mixture_model(base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner):
+    """Base + prepared memory (under ``knobs``) + combiner as one causal LM."""
+    from memdec_core.composite import MemdecForCausalLM
+
+    return MemdecForCausalLM.from_parts(base, memory, knobs, combiner)
+
+
 def generate_with_memory(base: LoadedModel, memory: MemoryModel | None, input_ids: torch.Tensor, *,
-                         combiner: Combiner | None = None, streamer=None, **settings) -> torch.Tensor:
-    """``base.model.generate`` with a prepared memory mixed in (or the base alone when it is None)."""
+                         attention_mask: torch.Tensor | None = None, combiner: Combiner | None = None,
+                         streamer=None, **settings) -> torch.Tensor:
+    """``generate`` on the base mixed with a prepared memory (or the base alone when it is None).
+
+    ``input_ids`` may be a left-padded batch with its ``attention_mask``. Returns the sequences,
+    ``num_return_sequences`` rows per prompt.
+    """
     tokenizer = base.tokenizer
     eos = tokenizer.eos_token_id
-    config, warpers = generation_settings(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos, **settings)
-    if streamer is not None and config.num_beams > 1:
-        raise ConfigError("beam search cannot stream its output; the text is printed when it is done")
+    config = generation_settings(eos_token_id=eos, pad_token_id=_pad_id(tokenizer), **settings)
+    if streamer is not None and (config.num_beams > 1 or config.num_return_sequences > 1 or len(input_ids) > 1):
+        raise ConfigError("only one sequence at a time can stream; the text is printed when it is done")
     if memory is not None and combiner is None:
         raise ConfigError("generation with a memory needs a combiner")
-    with _capturing(base, memory) as captured:
-        processors = [] if memory is None else [_mixture(memory, fixed_knobs(memory), combiner, captured)]
-        return _generate(base.model, input_ids, config, processors + warpers, streamer=streamer).sequences
+    model = base.model if memory is None else mixture_model(base, memory, fixed_knobs(memory), combiner)
+    return _generate(model, input_ids, config, [], streamer=streamer, attention_mask=attention_mask,
+                     tokenizer=tokenizer if config.stop_strings else None).sequences
 
 
-def _mixture(memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner, captured) -> MixtureLogitsProcessor:
-    """A mixture processor over a fresh stepper: its memory caches start empty."""
-    return MixtureLogitsProcessor(memory.stepper(knobs), combiner, captured)
+def _pad_id(tokenizer) -> int | None:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _generate(model, input_ids: torch.Tensor, config: GenerationConfig, processors: list, *, cache=None,
-              streamer=None):
-    """``model.generate`` over an unpadded prompt; the output holds the sequences and the KV cache
-    (``_kv_cache(output)``). ``cache`` holds a prefix of ``input_ids``: only the rest is run."""
-    input_ids = input_ids.to(model_device(model))
+              streamer=None, attention_mask: torch.Tensor | None = None, tokenizer=None):
+    """``model.generate``; the output holds the sequences and the KV cache (``_kv_cache(output)``).
+    ``cache`` holds a prefix of ``input_ids``: only the rest is run."""
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     config = copy.copy(config)
     config.return_dict_in_generate = True  # in the config: beside it as an argument, generate warns
-    continued = {} if cache is None else {_CACHE_NAME: cache}
+    extra = {} if cache is None else {_CACHE_NAME: cache}
+    if tokenizer is not None:
+        extra["tokenizer"] = tokenizer  # generate matches stop strings with it
     with torch.inference_mode():
-        return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                              generation_config=config, logits_processor=LogitsProcessorList(processors),
-                              streamer=streamer, **continued)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                              logits_processor=LogitsProcessorList(processors), streamer=streamer, **extra)
 
 
 def _cache_name() -> str:
@@ -161,7 +150,7 @@ def _eos_id(tokenizer_or_eos) -> int | None:
 def fixed_length_config(eos: int | None, new_tokens: int) -> GenerationConfig:
     """Greedy, exactly ``new_tokens`` tokens (EOS is never chosen, so it cannot stop early). The pad
     id is given so that ``generate`` does not warn about it on every call."""
-    config, _ = generation_settings(max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos)
+    config = generation_settings(max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos)
     config.min_new_tokens = new_tokens
     return config
 
@@ -192,40 +181,51 @@ def model_generator(model, tokenizer_or_eos) -> Generator:
 
 
 def mixture_generator(base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner) -> Generator:
-    """The generator of the base mixed with ``memory`` (its ``knobs``) by ``combiner``, as
-    ``generate_with_memory`` mixes: the memory steps with its own caches, fresh for every call."""
-    eos = base.tokenizer.eos_token_id
-
-    def generate(prompt_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        with _capturing(base, memory) as captured:
-            mixture = _mixture(memory, knobs, combiner, captured)
-            return greedy_steps(base.model, prompt_ids, new_tokens, eos, processors=[mixture])[0]
-
-    return generate
+    """The generator of the base mixed with ``memory`` (its ``knobs``) by ``combiner``: the
+    composite model, whose memory state is fresh for every call."""
+    model = mixture_model(base, memory, knobs, combiner)
+    return model_generator(model, base.tokenizer)
 
 
-def _capturing(base: LoadedModel, memory: MemoryModel | None):
-    """The base's ``last_ffn_input`` of every forward pass, for a memory that reads it."""
-    if memory is not None and memory.needs_hidden:
-        return capture_last_ffn_input(base.model)
-    return contextlib.nullcontext(None)
-
-
-def generate_text(ctx: EvalContext, memory: MemoryModel | None, prompt: str, *, streamer_factory=None,
-                  **generation) -> str:
-    """Prepare the memory for ``ctx`` and continue ``prompt``; returns the new text."""
+def prepare_memory(ctx: EvalContext, memory: MemoryModel) -> None:
+    """Build or load ``memory`` for ``ctx``'s base (a memory object may come prepared already),
+    and check that it reads the base's tokens."""
     from memdec_core.evaluate import check_memory_matches
 
+    if not getattr(memory, "tokenizer_fingerprint", None):
+        memory.prepare(ctx)
+    check_memory_matches(memory, ctx)
+
+
+def generate_texts(ctx: EvalContext, memory: MemoryModel | None, prompts: list[str], *, streamer_factory=None,
+                   **generation) -> list[str]:
+    """Prepare the memory for ``ctx`` and continue every prompt (one left-padded batch); returns
+    the new texts, ``num_return_sequences`` per prompt, each cut before its first stop string."""
     combiner = fixed_combiner(ctx.combiner)
     if memory is not None:
-        memory.prepare(ctx)
-        check_memory_matches(memory, ctx)
+        prepare_memory(ctx, memory)
         log(f"generating with {memory.name} mixed by {combiner.name or type(combiner).__name__} "
             f"({', '.join(f'{k}={v}' for k, v in {**fixed_knobs(memory), **combiner.knobs()}.items())})")
     tokenizer = ctx.base.tokenizer
-    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    if input_ids.shape[1] == 0:
-        input_ids = torch.tensor([[tokenizer.eos_token_id]])
+    input_ids, attention_mask = left_padded(tokenizer, prompts)
     streamer = streamer_factory(tokenizer) if streamer_factory else None
-    output = generate_with_memory(ctx.base, memory, input_ids, combiner=combiner, streamer=streamer, **generation)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    output = generate_with_memory(ctx.base, memory, input_ids, attention_mask=attention_mask, combiner=combiner,
+                                  streamer=streamer, **generation)
+    texts = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return [cut_at_stop(text, generation.get("stop", ())) for text in texts]
+
+
+def left_padded(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[prompts, length]`` ids padded on the left, and their attention mask. An empty prompt
+    starts from the EOS token (a model needs one token to continue)."""
+    rows = [tokenizer(prompt)["input_ids"] or [tokenizer.eos_token_id] for prompt in prompts]
+    length, pad = max(map(len, rows)), _pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (length - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (length - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` up to its first stop string (generate stops there but keeps the stop string)."""
+    ends = [text.index(marker) for marker in stop if marker in text]
+    return text[:min(ends)] if ends else text

@@ -162,6 +162,11 @@ class Costs:
 Scorer = Callable[["np.ndarray", "list[Window]", str], "NLLTotal"]
 #: generator(prompt_ids [1, length], new_tokens) → the generated ids [1, new_tokens].
 Generator = Callable[["torch.Tensor", int], "torch.Tensor"]
+#: loglikelihood(requests, knobs=None) → for each ``(context, continuation)`` pair of token-id
+#: lists, the summed log-prob of the continuation given the context, as the adapted system
+#: scores it. ``knobs`` overrides the chosen knobs (a mixture's ``lam``) for per-task tuning;
+#: a method without knobs ignores it. Downstream tasks (``memdec tasks``, lm-eval) read this.
+LogLikelihood = Callable[..., "list[float]"]
 
 
 @dataclass
@@ -184,6 +189,8 @@ class MethodResult:
     #: continues ``prompt_ids`` (``[1, length]``) by ``n`` tokens and returns their ids ``[1, n]``.
     #: ``memdec compare`` times it against the base's for the generation latency column.
     generator: Generator | None = field(default=None, repr=False, compare=False)
+    #: Scores continuations as the method does at inference (see ``LogLikelihood``).
+    loglikelihood: LogLikelihood | None = field(default=None, repr=False, compare=False)
 
     def score(self, stream, windows, description: str = "scoring") -> "NLLTotal":
         if self.scorer is None:
@@ -336,12 +343,26 @@ class Retriever(Component):
 
 
 class MemoryStepper(Protocol):
-    """A memory's incremental next-token distribution during ``generate()``, with its own cache."""
+    """A memory's next-token distributions as sequences grow, with its own state (a KV cache).
 
-    def next_logprobs(self, input_ids: "torch.Tensor", hidden: "torch.Tensor | None", width: int) -> "torch.Tensor":
-        """``[rows, width]`` log-probs of the token after each row of ``input_ids`` (the whole
-        sequence so far; rows may be reordered between calls, as beam search does). ``hidden`` is
-        the base's ``last_ffn_input`` at the last position, when the memory ``needs_hidden``."""
+    One stepper follows one batch of sequences (a ``generate()`` call, or one forward pass of the
+    composite model): every call brings the tokens appended to every row since the last call
+    (the whole prompt on the first), and ``select`` keeps the state in step when beam search
+    reorders or duplicates rows.
+    """
+
+    def logprobs(self, input_ids: "torch.Tensor", attention_mask: "torch.Tensor", hidden: "torch.Tensor | None",
+                 width: int, keep: int) -> "torch.Tensor":
+        """``[rows, keep, width]`` log-probs of the token after each of the last ``keep`` new positions.
+
+        ``input_ids`` ``[rows, new]``: the new tokens; ``attention_mask`` ``[rows, seen + new]``:
+        0 at padding (left padding in generation, right padding in scoring), so the position of a
+        token is the number of real tokens before it; ``hidden`` ``[rows, keep, dim]``: the
+        base's ``last_ffn_input`` at those positions, when the memory ``needs_hidden``.
+        """
+
+    def select(self, rows: "torch.Tensor") -> None:
+        """Keep the state of ``rows`` (indices into the current rows, repeats allowed), in that order."""
 
 
 class MemoryModel(Component):
@@ -391,7 +412,8 @@ class MemoryModel(Component):
 
     @abstractmethod
     def stepper(self, knobs: dict) -> MemoryStepper:
-        """An incremental scorer for ``generate()`` under ``knobs``."""
+        """A fresh incremental scorer under ``knobs``, for generation and the composite model
+        (``memdec_core.composite``); it must give the distributions ``logprobs`` gives."""
 
     def costs(self) -> Costs:
         """What the prepared memory adds (parameters, bytes, building time)."""

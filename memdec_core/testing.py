@@ -297,9 +297,12 @@ class MemoryModelContract(ComponentContract):
             torch.testing.assert_close(gold[finite], from_rows[finite], atol=1e-4, rtol=1e-4)
 
     def test_stepping_equals_scoring(self, memory_and_context):
-        """Generation's incremental distribution equals the one scored over the whole sequence."""
+        """The stepper's distributions equal the ones scored over the whole sequence: on a
+        left-padded batch (rows of different lengths), one token at a time, and after ``select``
+        swaps the rows as beam search may."""
         import torch
 
+        from memdec_core.composite import positions_from_mask
         from memdec_core.data import make_windows
         from memdec_core.evaluate import iter_scored_batches
         from memdec_core.models import capture_last_ffn_input
@@ -310,16 +313,37 @@ class MemoryModelContract(ComponentContract):
         batch = next(iter_scored_batches(ctx.base.model, sequence, make_windows(len(sequence), 64, 32),
                                          batch_size=1, capture_hidden=memory.needs_hidden))
         expected = memory.logprobs(memory.score(batch), batch, knobs)
-        stepper, width = memory.stepper(knobs), batch.logits.shape[1]
-        for length in range(8, len(sequence)):
-            input_ids = torch.from_numpy(sequence[:length].astype("int64"))[None]
-            hidden = None
-            if memory.needs_hidden:
-                with capture_last_ffn_input(ctx.base.model) as captured, torch.inference_mode():
-                    ctx.base.model(input_ids=input_ids)
-                hidden = captured["hidden"][:, -1]
-            got = stepper.next_logprobs(input_ids, hidden, width)
-            torch.testing.assert_close(got[0], expected[length - 1], atol=1e-4, rtol=1e-4)
+        tokens = torch.from_numpy(sequence.astype("int64"))
+        stepper, width, padding = memory.stepper(knobs), batch.logits.shape[1], 3
+        # row 0: the sequence; row 1: the sequence shifted right behind `padding` pad tokens
+        ids = torch.stack([tokens[:8], torch.cat([torch.zeros(padding, dtype=torch.long), tokens[:8 - padding]])])
+        mask = torch.tensor([[1] * 8, [0] * padding + [1] * (8 - padding)])
+
+        def hidden_at_end(ids, mask, keep):
+            if not memory.needs_hidden:
+                return None
+            with capture_last_ffn_input(ctx.base.model) as captured, torch.inference_mode():
+                ctx.base.model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask))
+            return captured["hidden"][:, -keep:]
+
+        def check(got, lengths):
+            for row, length in enumerate(lengths):
+                kept = got.shape[1]
+                torch.testing.assert_close(got[row], expected[length - kept:length], atol=1e-4, rtol=1e-4)
+
+        got = stepper.logprobs(ids, mask, hidden_at_end(ids, mask, 8 - padding), width, 8 - padding)
+        assert got.shape == (2, 8 - padding, width)
+        check(got, [8, 8 - padding])
+        for _ in range(6):
+            lengths = [int(mask[row].sum()) for row in range(2)]
+            ids = torch.cat([ids, tokens[lengths][:, None]], 1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            check(stepper.logprobs(ids[:, -1:], mask, hidden_at_end(ids, mask, 1), width, 1), [n + 1 for n in lengths])
+        stepper.select(torch.tensor([1, 1]))  # both rows now continue the shorter one, as beam search may
+        length = int(mask[1].sum())
+        ids = torch.cat([ids[[1, 1]], tokens[[length, length]][:, None]], 1)
+        mask = torch.cat([mask[[1, 1]], torch.ones(2, 1, dtype=torch.long)], 1)
+        check(stepper.logprobs(ids[:, -1:], mask, hidden_at_end(ids, mask, 1), width, 1), [length + 1] * 2)
 
     def test_costs_are_typed(self, memory_and_context):
         memory, _ = memory_and_context

@@ -4,16 +4,16 @@ combiner's, any memory (a kNN datastore too) works, the CLI streams."""
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import LogitsProcessorList
 
 from memdec_cli.main import build_cli
 from memdec_combiners.linear import Linear
 from memdec_core.api import prepare_context
+from memdec_core.composite import MemdecForCausalLM, positions_from_mask
 from memdec_core.errors import ConfigError
-from memdec_core.generation import MixtureLogitsProcessor, generate_with_memory, generation_settings
+from memdec_core.generation import generate_with_memory, generation_settings, left_padded
 from memdec_core.interfaces import EvalSettings
 from memdec_core.models import load_model
-from memdec_decoder.memory import DecoderStepper, open_memory
+from memdec_decoder.memory import open_memory
 from memdec_decoder.memory_model import DecoderMemory
 
 STRATEGIES = {
@@ -40,10 +40,9 @@ def prepared_memory(base, folder, **settings):
 
 
 def base_alone(base, prompt, settings):
-    config, warpers = generation_settings(eos_token_id=base.tokenizer.eos_token_id,
-                                          pad_token_id=base.tokenizer.eos_token_id, **settings)
-    return base.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
-                               logits_processor=LogitsProcessorList(warpers))
+    config = generation_settings(eos_token_id=base.tokenizer.eos_token_id,
+                                 pad_token_id=base.tokenizer.eos_token_id, **settings)
+    return base.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sampling"])
@@ -56,49 +55,42 @@ def test_lambda_zero_reproduces_the_base_token_for_token(base, prompt, trained_m
     assert got.tolist() == expected.tolist()
 
 
-class CheckedStepper(DecoderStepper):
-    """Checks the cached memory against a from-scratch pass over the whole sequence at every step."""
+class UncachedStepper:
+    """The memory over the whole text at every step: no cache, only the rows' history, which
+    ``select`` reorders as beam search reorders the composite's rows."""
 
-    calls = 0
+    def __init__(self, memory):
+        self.memory, self.ids = memory, None
 
-    def restricted_next(self, input_ids):
-        cached = super().restricted_next(input_ids)
-        fresh = self.memory.restricted_logprobs(self.memory.forward(input_ids).logits[:, -1])
-        torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
-        self.calls += 1
-        return cached
+    def logprobs(self, input_ids, attention_mask, hidden, width, keep):
+        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], 1)
+        output = self.memory.forward(self.ids, attention_mask, position_ids=positions_from_mask(attention_mask),
+                                     logits_to_keep=keep)
+        return self.memory.to_full(self.memory.restricted_logprobs(output.logits[:, -keep:]), width)
+
+    def select(self, rows):
+        self.ids = self.ids[rows]
 
 
 class UncachedMemory(DecoderMemory):
     name = "memory-decoder"
 
     def stepper(self, knobs):
-        return DecoderStepper(self._loaded(), use_cache=False)
+        return UncachedStepper(self._loaded())
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sampling"])
-def test_the_cached_memory_agrees_with_recomputation(base, prompt, trained_memory, strategy):
-    checked = CheckedStepper(open_memory(trained_memory))
-    processor = MixtureLogitsProcessor(checked, Linear(lam=0.7))
-    config, warpers = generation_settings(eos_token_id=None, pad_token_id=0, **STRATEGIES[strategy])
-    torch.manual_seed(0)
-    cached = base.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
-                                 logits_processor=LogitsProcessorList([processor, *warpers]))
-    assert checked.calls == 12
-    uncached_memory = UncachedMemory(path=str(trained_memory))
-    uncached_memory.prepare(prepare_context(None, base.model_id))
-    torch.manual_seed(0)
-    uncached = generate_with_memory(base, uncached_memory, prompt, combiner=Linear(lam=0.7), **STRATEGIES[strategy])
-    assert cached.tolist() == uncached.tolist()
-
-
-def test_the_mixture_is_a_distribution_and_lambda_one_is_the_memory(base, prompt, trained_memory):
-    memory = open_memory(trained_memory)
-    scores = base.model(prompt).logits[:, -1].detach()
-    mixed = MixtureLogitsProcessor(DecoderStepper(memory), Linear(lam=0.3))(prompt, scores)
-    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(1))
-    only_memory = MixtureLogitsProcessor(DecoderStepper(memory), Linear(lam=1.0))(prompt, scores)
-    torch.testing.assert_close(only_memory, memory.logprobs(prompt)[:, -1])
+def test_the_cached_memory_agrees_with_recomputation(base, trained_memory, strategy):
+    """On a padded batch, with beams reordered and samples drawn, the memory's KV cache changes nothing."""
+    input_ids, attention_mask = left_padded(base.tokenizer, ["the bank raised rates", "shares"])
+    outputs = []
+    for memory_class in (DecoderMemory, UncachedMemory):
+        memory = memory_class(path=str(trained_memory))
+        memory.prepare(prepare_context(None, base))
+        torch.manual_seed(0)
+        outputs.append(generate_with_memory(base, memory, input_ids, attention_mask=attention_mask,
+                                            combiner=Linear(lam=0.7), **STRATEGIES[strategy]).tolist())
+    assert outputs[0] == outputs[1]
 
 
 class Geometric(Linear):
@@ -113,11 +105,12 @@ class Geometric(Linear):
 
 
 def test_generation_mixes_through_the_chosen_combiner(base, prompt, trained_memory):
-    memory = open_memory(trained_memory)
-    scores = base.model(prompt).logits[:, -1].detach()
     combiner = Geometric(lam=0.5)
-    mixed = MixtureLogitsProcessor(DecoderStepper(memory), combiner)(prompt, scores)
-    expected = combiner.combine(torch.log_softmax(scores, -1), memory.logprobs(prompt)[:, -1], {})
+    model = MemdecForCausalLM.from_parts(base, prepared_memory(base, trained_memory), {}, combiner)
+    with torch.inference_mode():
+        mixed = model(input_ids=prompt).logits[:, -1]
+        scores = base.model(prompt).logits[:, -1]
+    expected = combiner.combine(torch.log_softmax(scores, -1), open_memory(trained_memory).logprobs(prompt)[:, -1], {})
     torch.testing.assert_close(mixed, expected)
 
 
@@ -148,6 +141,12 @@ def test_generation_settings_are_checked(trained_memory):
         generation_settings(temperature=0.5)
     with pytest.raises(ConfigError, match="top_p"):
         generation_settings(do_sample=True, top_p=0)
+    with pytest.raises(ConfigError, match="repetition penalty"):
+        generation_settings(repetition_penalty=0)
+    with pytest.raises(ConfigError, match="need sampling"):
+        generation_settings(num_return_sequences=2)
+    with pytest.raises(ConfigError, match="stop string"):
+        generation_settings(stop=[""])
 
 
 def test_memdec_generate_streams_a_continuation(tiny_llama, trained_memory):
@@ -174,3 +173,40 @@ def test_generate_with_a_memory_by_name_needs_fixed_knobs(tiny_llama, corpus_dir
     assert fixed.output.startswith("the bank")
     unknown = runner.invoke(build_cli(), ["generate", "--base", str(tiny_llama), "--memory", "knn-datastor", "x"])
     assert unknown.exit_code == 1 and "did you mean 'knn-datastore'" in unknown.output
+
+
+def test_generate_reads_stdin_stops_and_returns_several(tiny_llama, trained_memory):
+    runner = CliRunner()
+    common = ["generate", "--base", str(tiny_llama), "--memory", str(trained_memory), "--max-new-tokens", "12"]
+    piped = runner.invoke(build_cli(), [*common, "-"], input="the bank\n")
+    assert piped.exit_code == 0, piped.output
+    assert piped.output == runner.invoke(build_cli(), [*common, "the bank"]).output
+    several = runner.invoke(build_cli(), [*common, "--sample", "--num-return-sequences", "3", "the bank"])
+    assert several.exit_code == 0, several.output
+    texts = several.output.rstrip("\n").split("\n----\n")
+    assert len(texts) == 3 and all(text.startswith("the bank") for text in texts)
+    continuation = piped.output[len("the bank"):].strip()
+    marker = continuation.split()[1] if len(continuation.split()) > 1 else continuation[:2]
+    stopped = runner.invoke(build_cli(), [*common, "--stop", marker, "the bank"])
+    assert stopped.exit_code == 0, stopped.output
+    assert marker not in stopped.output[len("the bank"):] and piped.output.startswith(stopped.output.rstrip("\n"))
+    empty = runner.invoke(build_cli(), [*common, "-"], input="\n")
+    assert empty.exit_code == 2 and "empty" in empty.output
+
+
+def test_the_repetition_penalty_acts_on_the_mixture(base, prompt, trained_memory):
+    memory = prepared_memory(base, trained_memory)
+    plain = generate_with_memory(base, memory, prompt, combiner=Linear(lam=0.5), max_new_tokens=16)
+    penalised = generate_with_memory(base, memory, prompt, combiner=Linear(lam=0.5), max_new_tokens=16,
+                                     repetition_penalty=5.0)
+    new = penalised[0, prompt.shape[1]:].tolist()
+    assert plain.tolist() != penalised.tolist()
+    assert len(set(new)) > len(set(plain[0, prompt.shape[1]:].tolist()))
+
+
+def test_the_python_api_takes_a_loaded_base_and_a_batch(base, trained_memory):
+    from memdec_core import api
+
+    texts = api.generate(base, ["the bank", "shares of"], memory=str(trained_memory), max_new_tokens=5)
+    assert texts == [api.generate(base, prompt, memory=str(trained_memory), max_new_tokens=5)
+                     for prompt in ("the bank", "shares of")]

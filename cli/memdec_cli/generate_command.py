@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
@@ -27,16 +29,26 @@ from memdec_cli.options import eval_settings, parse_assignments, set_option, win
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
               help="Sampling: nucleus mass.")
 @click.option("--num-beams", type=click.IntRange(min=1), default=1, show_default=True, help="Beam search width.")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Lower the score of tokens already in the text (1: none; 1.1–1.3 is typical).")
+@click.option("--stop", multiple=True, metavar="TEXT",
+              help="Stop where the continuation first contains TEXT, which is cut off (repeatable).")
+@click.option("--num-return-sequences", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Continuations to print: samples with --sample, else the best beams (needs as many).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
 @set_option
 @window_options
 @click.argument("prompt")
 def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temperature, top_k, top_p, num_beams,
-             seed, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, prompt):
-    """Continue PROMPT with BASE mixed with a memory, streamed to the terminal.
+             repetition_penalty, stop, num_return_sequences, seed, assignments, context, stride, batch_size,
+             max_train_tokens, max_eval_tokens, prompt):
+    """Continue PROMPT with BASE mixed with a memory, streamed to the terminal (`-`: read the
+    prompt from standard input).
 
-    The memory runs beside generate() with its own cache, mixed through the combiner at every
-    step, so greedy decoding, sampling and beam search all work (beams are printed when done).
+    Base and memory run as one model whose next-token scores are the combiner's mixture, so
+    greedy decoding, sampling, beam search and the repetition penalty all act on the mixture;
+    the memory keeps its own cache. One continuation streams; several (beams, or
+    --num-return-sequences) are printed when done, separated by a line of dashes.
     Knobs are fixed here: --lam for the combiner, --set NAME.KEY=VALUE for the memory's own
     (a kNN datastore tunes T over a grid in eval; pick one: --set knn-datastore.temperatures=10).
 
@@ -45,6 +57,7 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
       memdec generate --base memdec-demo-m --memory finance-memory --sample --top-p 0.9 "The central bank"
       memdec generate --base memdec-demo-l --memory knn-datastore --domain finance \\
                       --set knn-datastore.temperatures=10 --lam 0.3 "Shares of the bank"
+      echo "Interest rates" | memdec generate --base memdec-demo-m --sample --num-return-sequences 3 --stop . -
     """
     import torch
     from transformers import TextStreamer
@@ -62,17 +75,31 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
         def on_finalized_text(self, text, stream_end=False):
             click.echo(text, nl=stream_end)
 
-    streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
-        if num_beams == 1 else None
     generation = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p, num_beams=num_beams)
+                      top_p=top_p, num_beams=num_beams, repetition_penalty=repetition_penalty, stop=stop,
+                      num_return_sequences=num_return_sequences)
     _check_generation(generation)
+    prompt = _read_prompt(prompt)
+    # A stream prints tokens as they come, so it cannot cut at a stop string it has not seen yet.
+    streams = num_beams == 1 and num_return_sequences == 1 and not stop
+    streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
+        if streams else None
     started = _PromptEcho(prompt, streamer_factory)
-    text = api.generate(base, prompt, memory=memory, domain=domain, combiner=combiner_class, settings=settings,
-                        eval_settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                        streamer_factory=started.factory, **generation)
-    if streamer_factory is None:
-        click.echo(prompt + text)
+    texts = api.generate(base, [prompt], memory=memory, domain=domain, combiner=combiner_class, settings=settings,
+                         eval_settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
+                         streamer_factory=started.factory, **generation)
+    if not streams:
+        click.echo("\n----\n".join(prompt + text for text in texts))
+
+
+def _read_prompt(prompt: str) -> str:
+    """PROMPT, or standard input for `-` (a trailing newline is not part of the prompt)."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read().removesuffix("\n")
+    if not text.strip():
+        raise click.UsageError("the prompt read from standard input is empty")
+    return text
 
 
 def _check_generation(generation: dict) -> None:

@@ -63,16 +63,19 @@ class MemoryDecoder:
                               f"{self.max_positions} positions; pass a smaller --context")
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, past_key_values=None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, position_ids=None):
         """The model's output on full-vocabulary ``input_ids``; restricted logits come out masked."""
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
         inputs = self.vocabulary.inputs(input_ids) if self.vocabulary else input_ids
         cache = {}
         if past_key_values is not None:  # transformers ≥ 5.24 renames past_key_values to cache
             cache = {"cache" if self._takes_cache else "past_key_values": past_key_values, "use_cache": True}
-        output = self.model(input_ids=inputs, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **cache)
+        output = self.model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
+                            logits_to_keep=logits_to_keep, **cache)
         if self.vocabulary:
             self.vocabulary.mask_other(output.logits)
         return output
@@ -136,48 +139,31 @@ def open_memory(folder) -> MemoryDecoder:
 
 
 class DecoderStepper:
-    """The memory in generation, with its own KV cache that follows ``generate()``'s rows.
+    """The memory in generation and in the composite model, with its own KV cache.
 
-    Beam search reorders and duplicates rows between steps: for every row the stepper finds the
-    cached row whose tokens are its prefix and reorders the cache to match, so nothing is
-    recomputed. A call that extends no cached row (the first, or an unrelated one) fills the
-    cache with the whole sequence.
+    The cache follows the composite's rows: ``select`` reorders it when beam search does, and
+    every call runs only the new tokens, at the positions the attention mask gives them.
     """
 
-    def __init__(self, memory: MemoryDecoder, use_cache: bool = True):
-        self.memory, self.use_cache = memory, use_cache
+    def __init__(self, memory: MemoryDecoder):
+        self.memory = memory
         self._cache = None
-        self._seen: torch.Tensor | None = None  # [rows, length] the tokens the cache holds
 
     @torch.inference_mode()
-    def next_logprobs(self, input_ids: torch.Tensor, hidden=None, width: int | None = None) -> torch.Tensor:
-        """``[rows, width]`` full-vocabulary log-probs of the token after each row."""
-        return self.memory.to_full(self.restricted_next(input_ids), width).to(input_ids.device)
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden, width: int,
+                 keep: int) -> torch.Tensor:
+        """``[rows, keep, width]`` full-vocabulary log-probs after the last ``keep`` new tokens."""
+        from transformers import DynamicCache
 
-    def restricted_next(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[rows, memory vocab]`` log-probs of the next token, in the memory's own numbering."""
-        if not self.use_cache:
-            logits = self.memory.forward(input_ids, logits_to_keep=1).logits[:, -1]
-            return self.memory.restricted_logprobs(logits)
-        source = self._source_rows(input_ids)
-        if source is None:
-            from transformers import DynamicCache
+        from memdec_core.composite import positions_from_mask
 
+        if self._cache is None:
             self._cache = DynamicCache(config=self.memory.model.config)
-            new_tokens = input_ids
-        else:
-            if not torch.equal(source, torch.arange(len(self._seen), device=source.device)):
-                self._cache.reorder_cache(source.to(self.memory.device))
-            new_tokens = input_ids[:, -1:]
-        output = self.memory.forward(new_tokens, past_key_values=self._cache, logits_to_keep=1)
-        self._seen = input_ids.clone()
-        return self.memory.restricted_logprobs(output.logits[:, -1])
+        positions = positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+        output = self.memory.forward(input_ids, attention_mask, past_key_values=self._cache,
+                                     position_ids=positions, logits_to_keep=keep)
+        return self.memory.to_full(self.memory.restricted_logprobs(output.logits[:, -keep:]), width)
 
-    def _source_rows(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """For each row, the cached row it extends by one token; None when some row has none."""
-        if self._seen is None or input_ids.shape[1] != self._seen.shape[1] + 1:
-            return None
-        matches = (input_ids[:, None, :-1] == self._seen[None, :, :]).all(dim=-1)  # [rows, cached rows]
-        if not bool(matches.any(dim=1).all()):
-            return None
-        return matches.float().argmax(dim=1)
+    def select(self, rows: torch.Tensor) -> None:
+        if self._cache is not None and self._cache.get_seq_length() > 0:
+            self._cache.reorder_cache(rows.to(self.memory.device))

@@ -126,12 +126,17 @@ class KnnDatastore(MemoryModel):
 
 
 class KnnStepper:
-    """kNN-LM in generation: the base's hidden state at the newest position is the query."""
+    """kNN-LM in generation: the base's hidden state at each position is the query; no state."""
 
     def __init__(self, memory: KnnDatastore, knobs: dict):
         self.memory, self.knobs = memory, knobs
 
-    def next_logprobs(self, input_ids, hidden, width: int):
+    def logprobs(self, input_ids, attention_mask, hidden, width: int, keep: int):
         if hidden is None:
             raise ConfigError("knn-datastore needs the base's hidden states in generation")
-        return self.memory._dense(self.memory.neighbours(hidden.cpu()), self.knobs, width)
+        rows, kept, dim = hidden.shape
+        queries = hidden.reshape(rows * kept, dim).float().cpu()
+        return self.memory._dense(self.memory.neighbours(queries), self.knobs, width).reshape(rows, kept, width)
+
+    def select(self, rows) -> None:
+        pass  # every query is the base's hidden state: nothing to keep

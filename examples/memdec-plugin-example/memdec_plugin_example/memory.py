@@ -57,10 +57,13 @@ class Unigram(MemoryModel):
 
 
 class UnigramStepper:
-    """In generation: the same row for every sequence, whatever came before."""
+    """In generation: the same row for every position, whatever came before."""
 
     def __init__(self, memory: Unigram):
         self.memory = memory
 
-    def next_logprobs(self, input_ids, hidden, width):
-        return self.memory._rows(len(input_ids), width)
+    def logprobs(self, input_ids, attention_mask, hidden, width, keep):
+        return self.memory._rows(len(input_ids) * keep, width).reshape(len(input_ids), keep, width)
+
+    def select(self, rows):
+        pass  # nothing depends on the context

@@ -1,0 +1,254 @@
+"""Base + memory + combiner as one ``transformers`` causal LM: ``MemdecForCausalLM``.
+
+The composite's ``forward`` returns the mixed next-token log-probs as ``logits``, so anything
+that takes a ``PreTrainedModel`` takes it: ``generate()`` with greedy decoding, sampling or beam
+search (its warpers act on the mixture), ``pipeline("text-generation")``, lm-evaluation-harness.
+
+Batches may be padded (left for generation, right for scoring): the attention mask and the
+position ids it implies reach the base *and* the memory, so a padded row gets the numbers it
+gets alone. The memory keeps its own state (a Memory Decoder's KV cache) in a ``MixtureCache``,
+the base's ``DynamicCache`` that also carries the memory's stepper: when beam search reorders
+or duplicates rows, both follow.
+
+A composite built by ``memdec_core.api.composite_model`` knows where its parts come from (a base
+name, a memory folder or name, a domain, the combiner's knobs): ``save_pretrained`` writes a
+folder of references only, and ``from_pretrained`` of that folder rebuilds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.interfaces import Combiner, MemoryModel, MemoryStepper
+from memdec_core.models import LoadedModel, capture_last_ffn_input
+
+MODEL_TYPE = "memdec"
+ARTIFACT_TYPE = "memdec-composite"
+#: What a composite folder records of its parts (``api.composite_model``'s arguments).
+REFERENCE_KEYS = ("base", "memory", "domain", "combiner", "lam", "settings")
+
+
+class MemdecConfig(PretrainedConfig):
+    """A composite's config: where its parts come from, and the base's config as ``text_config``
+    (generate builds the base's KV cache from it)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, parts: dict[str, Any] | None = None, text_config=None, **kwargs):
+        if isinstance(text_config, dict):
+            from transformers import AutoConfig
+
+            text_config = AutoConfig.for_model(**text_config)
+        self.parts = dict(parts or {})
+        self.text_config = text_config
+        super().__init__(**kwargs)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: 0 at the first real token of every row."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class MixtureCache(DynamicCache):
+    """The base's KV cache, plus the memory's stepper, reordered together."""
+
+    def __init__(self, stepper: MemoryStepper, config=None):
+        super().__init__(config=config)
+        self.stepper = stepper
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self.stepper.select(beam_idx.cpu())
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.stepper.select(torch.as_tensor(indices).cpu())
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        rows = self.batch_size if self.is_initialized else 0
+        self.stepper.select(torch.arange(rows // max(repeats, 1)).repeat_interleave(repeats))
+
+    def crop(self, max_length: int):
+        raise ConfigError("memdec's composite model cannot rewind its memory's cache (assisted or "
+                          "speculative decoding); generate without an assistant model")
+
+
+class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
+    """A base model mixed with a memory through a combiner, as one causal LM."""
+
+    config_class = MemdecConfig
+    base_model_prefix = "base_lm"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MemdecConfig, base: LoadedModel | None = None, memory: MemoryModel | None = None,
+                 knobs: dict[str, Any] | None = None, combiner: Combiner | None = None):
+        if base is None or memory is None or combiner is None:
+            raise ConfigError("a memdec composite model is built from its parts: MemdecForCausalLM.from_parts(...) "
+                              "or memdec_core.api.composite_model(...), or loaded with from_pretrained(folder)")
+        super().__init__(config)
+        self.base_lm = base.model
+        self.loaded_base, self.memory, self.knobs, self.combiner = base, memory, dict(knobs or {}), combiner
+        self.tokenizer = base.tokenizer
+        self.generation_config = copy.deepcopy(base.model.generation_config)
+        self._cache_argument = "cache" if "cache" in inspect.signature(base.model.forward).parameters \
+            else "past_key_values"
+
+    @classmethod
+    def from_parts(cls, base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner,
+                   parts: dict[str, Any] | None = None) -> "MemdecForCausalLM":
+        """The composite of a loaded base, a prepared memory under its own ``knobs``, and a combiner.
+
+        ``parts`` (``api.composite_model`` fills it in) records where the parts come from, so
+        that the composite can be saved as a folder of references.
+        """
+        if getattr(memory, "tokenizer_fingerprint", None) != base.tokenizer_fingerprint:
+            raise ConfigError(f"memory {memory.name!r} uses another tokenizer than {base.model_id}; "
+                              f"a composite mixes a memory only with a base of its own tokenizer")
+        stepper = memory.stepper(knobs)
+        if not all(callable(getattr(stepper, method, None)) for method in ("logprobs", "select")):
+            raise ConfigError(f"memory {memory.name!r}: its stepper has no logprobs()/select(); a stepper's "
+                              f"next_logprobs() is the old protocol (docs/plugins.md, memory model: stepper)")
+        config = MemdecConfig(parts=parts, text_config=base.model.config.get_text_config(decoder=True))
+        model = cls(config, base, memory, knobs, combiner)
+        model.eval()
+        return model
+
+    def with_combiner(self, combiner: Combiner) -> "MemdecForCausalLM":
+        """The same base and memory mixed by another combiner (another λ)."""
+        other = copy.copy(self)
+        other._modules = dict(self._modules)
+        other.combiner = combiner
+        return other
+
+    def get_input_embeddings(self):
+        return self.base_lm.get_input_embeddings()
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: DynamicCache | None = None,
+                past_key_values: DynamicCache | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """Mixed log-probs ``[batch, kept positions, vocab]`` as ``logits`` (and the mean NLL of
+        ``labels``, shifted as transformers shifts them, as ``loss``)."""
+        if input_ids is None:
+            raise ConfigError("memdec's composite model takes input_ids (the memory reads tokens, not embeddings)")
+        cache = cache if cache is not None else past_key_values
+        cache = self._mixture_cache(cache, use_cache)
+        seen = cache.get_seq_length() if cache is not None else 0
+        new = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[0], seen + new, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -new:]
+        keep = new if not logits_to_keep or logits_to_keep > new else int(logits_to_keep)
+        base_logprobs, hidden = self._base_logprobs(input_ids, attention_mask, position_ids, cache, keep)
+        stepper = cache.stepper if cache is not None else self.memory.stepper(self.knobs)
+        memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep)
+        mixed = self.combiner.combine(base_logprobs, memory_logprobs.to(base_logprobs.device),
+                                      {"positions": None, "split": "generate"})
+        return CausalLMOutputWithPast(loss=_shifted_nll(mixed, labels) if labels is not None else None,
+                                      logits=mixed, cache=cache)
+
+    def _mixture_cache(self, cache, use_cache: bool | None) -> MixtureCache | None:
+        """The cache to run with: generate's fresh DynamicCache becomes a MixtureCache (generate
+        takes the cache back from the output); a base-only cache with tokens cannot continue."""
+        if isinstance(cache, MixtureCache):
+            return cache
+        if cache is None and not use_cache:
+            return None
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ConfigError("this cache holds tokens the memory has not seen; continue from the cache the "
+                              "composite model returned")
+        return MixtureCache(self.memory.stepper(self.knobs), config=self.config.text_config)
+
+    def _base_logprobs(self, input_ids, attention_mask, position_ids, cache, keep: int):
+        """The base's log-probs at the last ``keep`` positions, and its ``last_ffn_input`` there
+        when the memory reads it."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      logits_to_keep=keep, use_cache=cache is not None)
+        if cache is not None:
+            inputs[self._cache_argument] = cache
+        if not self.memory.needs_hidden:
+            return torch.log_softmax(self.base_lm(**inputs).logits.float(), dim=-1), None
+        with capture_last_ffn_input(self.base_lm) as captured:
+            logits = self.base_lm(**inputs).logits
+        return torch.log_softmax(logits.float(), dim=-1), captured["hidden"][:, -keep:]
+
+    # ------------------------------------------------------------------------------------------
+    # A folder of references
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write a folder that names the parts (no weights): ``from_pretrained`` rebuilds it."""
+        from memdec_core.artifacts import atomic_directory, write_manifest
+
+        if not self.config.parts.get("base"):
+            raise ConfigError("this composite was built from loaded parts, so it cannot name them; build it with "
+                              "memdec_core.api.composite_model(...) to save it")
+        folder = Path(save_directory).expanduser()
+        with atomic_directory(folder) as tmp:
+            config = copy.copy(self.config)
+            config.text_config = None  # the base brings its own config when it is loaded again
+            config.save_pretrained(tmp)
+            write_manifest(tmp, ARTIFACT_TYPE, parts=self.config.parts)
+            (tmp / "README.md").write_text(model_card(self.config.parts), encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MemdecForCausalLM":
+        """Rebuild a composite from a folder ``save_pretrained`` wrote (its parts load from their
+        references; a memory or datastore in the cache is reused)."""
+        from memdec_core import api
+
+        folder = Path(pretrained_model_name_or_path).expanduser()
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ArtifactError(f"not a memdec composite folder: {folder} ({error})") from error
+        if config.get("model_type") != MODEL_TYPE:
+            raise ArtifactError(f"{folder} holds a {config.get('model_type')!r} model, not a memdec composite")
+        parts = config.get("parts") or {}
+        return api.composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts})
+
+
+def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of ``labels`` (−100: ignored) under next-token log-probs, shifted by one."""
+    predicted, gold = logprobs[:, :-1].reshape(-1, logprobs.shape[-1]), labels[:, 1:].reshape(-1).to(logprobs.device)
+    return torch.nn.functional.nll_loss(predicted, gold, ignore_index=-100)
+
+
+def model_card(parts: dict[str, Any]) -> str:
+    """The folder's README: model-card front matter and how to load it."""
+    memory = parts.get("memory") or "none"
+    return (f"---\nlibrary_name: memdec\ntags:\n- memdec\n- memory-decoder\n- domain-adaptation\n"
+            f"base_model: {parts.get('base')}\n---\n\n"
+            f"# memdec composite: {parts.get('base')} + {memory}\n\n"
+            f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
+            f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
+            f"not weights: its parts load from the memdec cache or their folders.\n\n"
+            f"```python\nimport memdec_core.composite  # registers the model type\n"
+            f"from transformers import AutoModelForCausalLM\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
+            f"print(model.tokenizer.decode(model.generate(**model.tokenizer(\"The central bank\", "
+            f"return_tensors=\"pt\"), max_new_tokens=20)[0]))\n```\n")
+
+
+def _register() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know the ``memdec`` model type."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(MODEL_TYPE, MemdecConfig)
+        AutoModelForCausalLM.register(MemdecConfig, MemdecForCausalLM)
+    except ValueError:  # registered already (a module reloaded)
+        pass
+
+
+_register()

@@ -64,6 +64,7 @@ class MixtureCache(DynamicCache):
     def __init__(self, stepper: MemoryStepper, config=None):
         super().__init__(config=config)
         self.stepper = stepper
+        self.rows = 0  # sequences the cache holds (DynamicCache does not say before its layers fill)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
@@ -72,11 +73,13 @@ class MixtureCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         self.stepper.select(torch.as_tensor(indices).cpu())
+        self.rows = len(indices)
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        rows = self.batch_size if self.is_initialized else 0
-        self.stepper.select(torch.arange(rows // max(repeats, 1)).repeat_interleave(repeats))
+        if self.rows:  # an empty cache: the stepper has seen nothing either
+            self.stepper.select(torch.arange(self.rows).repeat_interleave(repeats))
+            self.rows *= repeats
 
     def crop(self, max_length: int):
         raise ConfigError("memdec's composite model cannot rewind its memory's cache (assisted or "
@@ -151,6 +154,8 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             position_ids = positions_from_mask(attention_mask)[:, -new:]
         keep = new if not logits_to_keep or logits_to_keep > new else int(logits_to_keep)
         base_logprobs, hidden = self._base_logprobs(input_ids, attention_mask, position_ids, cache, keep)
+        if cache is not None:
+            cache.rows = input_ids.shape[0]
         stepper = cache.stepper if cache is not None else self.memory.stepper(self.knobs)
         memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep)
         mixed = self.combiner.combine(base_logprobs, memory_logprobs.to(base_logprobs.device),

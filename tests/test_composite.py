@@ -150,3 +150,18 @@ def test_bad_parts_are_one_line_errors(tmp_path, tiny_llama, trained_memory, bas
         MemdecForCausalLM.from_parts(base, decoder_memory, {}, Linear(lam=0.5)).save_pretrained(tmp_path / "x")
     with pytest.raises(ArtifactError, match="not a memdec composite folder"):
         MemdecForCausalLM.from_pretrained(tmp_path / "missing")
+
+
+def test_the_cache_repeats_and_selects_rows_with_the_memory(base, decoder_memory):
+    """What generate does to a cache it expands (several samples per prompt) or prunes."""
+    composite = MemdecForCausalLM.from_parts(base, decoder_memory, {}, Linear(lam=0.6))
+    input_ids, attention_mask = left_padded(base.tokenizer, PROMPTS[:2])
+    with torch.inference_mode():
+        cache = composite(input_ids=input_ids, attention_mask=attention_mask, use_cache=True).cache
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([3, 0]))
+        step = torch.tensor([[5], [7]])
+        mask = torch.cat([attention_mask[[1, 0]], torch.ones(2, 1, dtype=torch.long)], 1)
+        got = composite(input_ids=step, attention_mask=mask, cache=cache).logits[:, -1]
+        full = composite(input_ids=torch.cat([input_ids[[1, 0]], step], 1), attention_mask=mask).logits[:, -1]
+    torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)

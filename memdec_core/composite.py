@@ -193,18 +193,18 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a folder that names the parts (no weights): ``from_pretrained`` rebuilds it."""
-        from memdec_core.artifacts import atomic_directory, write_manifest
+        from memdec_core.artifacts import replacing_directory, write_manifest
 
         if not self.config.parts.get("base"):
             raise ConfigError("this composite was built from loaded parts, so it cannot name them; build it with "
                               "memdec_core.api.composite_model(...) to save it")
         folder = Path(save_directory).expanduser()
-        with atomic_directory(folder) as tmp:
+        with replacing_directory(folder) as tmp:  # save_pretrained overwrites, as transformers does
             config = copy.copy(self.config)
             config.text_config = None  # the base brings its own config when it is loaded again
             config.save_pretrained(tmp)
             write_manifest(tmp, ARTIFACT_TYPE, parts=self.config.parts)
-            (tmp / "README.md").write_text(model_card(self.config.parts), encoding="utf-8")
+            write_model_card(tmp, self.config.parts)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MemdecForCausalLM":
@@ -229,20 +229,21 @@ def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.nll_loss(predicted, gold, ignore_index=-100)
 
 
-def model_card(parts: dict[str, Any]) -> str:
+def write_model_card(folder: Path, parts: dict[str, Any]) -> None:
     """The folder's README: model-card front matter and how to load it."""
+    from memdec_core.artifacts import write_readme
+
     memory = parts.get("memory") or "none"
-    return (f"---\nlibrary_name: memdec\ntags:\n- memdec\n- memory-decoder\n- domain-adaptation\n"
-            f"base_model: {parts.get('base')}\n---\n\n"
-            f"# memdec composite: {parts.get('base')} + {memory}\n\n"
-            f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
-            f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
-            f"not weights: its parts load from the memdec cache or their folders.\n\n"
-            f"```python\nimport memdec_core.composite  # registers the model type\n"
-            f"from transformers import AutoModelForCausalLM\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")\n"
-            f"print(model.tokenizer.decode(model.generate(**model.tokenizer(\"The central bank\", "
-            f"return_tensors=\"pt\"), max_new_tokens=20)[0]))\n```\n")
+    write_readme(folder, f"memdec composite: {parts.get('base')} + {memory}", [
+        f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
+        f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
+        f"not weights: its parts load from the memdec cache or their folders.", "",
+        "```python", "import memdec_core.composite  # registers the model type",
+        "from transformers import AutoModelForCausalLM", "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'ids = model.tokenizer("The central bank", return_tensors="pt")',
+        "print(model.tokenizer.decode(model.generate(**ids, max_new_tokens=20)[0]))", "```"],
+        tags=("composite", "memory-decoder", "domain-adaptation"), base=parts.get("base"), domain=parts.get("domain"))
 
 
 def _register() -> None:

@@ -269,10 +269,12 @@ def evaluate_mixture(ctx: EvalContext, memory: MemoryModel) -> MethodResult:
     if edges:
         details["grid_edges"] = edges
     from memdec_core.generation import mixture_generator
+    from memdec_core.loglikelihood import mixture_loglikelihood
 
     generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
     return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
                         details=details, scorer=scorer, generator=generator,
+                        loglikelihood=mixture_loglikelihood(ctx, memory, memory_knobs, combiner_config),
                         memory={**alone.facts(), **_call(memory, "memory", memory.fidelity, ctx, memory_knobs)})
 
 

@@ -233,7 +233,7 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
 
         cache_dir = cache_root()
     converted = cache_dir / "models" / f"{target_file.stem}-{key}"
-    from memdec_core.artifacts import atomic_directory
+    from memdec_core.artifacts import atomic_directory, write_readme
     from memdec_core.disk import entry_lock
 
     with entry_lock(converted):  # two runs loading one GGUF file convert it once
@@ -245,6 +245,12 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
             raise ModelError(f"loading {target_file.name} needs the gguf package: pip install gguf") from error
         with atomic_directory(converted) as temporary:
             _save_dequantised(model, tokenizer, temporary)
+            # A README only: memdec.json (a .json file, with a timestamp) would enter the model's fingerprint.
+            write_readme(temporary, f"{target_file.name}, dequantised", [
+                f"- The weights of `{target_file}` ({stat.st_size:,} bytes) dequantised to safetensors once, "
+                "so that later loads take seconds; memdec loads this folder whenever that file is named.",
+                "- A plain Hugging Face model folder: `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)`."],
+                tags=("gguf", "dequantised"))
     return str(converted)
 
 
@@ -265,6 +271,61 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
                          f"unexpected {sorted(unexpected)[:3]}")
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def hub_id(name: str) -> str | None:
+    """``name`` when it names a model on the Hugging Face hub: neither a registered name nor a path."""
+    from memdec_core import registry
+
+    if name in registry.components("models") or _looks_like_path(name) or Path(name).expanduser().exists():
+        return None
+    return name
+
+
+def model_license(name: str) -> str | None:
+    """The ``license`` in the front matter of a model's own card, when a copy of it is at hand
+    (a registered or local folder's README.md, or the hub cache's); None otherwise."""
+    from memdec_core import registry
+    from memdec_core.artifacts import read_front_matter
+
+    if name in registry.components("models"):
+        card: Path | str | None = Path(registry.get("models", name)().path()) / "README.md"
+    elif hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        card = try_to_load_from_cache(name, "README.md")
+    else:
+        path = Path(name).expanduser()
+        card = (path.parent if path.suffix == ".gguf" else path) / "README.md"
+    if not isinstance(card, (str, Path)) or not Path(card).is_file():
+        return None
+    stated = read_front_matter(Path(card).read_text(encoding="utf-8", errors="replace")).get("license")
+    return str(stated) if stated else None
+
+
+def base_reference(base: LoadedModel) -> dict:
+    """How an artifact names its base so that another machine can find it: a registered name or a
+    hub id (the same model everywhere), else its path (relative to the cache inside it); and the
+    fingerprints that tell whether the model found under that name is the same one."""
+    from memdec_core import registry
+    from memdec_core.artifacts import artifact_reference
+
+    name = base.model_id
+    source = "registered" if name in registry.components("models") else "hub" if hub_id(name) else "path"
+    return {"name": artifact_reference(name) if source == "path" else name, "source": source,
+            "fingerprint": base.fingerprint, "tokenizer_fingerprint": base.tokenizer_fingerprint}
+
+
+def referenced_base(manifest: dict) -> tuple[str | None, str | None]:
+    """The name to load an artifact's base by, and its fingerprint: from the manifest's ``base``
+    reference, or ``base_model`` and ``model_fingerprint`` in manifests written before it."""
+    from memdec_core.artifacts import resolve_reference
+
+    reference = manifest.get("base")
+    if not isinstance(reference, dict) or not reference.get("name"):
+        return manifest.get("base_model"), manifest.get("model_fingerprint")
+    name = str(resolve_reference(reference["name"])) if reference.get("source") == "path" else reference["name"]
+    return name, reference.get("fingerprint")
 
 
 def model_fingerprint(name: str) -> str:

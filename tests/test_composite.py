@@ -131,6 +131,7 @@ def test_a_saved_composite_is_rebuilt_from_its_references(tmp_path, tiny_llama, 
     model.save_pretrained(tmp_path / "composite")
     assert not list((tmp_path / "composite").glob("*.safetensors"))  # references, not weights
     assert (tmp_path / "composite" / "README.md").read_text().startswith("---\nlibrary_name: memdec")
+    model.save_pretrained(tmp_path / "composite")  # again: replaced, as transformers replaces
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "composite")
     assert isinstance(again, MemdecForCausalLM) and again.combiner.config.lam == 0.3
     ids = model.tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]

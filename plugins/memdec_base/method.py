@@ -15,8 +15,10 @@ class Base(Method):
     def evaluate(self, ctx: EvalContext) -> MethodResult:
         from memdec_core.evaluate import model_scorer
         from memdec_core.generation import model_generator
+        from memdec_core.loglikelihood import base_loglikelihood
 
         scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
         test = scorer(ctx.corpus.streams["test"], ctx.windows("test"), f"test {ctx.base.short_name}")
         return MethodResult(test.perplexity, scorer=scorer,
-                            generator=model_generator(ctx.base.model, ctx.base.tokenizer))
+                            generator=model_generator(ctx.base.model, ctx.base.tokenizer),
+                            loglikelihood=base_loglikelihood(ctx.base, ctx.settings.batch_size))

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core.artifacts import atomic_directory, read_manifest, start_or_resume, write_manifest
+from memdec_core.artifacts import (
+    artifact_reference,
+    atomic_directory,
+    read_manifest,
+    resolve_reference,
+    start_or_resume,
+    write_manifest,
+    write_readme,
+)
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.progress import progress_bar
 from memdec_knn.api import Datastore, sparse_distribution
@@ -76,10 +84,21 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
             if not (work / _shard_name(shard)).exists():
                 _write_shard(store, work / _shard_name(shard), start, end, settings)
             advance(end - start)
-    write_manifest(work, ARTIFACT_TYPE, datastore=str(store.folder), data_hash=store.manifest["data_hash"],
+    domain = store.manifest.get("domain")
+    write_manifest(work, ARTIFACT_TYPE, datastore=artifact_reference(store.folder), domain=domain,
+                   data_hash=store.manifest["data_hash"], base=store.manifest.get("base"),
                    tokenizer_fingerprint=store.manifest["tokenizer_fingerprint"], size=len(store),
                    model_fingerprint=store.manifest["model_fingerprint"], retriever=searched_by,
                    shards=n_shards, **asdict(settings))
+    write_readme(work, f"kNN targets of {store.manifest.get('base_model')}", [
+        f"- For each of the {len(store):,} train positions, the kNN distribution of its context: the "
+        f"k = {settings.k} nearest other keys of the datastore `{artifact_reference(store.folder)}` "
+        f"weighted by softmax(−d/T), T = {settings.temperature:g}, summed per token.",
+        f"- Sparse rows in {n_shards} shard(s) of {settings.shard_size:,} positions: `offsets.npy` (int64), "
+        "`token_ids.npy` (int32), `probs.npy` (fp16).",
+        "- The training signal of a Memory Decoder (`memdec train` makes or reuses them); "
+        "`memdec targets info THIS_FOLDER` prints the manifest."],
+        tags=("memory-decoder", "knn-targets"), domain=domain)
     work.replace(folder)
     return TargetSet(folder)
 
@@ -122,6 +141,11 @@ class TargetSet:
 
     def __len__(self) -> int:
         return self.manifest["size"]
+
+    @property
+    def datastore_folder(self) -> Path:
+        """The datastore these targets were searched in (named relative to the cache, or absolute)."""
+        return resolve_reference(self.manifest["datastore"])
 
     def row(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= position < len(self):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from memdec_core.artifacts import (
+    artifact_reference,
     atomic_directory,
     content_key,
     previous_version,
@@ -113,7 +114,7 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
         trainer.restore(checkpoint)
     trainer.run()
     return _finish(work, output, init, vocabulary, targets, trainer, settings, teacher=teacher, context=context,
-                   identity=identity)
+                   identity=identity, domain=corpus.corpus.name)
 
 
 def training_identity(init: LoadedModel, targets: TargetSet, settings: TrainSettings, vocabulary, full_vocab_size: int,
@@ -240,7 +241,8 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
 
 
 def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary | None, targets: TargetSet,
-            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int, identity: dict) -> MemoryDecoder:
+            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int, identity: dict,
+            domain: str) -> MemoryDecoder:
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
@@ -257,14 +259,16 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
                        restricted=vocabulary is not None,
                        vocabulary_size=vocabulary.size - 1 if vocabulary else init.vocab_size,
                        data_hash=targets.manifest["data_hash"], beta=settings.beta, k=targets.manifest["k"],
-                       temperature=targets.manifest["temperature"], targets=str(targets.folder), context=context,
+                       temperature=targets.manifest["temperature"], targets=artifact_reference(targets.folder),
+                       domain=domain, context=context,
                        parameters=parameters, train=dataclasses.asdict(settings),
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
                        train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"],
                        identity=content_key(identity))
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
-            init, vocabulary, targets, settings, state, parameters))
+            init, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
+            base=init.model_id, domain=domain)
     shutil.rmtree(work, ignore_errors=True)
     return open_memory(output)
 

@@ -54,7 +54,8 @@ def _build(ctx: EvalContext, folder: Path) -> Datastore:
     corpus = ctx.require_corpus("a kNN datastore")
     log(f"building datastore for {ctx.base.model_id} in {folder}")
     return write_datastore(ctx.base, corpus.streams["train"], folder, context=ctx.context, stride=ctx.stride,
-                           batch_size=ctx.settings.batch_size, data_hash=corpus.data_hash("train"))
+                           batch_size=ctx.settings.batch_size, data_hash=corpus.data_hash("train"),
+                           domain=corpus.corpus.name)
 
 
 def datastore_key(ctx: EvalContext) -> str:

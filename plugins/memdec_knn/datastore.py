@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from memdec_core.artifacts import (
+    artifact_reference,
     atomic_directory,
     cached_artifact,
     content_key,
@@ -103,17 +104,24 @@ def _build_index(store: Datastore, retriever: Retriever, folder: Path) -> None:
 
     log(f"indexing {len(store):,} keys with {retriever.name} in {folder}")
     started = time.perf_counter()
+    datastore, domain = artifact_reference(store.folder), store.manifest.get("domain")
     with atomic_directory(folder) as temporary:
         retriever.build(store.keys, temporary)
         write_manifest(temporary, INDEX_TYPE, retriever=retriever.name, settings=retriever.config,
-                       size=len(store), build_seconds=round(time.perf_counter() - started, 2), **retriever.facts())
+                       size=len(store), datastore=datastore, domain=domain,
+                       build_seconds=round(time.perf_counter() - started, 2), **retriever.facts())
+        write_readme(temporary, f"{retriever.name} index of a kNN-LM datastore", [
+            f"- Searches the {len(store):,} keys of the datastore `{datastore}` (a relative path is inside "
+            f"the memdec cache) with the `{retriever.name}` retriever; its build settings are in `memdec.json`."],
+            tags=("knn-lm", "index"), domain=domain)
 
 
 def build_datastore(base, stream: np.ndarray, folder: Path, *, context: int, stride: int,
-                    batch_size: int, data_hash: str) -> Datastore:
-    """Run ``base`` over ``stream`` and write a complete datastore (keys and values) to ``folder``,
-    resuming the work an interrupted build left."""
+                    batch_size: int, data_hash: str, domain: str | None = None) -> Datastore:
+    """Run ``base`` over ``stream`` (the train split of ``domain``) and write a complete datastore
+    (keys and values) to ``folder``, resuming the work an interrupted build left."""
     from memdec_core.data import make_windows
+    from memdec_core.models import base_reference
 
     windows = make_windows(len(stream), context, stride)
     n_rows, dim = len(stream) - 1, base.model.config.get_text_config().hidden_size
@@ -127,13 +135,15 @@ def build_datastore(base, stream: np.ndarray, folder: Path, *, context: int, str
         started = time.perf_counter() - _progress(work)["seconds"]
         _write_keys_and_values(base, stream, windows, work, n_rows, dim, batch_size, started)
         write_manifest(work, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
+                       base=base_reference(base), domain=domain,
                        tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
                        data_hash=data_hash, context=context, stride=stride,
                        build_seconds=round(time.perf_counter() - started, 1))
         write_readme(work, f"kNN-LM datastore for {base.model_id}", [
             f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
             "- search indexes under `indexes/`, one per retriever and build settings.",
-            f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."])
+            f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."],
+            tags=("knn-lm", "datastore"), base=base.model_id, domain=domain)
         for name in ("settings.json", "progress.json"):
             (work / name).unlink(missing_ok=True)
         os.replace(work, folder)

@@ -9,6 +9,7 @@ early when it stops improving. The learning rate is a knob: every value of the g
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perple
 from memdec_core.generation import model_generator
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import Costs
+from memdec_core.loglikelihood import base_loglikelihood
+from memdec_core.models import base_reference
 from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_peft.settings import FinetuneSettings
@@ -90,7 +93,8 @@ def evaluate_finetuned(ctx: EvalContext, settings: FinetuneSettings, adaptation:
     return MethodResult(test_ppl, state["best_valid_ppl"], {"lr": lr, **adaptation.knobs}, costs=costs,
                         tuning=tuning, details=details, scorer=scorer,
                         # the model the scorer scores with: DAPT's weights, or the PEFT model for LoRA
-                        generator=model_generator(model, ctx.base.tokenizer))
+                        generator=model_generator(model, ctx.base.tokenizer),
+                        loglikelihood=base_loglikelihood(ctx.base, ctx.settings.batch_size, model))
 
 
 def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -> Path:
@@ -132,9 +136,11 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     with atomic_directory(folder) as temporary:
         shutil.copytree(previous_version(work / "best"), temporary, dirs_exist_ok=True)
-        if adaptation.kind == "dapt":
-            ctx.base.tokenizer.save_pretrained(temporary)
+        ctx.base.tokenizer.save_pretrained(temporary)  # the folder opens (and exports) without the base's files
+        reference = base_reference(ctx.base)
+        _name_base_portably(temporary, reference)
         write_manifest(temporary, adaptation.kind, base_model=ctx.base.model_id, model_fingerprint=ctx.base.fingerprint,
+                       base=reference, domain=ctx.corpus.corpus.name,
                        tokenizer_fingerprint=ctx.base.tokenizer_fingerprint, data_hash=ctx.corpus.data_hash("train"),
                        trainable_parameters=trainable, **{key: state[key] for key in (
                            "best_valid_ppl", "best_epoch", "history", "train_seconds", "train_tokens",
@@ -142,6 +148,17 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
         write_readme(temporary, f"{adaptation.kind.upper()} of {ctx.base.model_id}", [
             f"- Trained on the train split (data hash `{ctx.corpus.data_hash('train')}`) with cross-entropy, "
             f"lr {loop.lr:g}, {trainable:,} trainable parameters.",
-            f"- Best epoch {state['best_epoch']}: validation perplexity {state['best_valid_ppl']:.3f}."])
+            f"- Best epoch {state['best_epoch']}: validation perplexity {state['best_valid_ppl']:.3f}.",
+            "- `memdec export THIS_FOLDER --output DIR` writes it as a standalone transformers model."],
+            tags=(adaptation.kind, "domain-adaptation"), base=ctx.base.model_id, domain=ctx.corpus.corpus.name)
     shutil.rmtree(work, ignore_errors=True)
     return folder
+
+
+def _name_base_portably(folder: Path, reference: dict) -> None:
+    """PEFT records the base as the path it was loaded from; a registered name or hub id finds it elsewhere too."""
+    config = folder / "adapter_config.json"
+    if config.is_file() and reference["source"] != "path":
+        values = json.loads(config.read_text())
+        values["base_model_name_or_path"] = reference["name"]
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memdec_core.artifacts import atomic_directory, cached_artifact, content_key, write_manifest
+from memdec_core.artifacts import atomic_directory, cached_artifact, content_key, write_manifest, write_readme
 from memdec_core.errors import DataError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import Retriever
@@ -44,7 +44,13 @@ class PassageIndex:
                 with atomic_directory(folder) as temporary:
                     retriever.build(texts, temporary)
                     write_manifest(temporary, INDEX_TYPE, retriever=retriever.name, settings=retriever.config,
-                                   passages=len(passages), passage_tokens=passage_tokens)
+                                   passages=len(passages), passage_tokens=passage_tokens, domain=corpus.corpus.name,
+                                   data_hash=corpus.data_hash("train"))
+                    write_readme(temporary, f"{retriever.name} index of {corpus.corpus.name}'s train passages", [
+                        f"- {len(passages):,} passages of {passage_tokens} tokens, consecutive chunks of the train "
+                        f"split (data hash `{corpus.data_hash('train')}`), for in-context RAG (`--method rag`).",
+                        "- The passages themselves are not stored: memdec cuts them from the train split again."],
+                        tags=("rag", "index"), domain=corpus.corpus.name)
             retriever.load(texts, folder)
             _OPENED[folder] = cls(passages, retriever)
         return _OPENED[folder]

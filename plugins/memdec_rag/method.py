@@ -81,7 +81,31 @@ class Rag(Method):
                             details={"passages": len(index), "passage_tokens": self.config.passage_tokens,
                                      "retriever": self.config.retriever, "test_tokens": test.count},
                             scorer=lambda stream, windows, description: self.score(ctx, index, stream, description),
-                            generator=self.generator(ctx, index))
+                            generator=self.generator(ctx, index), loglikelihood=self.loglikelihood(ctx, index))
+
+    def loglikelihood(self, ctx: EvalContext, index: "PassageIndex"):
+        """Continuations scored as In-Context RALM reads text: the best passage for the context's
+        last ``query_tokens`` tokens goes in front of the context, which is cut on the left to
+        leave the passage and the continuation room in the base's positions."""
+        import numpy as np
+
+        from memdec_core.loglikelihood import base_loglikelihood, positions
+
+        score, room = base_loglikelihood(ctx.base, self.config.batch_size), positions(ctx.base)
+
+        def loglikelihood(requests, knobs=None):
+            if not requests:
+                return []
+            contexts = [np.asarray(context, dtype=np.int64) for context, _ in requests]
+            found = index.best_ids(ctx.base.tokenizer, [context[-self.config.query_tokens:] for context in contexts])
+            with_passages = []
+            for context, (_, continuation), passage in zip(contexts, requests, found):
+                text_room = max(0, room + 1 - index.length(passage) - len(continuation))
+                kept = context[len(context) - min(text_room, len(context)):]
+                with_passages.append((np.concatenate([index.passage(passage), kept]).tolist(), continuation))
+            return score(with_passages)
+
+        return loglikelihood
 
     def generator(self, ctx: EvalContext, index: "PassageIndex"):
         """Generation as In-Context RALM does it: ``generator(prompt_ids, n)`` → the new ids ``[1, n]``.

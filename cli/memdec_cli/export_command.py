@@ -1,0 +1,65 @@
+"""``memdec export``: a LoRA or DAPT folder as one standalone model, or a composite as its references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from memdec_cli.options import parse_assignments, set_option
+
+
+@click.command("export")
+@click.argument("folder", required=False, type=click.Path(path_type=Path))
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="The folder to write (refused if it exists, unless --force).")
+@click.option("--force", is_flag=True, help="Replace --output if it exists.")
+@click.option("--base", default=None, help="With --memory: the composite's base (a name, folder, .gguf file or hub "
+                                           "id). With FOLDER: the LoRA's base, when the one its manifest names is "
+                                           "not found here (it must be the same model: checked by fingerprint).")
+@click.option("--memory", default=None, metavar="NAME|FOLDER",
+              help="Export a composite of --base and this memory (a memory model or a folder one opens).")
+@click.option("--domain", default=None, help="With --memory: the domain a memory named by its name is built for.")
+@click.option("--lam", type=click.FloatRange(0, 1), default=None,
+              help="With --memory: the combiner's λ (the memory's weight) [default: the combiner's].")
+@set_option
+def export(folder, output, force, base, memory, domain, lam, assignments):
+    """Write FOLDER (a LoRA or DAPT artifact) to --output as a standalone transformers model,
+    or, with --base and --memory, a composite model's folder of references.
+
+    \b
+    A LoRA is merged into its base (found by the registered name or hub id its manifest names,
+    and checked by fingerprint); DAPT's weights are whole already. The output holds the weights,
+    config, tokenizer, a model card (README.md with hub metadata) and memdec.json, and loads with
+    AutoModelForCausalLM.from_pretrained(DIR) without memdec: ready to upload to the hub.
+    A composite folder holds no weights: memdec rebuilds it from its parts when it is loaded.
+    Writes are atomic; prints the folder written.
+
+    \b
+    Examples:
+      memdec cache ls --kind lora                    the cached adapters; a compare row's details.artifact
+      memdec export ~/.cache/memdec/lora/KEY --output finance-lora-merged
+      memdec export dapt-run --output finance-dapt --force
+      memdec export --base memdec-demo-m --memory finance-memory --lam 0.6 --output finance-composite
+      memdec export --base memdec-demo-l --memory knn-datastore --domain finance \\
+                    --set knn-datastore.temperatures=10 --output finance-knn-composite
+    """
+    from memdec_core import export as exports
+
+    if memory is None:
+        _check_adapted_usage(folder, domain, lam, assignments)
+        written = exports.export_adapted(folder, output, base=base, force=force)
+    else:
+        if folder is not None or base is None:
+            raise click.UsageError("a composite is exported with --base NAME --memory FOLDER_OR_NAME, without FOLDER")
+        written = exports.export_composite(base, memory, output, domain=domain, lam=lam, force=force,
+                                           settings=parse_assignments(assignments))
+    click.echo(str(written))
+
+
+def _check_adapted_usage(folder, domain, lam, assignments) -> None:
+    if folder is None:
+        raise click.UsageError("give a LoRA or DAPT FOLDER, or --base and --memory for a composite "
+                               "(see memdec export --help)")
+    if domain is not None or lam is not None or assignments:
+        raise click.UsageError("--domain, --lam and --set apply to a composite (--memory), not to FOLDER")

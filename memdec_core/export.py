@@ -1,0 +1,167 @@
+"""Exports for the hub: an adapted model as one standalone folder, a composite as its references.
+
+``export_adapted`` takes an artifact whose manifest names its base and whose folder holds either
+a PEFT adapter (LoRA: merged into the base with ``merge_and_unload``) or whole weights (DAPT),
+and writes a plain Hugging Face model folder — weights, config, tokenizer, a model card and a
+``memdec.json`` — that ``AutoModelForCausalLM.from_pretrained`` loads without memdec.
+``export_composite`` writes a composite model's folder of references (``save_pretrained``).
+Both write atomically: an interrupted export leaves nothing at ``output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from memdec_core.artifacts import (
+    artifact_reference,
+    atomic_directory,
+    read_manifest,
+    read_manifest_type,
+    replacing_directory,
+    write_manifest,
+    write_readme,
+)
+from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
+
+ARTIFACT_TYPE = "exported-model"
+
+
+def export_adapted(folder: Path | str, output: Path | str, *, base: str | None = None, force: bool = False) -> Path:
+    """Write the model of a LoRA or DAPT ``folder`` to ``output`` as a standalone transformers folder.
+
+    ``base`` overrides the base the manifest names (a LoRA's base must have the fingerprint it
+    was trained on). An existing ``output`` is refused unless ``force``.
+    """
+    folder, output = Path(folder).expanduser(), Path(output).expanduser()
+    manifest = _adapted_manifest(folder)
+    _check_output(output, force, source=folder)
+    model, tokenizer, base_name = _merged_model(folder, manifest, base)
+    with new_folder(output, force) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        write_manifest(temporary, ARTIFACT_TYPE, source=artifact_reference(folder), source_type=manifest["type"],
+                       base_model=base_name, base=manifest.get("base"), domain=manifest.get("domain"),
+                       model_fingerprint=manifest.get("model_fingerprint"),
+                       tokenizer_fingerprint=manifest.get("tokenizer_fingerprint"), data_hash=manifest.get("data_hash"))
+        write_readme(temporary, f"{manifest['type'].upper()} of {base_name}, as one model",
+                     _card_lines(folder, manifest), tags=(manifest["type"], "domain-adaptation", "merged"),
+                     base=base_name, domain=manifest.get("domain"))
+    return output
+
+
+def _card_lines(folder: Path, manifest: dict) -> list[str]:
+    merged = " merged into its base (`merge_and_unload`)" if _is_adapter(folder) else ""
+    return [f"- The {manifest['type']} artifact `{artifact_reference(folder)}`{merged}: a plain transformers model, "
+            f"trained on the train split of {manifest.get('domain') or 'its domain'} "
+            f"(data hash `{manifest.get('data_hash')}`).",
+            "- `AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` loads it; memdec is not needed."]
+
+
+def export_composite(base: str, memory: str, output: Path | str, *, domain: str | None = None,
+                     lam: float | None = None, settings: dict[str, dict[str, Any]] | None = None,
+                     force: bool = False) -> Path:
+    """Write the composite of ``base`` and ``memory`` (``api.composite_model``) to ``output`` as a
+    folder of references that ``AutoModelForCausalLM.from_pretrained`` rebuilds (memdec installed)."""
+    from memdec_core import api
+
+    output = Path(output).expanduser()
+    _check_output(output, force)
+    # A folder named relative to here would mean another folder wherever the composite is opened.
+    base, memory = _absolute_if_folder(base), _absolute_if_folder(memory)
+    model = api.composite_model(base, memory, domain=domain, lam=lam, settings=settings)
+    with new_folder(output, force) as temporary:
+        temporary.rmdir()  # save_pretrained writes this folder itself (atomically), then it moves into place
+        model.save_pretrained(temporary)
+    return output
+
+
+def _absolute_if_folder(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _adapted_manifest(folder: Path) -> dict:
+    """The manifest of an exportable artifact: one that names its base and holds an adapter or whole weights."""
+    if not folder.is_dir():
+        raise ArtifactError(f"folder not found: {folder}")
+    manifest = read_manifest(folder, read_manifest_type(folder))
+    if not (manifest.get("base") or manifest.get("base_model")) or not (
+            _is_adapter(folder) or (folder / "config.json").is_file()):
+        raise ArtifactError(f"{folder} holds a {manifest.get('type')!r} artifact, neither a LoRA adapter nor a "
+                            f"DAPT model; a memory exports as a composite: memdec export --base NAME --memory "
+                            f"{folder} --output DIR")
+    return manifest
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
+def _merged_model(folder: Path, manifest: dict, base: str | None):
+    """``(model, tokenizer, base name)``: the adapter merged into its base, or the whole weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memdec_core.models import referenced_base
+
+    named, fingerprint = referenced_base(manifest)
+    base_name = base or named
+    has_tokenizer = (folder / "tokenizer_config.json").is_file()  # older LoRA folders have none
+    if not _is_adapter(folder):
+        model = _reading(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
+        return model, _reading(folder, lambda: AutoTokenizer.from_pretrained(folder)), base_name
+    from peft import PeftModel
+
+    loaded = _load_base(base_name, fingerprint, folder)
+    merged = _reading(folder, lambda: PeftModel.from_pretrained(loaded.model, folder).merge_and_unload())
+    tokenizer = _reading(folder, lambda: AutoTokenizer.from_pretrained(folder)) if has_tokenizer else loaded.tokenizer
+    return merged, tokenizer, base_name
+
+
+def _reading(folder: Path, load):
+    """``load()``, a broken file of ``folder`` being one line that names it."""
+    try:
+        return load()
+    except Exception as error:  # safetensors, json, peft and tokenizers each raise their own kinds
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ArtifactError(f"cannot load {folder}: {first_line}") from error
+
+
+def _load_base(name: str | None, fingerprint: str | None, folder: Path):
+    """The base an adapter was trained on, checked by fingerprint: another model would merge into nonsense."""
+    from memdec_core.models import load_model
+
+    if not name:
+        raise ArtifactError(f"{folder}/memdec.json names no base model; pass --base")
+    try:
+        loaded = load_model(name)
+    except MemdecError as error:
+        raise ModelError(f"the base of {folder} cannot be loaded ({error}); pass --base with the same model") \
+            from error
+    if fingerprint and loaded.fingerprint != fingerprint:
+        raise ModelError(f"{name} is not the base {folder} was trained on (fingerprint {loaded.fingerprint}, "
+                         f"the manifest says {fingerprint}); pass --base with that model")
+    return loaded
+
+
+def _check_output(output: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse, before any work, an output that exists (unless ``force``) or that is the source itself."""
+    if source is not None and output.resolve() == source.resolve():
+        raise ConfigError(f"--output {output} is the folder being exported; choose another")
+    if output.exists() and not force:
+        raise ConfigError(f"output folder already exists: {output} (pass --force to replace it)")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def new_folder(output: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder that becomes ``output`` when the block succeeds, replacing it with ``force``."""
+    if force and output.exists():
+        with replacing_directory(output) as temporary:
+            yield temporary
+    else:
+        with atomic_directory(output) as temporary:
+            yield temporary

@@ -61,18 +61,26 @@ def positions(base: "LoadedModel") -> int:
 
 def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_id: int, start_id: int,
                    max_length: int) -> list[float]:
-    """Summed log-probs of each continuation, in the order of ``requests``."""
+    """Summed log-probs of each continuation, in the order of ``requests``.
+
+    Requests that feed the model the same tokens share one forward pass: every one-token
+    continuation after one context (a task's verbaliser words after one prompt) is read off the
+    same output row, so a class vocabulary of hundreds of words costs one pass per prompt.
+    """
     prepared = [_model_inputs(context, continuation, start_id, max_length) for context, continuation in requests]
-    # Empty continuations need no forward pass; the rest go longest first, so that a batch
-    # holds sequences of similar lengths and padding costs little.
-    order = sorted((i for i, (_, continuation) in enumerate(prepared) if continuation),
-                   key=lambda i: -len(prepared[i][0]))
+    sharing: dict[tuple[int, ...], list[int]] = {}  # model input → the requests it serves
+    for index, (inputs, continuation) in enumerate(prepared):
+        if continuation:  # an empty continuation needs no forward pass: its log-prob is 0
+            sharing.setdefault(tuple(inputs), []).append(index)
+    # Longest first, so that a batch holds inputs of similar lengths and padding costs little.
+    inputs_in_order = sorted(sharing, key=len, reverse=True)
     results = [0.0] * len(prepared)
     with torch.inference_mode():
-        for first in range(0, len(order), batch_size):
-            rows = order[first:first + batch_size]
-            for row, value in zip(rows, _score_batch(model, [prepared[i] for i in rows], pad_id)):
-                results[row] = value
+        for first in range(0, len(inputs_in_order), batch_size):
+            chunk = inputs_in_order[first:first + batch_size]
+            served = [[(index, prepared[index][1]) for index in sharing[inputs]] for inputs in chunk]
+            for index, value in _score_batch(model, [list(inputs) for inputs in chunk], served, pad_id):
+                results[index] = value
     return results
 
 
@@ -89,26 +97,32 @@ def _model_inputs(context: Sequence[int], continuation: Sequence[int], start_id:
     return (context + continuation)[-(max_length + 1):-1], continuation
 
 
-def _score_batch(model, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    length = max(len(inputs) for inputs, _ in batch)
+def _score_batch(model, batch: list[list[int]], served: list[list[tuple[int, list[int]]]],
+                 pad_id: int) -> list[tuple[int, float]]:
+    """``(request index, summed log-prob)`` of every request ``served`` by each input of ``batch``:
+    a continuation of ``c`` tokens is predicted by the input's last ``c`` columns."""
+    length = max(len(inputs) for inputs in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for row, (inputs, _) in enumerate(batch):
+    for row, inputs in enumerate(batch):
         input_ids[row, :len(inputs)] = torch.tensor(inputs)
         attention_mask[row, :len(inputs)] = 1
+    longest = [max(len(continuation) for _, continuation in requests) for requests in served]
     # The output layer is the costly part: keep the columns from the earliest one that predicts
     # a continuation token.
-    keep = length - min(len(inputs) - len(continuation) for inputs, continuation in batch)
+    keep = length - min(len(inputs) - needed for inputs, needed in zip(batch, longest))
     device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                    logits_to_keep=keep, use_cache=False).logits
     offset = length - logits.shape[1]  # a model that ignores logits_to_keep returns every column
     values = []
-    for row, (inputs, continuation) in enumerate(batch):
-        first = len(inputs) - len(continuation) - offset  # the column predicting continuation[0]
-        logprobs = torch.log_softmax(logits[row, first:first + len(continuation)].float(), dim=-1)
-        gold = torch.tensor(continuation, device=logprobs.device)[:, None]
-        values.append(float(logprobs.gather(1, gold).double().sum()))
+    for row, (inputs, requests) in enumerate(zip(batch, served)):
+        first = len(inputs) - longest[row] - offset
+        logprobs = torch.log_softmax(logits[row, first:first + longest[row]].float(), dim=-1)
+        for index, continuation in requests:
+            columns = logprobs[longest[row] - len(continuation):]
+            gold = torch.tensor(continuation, device=logprobs.device)[:, None]
+            values.append((index, float(columns.gather(1, gold).double().sum())))
     return values
 
 

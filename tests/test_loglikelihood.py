@@ -41,6 +41,10 @@ def mixed_requests(vocab_size, seed=0, count=11):
     for _ in range(count - len(requests)):
         requests.append(([rng.randrange(vocab_size) for _ in range(rng.randint(1, 30))],
                          [rng.randrange(vocab_size) for _ in range(rng.randint(1, 8))]))
+    # Requests that share a forward pass: one-token words after one prompt, and a two-token word
+    # whose first token extends the prompt (its input is the prompt and that token).
+    prompt = [rng.randrange(vocab_size) for _ in range(12)]
+    requests += [(prompt, [token]) for token in (3, 4, 5)] + [(prompt[:-1], prompt[-1:] + [6]), (prompt, [3])]
     return requests
 
 

@@ -39,6 +39,7 @@ def build_cli() -> click.Group:
     """The command group with the built-in commands and every plugin's commands."""
     from memdec_cli import cache_command, compare_command, eval_command, generate_command, list_command, plugins_command
     from memdec_cli.export_command import export
+    from memdec_cli.tasks_command import tasks_command
 
     @click.group(cls=MemdecGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="memdec")
@@ -55,7 +56,8 @@ def build_cli() -> click.Group:
         """
 
     for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
-                    compare_command.compare_command, generate_command.generate, cache_command.cache, export):
+                    compare_command.compare_command, generate_command.generate, cache_command.cache, export,
+                    tasks_command):
         cli.add_command(command)
     _add_plugin_commands(cli)
     return cli

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from memdec_core.models import LoadedModel
 
 Request = tuple[Sequence[int], Sequence[int]]
+#: Logit entries one pass over continuation tails may hold (rows × tail length × vocabulary):
+#: 2^25 fp32 values, 128 MB.
+TAIL_LOGITS = 1 << 25
 
 
 def model_loglikelihood(model, *, batch_size: int = 8, pad_id: int, max_length: int,
@@ -63,66 +66,106 @@ def score_requests(model, requests: Sequence[Request], *, batch_size: int, pad_i
                    max_length: int) -> list[float]:
     """Summed log-probs of each continuation, in the order of ``requests``.
 
-    Requests that feed the model the same tokens share one forward pass: every one-token
-    continuation after one context (a task's verbaliser words after one prompt) is read off the
-    same output row, so a class vocabulary of hundreds of words costs one pass per prompt.
+    Requests after the same context share its forward pass. A task asks for hundreds of
+    verbaliser words after every prompt: the distinct contexts run once, batched, for every
+    continuation's first token; the rest of a longer continuation runs on its context's KV
+    cache, many continuations per pass, so a word costs its own tokens, not the prompt's.
     """
-    prepared = [_model_inputs(context, continuation, start_id, max_length) for context, continuation in requests]
-    sharing: dict[tuple[int, ...], list[int]] = {}  # model input → the requests it serves
-    for index, (inputs, continuation) in enumerate(prepared):
+    split = [_context_and_continuation(context, continuation, start_id, max_length)
+             for context, continuation in requests]
+    after: dict[tuple[int, ...], list[int]] = {}  # context → the requests that continue it
+    for index, (context, continuation) in enumerate(split):
         if continuation:  # an empty continuation needs no forward pass: its log-prob is 0
-            sharing.setdefault(tuple(inputs), []).append(index)
-    # Longest first, so that a batch holds inputs of similar lengths and padding costs little.
-    inputs_in_order = sorted(sharing, key=len, reverse=True)
-    results = [0.0] * len(prepared)
+            after.setdefault(context, []).append(index)
+    results = [0.0] * len(split)
     with torch.inference_mode():
-        for first in range(0, len(inputs_in_order), batch_size):
-            chunk = inputs_in_order[first:first + batch_size]
-            served = [[(index, prepared[index][1]) for index in sharing[inputs]] for inputs in chunk]
-            for index, value in _score_batch(model, [list(inputs) for inputs in chunk], served, pad_id):
-                results[index] = value
+        firsts = _first_token_logprobs(model, after, split, batch_size, pad_id)
+        for index, value in firsts.items():
+            results[index] = value
+        vocabulary = _vocab_size(model)
+        for context, indices in after.items():
+            longer = [index for index in indices if len(split[index][1]) > 1]
+            # Tails are short: many fit one pass, as many as keep its logits within a budget.
+            tail = max((len(split[index][1]) - 1 for index in longer), default=1)
+            rows = max(batch_size, TAIL_LOGITS // (tail * vocabulary))
+            for first in range(0, len(longer), rows):
+                chunk = longer[first:first + rows]
+                tails = _tail_logprobs(model, context, [split[index][1] for index in chunk], pad_id)
+                for index, value in zip(chunk, tails):
+                    results[index] += value
     return results
 
 
-def _model_inputs(context: Sequence[int], continuation: Sequence[int], start_id: int,
-                  max_length: int) -> tuple[list[int], list[int]]:
-    """What the model reads (context and continuation but its last token, at most ``max_length``
-    tokens, cut on the left) and the continuation it predicts."""
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    return getattr(config.get_text_config(), "vocab_size", None) or 50_000 if config is not None else 50_000
+
+
+def _context_and_continuation(context: Sequence[int], continuation: Sequence[int], start_id: int,
+                              max_length: int) -> tuple[tuple[int, ...], list[int]]:
+    """The context the model reads before the continuation (cut on the left so that context and
+    continuation but its last token fit ``max_length`` positions) and the continuation."""
     context, continuation = [int(token) for token in context], [int(token) for token in continuation]
     if len(continuation) > max_length:
         raise ConfigError(f"a continuation of {len(continuation)} tokens does not fit the model's "
                           f"{max_length} positions")
-    if not context:
-        context = [start_id]
-    return (context + continuation)[-(max_length + 1):-1], continuation
+    context = context or [start_id]
+    room = max_length - (len(continuation) - 1)
+    return tuple(context[-room:]), continuation
 
 
-def _score_batch(model, batch: list[list[int]], served: list[list[tuple[int, list[int]]]],
-                 pad_id: int) -> list[tuple[int, float]]:
-    """``(request index, summed log-prob)`` of every request ``served`` by each input of ``batch``:
-    a continuation of ``c`` tokens is predicted by the input's last ``c`` columns."""
-    length = max(len(inputs) for inputs in batch)
-    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, inputs in enumerate(batch):
-        input_ids[row, :len(inputs)] = torch.tensor(inputs)
-        attention_mask[row, :len(inputs)] = 1
-    longest = [max(len(continuation) for _, continuation in requests) for requests in served]
-    # The output layer is the costly part: keep the columns from the earliest one that predicts
-    # a continuation token.
-    keep = length - min(len(inputs) - needed for inputs, needed in zip(batch, longest))
+def _first_token_logprobs(model, after: dict[tuple[int, ...], list[int]], split, batch_size: int,
+                          pad_id: int) -> dict[int, float]:
+    """log p(first continuation token | context) for every request: one row per distinct
+    context, longest first so that a batch pads little, left-padded so that only the last
+    column goes through the output layer (and through a memory's search)."""
+    from memdec_core.composite import positions_from_mask
+
+    values: dict[int, float] = {}
+    contexts = sorted(after, key=len, reverse=True)
     device = model_device(model)
+    for first in range(0, len(contexts), batch_size):
+        chunk = contexts[first:first + batch_size]
+        length = max(map(len, chunk))
+        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, context in enumerate(chunk):
+            input_ids[row, length - len(context):], attention_mask[row, length - len(context):] = \
+                torch.tensor(context), 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       position_ids=positions_from_mask(attention_mask).to(device), logits_to_keep=1,
+                       use_cache=False).logits
+        logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        for row, context in enumerate(chunk):
+            for index in after[context]:
+                values[index] = float(logprobs[row, split[index][1][0]].double())
+    return values
+
+
+def _tail_logprobs(model, context: tuple[int, ...], continuations: list[list[int]], pad_id: int) -> list[float]:
+    """log p(continuation[1:] | context, continuation[0]) of each continuation, on the context's
+    KV cache repeated for every row (tails right-padded, positions after the context)."""
+    from memdec_core.generation import _CACHE_NAME
+
+    device = model_device(model)
+    prefix = torch.tensor([context], device=device)
+    cache = getattr(model(input_ids=prefix, use_cache=True), _CACHE_NAME)
+    cache.batch_repeat_interleave(len(continuations))
+    inputs = [continuation[:-1] for continuation in continuations]  # each predicts the next token
+    length = max(map(len, inputs))
+    input_ids = torch.full((len(inputs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.ones(len(inputs), len(context) + length, dtype=torch.long)
+    for row, tokens in enumerate(inputs):
+        input_ids[row, :len(tokens)] = torch.tensor(tokens)
+        attention_mask[row, len(context) + len(tokens):] = 0
+    positions = torch.arange(len(context), len(context) + length).expand(len(inputs), -1)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   logits_to_keep=keep, use_cache=False).logits
-    offset = length - logits.shape[1]  # a model that ignores logits_to_keep returns every column
+                   position_ids=positions.to(device), use_cache=True, **{_CACHE_NAME: cache}).logits
     values = []
-    for row, (inputs, requests) in enumerate(zip(batch, served)):
-        first = len(inputs) - longest[row] - offset
-        logprobs = torch.log_softmax(logits[row, first:first + longest[row]].float(), dim=-1)
-        for index, continuation in requests:
-            columns = logprobs[longest[row] - len(continuation):]
-            gold = torch.tensor(continuation, device=logprobs.device)[:, None]
-            values.append((index, float(columns.gather(1, gold).double().sum())))
+    for row, continuation in enumerate(continuations):
+        logprobs = torch.log_softmax(logits[row, :len(continuation) - 1].float(), dim=-1)
+        gold = torch.tensor(continuation[1:], device=logprobs.device)[:, None]
+        values.append(float(logprobs.gather(1, gold).double().sum()))
     return values
 
 

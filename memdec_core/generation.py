@@ -103,7 +103,7 @@ def _generate(model, input_ids: torch.Tensor, config: GenerationConfig, processo
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     config = copy.copy(config)
     config.return_dict_in_generate = True  # in the config: beside it as an argument, generate warns
-    extra = {} if cache is None else {_CACHE_NAME: cache}
+    extra = {} if cache is None else {CACHE_NAME: cache}
     if tokenizer is not None:
         extra["tokenizer"] = tokenizer  # generate matches stop strings with it
     with torch.inference_mode():
@@ -118,11 +118,12 @@ def _cache_name() -> str:
     return "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
-_CACHE_NAME = _cache_name()
+#: The KV cache's name as an argument of generate() and forward(), and in their outputs.
+CACHE_NAME = _cache_name()
 
 
 def _kv_cache(output):
-    return getattr(output, _CACHE_NAME)
+    return getattr(output, CACHE_NAME)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,11 +145,11 @@ def _first_token_logprobs(model, after: dict[tuple[int, ...], list[int]], split,
 def _tail_logprobs(model, context: tuple[int, ...], continuations: list[list[int]], pad_id: int) -> list[float]:
     """log p(continuation[1:] | context, continuation[0]) of each continuation, on the context's
     KV cache repeated for every row (tails right-padded, positions after the context)."""
-    from memdec_core.generation import _CACHE_NAME
+    from memdec_core.generation import CACHE_NAME
 
     device = model_device(model)
     prefix = torch.tensor([context], device=device)
-    cache = getattr(model(input_ids=prefix, use_cache=True), _CACHE_NAME)
+    cache = getattr(model(input_ids=prefix, use_cache=True), CACHE_NAME)
     cache.batch_repeat_interleave(len(continuations))
     inputs = [continuation[:-1] for continuation in continuations]  # each predicts the next token
     length = max(map(len, inputs))
@@ -160,7 +160,7 @@ def _tail_logprobs(model, context: tuple[int, ...], continuations: list[list[int
         attention_mask[row, len(context) + len(tokens):] = 0
     positions = torch.arange(len(context), len(context) + length).expand(len(inputs), -1)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                   position_ids=positions.to(device), use_cache=True, **{_CACHE_NAME: cache}).logits
+                   position_ids=positions.to(device), use_cache=True, **{CACHE_NAME: cache}).logits
     values = []
     for row, continuation in enumerate(continuations):
         logprobs = torch.log_softmax(logits[row, :len(continuation) - 1].float(), dim=-1)

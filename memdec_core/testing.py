@@ -386,7 +386,8 @@ class CombinerContract(ComponentContract):
 
 
 class MethodContract(ComponentContract):
-    """A method evaluates the tiny domain: a finite perplexity, typed costs, a scorer for other text."""
+    """A method evaluates the tiny domain: a finite perplexity, typed costs, a scorer for other text,
+    a generator and a loglikelihood of the right shapes."""
 
     kind = "methods"
 
@@ -412,6 +413,12 @@ class MethodContract(ComponentContract):
             prompt = torch.from_numpy(ctx.corpus.streams["test"][:8].astype("int64"))[None]
             generated = result.generator(prompt, 4)
             assert tuple(generated.shape) == (1, 4)
+        if result.loglikelihood is not None:  # memdec tasks and lm-eval read it
+            tokens = [int(token) for token in ctx.corpus.streams["test"][:12]]
+            requests = [(tokens[:8], tokens[8:10]), (tokens[:8], tokens[8:9]), ([], tokens[:3])]
+            values = result.loglikelihood(requests)
+            assert len(values) == 3 and all(math.isfinite(value) and value <= 0 for value in values)
+            assert values[0] <= values[1] + 1e-6  # a longer continuation is no likelier than its prefix
 
 
 class DomainContract(ComponentContract):

@@ -115,10 +115,12 @@ def test_generation_latency_reports_milliseconds_per_token_and_checks_the_shape(
 
 
 def test_real_sleeps_give_about_the_true_ratio():
-    """The real clock, with tiny sleeps and a wide tolerance: this checks the arithmetic, not speed."""
+    """The real clock (the default), with tiny sleeps: a loaded machine oversleeps both by the same
+    scheduling delay, which pulls the ratio towards 1 but never below it; the arithmetic itself
+    is checked on a fake clock above."""
     ratio, spread = scoring_latency(lambda *args: time.sleep(0.002), lambda *args: time.sleep(0.006), None, None,
                                     timing=Timing(min_pairs=3, max_pairs=5, min_seconds=0, sample_seconds=0))
-    assert 1.5 < ratio < 6 and np.isfinite(spread)
+    assert 1 < ratio < 6 and np.isfinite(spread)
 
 
 # ----------------------------------------------------------------------------------------------

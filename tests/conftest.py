@@ -57,6 +57,23 @@ QUICK_MEMORY = dict(epochs=2, batch_size=4, k=16, temperature=1.0, lr=3e-3)
 SMALL_WINDOWS = dict(context=64, stride=32, batch_size=4)
 
 
+def invoke(*args):
+    """``memdec ARGS`` in-process (arguments turned to strings: paths may be passed as they are)."""
+    from click.testing import CliRunner
+
+    from memdec_cli.main import build_cli
+
+    return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
+
+
+def one_line_error(result) -> str:
+    """The single ``Error: ...`` line of a command that failed with exit status 1."""
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
     """A Memory Decoder trained on the tiny corpus with the tiny Llama as teacher and init."""

@@ -9,10 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, invoke, one_line_error
 
-from memdec_cli.main import build_cli
 from memdec_core.api import prepare_context
 from memdec_core.artifacts import (
     MANIFEST,
@@ -26,17 +24,6 @@ from memdec_core.evaluate import EvalSettings
 from memdec_core.models import base_reference, referenced_base
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
-
-
-def invoke(*args):
-    return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 def front_matter(folder: Path) -> dict:

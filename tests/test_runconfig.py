@@ -5,9 +5,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
-from click.testing import CliRunner
+from conftest import invoke, one_line_error
 
-from memdec_cli.main import build_cli
 from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, parse_budget
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import EvalSettings
@@ -38,17 +37,6 @@ def captured(monkeypatch):
     monkeypatch.setattr(api_module, "evaluate", fake_evaluate)
     monkeypatch.setattr(compare_module, "compare", fake_compare)
     return calls
-
-
-def invoke(*args):
-    return CliRunner().invoke(build_cli(), [str(arg) for arg in args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    return lines[0]
 
 
 YAML_EVAL = """\

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke
 
-from memdec_cli.main import build_cli
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 from memdec_core.models import load_model
 from memdec_core.tasks import (
@@ -281,10 +280,6 @@ def test_unknown_task_names_and_a_missing_tasks_folder_are_one_line_errors(tmp_p
 
 # ----------------------------------------------------------------------------------------------
 # memdec tasks
-
-
-def invoke(*args):
-    return CliRunner().invoke(build_cli(), list(args))
 
 
 def test_memdec_tasks_scores_base_and_a_mixture_end_to_end(corpus_dir, tiny_gpt2, tmp_path):

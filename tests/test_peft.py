@@ -161,3 +161,45 @@ def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adap
     assert trainer.run()["global_step"] == 9  # the same 9 steps as a budget of 9 × 4 × 32 tokens
     with pytest.raises(ConfigError, match="tokens or in FLOPs, not both"):
         LoopSettings(max_tokens=10, max_flops=10.0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("adapted", [False, True])
+def test_chunked_cross_entropy_equals_the_full_logits_one(family, adapted):
+    """The loss of continued training runs the output layer a chunk at a time; its value and
+    gradients must be those of cross-entropy on the full logits (gemma3 caps its logits, so it
+    takes the full path, and must give the same too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from memdec_core.testing import tiny_config
+    from memdec_core.training import TrainBatch, next_token_cross_entropy
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, 300)).double().eval()  # no dropout: equal bits
+    if adapted:
+        targets = lora_targets(model)
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, fan_in_fan_out=family == "gpt2"))
+    input_ids = torch.randint(0, 300, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 7:] = 0  # a shorter last chunk, right-padded as the trainer pads
+    rows, columns = attention_mask[:, :-1].nonzero(as_tuple=True)
+    gold = input_ids[rows, columns + 1]
+    batch = TrainBatch(torch.arange(len(rows)), rows, columns, input_ids, attention_mask, gold)
+
+    def loss_and_gradients(loss):
+        model.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        return value.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def full():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[rows, columns].float(), gold)  # as memdec scores
+
+    reference, reference_grads = loss_and_gradients(full)
+    chunked, chunked_grads = loss_and_gradients(lambda: next_token_cross_entropy(model, batch, chunk=4))
+    torch.testing.assert_close(chunked, reference, rtol=1e-6, atol=1e-7)
+    assert chunked_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

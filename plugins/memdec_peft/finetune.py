@@ -36,7 +36,7 @@ from memdec_core.interfaces import Costs
 from memdec_core.loglikelihood import base_loglikelihood
 from memdec_core.models import base_reference
 from memdec_core.progress import log
-from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
+from memdec_core.training import LoopSettings, Trainer, next_token_cross_entropy, seeded
 from memdec_peft.settings import FinetuneSettings
 
 
@@ -45,11 +45,6 @@ def loop_settings(settings: FinetuneSettings, lr: float) -> LoopSettings:
     return LoopSettings(epochs=settings.epochs, lr=lr, batch_size=settings.batch_size,
                         accumulate=settings.accumulate, max_steps=settings.max_steps, max_tokens=settings.budget_tokens,
                         max_flops=settings.budget_flops, patience=settings.patience, seed=settings.seed)
-
-
-def cross_entropy(model, batch: TrainBatch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits[batch.rows, batch.columns].float(), batch.gold)
 
 
 @dataclass
@@ -128,7 +123,7 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
         return perplexity(trained, valid, valid_windows, batch_size=ctx.settings.batch_size,
                           description=f"valid {adaptation.kind}"), {}
 
-    trainer = Trainer(model, ctx.corpus.streams["train"], ctx.context, loop, work, loss=cross_entropy,
+    trainer = Trainer(model, ctx.corpus.streams["train"], ctx.context, loop, work, loss=next_token_cross_entropy,
                       validate=validate, description=f"{adaptation.kind} {ctx.base.short_name}")
     if checkpoint:
         trainer.restore(checkpoint)

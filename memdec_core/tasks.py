@@ -514,14 +514,20 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
                    bases: Iterable[str] = (), methods: Iterable[str] = ("base",), *,
                    max_examples: int | None = None, validation_examples: int = DEFAULT_VALIDATION_EXAMPLES,
                    settings=None, combiner: Any = "linear", method_settings: dict | None = None,
-                   command: list[str] | None = None) -> dict:
+                   command: list[str] | None = None, previous: dict | None = None,
+                   on_row: Callable[[dict], None] | None = None) -> dict:
     """Adapt every base with every method on ``domain`` as ``api.evaluate`` does, then score every
     task with each method's ``loglikelihood``: accuracy by DCPMI, the combiner's knobs tuned per
     task on its validation slice where it has one (else those chosen on perplexity).
 
     Returns ``{"domain", "tasks": [...], "results": [{"base", "method", "test_ppl", "knobs",
     "tasks": {name: {"accuracy", "examples", "knobs", "knob_source", "validation"}}, "mean_accuracy"}],
-    "meta"}`` (docs/tasks.md).
+    "meta", "complete"}`` (docs/tasks.md).
+
+    ``on_row(report)`` is called after each method with the report so far (``complete`` False
+    until the last row), so a long run can be written as it goes. ``previous``, such a report of
+    an earlier run with the same domain, tasks and settings, gives back the rows it holds instead
+    of scoring them again; one of other settings is refused.
     """
     from memdec_core import api
     from memdec_core.meta import call_config, context_entry, run_meta
@@ -532,21 +538,48 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
                         seed=seed) for name in _unique(tasks)]  # every file checked before a model loads
     run = api.prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
                           component_settings=method_settings)
-    rows, contexts = [], {}
-    for base_name in run.bases:
-        ctx = api.prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
-        contexts[ctx.base.model_id] = context_entry(ctx)
-        plans = [(task, _plans(task, ctx.base.tokenizer)) for task in loaded]
-        for method in api.methods_for_base(ctx, run.methods):
-            rows.append(_method_row(ctx, method, plans))
     names = [method.name for method in run.methods]
     options = {"tasks": list(tasks), "tasks_dir": str(folder) if folder else None, "max_examples": max_examples,
                "validation_examples": validation_examples}
     config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner, settings=run.settings,
                          component_settings=method_settings, options=options)
-    meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
-                    contexts=contexts, config=config, command=command, extra={"scoring": "dcpmi"})
-    return {"domain": run.corpus.name, "tasks": [task.summary() for task in loaded], "results": rows, "meta": meta}
+    done = _reusable_rows(previous, config)
+    rows, contexts = [], {}
+
+    def report(complete: bool) -> dict:
+        meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
+                        contexts=contexts, config=config, command=command, extra={"scoring": "dcpmi"})
+        return {"domain": run.corpus.name, "tasks": [task.summary() for task in loaded], "results": list(rows),
+                "meta": meta, "complete": complete}
+
+    for base_name in run.bases:
+        ctx = api.prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        contexts[ctx.base.model_id] = context_entry(ctx)
+        plans = [(task, _plans(task, ctx.base.tokenizer)) for task in loaded]
+        for method in api.methods_for_base(ctx, run.methods):
+            row = done.get((ctx.base.model_id, method.name))
+            if row is not None:
+                log(f"{method.name} on {ctx.base.short_name}: scored by an earlier run, kept")
+            rows.append(row or _method_row(ctx, method, plans))
+            if on_row is not None:
+                on_row(report(complete=False))
+    return report(complete=True)
+
+
+def _reusable_rows(previous: dict | None, config: dict) -> dict[tuple[str, str], dict]:
+    """The rows of an earlier report of this run, keyed by (base, method); another run's are refused."""
+    if not previous:
+        return {}
+
+    def comparable(values: dict) -> dict:  # bases and methods may be added on resuming; as JSON reads back
+        return json.loads(json.dumps({key: value for key, value in values.items() if key not in ("bases", "methods")},
+                                     sort_keys=True, default=str))
+
+    earlier = previous.get("meta", {}).get("config", {}).get("values")
+    if not isinstance(earlier, dict) or comparable(earlier) != comparable(config["values"]):
+        raise ConfigError("the earlier report was made with other settings (domain, tasks, windows or method "
+                          "settings); give another --output, or run without --resume")
+    return {(row["base"], row["method"]): row for row in previous.get("results", [])}
 
 
 def _unique(names: Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import invoke
+from conftest import invoke, one_line_error
 
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 from memdec_core.models import load_model
@@ -301,6 +301,41 @@ def test_memdec_tasks_scores_base_and_a_mixture_end_to_end(corpus_dir, tiny_gpt2
     table = invoke("tasks", "--domain", str(corpus_dir), "--base", str(tiny_gpt2), "--method", "base",
                    "--tasks", str(spec), "--context", "64", "--format", "markdown")
     assert table.exit_code == 0 and f"| {tiny_gpt2} | base | " in table.stdout and "tiny ↑" in table.stdout
+
+
+def test_an_interrupted_memdec_tasks_run_keeps_its_rows_and_resumes(corpus_dir, tiny_gpt2, tmp_path, monkeypatch):
+    import memdec_core.tasks as tasks_module
+
+    spec = write_tiny_task(tmp_path / "task")
+    out = tmp_path / "tasks.json"
+    command = ["tasks", "--domain", corpus_dir, "--base", tiny_gpt2, "--tasks", spec, "--context", "64",
+               "--set", "knn-lm.k=32", "--output", out, "--format", "json"]
+    scored, real_row = [], tasks_module._method_row
+
+    def killed_after_base(ctx, method, plans):
+        if method.name != "base":
+            raise KeyboardInterrupt  # the run is stopped while knn-lm is being scored
+        scored.append(method.name)
+        return real_row(ctx, method, plans)
+
+    monkeypatch.setattr(tasks_module, "_method_row", killed_after_base)
+    invoke(*command, "--method", "base,knn-lm")
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [row["method"] for row in partial["results"]] == ["base"]
+
+    monkeypatch.setattr(tasks_module, "_method_row", lambda *args: scored.append(args[1].name) or real_row(*args))
+    resumed = invoke(*command, "--method", "base,knn-lm", "--resume")
+    assert resumed.exit_code == 0, resumed.stderr
+    report = json.loads(out.read_text())
+    assert scored == ["base", "knn-lm"]  # base was not scored again
+    assert report["complete"] is True and report["results"][0] == partial["results"][0]
+    assert [row["method"] for row in report["results"]] == ["base", "knn-lm"]
+
+    other = invoke("tasks", "--domain", corpus_dir, "--base", tiny_gpt2, "--tasks", spec, "--context", "32",
+                   "--output", out, "--resume")
+    assert "made with other settings" in one_line_error(other)
+    out.write_text("{not json")
+    assert "not a report of memdec tasks" in one_line_error(invoke(*command, "--resume"))
 
 
 def test_memdec_tasks_checks_tasks_before_loading_any_model(corpus_dir, tmp_path):

@@ -11,6 +11,7 @@ import click
 from memdec_cli.eval_command import _combiner
 from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
 from memdec_core.artifacts import write_json
+from memdec_core.errors import ArtifactError
 from memdec_core.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
 
 FORMATS = ("table", "json", "markdown")
@@ -41,9 +42,13 @@ FORMATS = ("table", "json", "markdown")
 @click.option("--format", "output_format", type=click.Choice(FORMATS), default="table", show_default=True,
               help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the results as JSON to this file.")
+              help="Also write the results as JSON to this file, rewritten after each method (\"complete\": "
+                   "false until the last).")
+@click.option("--resume", is_flag=True, help="Keep the rows --output already holds from an interrupted run of the "
+                                             "same settings, and score only the rest.")
 def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, validation_examples, combiner, lam,
-                  assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format, output):
+                  assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format, output,
+                  resume):
     """Zero-shot classification accuracy of every base × method adapted to a domain, scored by DCPMI.
 
     Each method adapts to --domain exactly as in `memdec eval` (artifacts cached, knobs tuned on the
@@ -66,14 +71,30 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
     """
     from memdec_core.tasks import evaluate_tasks
 
+    if resume and output is None:
+        raise click.UsageError("--resume needs --output, the report to resume")
     report = evaluate_tasks(domain, split_list(task_list), tasks_dir, bases, split_list(methods),
                             max_examples=max_examples, validation_examples=validation_examples,
                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                             combiner=_combiner(combiner, lam), method_settings=parse_assignments(assignments),
-                            command=list(sys.argv))
+                            command=list(sys.argv), previous=_earlier_report(output) if resume else None,
+                            on_row=(lambda partial: write_json(output, partial)) if output else None)
     print_tasks(report, output_format)
     if output:
         write_json(output, report)
+
+
+def _earlier_report(path: Path) -> dict | None:
+    """The report an interrupted run left at ``path`` (None if there is none yet)."""
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path} is not a report of memdec tasks to resume ({error})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), list):
+        raise ArtifactError(f"{path} is not a report of memdec tasks to resume (no results list)")
+    return report
 
 
 def task_rows(report: dict) -> tuple[list[str], list[list[str]]]:

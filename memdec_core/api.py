@@ -168,10 +168,20 @@ def _evaluate_one(ctx: EvalContext, method: Method) -> dict:
     result = method.evaluate(ctx)
     check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
-            "valid_ppl": result.valid_ppl, "knobs": result.knobs, "costs": dataclasses.asdict(result.costs),
+            "valid_ppl": result.valid_ppl, **split_bits_per_byte(ctx, result),
+            "knobs": result.knobs, "costs": dataclasses.asdict(result.costs),
             "seconds": round(time.perf_counter() - started, 2),
             "test_tokens": len(ctx.corpus.streams["test"]) - 1, "memory": result.memory, "tuning": result.tuning,
             "details": result.details}
+
+
+def split_bits_per_byte(ctx: EvalContext, result) -> dict:
+    """``test_bpb`` and ``valid_bpb`` of a result: its perplexities in bits per byte of the text."""
+    from memdec_core.evaluate import bits_per_byte
+
+    tokenizer, streams = ctx.base.tokenizer, ctx.corpus.streams
+    return {"test_bpb": bits_per_byte(result.test_ppl, tokenizer, streams["test"]),
+            "valid_bpb": bits_per_byte(result.valid_ppl, tokenizer, streams["valid"])}
 
 
 def check_finite(value: float | None, what: str) -> None:

@@ -231,16 +231,17 @@ def _check_budget_fits(ctx, methods, measure: CompareSettings) -> None:
 
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
-    from memdec_core.api import check_finite
+    from memdec_core.api import check_finite, split_bits_per_byte
 
     started = time.perf_counter()
     result = method.evaluate(ctx)
     check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
     seconds = time.perf_counter() - started
     costs = result.costs
+    general_ppl = _finite(probes.general_ppl(result), method.name, ctx)
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
-            "valid_ppl": result.valid_ppl, "general_ppl": _finite(probes.general_ppl(result), method.name, ctx),
-            "knobs": result.knobs,
+            "valid_ppl": result.valid_ppl, "general_ppl": general_ppl, **split_bits_per_byte(ctx, result),
+            "general_bpb": probes.general_bpb(general_ppl), "knobs": result.knobs,
             "params_added": costs.params_added, "bytes_added": costs.bytes_added,
             "memory_bytes": costs.memory_bytes, "train_seconds": round(costs.train_seconds, 1),
             "train_tokens": costs.train_tokens, "train_flops": costs.train_flops,
@@ -337,6 +338,11 @@ class _Probes:
         if self.general is None or result.scorer is None:
             return None
         return result.score(*self.general, f"general {self.ctx.base.short_name}").perplexity
+
+    def general_bpb(self, general_ppl: float | None) -> float | None:
+        from memdec_core.evaluate import bits_per_byte
+
+        return None if self.general is None else bits_per_byte(general_ppl, self.ctx.base.tokenizer, self.general[0])
 
     def latency(self, method, result) -> dict:
         """``latency_ratio``/``latency_spread`` (teacher-forced scoring of the slice) and

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from memdec_core.distributed import alone
 from memdec_core.errors import DiskError
 
 #: errno → what the user is told.
@@ -166,6 +167,7 @@ def entry_lock(target: Path) -> Iterator[None]:
         raise
     try:
         remove_stale(target)
-        yield
+        with alone():  # the other ranks of a run wait on this lock, not in a collective
+            yield
     finally:
         lock.release()

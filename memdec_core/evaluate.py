@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from memdec_core.data import Window
+from memdec_core.distributed import World, sharding, sum_across
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.grids import extend, numeric_knobs
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
@@ -27,7 +28,7 @@ from memdec_core.progress import log, progress_bar
 #: Re-exported: methods and plugins written before they moved to ``memdec_core.interfaces``.
 __all__ = ["EvalContext", "EvalSettings", "MethodResult", "Scorer", "ScoredBatch", "NLLTotal",
            "evaluate_mixture", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
-           "model_scorer", "format_knobs"]
+           "model_scorer", "format_knobs", "bits_per_byte", "scored_bytes"]
 
 
 @dataclass
@@ -83,16 +84,45 @@ class NLLTotal:
         return math.exp(self.total / self.count) if self.count else float("nan")
 
 
+def scored_bytes(tokenizer, stream: np.ndarray) -> int:
+    """UTF-8 bytes of the text a split's perplexity scores: every token of ``stream`` but the first
+    (each window predicts the token after each position), decoded at once; the documents'
+    separators count no bytes."""
+    text = tokenizer.decode(stream[1:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return len(text.encode("utf-8"))
+
+
+def bits_per_byte(perplexity: float | None, tokenizer, stream: np.ndarray) -> float | None:
+    """The NLL of the scored tokens of ``stream`` in bits per UTF-8 byte of their text: the one
+    scale on which models of different tokenizers compare (perplexity per token does not)."""
+    if perplexity is None or math.isnan(perplexity) or len(stream) < 2:
+        return None
+    n_bytes = scored_bytes(tokenizer, stream)
+    return math.log2(perplexity) * (len(stream) - 1) / n_bytes if n_bytes else None
+
+
+def reduce_totals(totals: list[NLLTotal]) -> list[NLLTotal]:
+    """Each total summed over the ranks that shared its batches (one collective for them all)."""
+    values = sum_across([value for total in totals for value in (total.total, total.count)])
+    for number, total in enumerate(totals):
+        total.total, total.count = values[2 * number], int(round(values[2 * number + 1]))
+    return totals
+
+
 def iter_scored_batches(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
-                        capture_hidden: bool = False, with_logits: bool = True,
+                        capture_hidden: bool = False, with_logits: bool = True, sharded: bool = False,
                         description: str = "scoring") -> Iterator[ScoredBatch]:
     """Run ``model`` over the windows in batches; yield the scored positions of each batch.
 
     ``with_logits=False`` skips the output layer (a datastore needs only hidden states).
+    ``sharded``: under several processes, this rank's batches only (every N-th: the batches, so
+    the numbers, are those of one process); the caller reduces what it sums (``reduce_totals``).
     """
-    n_scored = sum(window.n_scored for window in windows)
+    shard = sharding() if sharded else World()
+    starts = [first for number, first in enumerate(range(0, len(windows), batch_size)) if shard.owns(number)]
+    n_scored = sum(window.n_scored for first in starts for window in windows[first:first + batch_size])
     with progress_bar(description, n_scored, "tokens") as advance, torch.inference_mode():
-        for first in range(0, len(windows), batch_size):
+        for first in starts:
             batch_windows = windows[first:first + batch_size]
             batch = _score_windows(model, stream, batch_windows, capture_hidden, with_logits)
             advance(len(batch.targets))
@@ -157,9 +187,10 @@ def nll_total(model, stream: np.ndarray, windows: list[Window], *, batch_size: i
               description: str = "perplexity") -> NLLTotal:
     """Token-weighted NLL of ``model`` alone over the windows."""
     total = NLLTotal()
-    for batch in iter_scored_batches(model, stream, windows, batch_size=batch_size, description=description):
+    for batch in iter_scored_batches(model, stream, windows, batch_size=batch_size, sharded=True,
+                                     description=description):
         total.add(batch.gold_logprobs())
-    return total
+    return reduce_totals([total])[0]
 
 
 def perplexity(model, stream: np.ndarray, windows: list[Window], *, batch_size: int,
@@ -292,6 +323,11 @@ class MemoryAlone:
         self.named.add(gold_logprobs[torch.isfinite(gold_logprobs)])
         self.positions += int(gold_logprobs.numel())
 
+    def reduce(self) -> None:
+        """Summed over the ranks that shared the batches."""
+        reduce_totals([self.named])
+        self.positions = int(round(sum_across([self.positions])[0]))
+
     def facts(self) -> dict:
         if not self.positions:
             return {}
@@ -319,7 +355,7 @@ def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, win
     totals = [NLLTotal() for _ in settings]
     combiners = [ctx.combiner(config) for _, config in settings]
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
-                                  capture_hidden=memory.needs_hidden, description=description)
+                                  capture_hidden=memory.needs_hidden, sharded=True, description=description)
     for number, batch in enumerate(batches):
         _check_finite(batch.logits, f"the base {ctx.base.model_id}", split)
         state = _call(memory, "memory", memory.score, batch)
@@ -337,7 +373,9 @@ def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, win
             gold = _mixed_gold(combiner, batch, by_memory_knobs[key], split)
             _check_finite(gold, f"combiner {_name(combiner)!r} ({format_knobs(combiner.knobs())})", split)
             total.add(gold)
-    return totals
+    if alone is not None:
+        alone.reduce()
+    return reduce_totals(totals)
 
 
 def _name(component) -> str:

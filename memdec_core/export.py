@@ -24,6 +24,7 @@ from memdec_core.artifacts import (
     write_readme,
 )
 from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
+from memdec_core.models import save_model
 
 ARTIFACT_TYPE = "exported-model"
 
@@ -39,7 +40,7 @@ def export_adapted(folder: Path | str, output: Path | str, *, base: str | None =
     _check_output(output, force, source=folder)
     model, tokenizer, base_name = _merged_model(folder, manifest, base)
     with new_folder(output, force) as temporary:
-        model.save_pretrained(temporary)
+        save_model(model, temporary)
         tokenizer.save_pretrained(temporary)
         write_manifest(temporary, ARTIFACT_TYPE, source=artifact_reference(folder), source_type=manifest["type"],
                        base_model=base_name, base=manifest.get("base"), domain=manifest.get("domain"),

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from memdec_core.distributed import world
+
 #: The version of the report layout (top-level keys, ``meta``, the rows) that docs/reports.md describes.
 SCHEMA_VERSION = 1
 #: memdec loads every model in float32 (memdec_core.models): the dtype when no model says otherwise.
@@ -36,6 +38,7 @@ def run_meta(*, settings, bases: Sequence[str], methods: Sequence[str], combiner
         "seeds": {"eval": settings.seed},
         "git": git_hash(),
         "device": device(),
+        "world_size": world().size,  # processes that shared the scoring (torchrun, accelerate launch)
         "dtype": _dtype_of(contexts),
         "contexts": {base: dict(entry) for base, entry in contexts.items()},
         "command": list(command) if command is not None else None,
@@ -52,8 +55,9 @@ def run_meta(*, settings, bases: Sequence[str], methods: Sequence[str], combiner
 
 
 def context_entry(ctx) -> dict[str, Any]:
-    """One base's entry in ``contexts``: the window it was scored with and its weights' dtype."""
-    return {"context": ctx.context, "stride": ctx.stride, "dtype": model_dtype(ctx.base.model)}
+    """One base's entry in ``contexts``: the window it was scored with, its weights' dtype and its tokenizer."""
+    return {"context": ctx.context, "stride": ctx.stride, "dtype": model_dtype(ctx.base.model),
+            "tokenizer": ctx.base.tokenizer_fingerprint}
 
 
 def model_dtype(model: Any) -> str:

@@ -66,9 +66,11 @@ def default_device():
     """
     import torch
 
+    from memdec_core.distributed import world
+
     name = os.environ.get("MEMDEC_DEVICE", "").strip()
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:  # under a launcher, each rank has its own GPU
+        return torch.device("cuda", world().local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as error:
@@ -269,8 +271,32 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
     if unexpected or set(missing) - tied:
         raise ModelError(f"converting the GGUF model lost weights: missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
-    plain.save_pretrained(folder)
+    save_model(plain, folder)
     tokenizer.save_pretrained(folder)
+
+
+def save_model(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` on whichever process calls it, checked to have written something.
+
+    Once a process group exists, transformers writes nothing from a rank other than 0 (it assumes
+    every rank saves the same model). memdec builds a cache entry in the one rank that holds its
+    lock, which may be any rank, so that rank must write.
+    """
+    from transformers import PreTrainedModel
+
+    inner = [module for module in (model, getattr(model, "get_base_model", lambda: None)())
+             if isinstance(module, PreTrainedModel)]
+    for module in inner:
+        module.should_save_on_this_rank = lambda is_main_process: is_main_process
+    try:
+        model.save_pretrained(folder)
+    finally:
+        for module in inner:
+            del module.should_save_on_this_rank
+    if not any(Path(folder).iterdir()):
+        from memdec_core.distributed import world
+
+        raise ModelError(f"saving {type(model).__name__} to {folder} wrote nothing (rank {world().rank})")
 
 
 def hub_id(name: str) -> str | None:

@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 
 from memdec_core.artifacts import replacing_directory
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.models import model_device
+from memdec_core.models import model_device, save_model
 from memdec_core.progress import log, progress_bar
 
 
@@ -270,7 +270,7 @@ class Trainer:
         if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
             self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
             with replacing_directory(self.work / "best") as temporary:
-                self.model.save_pretrained(temporary)
+                save_model(self.model, temporary)
         elif self.settings.patience and epoch - self.state["best_epoch"] >= self.settings.patience:
             log(f"stopping early: no better validation perplexity for {self.settings.patience} epoch(s)")
             self.state["stopped_early"] = True
@@ -279,7 +279,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         with replacing_directory(self.work / "checkpoint") as temporary:
-            self.model.save_pretrained(temporary)
+            save_model(self.model, temporary)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        temporary / "optimizer.pt")
             save_rng_states(temporary / RNG_FILE)

@@ -48,6 +48,10 @@ def test_every_method_gets_a_row_with_every_measure(report):
     assert 0 <= rows["memdec"]["target_agreement"] <= 1 and rows["memdec"]["target_kl"] >= 0
     assert rows["knn-lm"]["target_agreement"] is None  # a kNN-LM is the distribution, not its imitation
     assert set(report["meta"]) >= {"versions", "seeds", "git", "device"}
+    for row in rows.values():  # bits per byte: the perplexities on the tokenizer-free scale
+        assert row["test_bpb"] > 0 and row["general_bpb"] > 0, row["method"]
+        assert (row["valid_bpb"] is None) == (row["valid_ppl"] is None), row["method"]
+    assert rows["memdec"]["test_bpb"] < rows["base"]["test_bpb"]
 
 
 def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):

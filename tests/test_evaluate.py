@@ -67,3 +67,50 @@ def test_context_longer_than_model(base):
     with pytest.raises(ConfigError, match="longer than"):
         EvalSettings(context=4096).resolve_window(base)
     assert EvalSettings().resolve_window(base) == (256, 128)  # min(1024, model max), stride half
+
+
+def test_bits_per_byte_is_the_total_nll_in_bits_over_the_bytes_of_the_scored_text(base, corpus_dir):
+    """Brute force: the NLL of every scored token in bits, over the UTF-8 bytes of the text those
+    tokens spell (byte-level BPE: the bytes of each token, summed)."""
+    from memdec_core import api
+    from memdec_core.evaluate import bits_per_byte, scored_bytes
+
+    report = api.evaluate(str(corpus_dir), [base.model_id], ["base"], settings=EvalSettings(context=64, stride=32))
+    row = report["results"][0]
+    stream = api.prepare_context(str(corpus_dir), base.model_id, EvalSettings(context=64, stride=32)).corpus.streams[
+        "test"]
+    special = set(base.tokenizer.all_special_ids)
+    by_token = sum(len(base.tokenizer.decode([int(token)]).encode("utf-8")) for token in stream[1:]
+                   if int(token) not in special)
+    assert scored_bytes(base.tokenizer, stream) == by_token
+    nll_bits = math.log2(row["test_ppl"]) * (len(stream) - 1)
+    assert row["test_bpb"] == pytest.approx(nll_bits / by_token, rel=1e-12)
+    assert row["test_bpb"] == pytest.approx(bits_per_byte(row["test_ppl"], base.tokenizer, stream), rel=1e-12)
+    assert row["valid_bpb"] is None  # the base has no validation perplexity
+    assert bits_per_byte(None, base.tokenizer, stream) is None and bits_per_byte(float("nan"), base.tokenizer,
+                                                                                  stream) is None
+
+
+def test_the_scored_bytes_are_the_text_whatever_the_tokenizer(tmp_path):
+    """Two tokenizers of different vocabularies cut the same documents differently; the bytes they
+    score are the text's (less the first token's), so bits per byte put them on one scale."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from memdec_core.data import tokenize_documents
+    from memdec_core.evaluate import scored_bytes
+    from memdec_core.testing import synthetic_documents
+
+    documents = synthetic_documents(20, seed=3) + ["naïve café — ünïcode ✓"]
+    total = sum(len(document.encode("utf-8")) for document in documents)
+    for vocab_size in (270, 600):
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        raw.train_from_iterator(synthetic_documents(100, seed=1), trainer)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+        stream = tokenize_documents(tokenizer, documents)
+        first = len(tokenizer.decode([int(stream[0])], skip_special_tokens=True).encode("utf-8"))
+        assert scored_bytes(tokenizer, stream) == total - first, vocab_size

@@ -177,3 +177,15 @@ def test_the_bars_axis_shows_the_differences(report):
     stars = [line for line in curves.lines if line.get_marker() == "*" and len(line.get_xdata())]
     assert sorted(line.get_xdata()[0] for line in stars) == [0.3, 0.5]  # each mixture's chosen λ
     assert curves.get_xlabel() == "λ"
+
+
+def test_bits_per_byte_leads_the_table_when_the_bases_have_different_tokenizers(report, piped):
+    report["results"][0]["test_bpb"], report["results"][3]["test_bpb"] = 1.2345, 1.111
+    same = markdown_rows(piped(report, "markdown"), "| base")
+    assert "test bits/byte ↓" not in same[0]  # one tokenizer: perplexities compare, the table is as before
+    report["meta"]["contexts"] = {"org/model-s": {"tokenizer": "aaaa"}, "org/model-m": {"tokenizer": "bbbb"}}
+    mixed = markdown_rows(piped(report, "markdown"), "| base")
+    assert list(mixed[0])[2] == "test bits/byte ↓"
+    assert mixed[0]["test bits/byte ↓"].strip("*") == "1.2345"
+    assert mixed[3]["test bits/byte ↓"].strip("*") == "1.1110" and mixed[1]["test bits/byte ↓"] == "-"
+    assert "1.2345" in piped(report)  # the terminal table too

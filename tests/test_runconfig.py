@@ -13,8 +13,8 @@ from memdec_core.interfaces import EvalSettings
 from memdec_core.meta import SCHEMA_VERSION, run_meta
 from memdec_core.runconfig import budget_from_fields, load_run_config, window_settings
 
-META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "dtype", "contexts", "command", "timestamp",
-             "config", "settings", "combiner", "bases", "methods"}
+META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size", "dtype", "contexts", "command",
+             "timestamp", "config", "settings", "combiner", "bases", "methods"}
 
 
 @pytest.fixture
@@ -237,7 +237,11 @@ def test_a_real_evaluate_reports_the_resolved_window(corpus_dir, tiny_llama):
     assert {"domain", "results", "settings", "combiner", "meta"} <= set(report)
     meta = report["meta"]
     assert set(meta) == META_KEYS and meta["schema_version"] == SCHEMA_VERSION
-    assert meta["contexts"] == {str(tiny_llama): {"context": 64, "stride": 32, "dtype": "float32"}}
+    from memdec_core.models import load_model
+
+    tokenizer = load_model(str(tiny_llama)).tokenizer_fingerprint
+    assert meta["contexts"] == {str(tiny_llama): {"context": 64, "stride": 32, "dtype": "float32",
+                                                  "tokenizer": tokenizer}}
     assert meta["dtype"] == "float32" and meta["command"] is None and meta["bases"] == [str(tiny_llama)]
     assert meta["config"]["values"]["domain"] == str(corpus_dir)
     assert meta["config"]["values"]["settings"] == {"linear": {"lam": 0.5}}

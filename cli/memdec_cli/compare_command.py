@@ -16,8 +16,8 @@ from memdec_cli.options import (
     set_option,
     split_list,
     window_options,
+    write_report,
 )
-from memdec_core.artifacts import write_json
 from memdec_core.compare import EQUAL_COMPUTE, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
 from memdec_core.errors import ConfigError, MemdecError
 from memdec_core.runconfig import FORMATS
@@ -115,7 +115,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
         raise
     print_comparison(report, output_format)
     if output:
-        write_json(output, report)
+        write_report(output, report)
     if plot:
         from memdec_cli.plot import plot_comparison
 
@@ -132,6 +132,6 @@ def _keep_partial(report: dict | None, output_format: str, output: Path | None) 
     log(f"kept the {len(report['results'])} row(s) measured before the failure (a rerun resumes after them)")
     if output:
         try:
-            write_json(output, report)
+            write_report(output, report)
         except MemdecError:
             pass  # the disk that failed the run may refuse this too; the table is on stdout

@@ -15,8 +15,8 @@ from memdec_cli.options import (
     set_option,
     split_list,
     window_options,
+    write_report,
 )
-from memdec_core.artifacts import write_json
 from memdec_core.runconfig import FORMATS
 
 
@@ -76,7 +76,7 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
                           command=sys.argv)
     print_evaluation(report, output_format)
     if output:
-        write_json(output, report)
+        write_report(output, report)
 
 
 def _combiner(spec: str, lam: float | None):

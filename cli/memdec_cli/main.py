@@ -43,7 +43,10 @@ def build_cli() -> click.Group:
 
     @click.group(cls=MemdecGroup, context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="memdec")
-    def cli():
+    @click.option("--world-size", type=click.IntRange(min=1), envvar="MEMDEC_WORLD_SIZE", show_envvar=True,
+                  help="The number of processes the launcher must have started (torchrun, accelerate launch); "
+                       "another number is refused. docs/scale.md")
+    def cli(world_size):
         """memdec: adapt a language model to a domain, and compare the ways of doing it.
 
         \b
@@ -53,7 +56,10 @@ def build_cli() -> click.Group:
         Start with:
           memdec compare --domain finance           every method on every demo model
           memdec eval --domain path/to/corpus --base MODEL --method base,knn-lm,memdec
+        Several processes (each scores its share of the windows; the numbers are those of one):
+          torchrun --standalone --nproc_per_node 2 -m memdec_cli --world-size 2 eval ...
         """
+        _join_launcher(world_size)
 
     for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
                     compare_command.compare_command, generate_command.generate, cache_command.cache, export,
@@ -61,6 +67,16 @@ def build_cli() -> click.Group:
         cli.add_command(command)
     _add_plugin_commands(cli)
     return cli
+
+
+def _join_launcher(world_size: int | None) -> None:
+    """Join a launcher's processes (nothing to do for one); only the first prints results."""
+    from memdec_core.distributed import join, launched_size
+
+    if world_size is None and launched_size() == 1:
+        return  # one process: torch is not imported for nothing
+    if not join(world_size).main:
+        sys.stdout = open(os.devnull, "w")  # results and reports come from rank 0; errors still reach stderr
 
 
 def _add_plugin_commands(cli: click.Group) -> None:

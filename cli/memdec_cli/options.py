@@ -172,3 +172,12 @@ def require_domain(ctx: click.Context, domain: str | None) -> None:
     """--domain is required, but a config file may give it: checked once both are read."""
     if not domain:
         raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "domain"))
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Write a command's JSON report (atomically); under several processes, the first writes it."""
+    from memdec_core.artifacts import write_json
+    from memdec_core.distributed import world
+
+    if world().main:
+        write_json(path, report)

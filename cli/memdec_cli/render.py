@@ -48,11 +48,29 @@ def format_ppl(value) -> str:
 def evaluation_rows(report: dict) -> list[list[str]]:
     from memdec_core.evaluate import format_knobs
 
-    return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_ppl(r["valid_ppl"]),
-             format_knobs(r["knobs"]) or "-", f"{r['seconds']:.1f}"] for r in report["results"]]
+    return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_bpb(r.get("test_bpb")),
+             format_ppl(r["valid_ppl"]), format_knobs(r["knobs"]) or "-", f"{r['seconds']:.1f}"]
+            for r in report["results"]]
 
 
-EVAL_COLUMNS = ["base", "method", "test ppl ↓", "valid ppl ↓", "tuned knobs", "seconds"]
+EVAL_COLUMNS = ["base", "method", "test ppl ↓", "test bits/byte ↓", "valid ppl ↓", "tuned knobs", "seconds"]
+
+
+def format_bpb(value) -> str:
+    return _number(value, "{:.4f}")
+
+
+def mixed_tokenizers(report: dict) -> bool:
+    """Whether the report's bases have different tokenizers (then perplexities do not compare across them)."""
+    contexts = report.get("meta", {}).get("contexts", {}).values()
+    return len({entry.get("tokenizer") for entry in contexts} - {None}) > 1
+
+
+def compare_columns(report: dict) -> list[str]:
+    """The comparison's columns; bits per byte first where bases of different tokenizers are compared."""
+    if not mixed_tokenizers(report):
+        return COMPARE_COLUMNS
+    return [*COMPARE_COLUMNS[:2], "test bits/byte ↓", *COMPARE_COLUMNS[2:]]
 
 
 def print_evaluation(report: dict, output_format: str) -> None:
@@ -79,7 +97,8 @@ FIDELITY_COLUMNS = ["base", "method", "memory alone ppl ↓", "top-1 agreement w
 FIDELITY_KEYS = ("memory_alone_ppl", "target_agreement", "target_kl")
 #: The csv columns: the row's keys, raw; the last ones are absent (empty) in reports written before them.
 CSV_KEYS = ["base", "method", "test_ppl", "general_ppl", "knobs", "params_added", "bytes_added", "train_seconds",
-            "latency_ratio", "latency_spread", "generation_ratio", *FIDELITY_KEYS, "memory_coverage"]
+            "latency_ratio", "latency_spread", "generation_ratio", *FIDELITY_KEYS, "memory_coverage", "test_bpb",
+            "valid_bpb", "general_bpb"]
 
 
 #: How the table abbreviates common knob names (the JSON keeps the full names).
@@ -120,7 +139,9 @@ def latency_cell(ratio, spread) -> str:
 
 
 def comparison_rows(report: dict) -> list[list[str]]:
-    return [[r["base"], r["method"], format_ppl(r.get("test_ppl")), format_ppl(r.get("general_ppl")),
+    bpb = mixed_tokenizers(report)
+    return [[r["base"], r["method"], *([format_bpb(r.get("test_bpb"))] if bpb else []),
+             format_ppl(r.get("test_ppl")), format_ppl(r.get("general_ppl")),
              compact_knobs(r.get("knobs") or {}), human_count(r.get("params_added")),
              _number(r.get("bytes_added") and r["bytes_added"] / 1e6, "{:.1f}"),
              _number(r.get("train_seconds"), "{:.0f}"),
@@ -221,7 +242,7 @@ def _print_comparison_markdown(report: dict) -> None:
     best = best_rows(report)
     rows = [[*row[:2], f"**{row[2]}**", *row[3:]] if index in best else row
             for index, row in enumerate(comparison_rows(report))]
-    _print_markdown(COMPARE_COLUMNS, rows)
+    _print_markdown(compare_columns(report), rows)
     fidelity = fidelity_rows(report)
     if fidelity:
         print("\nMemory fidelity:\n")
@@ -234,7 +255,7 @@ def _print_comparison_markdown(report: dict) -> None:
 def _print_comparison_table(report: dict) -> None:
     results, best = report["results"], best_rows(report)
     table = _new_table(f"{report['domain']}: adaptation methods compared (best test ppl per base in green)",
-                       COMPARE_COLUMNS)
+                       compare_columns(report))
     for index, row in enumerate(comparison_rows(report)):
         if index in best:
             row = [*row[:2], f"[bold green]{row[2]}[/bold green]", *row[3:]]

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options
-from memdec_core.artifacts import write_json
+from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options, write_report
 from memdec_core.errors import ArtifactError
 from memdec_core.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
 
@@ -78,10 +77,10 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                             combiner=_combiner(combiner, lam), method_settings=parse_assignments(assignments),
                             command=list(sys.argv), previous=_earlier_report(output) if resume else None,
-                            on_row=(lambda partial: write_json(output, partial)) if output else None)
+                            on_row=(lambda partial: write_report(output, partial)) if output else None)
     print_tasks(report, output_format)
     if output:
-        write_json(output, report)
+        write_report(output, report)
 
 
 def _earlier_report(path: Path) -> dict | None:

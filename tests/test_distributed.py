@@ -1,0 +1,146 @@
+"""Several processes (torchrun, gloo on the CPU): the numbers of N processes are those of one,
+each run really has the world size it was launched with, and launchers' silent failures are refused."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_WINDOWS, invoke, one_line_error
+
+from memdec_core import distributed
+from memdec_core.data import make_windows
+from memdec_core.distributed import World
+from memdec_core.evaluate import iter_scored_batches, nll_total
+from memdec_core.models import load_model
+
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+
+
+def torchrun(processes: int, *args, cache, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m memdec_cli ARGS`` with its own cache."""
+    env = {**os.environ, "MEMDEC_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MEMDEC_NO_PROGRESS": "1"}
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), "-m", "memdec_cli", *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def eval_args(corpus_dir, model, output, methods="base,knn-lm"):
+    return ["eval", "--domain", corpus_dir, "--base", model, "--method", methods, "--context",
+            SMALL_WINDOWS["context"], "--stride", SMALL_WINDOWS["stride"], "--batch-size", SMALL_WINDOWS["batch_size"],
+            "--set", "knn-lm.k=32",
+            "--format", "json", "--output", output]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
+    """Each of 2 gloo ranks scores half the batches and the NLL sums are reduced: the same
+    perplexities as one process. The datastore, the memory and LoRA are built once, by whichever
+    rank takes the cache lock (rank 1 too: see the save test below), and are the same artifacts."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    methods, short = "base,knn-lm,memdec,lora", ["--set", "memdec.epochs=1", "--set", "lora.epochs=1"]
+    single = invoke("--world-size", 1, *eval_args(corpus_dir, tiny_llama, one, methods), *short)
+    assert single.exit_code == 0, single.stderr
+    result = torchrun(2, "--world-size", 2, *eval_args(corpus_dir, tiny_llama, two, methods), *short,
+                      cache=tmp_path / "cache-two")
+    first, second = json.loads(one.read_text()), json.loads(two.read_text())
+    assert first["meta"]["world_size"] == 1 and second["meta"]["world_size"] == 2
+    assert [row["method"] for row in second["results"]] == methods.split(",")
+    for alone, shared in zip(first["results"], second["results"]):
+        assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-9), alone["method"]
+        if alone["valid_ppl"] is None:  # the base is not tuned
+            assert shared["valid_ppl"] is None
+        else:
+            assert shared["valid_ppl"] == pytest.approx(alone["valid_ppl"], rel=1e-9), alone["method"]
+        assert shared["knobs"] == alone["knobs"]
+    assert result.stdout.count('"results"') == 1  # rank 0 alone prints the report
+
+
+def test_a_sharded_scorer_takes_every_nth_batch_and_the_sums_are_reduced(corpus_dir, tiny_gpt2, monkeypatch):
+    base = load_model(str(tiny_gpt2))
+    stream = np.arange(600) % 300
+    windows = make_windows(len(stream), 32, 16)
+    every = [batch.positions for batch in iter_scored_batches(base.model, stream, windows, batch_size=4)]
+    monkeypatch.setattr(distributed, "_WORLD", [World(rank=1, size=2)])
+    mine = [batch.positions for batch in iter_scored_batches(base.model, stream, windows, batch_size=4, sharded=True)]
+    assert len(mine) == len(every) // 2 and all(torch.equal(a, b) for a, b in zip(mine, every[1::2]))
+    with distributed.alone():  # a cache entry's builder works by itself
+        assert len(list(iter_scored_batches(base.model, stream, windows, batch_size=4, sharded=True))) == len(every)
+    # the reduction: rank 1's half and rank 0's half make the whole
+    halves = {}
+    monkeypatch.setattr(distributed, "sum_across", lambda values: list(values))
+    monkeypatch.setattr("memdec_core.evaluate.sum_across", lambda values: list(values))
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_WORLD", [World(rank=rank, size=2)])
+        halves[rank] = nll_total(base.model, stream, windows, batch_size=4)
+    monkeypatch.setattr(distributed, "_WORLD", [World()])
+    whole = nll_total(base.model, stream, windows, batch_size=4)
+    assert halves[0].count + halves[1].count == whole.count
+    assert halves[0].total + halves[1].total == pytest.approx(whole.total, rel=1e-12)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_a_world_size_other_than_the_launched_one_is_refused(corpus_dir, tiny_gpt2, tmp_path):
+    result = torchrun(2, "--world-size", 3, *eval_args(corpus_dir, tiny_gpt2, tmp_path / "r.json", "base"),
+                      cache=tmp_path / "cache", check=False)
+    assert result.returncode != 0
+    assert "Error: this run expects 3 processes but has 2" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_one_process_where_several_were_expected_is_refused(corpus_dir, tiny_gpt2, tmp_path):
+    """The silent trap: `accelerate launch --cpu --num_processes 2` starts one process, which
+    would do the whole job where two were meant to share it."""
+    result = invoke("--world-size", 2, *eval_args(corpus_dir, tiny_gpt2, tmp_path / "r.json", "base"))
+    assert "expects 2 processes but has 1" in one_line_error(result)
+    assert "torchrun --standalone --nproc_per_node 2" in result.stderr
+
+
+@pytest.mark.parametrize("value, message", [("0", "must be at least 1"), ("two", "is not a number of processes")])
+def test_a_bad_launcher_world_size_is_a_one_line_error(value, message, monkeypatch, corpus_dir, tiny_gpt2, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    result = invoke(*eval_args(corpus_dir, tiny_gpt2, tmp_path / "r.json", "base"))
+    assert "WORLD_SIZE" in one_line_error(result) and message in result.stderr
+
+
+def test_python_dash_m_memdec_cli_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "memdec_cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--world-size" in result.stdout and "torchrun" in result.stdout
+
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_accelerate_launch_on_cpus_starting_one_process_is_caught(corpus_dir, tiny_gpt2, tmp_path):
+    """The trap itself, with the real launcher: asked for 2 CPU processes, it starts one."""
+    env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "-m", "memdec_cli", "--world-size", "2",
+               *map(str, eval_args(corpus_dir, tiny_gpt2, tmp_path / "r.json", "base"))]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Error: this run expects 2 processes but has 1" in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_model_saved_on_a_rank_other_than_0_is_written(tiny_gpt2, tmp_path, monkeypatch):
+    """transformers writes nothing from rank 1 of a process group; memdec builds a cache entry on
+    whichever rank holds its lock, so its saves must write anyway (the trap, then the fix)."""
+    import transformers.distributed.mixin as mixin
+
+    from memdec_core.models import save_model
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    model = load_model(str(tiny_gpt2)).model
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "config.json").exists()  # the silent skip memdec must avoid
+    save_model(model, tmp_path / "ours")
+    assert (tmp_path / "ours" / "config.json").is_file() and (tmp_path / "ours" / "model.safetensors").is_file()
+    assert "should_save_on_this_rank" not in vars(model)  # the model is left as it was

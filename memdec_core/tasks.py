@@ -571,15 +571,23 @@ def _reusable_rows(previous: dict | None, config: dict) -> dict[tuple[str, str],
     if not previous:
         return {}
 
-    def comparable(values: dict) -> dict:  # bases and methods may be added on resuming; as JSON reads back
-        return json.loads(json.dumps({key: value for key, value in values.items() if key not in ("bases", "methods")},
-                                     sort_keys=True, default=str))
+    rows = previous.get("results", [])
+    scored = {row.get("method") for row in rows}
+
+    def comparable(values: dict) -> dict:
+        """What a kept row depends on, as JSON reads back: not the bases and methods (more may be
+        added), nor the settings of a method the earlier run did not score (they may change)."""
+        kept = {key: value for key, value in values.items() if key not in ("bases", "methods", "settings")}
+        methods = set(values.get("methods", []))
+        kept["settings"] = {name: value for name, value in (values.get("settings") or {}).items()
+                            if name not in methods or name in scored}
+        return json.loads(json.dumps(kept, sort_keys=True, default=str))
 
     earlier = previous.get("meta", {}).get("config", {}).get("values")
     if not isinstance(earlier, dict) or comparable(earlier) != comparable(config["values"]):
         raise ConfigError("the earlier report was made with other settings (domain, tasks, windows or method "
                           "settings); give another --output, or run without --resume")
-    return {(row["base"], row["method"]): row for row in previous.get("results", [])}
+    return {(row["base"], row["method"]): row for row in rows}
 
 
 def _unique(names: Sequence[str]) -> list[str]:

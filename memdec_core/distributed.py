@@ -5,12 +5,12 @@ Accelerate's ``PartialState`` joins the process group the launcher described in 
 (gloo on CPUs, nccl with one GPU per rank). Launchers fail silently: ``torchrun`` without a
 process group leaves every rank doing all the work, and ``accelerate launch --cpu
 --num_processes 2`` starts one process (Accelerate launches several CPU processes only through
-mpirun). So :func:`join` checks that the group has the
-size the launcher announced (``WORLD_SIZE``) and, when given, the size the user expected
-(``--world-size`` / ``$MEMDEC_WORLD_SIZE``), and refuses the run in one line otherwise.
+mpirun). So :func:`join` checks that the group has the size the launcher announced
+(``WORLD_SIZE``) and, when given, the size the user expected (``--world-size`` /
+``$MEMDEC_WORLD_SIZE``), and refuses the run in one line otherwise.
 
 What is sharded: scoring windows for perplexity (every rank scores every N-th batch; the NLL
-sums are reduced), so a report is the same from N processes as from one. Work done while
+sums are reduced in float64), so a report is that of one process up to the rounding of the sums. Work done while
 holding a cache entry's lock (building a datastore, targets, training) runs in whichever rank
 takes the lock, with no collective inside: the other ranks wait for it and reuse the result.
 """

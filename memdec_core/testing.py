@@ -51,15 +51,16 @@ def synthetic_documents(n_documents: int, seed: int) -> list[str]:
     return documents
 
 
-def save_tokenizer(folder: Path) -> Path:
-    """A byte-level BPE tokenizer of 300 tokens trained on the synthetic text, as a HF folder."""
+def save_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on the synthetic text, as a HF
+    folder (another size is another tokenizer: a family to transfer a memory to)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(synthetic_documents(200, seed=1), trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",

@@ -70,6 +70,53 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     return str(memory.folder)
 
 
+def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, embeddings: str = "strings",
+             embeddings_from: str = "", fresh_blocks: bool = False, k: int = 1024,
+             temperature: float | str = "auto", retriever: str = "faiss", settings=None,
+             component_settings: dict | None = None, **train_overrides) -> str:
+    """Move the memory folder ``memory`` to ``teacher``'s tokenizer; returns the new memory's folder.
+
+    The memory keeps its blocks, gets embedding and output rows for the new tokenizer (see
+    ``memdec_decoder.transfer``) and trains on ``teacher``'s kNN targets over ``domain`` for
+    ``fraction`` of its original training tokens, with its original recipe unless
+    ``train_overrides`` (lr, beta, batch_size, accumulate, vocabulary, seed, ...) say otherwise,
+    on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer resumes when called again the same way.
+    """
+    from memdec_core.disk import entry_lock
+    from memdec_core.models import load_model
+    from memdec_decoder import pipeline
+    from memdec_decoder.memory import open_memory
+    from memdec_decoder.train import train_memory
+    from memdec_decoder.transfer import check_transfer, transfer_settings, transferred_start
+
+    memory = open_memory(memory)
+    ctx = _context(domain, teacher, _memory_windows(settings, memory), Plan(component_settings))
+    check_transfer(memory, ctx.base, fraction, embeddings, ctx.context)
+    train_settings = transfer_settings(memory, fraction, **train_overrides)
+    tune = temperature == "auto"
+    config = DecoderSettings(teacher=teacher, k=k, retriever=retriever, tune_temperature=tune,
+                             **({} if tune else {"temperature": temperature}))
+    rows_model = load_model(embeddings_from) if embeddings_from and embeddings_from != teacher else ctx.base
+    start = transferred_start(memory, ctx.base, embeddings=embeddings, rows_model=rows_model,
+                              fresh_blocks=fresh_blocks, seed=train_settings.seed)
+    targets = pipeline.targets_for(ctx, config)
+    output = Path(output).expanduser()
+    with entry_lock(output):
+        result = train_memory(start, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
+                              settings=train_settings, teacher=teacher, eval_batch_size=ctx.settings.batch_size)
+    return str(result.folder)
+
+
+def _memory_windows(settings, memory):
+    """``settings``, with the windows the memory was trained on unless a context is given."""
+    from memdec_core.interfaces import EvalSettings
+
+    settings = settings or EvalSettings()
+    if settings.context is None and memory.manifest.get("context"):
+        settings = dataclasses.replace(settings, context=memory.manifest["context"])
+    return settings
+
+
 def _default_teacher() -> str:
     from memdec_core.api import default_bases
 

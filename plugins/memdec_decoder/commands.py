@@ -131,5 +131,72 @@ def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, ep
                                 context, stride, batch_size, max_train_tokens, max_eval_tokens)))
 
 
+@click.command("transfer")
+@click.option("--memory", "memory", required=True, type=click.Path(path_type=Path),
+              help="A trained memory folder (memdec train) of another tokenizer than --teacher's.")
+@click.option("--teacher", required=True, help="A model of the new family: its kNN-LM is what the memory learns.")
+@_domain
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="The new memory's folder. Rerunning the same command after an interruption resumes.")
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Training budget as a fraction of the original memory's training tokens (the paper: 10 %).")
+@click.option("--embeddings", type=click.Choice(["strings", "model", "fresh"]), default="strings",
+              show_default=True,
+              help="Where the new rows start: strings: the memory's row of the token with the same text (fresh "
+                   "for the rest); model: --embeddings-from's rows, projected to the memory's width; fresh: "
+                   "random at the memory's own scale.")
+@click.option("--embeddings-from", default="", help="The model of the new tokenizer whose rows --embeddings "
+              "model takes [default: the teacher].")
+@click.option("--fresh-blocks", is_flag=True,
+              help="The control a transfer is measured against: the same architecture, every weight fresh.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="AdamW learning rate [default: the original memory's].")
+@click.option("--beta", type=click.FloatRange(0, 1), default=None, help="β of the objective [default: the original's].")
+@click.option("--train-batch", type=click.IntRange(min=1), default=None,
+              help="Windows per training forward pass [default: the original's].")
+@click.option("--accumulate", type=click.IntRange(min=1), default=None,
+              help="Forward passes per optimizer step [default: the original's].")
+@click.option("--vocabulary", type=click.Choice(["auto", "full", "restricted"]), default=None,
+              help="The new output layer's vocabulary [default: the original's choice, applied to the new "
+                   "tokenizer].")
+@_k
+@click.option("--knn-temperature", "temperature", default="auto", show_default=True,
+              callback=_parse_temperature, metavar="T|auto",
+              help="T of the new teacher's kNN weights; 'auto' (the T its kNN-LM picks on validation) because "
+                   "distances differ by orders of magnitude between families.")
+@_retriever
+@set_option
+@click.option("--seed", type=int, default=None, help="Seed of the new rows and the epoch order [default: the "
+              "original's].")
+@window_options
+def transfer(memory, teacher, domain, output, fraction, embeddings, embeddings_from, fresh_blocks, lr, beta,
+             train_batch, accumulate, vocabulary, k, temperature, retriever, assignments, seed, context, stride,
+             batch_size, max_train_tokens, max_eval_tokens):
+    """Move a trained memory to another model family's tokenizer (the paper's Table 4).
+
+    The memory keeps its transformer blocks, gets embedding and output layers for TEACHER's
+    tokenizer, and trains on TEACHER's kNN targets for a fraction of its original training, with
+    its original recipe. The result is a memory of the new family, usable with its bases by
+    `memdec eval`, `compare` and `generate`. Prints the new memory's folder.
+
+    \b
+    Example (the demo family's memory moved to SmolLM2; compare in bits per byte):
+      memdec train --domain finance --output finance-memory
+      memdec transfer --memory finance-memory --teacher ~/.cache/memdec-models/smollm2-135m/model.gguf \\
+          --domain finance --output finance-memory-smollm2
+      memdec eval --base ~/.cache/memdec-models/smollm2-135m/model.gguf --method base,memdec \\
+          --set memdec.path=finance-memory-smollm2 --domain finance
+    """
+    from memdec_decoder.api import transfer as transfer_memory
+
+    click.echo(transfer_memory(memory, teacher, domain, output, fraction=fraction, embeddings=embeddings,
+                               embeddings_from=embeddings_from, fresh_blocks=fresh_blocks, k=k,
+                               temperature=temperature, retriever=retriever,
+                               component_settings=parse_assignments(assignments), lr=lr, beta=beta,
+                               batch_size=train_batch, accumulate=accumulate, vocabulary=vocabulary, seed=seed,
+                               settings=eval_settings(context, stride, batch_size, max_train_tokens,
+                                                      max_eval_tokens)))
+
+
 def _temperature_settings(temperature) -> dict:
     return {"tune_temperature": True} if temperature == "auto" else {"temperature": temperature}

@@ -1,4 +1,4 @@
-"""Registers the Memory Decoder method, its memory model and ``memdec targets|train``."""
+"""Registers the Memory Decoder method, its memory model and ``memdec targets|train|transfer``."""
 
 from memdec_core.hookspecs import hookimpl
 
@@ -19,7 +19,7 @@ def memdec_register_memory_models():
 
 @hookimpl
 def memdec_register_commands(cli):
-    from memdec_decoder.commands import targets, train
+    from memdec_decoder.commands import targets, train, transfer
 
-    for command in (targets, train):
+    for command in (targets, train, transfer):
         cli.add_command(command)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,27 +81,50 @@ class TrainSettings:
         return LoopSettings(**values, max_tokens=self.budget_tokens, max_flops=self.budget_flops)
 
 
-def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
+@dataclass
+class MemoryStart:
+    """What a memory's weights start from, and the family it serves.
+
+    ``family`` is a model of the memory's tokenizer: the tokenizer is saved beside the memory and
+    fingerprinted in its manifest, and its output layer sets the full vocabulary. ``build`` makes
+    the model to train for a vocabulary (None: the full one). ``facts`` go into the manifest.
+    """
+
+    family: LoadedModel
+    name: str  # the manifest's "init"
+    fingerprint: str  # changes whenever the start weights would
+    build: Callable[[Vocabulary | None], torch.nn.Module]
+    facts: dict = field(default_factory=dict)
+
+
+def init_model_start(init: LoadedModel, settings: TrainSettings) -> MemoryStart:
+    """The usual start: the init model (its first blocks, or its architecture with fresh weights)."""
+    return MemoryStart(init, init.model_id, init.fingerprint,
+                       lambda vocabulary: build_memory_model(init, settings, vocabulary))
+
+
+def train_memory(init: str | MemoryStart, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
                  context: int, stride: int, settings: TrainSettings = TrainSettings(), teacher: str = "",
                  eval_batch_size: int = 8) -> MemoryDecoder:
-    """Train a memory initialised from ``init_name`` on ``targets``; write it to ``output``."""
+    """Train a memory starting from ``init`` (a model name, or a start) on ``targets``; write it to ``output``."""
     output = Path(output).expanduser()
     stream = corpus.streams["train"]
     check_targets_match(targets, corpus)
-    init = load_model(init_name)
-    if init.tokenizer_fingerprint != targets.manifest["tokenizer_fingerprint"]:
-        raise ModelError(f"{init_name} has another tokenizer than the teacher whose targets these are; "
+    start = init if isinstance(init, MemoryStart) else init_model_start(load_model(init), settings)
+    family = start.family
+    if family.tokenizer_fingerprint != targets.manifest["tokenizer_fingerprint"]:
+        raise ModelError(f"{start.name} has another tokenizer than the teacher whose targets these are; "
                          f"a memory must share its family's tokenizer")
-    full_vocab_size = init.vocab_size  # read now: building the memory may cut init's layers in place
+    full_vocab_size = family.vocab_size  # read now: building the memory may cut the init's layers in place
     targets.check_token_range(full_vocab_size)
     vocabulary = choose_vocabulary(settings.vocabulary, stream, full_vocab_size)
-    identity = training_identity(init, targets, settings, vocabulary, full_vocab_size, context, stride)
+    identity = training_identity(start.fingerprint, targets, settings, vocabulary, full_vocab_size, context, stride)
     if output.exists():
         return _already_trained(output, identity)
     work = output.parent / f".{output.name}.partial"
     resuming = start_or_resume(work, identity, "training")
     checkpoint = previous_version(work / "checkpoint") if resuming else None
-    model = _load_checkpoint_model(checkpoint) if checkpoint else build_memory_model(init, settings, vocabulary)
+    model = _load_checkpoint_model(checkpoint) if checkpoint else start.build(vocabulary)
     valid = corpus.streams["valid"]
     valid_windows = make_windows(len(valid), context, stride)
 
@@ -113,15 +137,15 @@ def train_memory(init_name: str, corpus: TokenizedCorpus, targets: TargetSet, ou
     if checkpoint:
         trainer.restore(checkpoint)
     trainer.run()
-    return _finish(work, output, init, vocabulary, targets, trainer, settings, teacher=teacher, context=context,
-                   identity=identity, domain=corpus.corpus.name)
+    return _finish(work, output, start, full_vocab_size, vocabulary, targets, trainer, settings, teacher=teacher,
+                   context=context, identity=identity, domain=corpus.corpus.name)
 
 
-def training_identity(init: LoadedModel, targets: TargetSet, settings: TrainSettings, vocabulary, full_vocab_size: int,
-                      context: int, stride: int) -> dict:
+def training_identity(start_fingerprint: str, targets: TargetSet, settings: TrainSettings, vocabulary,
+                      full_vocab_size: int, context: int, stride: int) -> dict:
     """Every input that shapes the trained weights: a resumed run must match all of them."""
     manifest = targets.manifest
-    return {"init": init.fingerprint, "teacher": manifest.get("model_fingerprint"), "targets": manifest["data_hash"],
+    return {"init": start_fingerprint, "teacher": manifest.get("model_fingerprint"), "targets": manifest["data_hash"],
             "targets_folder": targets.folder.name, "k": manifest["k"], "temperature": manifest["temperature"],
             "retriever": manifest.get("retriever"), "context": context, "stride": stride,
             "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
@@ -240,9 +264,9 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
     return total.perplexity, outside
 
 
-def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary | None, targets: TargetSet,
-            trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int, identity: dict,
-            domain: str) -> MemoryDecoder:
+def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
+            targets: TargetSet, trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int,
+            identity: dict, domain: str) -> MemoryDecoder:
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
@@ -250,14 +274,13 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
     parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
     with atomic_directory(output) as temporary:
         shutil.copytree(best, temporary, dirs_exist_ok=True)
-        init.tokenizer.save_pretrained(temporary)
+        start.family.tokenizer.save_pretrained(temporary)
         if vocabulary:
             vocabulary.save(temporary)
-        write_manifest(temporary, ARTIFACT_TYPE, teacher=teacher, init=init.model_id,
-                       init_fingerprint=init.fingerprint, tokenizer_fingerprint=init.tokenizer_fingerprint,
-                       full_vocab_size=vocabulary.full_size if vocabulary else init.vocab_size,
-                       restricted=vocabulary is not None,
-                       vocabulary_size=vocabulary.size - 1 if vocabulary else init.vocab_size,
+        write_manifest(temporary, ARTIFACT_TYPE, teacher=teacher, init=start.name,
+                       init_fingerprint=start.fingerprint, tokenizer_fingerprint=start.family.tokenizer_fingerprint,
+                       full_vocab_size=full_vocab_size, restricted=vocabulary is not None,
+                       vocabulary_size=vocabulary.size - 1 if vocabulary else full_vocab_size,
                        data_hash=targets.manifest["data_hash"], beta=settings.beta, k=targets.manifest["k"],
                        temperature=targets.manifest["temperature"], targets=artifact_reference(targets.folder),
                        domain=domain, context=context,
@@ -265,17 +288,17 @@ def _finish(work: Path, output: Path, init: LoadedModel, vocabulary: Vocabulary 
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
                        train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"],
-                       identity=content_key(identity))
+                       identity=content_key(identity), **start.facts)
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
-            init, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
-            base=init.model_id, domain=domain)
+            start.name, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
+            base=start.family.model_id, domain=domain)
     shutil.rmtree(work, ignore_errors=True)
     return open_memory(output)
 
 
-def _readme_lines(init, vocabulary, targets, settings, state, parameters) -> list[str]:
+def _readme_lines(init_name: str, vocabulary, targets, settings, state, parameters) -> list[str]:
     lines = [
-        f"- A causal LM of {parameters:,} parameters initialised from `{init.model_id}`, trained to imitate "
+        f"- A causal LM of {parameters:,} parameters initialised from `{init_name}`, trained to imitate "
         f"a kNN-LM: β·KL(p_kNN ‖ p_mem) + (1−β)·CE with β = {settings.beta}.",
         f"- kNN targets: k = {targets.manifest['k']}, T = {targets.manifest['temperature']}, "
         f"train data hash `{targets.manifest['data_hash']}`.",

@@ -5,6 +5,7 @@
 - ``require_space(folder, needed)`` refuses up front a write that cannot fit.
 - ``entry_lock(target)`` is a per-entry file lock (filelock): two runs sharing a cache wait for
   each other's artifact instead of racing to build it; a read-only cache can still be read.
+  ``shared_entry_lock(target)`` is the same for an entry the ranks of one run build together.
 - ``remove_stale(target)`` clears the temporary folders that killed processes left beside a target.
 """
 
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from memdec_core.distributed import alone
+from memdec_core.distributed import alone, barrier, sharding, world
 from memdec_core.errors import DiskError
 
 #: errno → what the user is told.
@@ -144,8 +145,34 @@ def entry_lock(target: Path) -> Iterator[None]:
 
     Another process building the same entry is waited for, then its result is reused. Where no
     lock can be taken because the cache is read-only, a finished entry is still read; building
-    one is refused in one line.
+    one is refused in one line. The holder works alone: under several processes, the other ranks
+    wait on the lock, not in a collective.
     """
+    with _holding(target), alone():
+        yield
+
+
+@contextlib.contextmanager
+def shared_entry_lock(target: Path) -> Iterator[None]:
+    """:func:`entry_lock` for an entry that the ranks of a run check and build together.
+
+    Rank 0 holds the lock, so other runs sharing the cache wait as they do for ``entry_lock``; no
+    rank looks at the entry before rank 0 holds it, and none leaves before every rank is done.
+    Under one process (or inside another entry's lock) it is ``entry_lock``.
+    """
+    if sharding().size == 1:
+        with entry_lock(target):
+            yield
+        return
+    with _holding(target) if world().main else contextlib.nullcontext():
+        barrier()
+        yield
+        barrier()
+
+
+@contextlib.contextmanager
+def _holding(target: Path) -> Iterator[None]:
+    """The file lock of ``target``, with the temporary folders of dead writers cleared."""
     from filelock import FileLock, Timeout
 
     from memdec_core.progress import log
@@ -167,7 +194,6 @@ def entry_lock(target: Path) -> Iterator[None]:
         raise
     try:
         remove_stale(target)
-        with alone():  # the other ranks of a run wait on this lock, not in a collective
-            yield
+        yield
     finally:
         lock.release()

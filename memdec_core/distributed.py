@@ -10,9 +10,12 @@ mpirun). So :func:`join` checks that the group has the size the launcher announc
 ``$MEMDEC_WORLD_SIZE``), and refuses the run in one line otherwise.
 
 What is sharded: scoring windows for perplexity (every rank scores every N-th batch; the NLL
-sums are reduced in float64), so a report is that of one process up to the rounding of the sums. Work done while
-holding a cache entry's lock (building a datastore, targets, training) runs in whichever rank
-takes the lock, with no collective inside: the other ranks wait for it and reuse the result.
+sums are reduced in float64), so a report is that of one process up to the rounding of the sums.
+A datastore and kNN targets are built by all ranks together (``disk.shared_entry_lock``): each
+computes every N-th batch of windows or shard of positions and writes it where one process would,
+so the files are the same bytes. Other work done while holding a cache entry's lock (a search
+index, training) runs in whichever rank takes the lock, with no collective inside: the other
+ranks wait for it and reuse the result.
 """
 
 from __future__ import annotations
@@ -121,6 +124,14 @@ def sharding() -> World:
     return World() if _ALONE[0] else world()
 
 
+def barrier() -> None:
+    """Wait until every rank of :func:`sharding` gets here (nothing for one process)."""
+    if sharding().size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def sum_across(values: Sequence[float]) -> list[float]:
     """``values`` summed over the ranks of :func:`sharding` (in float64; as they are for one process)."""
     if sharding().size == 1:
@@ -135,4 +146,5 @@ def sum_across(values: Sequence[float]) -> list[float]:
     return total.cpu().tolist()
 
 
-__all__ = ["World", "world", "join", "launched_size", "alone", "sharding", "sum_across", "WORLD_SIZE_VARIABLE"]
+__all__ = ["World", "world", "join", "launched_size", "alone", "sharding", "barrier", "sum_across",
+           "WORLD_SIZE_VARIABLE"]

@@ -62,6 +62,87 @@ def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
     assert result.stdout.count('"results"') == 1  # rank 0 alone prints the report
 
 
+BUILD_SCRIPT = """
+import dataclasses, json, os, signal, sys
+from memdec_core import distributed
+world = distributed.join()
+from memdec_knn import datastore
+from memdec_decoder import api, pipeline
+from memdec_core.interfaces import EvalSettings
+
+datastore.COMMIT_EVERY = 1  # a progress record after every round of batches
+kill_after = int(os.environ.get("KILL_AFTER_WRITES", "0"))
+real_write, writes = datastore.RowFile.write, [0]
+def write(self, first_row, rows):
+    real_write(self, first_row, rows)
+    writes[0] += self.path.name == "vals.npy"
+    if kill_after and world.rank == world.size - 1 and writes[0] == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+datastore.RowFile.write = write
+from memdec_decoder import targets
+real_shard, shards = targets._write_shard, [0]
+def write_shard(*args):
+    shards[0] += 1
+    return real_shard(*args)
+targets._write_shard = write_shard
+real_settings = pipeline.target_settings_for  # shards of 512 positions: several, so each rank has some
+pipeline.target_settings_for = lambda *args: dataclasses.replace(real_settings(*args), shard_size=512)
+folder = api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
+                           settings=EvalSettings(context=64, stride=32, batch_size=2))
+json.dump({"world_size": world.size, "batches": writes[0], "shards": shards[0]},
+          open(f"{sys.argv[3]}.rank{world.rank}.json", "w"))
+"""
+
+
+def run_build(processes: int, corpus_dir, model, output, cache, kill_after: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MEMDEC_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MEMDEC_NO_PROGRESS": "1",
+           "MEMDEC_WORLD_SIZE": str(processes), "KILL_AFTER_WRITES": str(kill_after)}
+    script = output.parent / "build.py"
+    script.write_text(BUILD_SCRIPT)
+    launcher = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
+    return subprocess.run([*launcher, str(script), str(corpus_dir), str(model), str(output)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def built_files(cache, targets) -> dict[str, bytes]:
+    """The datastore's keys and values and every targets file, by name."""
+    store = next(path for path in (cache / "datastores").iterdir() if not path.name.startswith("."))
+    files = {name: (store / name).read_bytes() for name in ("keys.npy", "vals.npy")}
+    for shard in sorted(targets.glob("shard-*")):
+        files.update({f"{shard.name}/{file.name}": file.read_bytes() for file in sorted(shard.iterdir())})
+    return files
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_any_number(corpus_dir, tiny_gpt2,
+                                                                                          tmp_path):
+    """Each rank computes every other batch of windows (written at their rows) and every other
+    shard of targets: the same bytes as one process. A 2-process build killed midway resumes in
+    one process, from the windows both ranks had finished, to the same bytes."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir(), (tmp_path / "killed").mkdir()
+    single = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "one" / "targets", tmp_path / "one" / "cache")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_build(2, corpus_dir, tiny_gpt2, tmp_path / "two" / "targets", tmp_path / "two" / "cache")
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "targets.rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"targets.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    for work in ("batches", "shards"):  # the work was shared, not repeated
+        assert all(rank[work] > 0 for rank in ranks) and sum(rank[work] for rank in ranks) == one[work], work
+    reference = built_files(tmp_path / "one" / "cache", tmp_path / "one" / "targets")
+    assert len([name for name in reference if name.endswith("offsets.npy")]) >= 3  # several shards to share
+    assert built_files(tmp_path / "two" / "cache", tmp_path / "two" / "targets") == reference
+
+    killed_cache = tmp_path / "killed" / "cache"
+    killed = run_build(2, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache, kill_after=4)
+    assert killed.returncode != 0
+    work = next((killed_cache / "datastores").glob(".*.partial"))
+    assert json.loads((work / "progress.json").read_text())["windows"] >= 2 * 2 * 2  # two rounds of 2 ranks × 2
+    resumed = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert built_files(killed_cache, tmp_path / "killed" / "targets") == reference
+
+
 def test_a_sharded_scorer_takes_every_nth_batch_and_the_sums_are_reduced(corpus_dir, tiny_gpt2, monkeypatch):
     base = load_model(str(tiny_gpt2))
     stream = np.arange(600) % 300

@@ -90,11 +90,11 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, corpus_dir, tiny_g
 def test_a_disk_that_fills_mid_write_is_one_line(tmp_path, monkeypatch, corpus_dir, tiny_gpt2):
     from memdec_knn import datastore as datastore_module
 
-    def full(self, rows):
+    def full(self, first_row, rows):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(datastore_module.RowFile, "append", full)
+    monkeypatch.setattr(datastore_module.RowFile, "write", full)
     with pytest.raises(DiskError, match="no space left on the device"):
         api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
                      method_settings={"knn-lm": {"k": 8}})
@@ -163,15 +163,15 @@ KILL_DATASTORE = """
 import os, signal, sys
 from memdec_knn import datastore
 datastore.COMMIT_EVERY = 1
-real = datastore.RowFile.append
+real = datastore.RowFile.write
 count = [0]
-def append(self, rows):
-    real(self, rows)
+def write(self, first_row, rows):
+    real(self, first_row, rows)
     if self.path.name == "vals.npy":
         count[0] += 1
         if count[0] == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
-datastore.RowFile.append = append
+datastore.RowFile.write = write
 from memdec_knn.api import build_datastore
 from memdec_core.interfaces import EvalSettings
 build_datastore(sys.argv[1], sys.argv[2], settings=EvalSettings(context=64, stride=32, batch_size=2))
@@ -186,7 +186,7 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     work = next((tmp_path / "cache" / "datastores").glob(".*.partial"))
-    assert json.loads((work / "progress.json").read_text())["rows"] > 0
+    assert json.loads((work / "progress.json").read_text())["windows"] > 0
     resumed = subprocess.run([sys.executable, "-c", KILL_DATASTORE, str(corpus_dir), str(tiny_gpt2), "0"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

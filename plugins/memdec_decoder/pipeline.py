@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.disk import entry_lock
+from memdec_core.disk import entry_lock, shared_entry_lock
 from memdec_core.errors import ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
@@ -69,7 +69,7 @@ def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
                                                      store.manifest["model_fingerprint"], store.folder.name,
                                                      store.index_folder.name, _decoder_identity(),
                                                      dataclasses.asdict(settings)))
-    with entry_lock(folder):
+    with shared_entry_lock(folder):  # the ranks of a run compute the shards together
         if folder.exists():
             log(f"reusing kNN targets {folder}")
             return TargetSet(folder)

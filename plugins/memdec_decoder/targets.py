@@ -8,7 +8,8 @@ positions: ``offsets.npy`` (int64), ``token_ids.npy`` (int32), ``probs.npy`` (fp
 that round to zero are not stored). A full-vocabulary row is never built.
 
 Each shard is written atomically into a ``.partial`` work folder, so an interrupted build
-resumes from the last finished shard; the folder is renamed into place when all are done.
+resumes from the last finished shard; the folder is renamed into place when all are done. Under
+several processes each rank computes every N-th shard (the shards are those of one process).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
+from memdec_core.distributed import barrier, sharding
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.progress import progress_bar
 from memdec_knn.api import Datastore, sparse_distribution
@@ -74,16 +76,28 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
         raise ConfigError(f"targets folder already exists: {folder}")
     work = folder.parent / f".{folder.name}.partial"
     searched_by = [store.index_manifest.get(key) for key in ("retriever", "settings")]
-    start_or_resume(work, {"datastore_data_hash": store.manifest["data_hash"], "size": len(store),
-                           "model": store.manifest["model_fingerprint"], "retriever": searched_by,
-                           **asdict(settings)}, "targets build")
+    ranks = sharding()
+    if ranks.main:
+        start_or_resume(work, {"datastore_data_hash": store.manifest["data_hash"], "size": len(store),
+                               "model": store.manifest["model_fingerprint"], "retriever": searched_by,
+                               **asdict(settings)}, "targets build")
+    barrier()
     n_shards = -(-len(store) // settings.shard_size)
     with progress_bar("kNN targets", len(store), "positions") as advance:
         for shard in range(n_shards):
             start, end = shard * settings.shard_size, min((shard + 1) * settings.shard_size, len(store))
-            if not (work / _shard_name(shard)).exists():
+            if ranks.owns(shard) and not (work / _shard_name(shard)).exists():
                 _write_shard(store, work / _shard_name(shard), start, end, settings)
             advance(end - start)
+    barrier()  # every rank's shards are written
+    if ranks.main:
+        _finish(store, work, folder, settings, searched_by, n_shards)
+    barrier()
+    return TargetSet(folder)
+
+
+def _finish(store: Datastore, work: Path, folder: Path, settings: TargetSettings, searched_by: list,
+            n_shards: int) -> None:
     domain = store.manifest.get("domain")
     write_manifest(work, ARTIFACT_TYPE, datastore=artifact_reference(store.folder), domain=domain,
                    data_hash=store.manifest["data_hash"], base=store.manifest.get("base"),
@@ -100,7 +114,6 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
         "`memdec targets info THIS_FOLDER` prints the manifest."],
         tags=("memory-decoder", "knn-targets"), domain=domain)
     work.replace(folder)
-    return TargetSet(folder)
 
 
 def _shard_name(shard: int) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.disk import entry_lock
+from memdec_core.disk import shared_entry_lock
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.interfaces import EvalContext
 from memdec_core.progress import log
@@ -41,7 +41,7 @@ def datastore_for(ctx: EvalContext, folder: str | Path = "") -> Datastore:
         check_datastore_matches(store, ctx)
         return store
     location = cached_artifact("datastores", datastore_key(ctx))
-    with entry_lock(location):  # a second run sharing the cache waits, then reuses it
+    with shared_entry_lock(location):  # a second run sharing the cache waits, then reuses it; ranks build it together
         if location.exists():
             log(f"reusing datastore {location}")
             return open_datastore(location)

@@ -6,9 +6,11 @@ on first use, written atomically). Row p is the global position p of the train s
 windows score consecutive positions, so rows are appended in order (and checked to be).
 
 A build works in ``.NAME.partial`` with ordinary buffered writes (a full disk is an error, not a
-SIGBUS from a memory map) and records every few batches how far it got, after flushing to disk:
-a killed build resumes from there and gives the same bytes. The folder is renamed into place
-when complete.
+SIGBUS from a memory map), each batch's rows written at their positions, and records every few
+batches how far it got, after flushing to disk: a killed build resumes from there and gives the
+same bytes. The folder is renamed into place when complete. Under several processes (see
+``memdec_core.distributed``) each rank computes every N-th batch into the same files, and the
+record is the windows every rank has finished, so a build resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from memdec_core.artifacts import (
     write_readme,
 )
 from memdec_core.disk import disk_errors, entry_lock, require_space
+from memdec_core.distributed import barrier, sharding, sum_across
 from memdec_core.errors import ArtifactError
 from memdec_core.evaluate import iter_scored_batches
 from memdec_core.interfaces import Retriever
@@ -119,102 +122,136 @@ def _build_index(store: Datastore, retriever: Retriever, folder: Path) -> None:
 def build_datastore(base, stream: np.ndarray, folder: Path, *, context: int, stride: int,
                     batch_size: int, data_hash: str, domain: str | None = None) -> Datastore:
     """Run ``base`` over ``stream`` (the train split of ``domain``) and write a complete datastore
-    (keys and values) to ``folder``, resuming the work an interrupted build left."""
+    (keys and values) to ``folder``, resuming the work an interrupted build left.
+
+    Under several processes every rank calls it (inside ``shared_entry_lock``): rank 0 prepares
+    and finishes the folder, and each rank writes the rows of its batches.
+    """
     from memdec_core.data import make_windows
-    from memdec_core.models import base_reference
 
     windows = make_windows(len(stream), context, stride)
     n_rows, dim = len(stream) - 1, base.model.config.get_text_config().hidden_size
     work, needed = folder.parent / f".{folder.name}.partial", n_rows * (2 * dim + 4)
     identity = {"model": base.fingerprint, "data_hash": data_hash, "rows": n_rows, "dim": dim, "context": context,
                 "stride": stride, "batch_size": batch_size}
+    main = sharding().main
     with disk_errors(folder, needed):
-        if not work.exists():
-            require_space(folder.parent, needed, folder)
-        start_or_resume(work, identity, "datastore build")
-        started = time.perf_counter() - _progress(work)["seconds"]
-        _write_keys_and_values(base, stream, windows, work, n_rows, dim, batch_size, started)
-        write_manifest(work, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
-                       base=base_reference(base), domain=domain,
-                       tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
-                       data_hash=data_hash, context=context, stride=stride,
-                       build_seconds=round(time.perf_counter() - started, 1))
-        write_readme(work, f"kNN-LM datastore for {base.model_id}", [
-            f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
-            "- search indexes under `indexes/`, one per retriever and build settings.",
-            f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."],
-            tags=("knn-lm", "datastore"), base=base.model_id, domain=domain)
-        for name in ("settings.json", "progress.json"):
-            (work / name).unlink(missing_ok=True)
-        os.replace(work, folder)
+        if main:
+            _prepare(work, identity, folder, needed, n_rows, dim)
+        barrier()  # the files exist and the progress record is final before anyone reads it
+        done = _progress(work)
+        started = time.perf_counter() - done["seconds"]
+        _write_keys_and_values(base, stream, windows, work, done["windows"], n_rows, dim, batch_size, started)
+        if main:
+            _finish(base, work, folder, n_rows=n_rows, dim=dim, data_hash=data_hash, domain=domain, context=context,
+                    stride=stride, seconds=time.perf_counter() - started)
+        barrier()
     return open_datastore(folder)
 
 
+def _prepare(work: Path, identity: dict, folder: Path, needed: int, n_rows: int, dim: int) -> None:
+    """The work folder of a new or resumed build, with its two files at their final size."""
+    if not work.exists():
+        require_space(folder.parent, needed, folder)
+    start_or_resume(work, identity, "datastore build")
+    for name, shape, dtype in (("keys.npy", (n_rows, dim), np.float16), ("vals.npy", (n_rows,), np.int32)):
+        if not (work / name).is_file() or _progress(work)["windows"] == 0:
+            RowFile.create(work / name, shape, dtype)
+
+
+def _finish(base, work: Path, folder: Path, *, n_rows: int, dim: int, data_hash: str, domain: str | None,
+            context: int, stride: int, seconds: float) -> None:
+    from memdec_core.models import base_reference
+
+    write_manifest(work, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
+                   base=base_reference(base), domain=domain,
+                   tokenizer_fingerprint=base.tokenizer_fingerprint, layer=LAYER, size=n_rows, dim=dim,
+                   data_hash=data_hash, context=context, stride=stride, build_seconds=round(seconds, 1))
+    write_readme(work, f"kNN-LM datastore for {base.model_id}", [
+        f"- {n_rows} keys of dimension {dim} ({LAYER}), fp16, in `keys.npy`; next-token ids in `vals.npy`.",
+        "- search indexes under `indexes/`, one per retriever and build settings.",
+        f"- windows of {context} tokens, stride {stride}; train data hash `{data_hash}`."],
+        tags=("knn-lm", "datastore"), base=base.model_id, domain=domain)
+    for name in ("settings.json", "progress.json"):
+        (work / name).unlink(missing_ok=True)
+    os.replace(work, folder)
+
+
 def _progress(work: Path) -> dict:
-    """How far a build got: windows and rows written and flushed, seconds spent."""
+    """How far a build got: the windows whose rows are written and flushed, seconds spent."""
     path = work / "progress.json"
     if not path.is_file():
-        return {"windows": 0, "rows": 0, "seconds": 0.0}
+        return {"windows": 0, "seconds": 0.0}
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"windows": 0, "rows": 0, "seconds": 0.0}  # an unreadable record: start over
+        return {"windows": 0, "seconds": 0.0}  # an unreadable record: start over
 
 
-def _write_keys_and_values(base, stream, windows, work: Path, n_rows: int, dim: int, batch_size: int,
-                           started: float) -> None:
-    done = _progress(work)
-    with RowFile(work / "keys.npy", (n_rows, dim), np.float16, done["rows"]) as keys, \
-            RowFile(work / "vals.npy", (n_rows,), np.int32, done["rows"]) as vals:
-        batches = iter_scored_batches(base.model, stream, windows[done["windows"]:], batch_size=batch_size,
-                                      capture_hidden=True, with_logits=False,
-                                      description=f"datastore {base.short_name}")
+def _write_keys_and_values(base, stream, windows, work: Path, first_window: int, n_rows: int, dim: int,
+                           batch_size: int, started: float) -> None:
+    """This rank's batches of ``windows[first_window:]``, each batch's rows at their positions."""
+    shard = sharding()
+    remaining = windows[first_window:]
+    # Records only where every rank has finished the same number of batches, so a record's
+    # windows are done by all.
+    batches_everyone_has = -(-len(remaining) // batch_size) // shard.size
+    written = 0
+    with RowFile(work / "keys.npy") as keys, RowFile(work / "vals.npy") as vals:
+        batches = iter_scored_batches(base.model, stream, remaining, batch_size=batch_size, capture_hidden=True,
+                                      with_logits=False, sharded=True, description=f"datastore {base.short_name}")
         for number, batch in enumerate(batches, 1):
             positions = batch.positions.numpy()
-            if not np.array_equal(positions, np.arange(keys.rows, keys.rows + len(positions))):
-                raise ArtifactError(f"datastore build in {work}: positions out of order at row {keys.rows}")
-            keys.append(batch.hidden.numpy())
-            vals.append(batch.targets.numpy())
-            if number % COMMIT_EVERY == 0:
-                _commit(work, keys, vals, done["windows"] + number * batch_size, started)
-        if keys.rows != n_rows:
-            raise ArtifactError(f"datastore build in {work} wrote {keys.rows} of {n_rows} rows")
-        _commit(work, keys, vals, len(windows), started)
+            if not np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):
+                raise ArtifactError(f"datastore build in {work}: the positions of a batch are not consecutive "
+                                    f"from row {positions[0]}")
+            keys.write(int(positions[0]), batch.hidden.numpy())
+            vals.write(int(positions[0]), batch.targets.numpy())
+            written += len(positions)
+            if number % COMMIT_EVERY == 0 and number <= batches_everyone_has:
+                _commit(work, (keys, vals), first_window + number * shard.size * batch_size, started)
+        _commit(work, (keys, vals), len(windows), started)
+    expected = n_rows - (remaining[0].score_from if remaining else n_rows)
+    if int(sum_across([written])[0]) != expected:
+        raise ArtifactError(f"datastore build in {work} wrote {written} of {expected} rows")
 
 
-def _commit(work: Path, keys: "RowFile", vals: "RowFile", windows_done: int, started: float) -> None:
-    keys.flush()
-    vals.flush()
-    write_json(work / "progress.json", {"windows": windows_done, "rows": keys.rows,
-                                        "seconds": time.perf_counter() - started})
+def _commit(work: Path, files: tuple["RowFile", ...], windows_done: int, started: float) -> None:
+    """Flush this rank's rows, wait for every rank's, then record the windows done."""
+    for file in files:
+        file.flush()
+    barrier()
+    if sharding().main:
+        write_json(work / "progress.json", {"windows": windows_done, "seconds": time.perf_counter() - started})
 
 
 class RowFile:
-    """An ``.npy`` file of a known final shape, filled by appending rows with buffered writes.
+    """An ``.npy`` file of a known final shape whose rows are written at their positions with
+    buffered writes; several processes may write disjoint rows of one file."""
 
-    Reopened with ``rows`` committed, it is cut back to them (a killed writer may have left more).
-    """
+    def __init__(self, path: Path):
+        self.path = Path(path)
 
-    def __init__(self, path: Path, shape: tuple, dtype, rows: int):
-        self.path, self.shape, self.dtype, self.rows = Path(path), shape, np.dtype(dtype), rows
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+    @staticmethod
+    def create(path: Path, shape: tuple, dtype) -> None:
+        """The header, and the file extended to its final size (the rows still zero)."""
+        dtype = np.dtype(dtype)
+        with open(path, "wb") as handle:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(handle, header)
+            handle.truncate(handle.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
 
     def __enter__(self) -> "RowFile":
-        if self.rows == 0 or not self.path.exists():
-            self.rows, self.handle = 0, open(self.path, "wb")
-            header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-            np.lib.format.write_array_header_1_0(self.handle, header)
-        else:
-            self.handle = open(self.path, "r+b")
-            np.lib.format.read_magic(self.handle)
-            np.lib.format.read_array_header_1_0(self.handle)
-            self.handle.truncate(self.handle.tell() + self.rows * self.row_bytes)
-            self.handle.seek(0, os.SEEK_END)
+        self.handle = open(self.path, "r+b")
+        np.lib.format.read_magic(self.handle)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(self.handle)
+        self.dtype, self.data_start = dtype, self.handle.tell()
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         return self
 
-    def append(self, rows: np.ndarray) -> None:
+    def write(self, first_row: int, rows: np.ndarray) -> None:
+        self.handle.seek(self.data_start + first_row * self.row_bytes)
         self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-        self.rows += len(rows)
 
     def flush(self) -> None:
         self.handle.flush()

@@ -13,9 +13,11 @@ What is sharded: scoring windows for perplexity (every rank scores every N-th ba
 sums are reduced in float64), so a report is that of one process up to the rounding of the sums.
 A datastore and kNN targets are built by all ranks together (``disk.shared_entry_lock``): each
 computes every N-th batch of windows or shard of positions and writes it where one process would,
-so the files are the same bytes. Other work done while holding a cache entry's lock (a search
-index, training) runs in whichever rank takes the lock, with no collective inside: the other
-ranks wait for it and reuse the result.
+so the files are the same bytes. Training is data-parallel: each rank runs every N-th window of
+each micro-batch, the gradients are summed (``sum_gradients``), every rank takes the same step,
+and rank 0 writes the checkpoints — the global batch is the one of one process. Other work done
+while holding a cache entry's lock (a search index) runs in whichever rank takes the lock, with
+no collective inside: the other ranks wait for it and reuse the result.
 """
 
 from __future__ import annotations
@@ -132,6 +134,44 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value):
+    """Rank 0's ``value`` on every rank of :func:`sharding` (``value`` itself for one process)."""
+    if sharding().size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_gradients(parameters: Sequence, extra: Sequence[float] = ()) -> list[float]:
+    """Every parameter's gradient summed over the ranks of :func:`sharding`, in place, in one
+    flat collective (a rank that had no work contributes zeros); returns ``extra`` summed too.
+
+    What DDP does at the end of a step, without its forward wrapper: memdec's losses call a
+    model's decoder and output layer separately, which DDP's wrapper would not see.
+    """
+    if sharding().size == 1:
+        return list(extra)
+    import torch
+    import torch.distributed as dist
+
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    for parameter in trainable:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    flat = torch.cat([parameter.grad.reshape(-1).float() for parameter in trainable]
+                     + [torch.tensor(list(extra), dtype=torch.float32, device=trainable[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for parameter in trainable:
+        count = parameter.numel()
+        parameter.grad.copy_(flat[offset:offset + count].view_as(parameter.grad))
+        offset += count
+    return flat[offset:].cpu().tolist()
+
+
 def sum_across(values: Sequence[float]) -> list[float]:
     """``values`` summed over the ranks of :func:`sharding` (in float64; as they are for one process)."""
     if sharding().size == 1:
@@ -146,5 +186,5 @@ def sum_across(values: Sequence[float]) -> list[float]:
     return total.cpu().tolist()
 
 
-__all__ = ["World", "world", "join", "launched_size", "alone", "sharding", "barrier", "sum_across",
-           "WORLD_SIZE_VARIABLE"]
+__all__ = ["World", "world", "join", "launched_size", "alone", "sharding", "barrier", "from_main", "sum_gradients",
+           "sum_across", "WORLD_SIZE_VARIABLE"]

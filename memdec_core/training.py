@@ -11,6 +11,11 @@ The caller gives the loss (cross-entropy for continued training, the kNN objecti
 Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, torch's RNG
 state, progress; rewritten every ``save_every`` steps and at each epoch end) and ``best/``.
 
+Under several processes (``memdec_core.distributed``) each rank runs every N-th window of each
+micro-batch and the gradients are summed before every rank takes the same step; rank 0 writes
+the checkpoints. The step is the one process's, up to the order of float sums (dropout masks
+differ: each rank draws its own).
+
 Randomness (dropout) draws from torch's generator seeded with the run's seed inside
 ``torch.random.fork_rng`` — the caller's global RNG is untouched — and a resumed run restores
 the generator's state from the checkpoint, so resumed or not, the same seed gives the same bits.
@@ -30,6 +35,7 @@ import torch
 import torch.utils.checkpoint
 
 from memdec_core.artifacts import replacing_directory
+from memdec_core.distributed import barrier, sharding, sum_gradients
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.models import model_device, save_model
 from memdec_core.progress import log, progress_bar
@@ -233,12 +239,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         device = model_device(self.model)
+        ranks = sharding()
         for first in range(0, len(starts), self.settings.batch_size):
-            batch = self._batch(starts[first:first + self.settings.batch_size]).to(device)
-            share = len(batch.positions) / n_total  # token-weighted mean over the whole step
+            mine = starts[first:first + self.settings.batch_size][ranks.rank::ranks.size]
+            if not len(mine):
+                continue
+            batch = self._batch(mine).to(device)
+            share = len(batch.positions) / n_total  # token-weighted mean over the whole step (of all ranks)
             loss = self.loss(self.model, batch)
             (loss * share).backward()
             total_loss += float(loss.detach()) * share
+        total_loss = sum_gradients(list(self.model.parameters()), [total_loss])[0] if ranks.size > 1 else total_loss
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -270,8 +281,9 @@ class Trainer:
         log(f"epoch {epoch}: valid ppl {valid_ppl:.3f}")
         if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
             self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
-            with replacing_directory(self.work / "best") as temporary:
-                save_model(self.model, temporary)
+            if sharding().main:  # every rank holds the same weights
+                with replacing_directory(self.work / "best") as temporary:
+                    save_model(self.model, temporary)
         elif self.settings.patience and epoch - self.state["best_epoch"] >= self.settings.patience:
             log(f"stopping early: no better validation perplexity for {self.settings.patience} epoch(s)")
             self.state["stopped_early"] = True
@@ -279,12 +291,16 @@ class Trainer:
         self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        with replacing_directory(self.work / "checkpoint") as temporary:
-            save_model(self.model, temporary)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       temporary / "optimizer.pt")
-            save_rng_states(temporary / RNG_FILE)
-            (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
+        """Rank 0 writes it (every rank holds the same weights and state); the others wait, so a
+        rank killed after the barrier leaves a checkpoint every rank agrees with."""
+        if sharding().main:
+            with replacing_directory(self.work / "checkpoint") as temporary:
+                save_model(self.model, temporary)
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                           temporary / "optimizer.pt")
+                save_rng_states(temporary / RNG_FILE)
+                (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
+        barrier()
 
 
 RNG_FILE = "rng.safetensors"

@@ -41,8 +41,9 @@ def eval_args(corpus_dir, model, output, methods="base,knn-lm"):
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
     """Each of 2 gloo ranks scores half the batches and the NLL sums are reduced: the same
-    perplexities as one process. The datastore, the memory and LoRA are built once, by whichever
-    rank takes the cache lock (rank 1 too: see the save test below), and are the same artifacts."""
+    perplexities as one process. The datastore is built by both ranks (the same bytes: see the
+    build test below); the memory and LoRA are trained data-parallel, so their weights are those
+    of one process up to the order of float sums: their perplexities agree to 1e-6."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     methods, short = "base,knn-lm,memdec,lora", ["--set", "memdec.epochs=1", "--set", "lora.epochs=1"]
     single = invoke("--world-size", 1, *eval_args(corpus_dir, tiny_llama, one, methods), *short)
@@ -53,11 +54,12 @@ def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
     assert first["meta"]["world_size"] == 1 and second["meta"]["world_size"] == 2
     assert [row["method"] for row in second["results"]] == methods.split(",")
     for alone, shared in zip(first["results"], second["results"]):
-        assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-9), alone["method"]
+        tolerance = 1e-6 if alone["method"] in ("memdec", "lora") else 1e-9  # trained, or only scored
+        assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=tolerance), alone["method"]
         if alone["valid_ppl"] is None:  # the base is not tuned
             assert shared["valid_ppl"] is None
         else:
-            assert shared["valid_ppl"] == pytest.approx(alone["valid_ppl"], rel=1e-9), alone["method"]
+            assert shared["valid_ppl"] == pytest.approx(alone["valid_ppl"], rel=tolerance), alone["method"]
         assert shared["knobs"] == alone["knobs"]
     assert result.stdout.count('"results"') == 1  # rank 0 alone prints the report
 
@@ -88,7 +90,7 @@ targets._write_shard = write_shard
 real_settings = pipeline.target_settings_for  # shards of 512 positions: several, so each rank has some
 pipeline.target_settings_for = lambda *args: dataclasses.replace(real_settings(*args), shard_size=512)
 folder = api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
-                           settings=EvalSettings(context=64, stride=32, batch_size=2))
+                           settings=EvalSettings(context=64, stride=32, batch_size=4))
 json.dump({"world_size": world.size, "batches": writes[0], "shards": shards[0]},
           open(f"{sys.argv[3]}.rank{world.rank}.json", "w"))
 """
@@ -117,8 +119,9 @@ def built_files(cache, targets) -> dict[str, bytes]:
 def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_any_number(corpus_dir, tiny_gpt2,
                                                                                           tmp_path):
     """Each rank computes every other batch of windows (written at their rows) and every other
-    shard of targets: the same bytes as one process. A 2-process build killed midway resumes in
-    one process, from the windows both ranks had finished, to the same bytes."""
+    shard of targets: the same bytes as one process (a buffered writer once wrote stale zeros over
+    the other rank's rows of the small vals.npy). A 2-process build killed midway resumes in one
+    process, from the windows both ranks had finished, to the same bytes."""
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir(), (tmp_path / "killed").mkdir()
     single = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "one" / "targets", tmp_path / "one" / "cache")
     assert single.returncode == 0, single.stderr[-3000:]
@@ -137,10 +140,38 @@ def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_an
     killed = run_build(2, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache, kill_after=4)
     assert killed.returncode != 0
     work = next((killed_cache / "datastores").glob(".*.partial"))
-    assert json.loads((work / "progress.json").read_text())["windows"] >= 2 * 2 * 2  # two rounds of 2 ranks × 2
+    assert json.loads((work / "progress.json").read_text())["windows"] >= 2 * 2 * 4  # two rounds of 2 ranks × 4
     resumed = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert built_files(killed_cache, tmp_path / "killed" / "targets") == reference
+
+
+def test_a_data_parallel_step_sums_to_the_gradient_of_one_process(tiny_llama, tmp_path, monkeypatch):
+    """Rank r of N trains on windows r, r + N, ... of each micro-batch; the ranks' gradients sum
+    to the one-process gradient of the whole step (the brute-force reference)."""
+    from memdec_core.training import LoopSettings, Trainer, next_token_cross_entropy
+
+    stream = np.arange(2000) % 300
+    settings = LoopSettings(batch_size=3, accumulate=2, clip=1e9)  # no clipping: the raw gradients
+
+    def gradients(world: World) -> tuple[dict, list]:
+        monkeypatch.setattr(distributed, "_WORLD", [world])
+        model = load_model(str(tiny_llama)).model.train()
+        trainer = Trainer(model, stream, 64, settings, tmp_path, loss=next_token_cross_entropy,
+                          validate=lambda trained: (1.0, {}))
+        seen, real_batch = [], trainer._batch
+        trainer._batch = lambda starts: seen.append(starts.tolist()) or real_batch(starts)
+        trainer._step(trainer.chunk_starts[:6])
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}, seen
+
+    monkeypatch.setattr(distributed, "sum_gradients", lambda parameters, extra=(): list(extra))  # no group here
+    monkeypatch.setattr("memdec_core.training.sum_gradients", distributed.sum_gradients)
+    whole, seen_alone = gradients(World())
+    halves = [gradients(World(rank=rank, size=2)) for rank in (0, 1)]
+    assert seen_alone == [[0, 64, 128], [192, 256, 320]]
+    assert halves[0][1] == [[0, 128], [192, 320]] and halves[1][1] == [[64], [256]]
+    for name, expected in whole.items():
+        torch.testing.assert_close(halves[0][0][name] + halves[1][0][name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_a_sharded_scorer_takes_every_nth_batch_and_the_sums_are_reduced(corpus_dir, tiny_gpt2, monkeypatch):

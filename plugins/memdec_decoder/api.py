@@ -52,7 +52,7 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     memory is written to that folder; an interrupted run resumes when called again the same way,
     and a finished one is returned as it is (a folder made otherwise is refused).
     """
-    from memdec_core.disk import entry_lock
+    from memdec_core.disk import shared_entry_lock
     from memdec_decoder import pipeline
     from memdec_decoder.train import train_memory
 
@@ -63,7 +63,7 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     teacher_name, init_name = pipeline.teacher_and_init(ctx.base, config)
     targets = pipeline.targets_for(ctx, config)
     output = Path(output).expanduser()
-    with entry_lock(output):  # two runs onto one --output: the second waits, then finds it done
+    with shared_entry_lock(output):  # two runs onto one --output: the second waits, then finds it done
         memory = train_memory(init_name, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
                               settings=config.train_settings(), teacher=teacher_name,
                               eval_batch_size=ctx.settings.batch_size)
@@ -82,7 +82,7 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     ``train_overrides`` (lr, beta, batch_size, accumulate, vocabulary, seed, ...) say otherwise,
     on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer resumes when called again the same way.
     """
-    from memdec_core.disk import entry_lock
+    from memdec_core.disk import shared_entry_lock
     from memdec_core.models import load_model
     from memdec_decoder import pipeline
     from memdec_decoder.memory import open_memory
@@ -101,7 +101,7 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
                               fresh_blocks=fresh_blocks, seed=train_settings.seed)
     targets = pipeline.targets_for(ctx, config)
     output = Path(output).expanduser()
-    with entry_lock(output):
+    with shared_entry_lock(output):
         result = train_memory(start, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
                               settings=train_settings, teacher=teacher, eval_batch_size=ctx.settings.batch_size)
     return str(result.folder)

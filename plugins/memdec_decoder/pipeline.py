@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.disk import entry_lock, shared_entry_lock
+from memdec_core.disk import shared_entry_lock
 from memdec_core.errors import ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
@@ -36,7 +36,7 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
     teacher_ctx = teacher_context(ctx, config)
     _, init_name = teacher_and_init(ctx.base, config, run_bases(ctx))
     folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
-    with entry_lock(folder):  # a second run sharing the cache waits, then reuses it
+    with shared_entry_lock(folder):  # a second run sharing the cache waits, then reuses it; ranks train together
         if folder.exists():
             log(f"reusing memory {folder}")
             return open_cached(folder)

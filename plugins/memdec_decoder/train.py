@@ -31,8 +31,9 @@ from memdec_core.artifacts import (
     write_readme,
 )
 from memdec_core.data import TokenizedCorpus, make_windows
+from memdec_core.distributed import barrier, from_main, sharding, sum_across
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
-from memdec_core.evaluate import NLLTotal, iter_scored_batches
+from memdec_core.evaluate import NLLTotal, iter_scored_batches, reduce_totals
 from memdec_core.models import BLOCK_PATHS, LoadedModel, default_device, load_model
 from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
@@ -122,7 +123,7 @@ def train_memory(init: str | MemoryStart, corpus: TokenizedCorpus, targets: Targ
     if output.exists():
         return _already_trained(output, identity)
     work = output.parent / f".{output.name}.partial"
-    resuming = start_or_resume(work, identity, "training")
+    resuming = from_main(start_or_resume(work, identity, "training") if sharding().main else None)
     checkpoint = previous_version(work / "checkpoint") if resuming else None
     model = _load_checkpoint_model(checkpoint) if checkpoint else start.build(vocabulary)
     valid = corpus.streams["valid"]
@@ -255,13 +256,15 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
     tokens = torch.from_numpy(stream.astype(np.int64))
     mapped = (vocabulary.inputs(tokens) if vocabulary else tokens).numpy()
     total, outside = NLLTotal(), 0
-    for batch in iter_scored_batches(model, mapped, windows, batch_size=batch_size, description="valid memory"):
+    for batch in iter_scored_batches(model, mapped, windows, batch_size=batch_size, sharded=True,
+                                     description="valid memory"):
         logits = vocabulary.mask_other(batch.logits) if vocabulary else batch.logits
         gold = torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0]
         named = batch.targets != vocabulary.other if vocabulary else torch.ones_like(batch.targets, dtype=torch.bool)
         total.add(gold[named])
         outside += int((~named).sum())
-    return total.perplexity, outside
+    reduce_totals([total])
+    return total.perplexity, int(round(sum_across([outside])[0]))
 
 
 def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
@@ -270,6 +273,17 @@ def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, 
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
+    if sharding().main:  # under several processes, rank 0 writes the folder the others then open
+        _write_memory(best, output, start, full_vocab_size, vocabulary, targets, trainer, settings, teacher=teacher,
+                      context=context, identity=identity, domain=domain)
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    return open_memory(output)
+
+
+def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
+                  targets: TargetSet, trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int,
+                  identity: dict, domain: str) -> None:
     state = trainer.state
     parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
     with atomic_directory(output) as temporary:
@@ -292,8 +306,6 @@ def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, 
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
             start.name, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
             base=start.family.model_id, domain=domain)
-    shutil.rmtree(work, ignore_errors=True)
-    return open_memory(output)
 
 
 def _readme_lines(init_name: str, vocabulary, targets, settings, state, parameters) -> list[str]:

@@ -226,8 +226,11 @@ def _commit(work: Path, files: tuple["RowFile", ...], windows_done: int, started
 
 
 class RowFile:
-    """An ``.npy`` file of a known final shape whose rows are written at their positions with
-    buffered writes; several processes may write disjoint rows of one file."""
+    """An ``.npy`` file of a known final shape whose rows are written at their positions.
+
+    Positional writes straight to the file (``os.pwrite``): several processes write disjoint rows
+    of one file, and a buffered writer could write back a stale neighbouring block over theirs.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -242,23 +245,26 @@ class RowFile:
             handle.truncate(handle.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
 
     def __enter__(self) -> "RowFile":
-        self.handle = open(self.path, "r+b")
-        np.lib.format.read_magic(self.handle)
-        shape, _, dtype = np.lib.format.read_array_header_1_0(self.handle)
-        self.dtype, self.data_start = dtype, self.handle.tell()
+        with open(self.path, "rb") as handle:
+            np.lib.format.read_magic(handle)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            self.dtype, self.data_start = dtype, handle.tell()
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.descriptor = os.open(self.path, os.O_WRONLY)
         return self
 
     def write(self, first_row: int, rows: np.ndarray) -> None:
-        self.handle.seek(self.data_start + first_row * self.row_bytes)
-        self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        data = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast("B")
+        offset = self.data_start + first_row * self.row_bytes
+        while data:  # pwrite may write less than asked
+            written = os.pwrite(self.descriptor, data, offset)
+            data, offset = data[written:], offset + written
 
     def flush(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        os.fsync(self.descriptor)
 
     def __exit__(self, *exc) -> None:
-        self.handle.close()
+        os.close(self.descriptor)
 
 
 def open_datastore(folder: Path) -> Datastore:

@@ -28,7 +28,8 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.disk import entry_lock
+from memdec_core.disk import shared_entry_lock
+from memdec_core.distributed import barrier, from_main, sharding
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.generation import model_generator
 from memdec_core.identity import component_identity
@@ -99,7 +100,7 @@ def train_cached(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation) -
                 "code": component_identity(adaptation.method), **dataclasses.asdict(loop), **adaptation.identity}
     identity.pop("save_every")
     folder = cached_artifact(adaptation.kind, content_key(identity))
-    with entry_lock(folder):  # a second run sharing the cache waits, then reuses it
+    with shared_entry_lock(folder):  # a second run sharing the cache waits, then reuses it; ranks train together
         if folder.exists():
             log(f"reusing {adaptation.kind} {folder}")
             return folder
@@ -110,7 +111,7 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
     """Train (or resume training) the adapted model and write it to ``folder``."""
     log(f"training {adaptation.kind} for {ctx.base.model_id} (lr {loop.lr:g}) in {folder}")
     work = folder.parent / f".{folder.name}.partial"
-    resuming = start_or_resume(work, identity, f"{adaptation.kind} training")
+    resuming = from_main(start_or_resume(work, identity, f"{adaptation.kind} training") if sharding().main else None)
     checkpoint = previous_version(work / "checkpoint") if resuming else None
     with seeded(loop.seed):  # adapters are initialised at random (LoRA's A matrices)
         model = (adaptation.load(ctx.base.model, checkpoint, trainable=True) if checkpoint
@@ -128,6 +129,15 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
     if checkpoint:
         trainer.restore(checkpoint)
     state = trainer.run()
+    if sharding().main:  # under several processes, rank 0 writes the folder the others then open
+        _write_adapted(ctx, model, loop, adaptation, state, work, folder)
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
+    return folder
+
+
+def _write_adapted(ctx: EvalContext, model, loop: LoopSettings, adaptation: Adaptation, state: dict, work: Path,
+                   folder: Path) -> None:
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     with atomic_directory(folder) as temporary:
         shutil.copytree(previous_version(work / "best"), temporary, dirs_exist_ok=True)
@@ -146,8 +156,6 @@ def _train(ctx: EvalContext, loop: LoopSettings, adaptation: Adaptation, identit
             f"- Best epoch {state['best_epoch']}: validation perplexity {state['best_valid_ppl']:.3f}.",
             "- `memdec export THIS_FOLDER --output DIR` writes it as a standalone transformers model."],
             tags=(adaptation.kind, "domain-adaptation"), base=ctx.base.model_id, domain=ctx.corpus.corpus.name)
-    shutil.rmtree(work, ignore_errors=True)
-    return folder
 
 
 def _name_base_portably(folder: Path, reference: dict) -> None:

@@ -31,7 +31,7 @@ MANIFEST_KINDS = frozenset({"datastores", "targets", "memories", "lora", "dapt",
 #: Every kind memdec itself writes (others, from plugins, are listed too).
 #: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
 INFRASTRUCTURE = frozenset({"locks"})
-KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats"}
+KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens"}
 
 #: How short a key prefix may be (a shorter one would too easily match the wrong entry).
 MIN_PREFIX = 6

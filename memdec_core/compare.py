@@ -316,7 +316,7 @@ class _Probes:
     def __init__(self, ctx, general, measure: CompareSettings):
         import torch
 
-        from memdec_core.data import make_windows, tokenize_documents
+        from memdec_core.data import cached_stream, make_windows
         from memdec_core.evaluate import model_scorer
         from memdec_core.generation import model_generator
         from memdec_core.latency import Timing
@@ -327,7 +327,8 @@ class _Probes:
         self.base_generator = model_generator(ctx.base.model, ctx.base.tokenizer)
         self.general = None
         if general is not None:
-            stream = tokenize_documents(ctx.base.tokenizer, general.documents["test"])[:measure.general_tokens]
+            stream = cached_stream(ctx.base.tokenizer, general.documents["test"], general.hashes["test"],
+                                   "tokenizing general")[:measure.general_tokens]
             self.general = (stream, make_windows(len(stream), ctx.context, ctx.stride))
         latency = ctx.corpus.streams["test"][:measure.latency_tokens]
         self.latency_slice = (latency, make_windows(len(latency), ctx.context, ctx.stride))

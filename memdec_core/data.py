@@ -3,7 +3,8 @@
 A corpus is a registered Domain or a folder holding ``train``, ``valid`` and ``test`` files as
 plain text (documents separated by a blank line) or JSONL (one ``{"text": ...}`` per line),
 optionally gzipped. Each split becomes one token stream: documents joined by the tokenizer's
-end-of-text token. Windows cut a stream so that every predicted token has exactly one global
+end-of-text token, tokenised once per text and tokenizer (in chunks of documents) and kept in
+the cache as an ``.npy`` file that later runs memory-map. Windows cut a stream so that every predicted token has exactly one global
 position: position ``p`` is the input token whose hidden state predicts token ``p + 1``.
 """
 
@@ -140,17 +141,109 @@ def _jsonl_documents(text: str, path: Path) -> list[str]:
     return documents
 
 
-def tokenize_documents(tokenizer, documents: list[str]) -> np.ndarray:
-    """One int32 token stream: the documents joined by the end-of-text (or BOS) token."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    # verbose=False: long documents are expected here; windows are cut later.
-    encoded = tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
-    pieces = []
-    for ids in encoded:
-        if separator is not None:
-            pieces.append([separator])
-        pieces.append(ids)
-    return np.fromiter((t for piece in pieces for t in piece), dtype=np.int32)
+#: Documents tokenised per call: Python's lists of token ids take ~10× the room of the int32 stream.
+TOKENIZE_CHUNK = 2048
+#: The layout of cached token streams; a change makes new cache keys.
+TOKENS_FORMAT = 1
+
+
+def tokenize_documents(tokenizer, documents: list[str], advance=None) -> np.ndarray:
+    """One int32 token stream: the documents joined by the end-of-text (or BOS) token.
+
+    ``advance(n)``, when given, is called after every chunk of ``n`` documents.
+    """
+    separator = _separator(tokenizer)
+    chunks = []
+    for first in range(0, len(documents), TOKENIZE_CHUNK):
+        batch = documents[first:first + TOKENIZE_CHUNK]
+        # verbose=False: long documents are expected here; windows are cut later.
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        pieces = [piece for ids in encoded for piece in (([separator], ids) if separator is not None else (ids,))]
+        chunks.append(np.fromiter((token for piece in pieces for token in piece), dtype=np.int32))
+        if advance is not None:
+            advance(len(batch))
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+
+
+def _separator(tokenizer) -> int | None:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+
+
+def tokenization_key(tokenizer) -> str:
+    """What decides a text's tokens: the whole tokenizer definition (normaliser and pre-tokeniser
+    too, which the vocabulary's fingerprint does not cover) and the document separator."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    payload = f"{TOKENS_FORMAT}|{type(tokenizer).__name__}|{_separator(tokenizer)}|{definition}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cached_stream(tokenizer, documents: list[str], text_hash: str, description: str = "tokenizing") -> np.ndarray:
+    """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped
+    from the cache, else tokenised once and written there. Where the cache cannot be written (a
+    read-only or full disk), the stream is tokenised in memory for this run."""
+    from memdec_core.artifacts import cached_artifact, content_key
+    from memdec_core.disk import entry_lock
+    from memdec_core.errors import DiskError
+    from memdec_core.progress import log
+
+    path = cached_artifact("tokens", content_key("tokens", text_hash, tokenization_key(tokenizer)) + ".npy")
+    try:
+        with entry_lock(path):
+            stream = _read_stream(path)
+            if stream is None:
+                _write_stream(path, tokenize_with_progress(tokenizer, documents, description))
+                stream = _read_stream(path)
+            return stream
+    except DiskError as error:
+        log(f"token streams are not cached ({error}); tokenizing in memory")
+        return tokenize_with_progress(tokenizer, documents, description)
+
+
+def tokenize_with_progress(tokenizer, documents: list[str], description: str) -> np.ndarray:
+    from memdec_core.progress import progress_bar
+
+    with progress_bar(description, len(documents), "documents") as advance:
+        return tokenize_documents(tokenizer, documents, advance)
+
+
+def _read_stream(path: Path) -> np.ndarray | None:
+    """The cached stream, memory-mapped; None when there is none or it is damaged (it is removed:
+    it is rebuilt from the text)."""
+    from memdec_core.progress import log
+
+    if not path.is_file():
+        return None
+    try:
+        stream = np.load(path, mmap_mode="r", allow_pickle=False)
+        if stream.dtype == np.int32 and stream.ndim == 1:
+            return stream
+    except (OSError, ValueError):
+        pass
+    log(f"damaged token cache {path}: tokenizing again")
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _write_stream(path: Path, stream: np.ndarray) -> None:
+    """Write ``stream`` beside ``path`` and rename it into place (never a half-written file)."""
+    import os
+    import uuid
+
+    from memdec_core.disk import disk_errors, require_space
+
+    with disk_errors(path, stream.nbytes):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        require_space(path.parent, stream.nbytes + 4096, path)
+        temporary = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(temporary, "wb") as handle:
+                np.save(handle, stream, allow_pickle=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -220,7 +313,7 @@ def tokenize_corpus(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, *, co
     max_tokens = max_tokens or {}
     streams = {}
     for split in SPLITS:
-        stream = tokenize_documents(tokenizer, corpus.documents[split])
+        stream = cached_stream(tokenizer, corpus.documents[split], corpus.hashes[split], f"tokenizing {split}")
         if max_tokens.get(split):
             stream = stream[: max_tokens[split]]
         if len(stream) < context:

@@ -68,3 +68,51 @@ def test_missing_folder_and_unknown_domain(tmp_path):
         load_corpus(str(tmp_path / "nope"))
     with pytest.raises(UnknownComponentError, match="unknown domain 'fnance'"):
         load_corpus("fnance")
+
+
+def test_token_streams_are_tokenised_once_and_memory_mapped(corpus_dir, tiny_gpt2, tmp_path, monkeypatch):
+    import numpy as np
+
+    from memdec_core import data
+    from memdec_core.models import load_model
+
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    base, corpus = load_model(str(tiny_gpt2)), load_corpus(str(corpus_dir))
+    expected = {split: data.tokenize_documents(base.tokenizer, corpus.documents[split]) for split in corpus.documents}
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", 7)  # many chunks: the same stream as one call
+    first = data.tokenize_corpus(corpus, base.tokenizer, base.tokenizer_fingerprint, context=64)
+    for split, stream in first.streams.items():
+        assert np.array_equal(stream, expected[split]) and stream.dtype == np.int32
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 3
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(data, "tokenize_documents", no_tokenizing)
+    second = data.tokenize_corpus(corpus, base.tokenizer, base.tokenizer_fingerprint, context=64,
+                                  max_tokens={"train": 500})
+    assert isinstance(second.streams["test"], np.memmap)
+    assert np.array_equal(second.streams["train"], expected["train"][:500])
+    assert second.data_hash("test") == first.data_hash("test")
+
+    monkeypatch.undo()
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    damaged = sorted((tmp_path / "cache" / "tokens").glob("*.npy"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a cut-off file: rebuilt from the text, not misread
+    third = data.tokenize_corpus(corpus, base.tokenizer, base.tokenizer_fingerprint, context=64)
+    for split, stream in third.streams.items():
+        assert np.array_equal(stream, expected[split])
+
+
+def test_a_tokenizer_with_the_same_vocabulary_but_another_pre_tokenizer_gets_other_tokens(tiny_gpt2):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from memdec_core.data import tokenization_key
+    from memdec_core.models import tokenizer_fingerprint
+
+    plain, spaced = AutoTokenizer.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
+    spaced.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert plain("bank")["input_ids"] != spaced("bank")["input_ids"]
+    assert tokenizer_fingerprint(plain) == tokenizer_fingerprint(spaced)  # what the vocabulary check sees
+    assert tokenization_key(plain) != tokenization_key(spaced)  # what the token cache keys on

@@ -1,0 +1,186 @@
+"""Scale: 1 vs N processes on the long jobs, and faiss indexes on synthetic keys (issue 12).
+
+Two sections, each measured side by side in one run (these machines are noisy):
+
+``processes``: the demo family on a domain, with a fresh cache per world size, launched by
+torchrun (gloo) with the CPU's cores split between the ranks (``OMP_NUM_THREADS`` = cores / N):
+``datastore build`` (memdec-demo-l), ``targets build`` (its kNN targets) and ``train`` (a memory
+from memdec-demo-s), each timed as a whole command (process start included). Equality: the
+datastore's and the targets' bytes, and the largest weight difference of the memories.
+
+``indexes``: synthetic keys of Qwen2.5-0.5B's width (896) — clustered, so IVF has structure to
+find — indexed with several faiss factories in a subprocess each (peak RSS is that process's),
+then k = 1024 searched for a sample of the keys: build seconds, index bytes, queries per
+second and recall@1024 against the exact search.
+
+    OMP_NUM_THREADS=2 python benchmarks/scale_bench.py processes --domain finance --max-train-tokens 65536
+    python benchmarks/scale_bench.py indexes --keys 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+FACTORIES = ("Flat", "IVF1024,Flat", "IVF1024,PQ64", "OPQ64,IVF1024_HNSW32,PQ64")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sections = parser.add_subparsers(dest="section", required=True)
+    processes = sections.add_parser("processes")
+    processes.add_argument("--domain", default="finance")
+    processes.add_argument("--max-train-tokens", type=int, default=65_536)
+    processes.add_argument("--world-sizes", default="1,2")
+    processes.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    indexes = sections.add_parser("indexes")
+    indexes.add_argument("--keys", type=int, default=1_000_000)
+    indexes.add_argument("--dim", type=int, default=896)
+    indexes.add_argument("--queries", type=int, default=512)
+    indexes.add_argument("--k", type=int, default=1024)
+    indexes.add_argument("--factories", default=";".join(FACTORIES), help="faiss factory strings, separated by ;")
+    one = sections.add_parser("_index")  # one factory, in its own process
+    for name in ("keys", "dim", "queries", "k"):
+        one.add_argument(f"--{name}", type=int)
+    one.add_argument("--factory")
+    one.add_argument("--exact", default="")
+    args = parser.parse_args()
+    return {"processes": run_processes, "indexes": run_indexes, "_index": run_one_index}[args.section](args)
+
+
+# ----------------------------------------------------------------------------------------------
+# processes
+
+
+def run_processes(args) -> int:
+    sizes = [int(size) for size in args.world_sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="memdec-scale-"))
+    runs = {size: run_jobs(size, args, work / f"world-{size}") for size in sizes}
+    reference = runs[sizes[0]]
+    print("| job | " + " | ".join(f"{size} process{'es' if size > 1 else ''} (s)" for size in sizes)
+          + " | speed-up | equal to 1 process |")
+    print("|---|" + "---|" * (len(sizes) + 2))
+    for job in ("datastore", "targets", "train"):
+        seconds = [runs[size]["seconds"][job] for size in sizes]
+        equal = [equality(job, reference, runs[size]) for size in sizes[1:]]
+        print(f"| {job} | " + " | ".join(f"{value:.1f}" for value in seconds)
+              + f" | {seconds[0] / seconds[-1]:.2f}× | {'; '.join(equal)} |")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def run_jobs(size: int, args, folder: Path) -> dict:
+    folder.mkdir(parents=True)
+    env = {**os.environ, "MEMDEC_CACHE": str(folder / "cache"), "MEMDEC_NO_PROGRESS": "1",
+           "OMP_NUM_THREADS": str(max(1, args.cores // size))}
+    launcher = ([TORCHRUN, "--standalone", "--nproc_per_node", str(size)] if size > 1 else [sys.executable])
+    common = ["--domain", args.domain, "--max-train-tokens", str(args.max_train_tokens)]
+    jobs = {"datastore": ["datastore", "build", "--base", "memdec-demo-l", *common],
+            "targets": ["targets", "build", "--teacher", "memdec-demo-l", *common],
+            "train": ["train", "--teacher", "memdec-demo-l", "--init", "memdec-demo-s", "--output",
+                      str(folder / "memory"), *common]}
+    seconds = {}
+    for job, arguments in jobs.items():
+        started = time.perf_counter()
+        result = subprocess.run([*launcher, "-m", "memdec_cli", "--world-size", str(size), *arguments], env=env,
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{job} with {size} process(es) failed:\n{result.stderr[-2000:]}")
+        seconds[job] = time.perf_counter() - started
+    return {"seconds": seconds, "folder": folder}
+
+
+def equality(job: str, reference: dict, other: dict) -> str:
+    if job == "train":
+        from memdec_decoder.memory import open_memory
+
+        one, two = (open_memory(run["folder"] / "memory").model for run in (reference, other))
+        largest = max(float((a - b).abs().max()) for a, b in zip(one.parameters(), two.parameters()))
+        return f"weights within {largest:.1e}"
+    kind = "datastores" if job == "datastore" else "targets"
+    same = all(files == folder_bytes(other["folder"] / "cache" / kind)
+               for files in [folder_bytes(reference["folder"] / "cache" / kind)])
+    return "identical bytes" if same else "DIFFERENT bytes"
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    """The data files of the entries under ``root`` (not their manifests: those hold times and commands)."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*.npy"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# indexes
+
+
+def run_indexes(args) -> int:
+    exact_file = Path(tempfile.mkdtemp(prefix="memdec-index-")) / "exact.npy"
+    rows = []
+    for factory in args.factories.split(";"):
+        command = [sys.executable, __file__, "_index", "--keys", str(args.keys), "--dim", str(args.dim),
+                   "--queries", str(args.queries), "--k", str(args.k), "--factory", factory, "--exact", str(exact_file)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{factory} failed:\n{result.stderr[-2000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"{args.keys:,} synthetic keys of dimension {args.dim}, k = {args.k}, {args.queries} queries")
+    print("| factory | build s | index MB | queries/s | recall@k | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['factory']} | {row['build_seconds']:.1f} | {row['index_mb']:.0f} | {row['qps']:.1f} | "
+              f"{row['recall']:.3f} | {row['peak_rss_mb']:.0f} |")
+    shutil.rmtree(exact_file.parent, ignore_errors=True)
+    return 0
+
+
+def synthetic_keys(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """fp16 keys around 4,096 centres (hidden states cluster by context), as a datastore stores them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4096, dim)).astype(np.float32) * 4
+    keys = np.empty((n, dim), dtype=np.float16)
+    for start in range(0, n, 65_536):
+        count = min(65_536, n - start)
+        keys[start:start + count] = centres[rng.integers(0, 4096, count)] + rng.normal(size=(count, dim))
+    return keys
+
+
+def run_one_index(args) -> int:
+    from memdec_knn.index import FaissRetriever
+
+    keys = synthetic_keys(args.keys, args.dim)
+    queries = np.asarray(keys[np.random.default_rng(1).choice(args.keys, args.queries, replace=False)],
+                         dtype=np.float32)
+    folder = Path(tempfile.mkdtemp(prefix="memdec-index-"))
+    retriever = FaissRetriever(factory=args.factory)
+    started = time.perf_counter()
+    retriever.build(keys, folder)
+    build_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    _, ids = retriever.search(queries, args.k)
+    qps = args.queries / (time.perf_counter() - started)
+    exact = Path(args.exact)
+    if args.factory == "Flat":
+        np.save(exact, ids)
+    truth = np.load(exact) if exact.is_file() else ids
+    recall = float(np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, truth)]))
+    index_mb = sum(path.stat().st_size for path in folder.iterdir()) / 2**20
+    shutil.rmtree(folder, ignore_errors=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"factory": args.factory, "build_seconds": build_seconds, "index_mb": index_mb, "qps": qps,
+                      "recall": recall, "peak_rss_mb": peak}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

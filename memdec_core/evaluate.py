@@ -22,7 +22,7 @@ from memdec_core.distributed import World, sharding, sum_across
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.grids import extend, numeric_knobs
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
-from memdec_core.models import capture_last_ffn_input, model_device
+from memdec_core.models import autocast, capture_last_ffn_input, model_device
 from memdec_core.progress import log, progress_bar
 
 #: Re-exported: methods and plugins written before they moved to ``memdec_core.interfaces``.
@@ -135,7 +135,7 @@ def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hid
     # Keep logits from the earliest scored column of any window to the end of the batch.
     keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
     device = model_device(model)
-    with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured:
+    with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured, autocast():
         logits = _forward(model, input_ids.to(device), attention_mask.to(device), keep, with_logits)
     rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))

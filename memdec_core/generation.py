@@ -16,7 +16,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
-from memdec_core.models import LoadedModel, model_device
+from memdec_core.models import LoadedModel, autocast, model_device
 from memdec_core.progress import log
 
 
@@ -106,7 +106,7 @@ def _generate(model, input_ids: torch.Tensor, config: GenerationConfig, processo
     extra = {} if cache is None else {CACHE_NAME: cache}
     if tokenizer is not None:
         extra["tokenizer"] = tokenizer  # generate matches stop strings with it
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                               logits_processor=LogitsProcessorList(processors), streamer=streamer, **extra)
 

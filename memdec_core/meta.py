@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from memdec_core.distributed import world
+from memdec_core.models import compute_dtype
 
 #: The version of the report layout (top-level keys, ``meta``, the rows) that docs/reports.md describes.
 SCHEMA_VERSION = 1
@@ -40,6 +41,7 @@ def run_meta(*, settings, bases: Sequence[str], methods: Sequence[str], combiner
         "device": device(),
         "world_size": world().size,  # processes that shared the scoring (torchrun, accelerate launch)
         "dtype": _dtype_of(contexts),
+        "precision": compute_dtype(),  # of the model passes (--dtype); the weights' dtype is "dtype"
         "contexts": {base: dict(entry) for base, entry in contexts.items()},
         "command": list(command) if command is not None else None,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -80,6 +80,44 @@ def default_device():
     return device
 
 
+#: ``--dtype`` / ``$MEMDEC_DTYPE`` names → torch dtypes; "auto" is bf16 on GPUs that have it, else fp32.
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
+def compute_dtype() -> str:
+    """The precision forward and backward passes run in: ``$MEMDEC_DTYPE`` (``--dtype``), checked
+    against the device. Weights stay fp32 (training's master copy); the passes run under
+    autocast; the mixture, the KL and kNN distances are computed in fp32, keys stored in fp16."""
+    import torch
+
+    name = os.environ.get("MEMDEC_DTYPE", "").strip().lower() or "auto"
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"MEMDEC_DTYPE={name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    device = default_device()
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name != "fp32" and device.type == "cpu":
+        raise ConfigError(f"--dtype {name} needs a GPU: on the CPU memdec computes in fp32 (bf16 is several times "
+                          f"slower there and fp16 is not supported); drop --dtype or pass --dtype fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --dtype fp16")
+    return name
+
+
+@contextlib.contextmanager
+def autocast(dtype: str | None = None):
+    """Run the block's model passes in ``dtype`` (default :func:`compute_dtype`); fp32 is a no-op."""
+    import torch
+
+    dtype = dtype or compute_dtype()
+    if dtype == "fp32":
+        yield
+        return
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    with torch.autocast(device_type=default_device().type, dtype=torch_dtype):
+        yield
+
+
 def model_device(model):
     """The device of a model's weights."""
     return next(model.parameters()).device

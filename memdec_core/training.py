@@ -37,7 +37,7 @@ import torch.utils.checkpoint
 from memdec_core.artifacts import replacing_directory
 from memdec_core.distributed import barrier, sharding, sum_gradients
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.models import model_device, save_model
+from memdec_core.models import autocast, compute_dtype, model_device, save_model
 from memdec_core.progress import log, progress_bar
 
 
@@ -153,6 +153,9 @@ class Trainer:
                  loss: LossFunction, validate: ValidateFunction, description: str = "training"):
         self.model, self.settings, self.context, self.work = model, settings, context, Path(work)
         self.loss, self.validate, self.description = loss, validate, description
+        self.dtype = compute_dtype()
+        if self.dtype == "fp16":
+            raise ConfigError("training in fp16 needs loss scaling, which memdec does not do; use --dtype bf16")
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.chunk_starts = np.arange(0, len(stream) - 1, context)
         self.chunks_per_step = settings.batch_size * settings.accumulate
@@ -246,7 +249,8 @@ class Trainer:
                 continue
             batch = self._batch(mine).to(device)
             share = len(batch.positions) / n_total  # token-weighted mean over the whole step (of all ranks)
-            loss = self.loss(self.model, batch)
+            with autocast(self.dtype):  # the passes in --dtype; the weights and the optimizer stay fp32
+                loss = self.loss(self.model, batch)
             (loss * share).backward()
             total_loss += float(loss.detach()) * share
         total_loss = sum_gradients(list(self.model.parameters()), [total_loss])[0] if ranks.size > 1 else total_loss

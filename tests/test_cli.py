@@ -202,3 +202,21 @@ def test_the_components_reference_is_generated_from_the_settings():
     shipped = (Path(__file__).resolve().parents[1] / "docs" / "components.md").read_text()
     assert shipped == reference(built_in_plugins())
     assert "| `nprobe` | `32` | inverted lists visited per query" in shipped
+
+
+def test_dtype_and_device_are_checked_before_any_work_and_recorded(corpus_dir, tiny_gpt2, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MEMDEC_DTYPE", "auto")  # the options set these: restored after the test
+    monkeypatch.setenv("MEMDEC_DEVICE", "")
+    args = ["eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base", "--context", 64]
+    gpu_only = invoke("--dtype", "bf16", "--device", "cpu", *args)
+    assert "--dtype bf16 needs a GPU" in one_line_error(gpu_only)
+    no_gpu = invoke("--device", "cuda", *args)
+    if not __import__("torch").cuda.is_available():
+        assert "torch sees no CUDA GPU" in one_line_error(no_gpu)
+    assert invoke("--dtype", "fp8", *args).exit_code == 2
+    report = invoke("--dtype", "fp32", "--device", "cpu", *args, "--format", "json")
+    assert report.exit_code == 0, report.output
+    meta = json.loads(report.stdout)["meta"]
+    assert meta["precision"] == "fp32" and meta["dtype"] == "float32"

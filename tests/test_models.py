@@ -89,3 +89,37 @@ def test_the_device_comes_from_memdec_device_or_the_gpu(monkeypatch, tiny_llama)
         monkeypatch.setenv("MEMDEC_DEVICE", "cuda")
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             default_device()
+
+
+def test_the_precision_is_checked_against_the_device_and_runs_the_passes_under_autocast(monkeypatch, tiny_llama):
+    import numpy as np
+
+    from memdec_core import models
+    from memdec_core.data import make_windows
+    from memdec_core.evaluate import iter_scored_batches
+
+    monkeypatch.setenv("MEMDEC_DEVICE", "cpu")
+    monkeypatch.delenv("MEMDEC_DTYPE", raising=False)
+    assert models.compute_dtype() == "fp32"  # auto on a CPU
+    for name in ("bf16", "fp16"):
+        monkeypatch.setenv("MEMDEC_DTYPE", name)
+        with pytest.raises(ConfigError, match=f"--dtype {name} needs a GPU"):
+            models.compute_dtype()
+    monkeypatch.setenv("MEMDEC_DTYPE", "fp8")
+    with pytest.raises(ConfigError, match="not one of auto, fp32, bf16, fp16"):
+        models.compute_dtype()
+    monkeypatch.setenv("MEMDEC_DTYPE", "fp32")
+
+    # What a GPU run does, on the CPU: bf16 passes under autocast, fp32 out (logits, then mixtures, in fp32)
+    with models.autocast("bf16"):
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+    model = load_model(str(tiny_llama)).model
+    stream, windows = np.arange(300) % 300, make_windows(300, 64, 32)
+    plain = [batch.logits for batch in iter_scored_batches(model, stream, windows, batch_size=4)]
+    monkeypatch.setattr(models, "compute_dtype", lambda: "bf16")
+    halved = [batch.logits for batch in iter_scored_batches(model, stream, windows, batch_size=4)]
+    assert all(logits.dtype == torch.float32 for logits in halved)
+    assert not all(torch.equal(a, b) for a, b in zip(plain, halved))  # it really ran in bf16
+    for a, b in zip(plain, halved):
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)

@@ -46,7 +46,12 @@ def build_cli() -> click.Group:
     @click.option("--world-size", type=click.IntRange(min=1), envvar="MEMDEC_WORLD_SIZE", show_envvar=True,
                   help="The number of processes the launcher must have started (torchrun, accelerate launch); "
                        "another number is refused. docs/scale.md")
-    def cli(world_size):
+    @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), envvar="MEMDEC_DTYPE",
+                  show_envvar=True, help="Precision of the model passes (weights stay fp32; the mixture and the KL "
+                                         "are fp32): auto is bf16 on GPUs that have it, fp32 on CPUs.")
+    @click.option("--device", envvar="MEMDEC_DEVICE", show_envvar=True, metavar="DEVICE",
+                  help="Where models run: cpu, cuda, cuda:1, mps [default: the GPU when there is one].")
+    def cli(world_size, dtype, device):
         """memdec: adapt a language model to a domain, and compare the ways of doing it.
 
         \b
@@ -60,6 +65,7 @@ def build_cli() -> click.Group:
           torchrun --standalone --nproc_per_node 2 -m memdec_cli --world-size 2 eval ...
         """
         _join_launcher(world_size)
+        _set_precision(dtype, device)
 
     for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
                     compare_command.compare_command, generate_command.generate, cache_command.cache, export,
@@ -77,6 +83,17 @@ def _join_launcher(world_size: int | None) -> None:
         return  # one process: torch is not imported for nothing
     if not join(world_size).main:
         sys.stdout = open(os.devnull, "w")  # results and reports come from rank 0; errors still reach stderr
+
+
+def _set_precision(dtype: str | None, device: str | None) -> None:
+    """Pass --dtype / --device to the library (and child processes) and check them before any work."""
+    from memdec_core.models import compute_dtype
+
+    for variable, value in (("MEMDEC_DEVICE", device), ("MEMDEC_DTYPE", dtype)):
+        if value:
+            os.environ[variable] = value
+    if dtype or device:
+        compute_dtype()  # also checks the device
 
 
 def _add_plugin_commands(cli: click.Group) -> None:

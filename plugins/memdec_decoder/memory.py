@@ -14,7 +14,7 @@ import torch
 
 from memdec_core.artifacts import read_manifest
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
-from memdec_core.models import default_device, model_device
+from memdec_core.models import autocast, default_device, model_device
 from memdec_decoder.vocab import Vocabulary
 
 ARTIFACT_TYPE = "memory-decoder"
@@ -74,8 +74,9 @@ class MemoryDecoder:
         cache = {}
         if past_key_values is not None:  # transformers ≥ 5.24 renames past_key_values to cache
             cache = {"cache" if self._takes_cache else "past_key_values": past_key_values, "use_cache": True}
-        output = self.model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
-                            logits_to_keep=logits_to_keep, **cache)
+        with autocast():
+            output = self.model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids,
+                                logits_to_keep=logits_to_keep, **cache)
         if self.vocabulary:
             self.vocabulary.mask_other(output.logits)
         return output

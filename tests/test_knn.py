@@ -214,3 +214,33 @@ def test_auto_factory_is_exact_for_small_stores_and_inverted_for_large():
     assert resolve_factory("auto", 10_000_000, 576) == "IVF8192,PQ64"
     assert resolve_factory("auto", 10_000_000, 100) == "IVF8192,PQ50"
     assert resolve_factory("HNSW32", 10, 8) == "HNSW32"
+
+
+def test_an_on_disk_index_gives_the_neighbours_of_the_in_memory_one_and_opens_where_it_is_moved(tmp_path,
+                                                                                               monkeypatch):
+    import shutil
+
+    from memdec_knn import index as index_module
+    from memdec_knn.index import FaissRetriever
+
+    rng = np.random.default_rng(0)
+    keys = (rng.normal(size=(64, 16))[rng.integers(0, 64, 6000)] + 0.3 * rng.normal(size=(6000, 16)))
+    keys = keys.astype(np.float16)  # as a datastore stores them
+    queries = np.asarray(keys[rng.choice(6000, 200, replace=False)], dtype=np.float32)
+    monkeypatch.setattr(index_module, "ON_DISK_BLOCK", 1500)  # four blocks, merged
+    in_memory, on_disk = FaissRetriever(factory="IVF32,Flat"), FaissRetriever(factory="IVF32,Flat", on_disk=True)
+    (tmp_path / "memory").mkdir(), (tmp_path / "disk").mkdir()
+    in_memory.build(keys, tmp_path / "memory")
+    on_disk.build(keys, tmp_path / "disk")
+    assert sorted(path.name for path in (tmp_path / "disk").iterdir()) == ["index.faiss", "lists.ivfdata"]
+    expected = in_memory.search(queries, 50)
+    got = on_disk.search(queries, 50)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+
+    shutil.move(tmp_path / "disk", tmp_path / "moved")  # as an atomic write renames the folder it built in
+    reopened = FaissRetriever(factory="IVF32,Flat", on_disk=True)
+    reopened.load(keys, tmp_path / "moved")
+    np.testing.assert_array_equal(reopened.search(queries, 50)[1], expected[1])
+    with pytest.raises(ConfigError, match="on_disk needs an inverted-file index"):
+        FaissRetriever(factory="Flat", on_disk=True).build(keys, tmp_path / "flat")

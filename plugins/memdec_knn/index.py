@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +16,10 @@ from memdec_core.interfaces import Retriever, setting
 
 ADD_CHUNK = 65_536  # keys converted fp16 → fp32 and added per step, to bound memory
 INDEX_FILE = "index.faiss"
+#: The inverted lists of an ``on_disk`` index, memory-mapped when searched.
+LISTS_FILE = "lists.ivfdata"
+#: Keys per block of an ``on_disk`` build: one block's codes are in memory at a time.
+ON_DISK_BLOCK = 1_048_576
 
 
 class FaissRetriever(Retriever):
@@ -28,6 +35,9 @@ class FaissRetriever(Retriever):
         nprobe: int = setting(32, "inverted lists visited per query (IVF indexes only)", build=False)
         train_size: int = setting(100_000, "keys sampled (seeded) to train an IVF/PQ index")
         seed: int = setting(0, "seed of the training sample")
+        on_disk: bool = setting(False, "IVF indexes only: add the keys block by block, each written to disk, and "
+                                       "merge the blocks into one inverted-lists file searched memory-mapped "
+                                       "(faiss merge_ondisk): a store larger than memory can be indexed")
 
         def __post_init__(self):
             if self.nprobe < 1:
@@ -47,13 +57,51 @@ class FaissRetriever(Retriever):
         """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``folder``."""
         self.factory = resolve_factory(self.config.factory, *items.shape)
         index = self._empty_index(items.shape[1])
+        if self.config.on_disk:
+            self._check_ivf(index)
         if not index.is_trained:
             self._train(index, items)
-        for start in range(0, len(items), ADD_CHUNK):
-            index.add(np.ascontiguousarray(items[start:start + ADD_CHUNK], dtype=np.float32))
+        if self.config.on_disk:
+            self._add_on_disk(index, items, Path(folder))
+        else:
+            for start in range(0, len(items), ADD_CHUNK):
+                index.add(np.ascontiguousarray(items[start:start + ADD_CHUNK], dtype=np.float32))
         write_index(index, Path(folder) / INDEX_FILE)
         self.index = index
         self._set_nprobe()
+
+    def _check_ivf(self, index) -> None:
+        import faiss
+
+        try:
+            faiss.extract_index_ivf(index)
+        except RuntimeError:
+            raise ConfigError(f"on_disk needs an inverted-file index (a factory with IVF), not "
+                              f"{self.factory!r}") from None
+
+    def _add_on_disk(self, index, items: np.ndarray, folder: Path) -> None:
+        """Blocks of keys added to copies of the trained empty index and written to disk, then
+        merged into ``LISTS_FILE``; ids are the keys' rows."""
+        import faiss
+        from faiss.contrib.ondisk import merge_ondisk
+
+        blocks = []
+        for number, start in enumerate(range(0, len(items), ON_DISK_BLOCK)):
+            block = faiss.clone_index(index)
+            for first in range(start, min(start + ON_DISK_BLOCK, len(items)), ADD_CHUNK):
+                keys = np.ascontiguousarray(items[first:min(first + ADD_CHUNK, start + ON_DISK_BLOCK)],
+                                            dtype=np.float32)
+                block.add_with_ids(keys, np.arange(first, first + len(keys), dtype=np.int64))
+            blocks.append(folder / f"block-{number:05d}.index")
+            write_index(block, blocks[-1])
+            del block
+        try:
+            with _stdout_to_stderr():  # faiss prints its resizing of the lists file; stdout is for results
+                merge_ondisk(index, [str(path) for path in blocks], str(folder / LISTS_FILE))
+        except RuntimeError as error:
+            raise ArtifactError(f"merging the index blocks in {folder} failed: {_faiss_message(error)}") from error
+        for path in blocks:
+            path.unlink()
 
     def _empty_index(self, dim: int):
         import faiss
@@ -84,8 +132,12 @@ class FaissRetriever(Retriever):
         path = Path(folder) / INDEX_FILE
         if not path.is_file():
             raise ArtifactError(f"index file missing: {path}")
+        if self.config.on_disk and not (Path(folder) / LISTS_FILE).is_file():
+            raise ArtifactError(f"index lists missing: {Path(folder) / LISTS_FILE}")
         try:
-            self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            # An on-disk index names its lists file by the path it was built at; read it beside the index.
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.config.on_disk else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            self.index = faiss.read_index(str(path), flags)
         except RuntimeError:
             try:  # not every index type can be memory-mapped
                 self.index = faiss.read_index(str(path))
@@ -151,6 +203,19 @@ def write_index(index, path: Path) -> None:
         if code is None:
             raise ArtifactError(f"cannot write the faiss index {path}: {message}") from error
         raise refusal(OSError(code, message), path) from error
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """File descriptor 1 pointed at stderr for the block (what C++ code prints goes there too)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _minimum_training_points(index) -> int:

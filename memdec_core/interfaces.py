@@ -337,6 +337,11 @@ class Retriever(Component):
     def search(self, queries: Any, k: int) -> tuple[Any, Any]:
         """``(scores, ids)``, each ``[n_queries, k]`` numpy arrays, best first."""
 
+    def search_many(self, queries: Any, k: int) -> tuple[Any, Any]:
+        """``search`` for a large batch of queries (kNN targets search every key); a retriever with
+        a faster path for many queries at once overrides it. The same results as ``search``."""
+        return self.search(queries, k)
+
     def facts(self) -> dict[str, Any]:
         """Facts about the built or loaded index for its manifest (e.g. a resolved factory string)."""
         return {}

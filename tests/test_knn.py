@@ -244,3 +244,31 @@ def test_an_on_disk_index_gives_the_neighbours_of_the_in_memory_one_and_opens_wh
     np.testing.assert_array_equal(reopened.search(queries, 50)[1], expected[1])
     with pytest.raises(ConfigError, match="on_disk needs an inverted-file index"):
         FaissRetriever(factory="Flat", on_disk=True).build(keys, tmp_path / "flat")
+
+
+def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(monkeypatch, capfd):
+    from faiss.contrib import big_batch_search
+
+    from memdec_knn import index as index_module
+    from memdec_knn.index import FaissRetriever
+
+    rng = np.random.default_rng(1)
+    keys = (rng.normal(size=(32, 8))[rng.integers(0, 32, 5000)] + 0.5 * rng.normal(size=(5000, 8))).astype(np.float32)
+    queries = keys[:3000]
+    retriever = FaissRetriever(factory="IVF16,Flat", nprobe=4, on_disk=True, batched_search=True)
+    retriever.build(keys, Path(__import__("tempfile").mkdtemp()))
+    calls = []
+    real = big_batch_search.big_batch_search
+    monkeypatch.setattr(big_batch_search, "big_batch_search", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    monkeypatch.setattr(index_module, "BATCHED_SEARCH_MIN_QUERIES", 1000)
+    retriever.config.batched_search = False
+    retriever.search_many(queries, 20)
+    assert not calls  # in memory faiss's own search is faster: the default
+    retriever.config.batched_search = True
+    distances, ids = retriever.search_many(queries, 20)
+    assert calls  # the batched path ran
+    expected_distances, expected_ids = retriever.search(queries, 20)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-4, atol=1e-4)
+    assert np.mean(ids == expected_ids) > 0.999  # the same neighbours; equal distances may swap places
+    assert (ids[:, 0] == np.arange(3000)).all()  # each key finds itself first (what self-exclusion removes)
+    assert "list" not in capfd.readouterr().out  # faiss's per-list report is silenced

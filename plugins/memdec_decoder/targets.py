@@ -46,7 +46,7 @@ class TargetSettings:
     k: int = 1024
     temperature: float = 16.0  # the paper's; tune it for your keys (memdec eval --method knn-lm reports one)
     shard_size: int = 65_536
-    search_batch: int = 2_048
+    search_batch: int = 8_192  # queries searched at once (an IVF index routes and scans them together)
 
     def __post_init__(self):
         if self.k < 1:
@@ -126,7 +126,7 @@ def _write_shard(store: Datastore, target: Path, start: int, end: int, settings:
     for first in range(start, end, settings.search_batch):
         positions = np.arange(first, min(first + settings.search_batch, end))
         queries = np.asarray(store.keys[positions], dtype=np.float32)
-        distances, ids = store.search(queries, k_search)
+        distances, ids = store.search_many(queries, k_search)
         distances, ids = exclude_self(distances, ids, positions, settings.k)
         values = store.vals[np.clip(ids, 0, None)]
         row_ids, row_probs = sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),

@@ -70,6 +70,12 @@ class Datastore:
             raise ArtifactError(f"datastore {self.folder} has no index attached (call with_index)")
         return self.retriever.search(queries, k)
 
+    def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` for a large batch (kNN targets), through the retriever's batched path if it has one."""
+        if self.retriever is None:
+            raise ArtifactError(f"datastore {self.folder} has no index attached (call with_index)")
+        return self.retriever.search_many(queries, k)
+
     def check_values(self, vocab_size: int) -> None:
         """Every value a token id of the base's vocabulary (a corrupt store would silently mis-score)."""
         if len(self) and (int(self.vals.min()) < 0 or int(self.vals.max()) >= vocab_size):

@@ -18,6 +18,8 @@ ADD_CHUNK = 65_536  # keys converted fp16 → fp32 and added per step, to bound 
 INDEX_FILE = "index.faiss"
 #: The inverted lists of an ``on_disk`` index, memory-mapped when searched.
 LISTS_FILE = "lists.ivfdata"
+#: Fewer queries gain nothing from scanning each inverted list once for all of them.
+BATCHED_SEARCH_MIN_QUERIES = 4096
 #: Keys per block of an ``on_disk`` build: one block's codes are in memory at a time.
 ON_DISK_BLOCK = 1_048_576
 
@@ -38,6 +40,10 @@ class FaissRetriever(Retriever):
         on_disk: bool = setting(False, "IVF indexes only: add the keys block by block, each written to disk, and "
                                        "merge the blocks into one inverted-lists file searched memory-mapped "
                                        "(faiss merge_ondisk): a store larger than memory can be indexed")
+        batched_search: bool = setting(False, "IVF indexes only: kNN targets search every key through faiss's "
+                                              "big_batch_search (queries routed once, each inverted list read once "
+                                              "for all of its queries), for lists that do not fit in memory; "
+                                              "slower when they do (benchmarks/RESULTS.md)", build=False)
 
         def __post_init__(self):
             if self.nprobe < 1:
@@ -160,6 +166,25 @@ class FaissRetriever(Retriever):
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """With ``batched_search``, many queries of an IVF index through faiss's batched path: the
+        queries are routed once and each visited inverted list is read once for all of its
+        queries (``faiss.contrib.big_batch_search``), not once per query — for lists read from
+        disk. With the lists in memory faiss's own search is faster on a CPU (measured:
+        benchmarks/RESULTS.md), so that is the default."""
+        import faiss
+        from faiss.contrib.big_batch_search import big_batch_search
+
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        index = faiss.downcast_index(self.index)
+        if (not self.config.batched_search or not isinstance(index, faiss.IndexIVF)
+                or len(queries) < BATCHED_SEARCH_MIN_QUERIES):
+            return self.search(queries, k)  # not asked, not an inverted file itself (e.g. behind OPQ), or few
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it reports every list at verbose=0
+            return big_batch_search(index, queries, k, verbose=0)
 
 
 #: Up to this many keys, "auto" searches exactly; above, an inverted file visits a few lists only.

@@ -161,6 +161,8 @@ def test_transfers_that_cannot_work_are_refused_before_any_work(trained_memory, 
             transfer(fraction=fraction)
     with pytest.raises(ConfigError, match="embeddings must be one of"):
         transfer(embeddings="mean")
+    with pytest.raises(ConfigError, match="embeddings_from names the model whose rows"):
+        transfer(embeddings_from=str(other_family))
     config = AutoConfig.for_model("gpt_neox", vocab_size=400, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")

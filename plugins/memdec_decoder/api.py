@@ -96,6 +96,9 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     tune = temperature == "auto"
     config = DecoderSettings(teacher=teacher, k=k, retriever=retriever, tune_temperature=tune,
                              **({} if tune else {"temperature": temperature}))
+    if embeddings_from and embeddings != "model":
+        raise ConfigError(f"embeddings_from names the model whose rows embeddings='model' takes; "
+                          f"embeddings is {embeddings!r}")
     rows_model = load_model(embeddings_from) if embeddings_from and embeddings_from != teacher else ctx.base
     start = transferred_start(memory, ctx.base, embeddings=embeddings, rows_model=rows_model,
                               fresh_blocks=fresh_blocks, seed=train_settings.seed)

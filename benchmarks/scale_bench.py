@@ -8,6 +8,11 @@ torchrun (gloo) with the CPU's cores split between the ranks (``OMP_NUM_THREADS`
 from memdec-demo-s), each timed as a whole command (process start included). Equality: the
 datastore's and the targets' bytes, and the largest weight difference of the memories.
 
+``overhead``: the per-token cost a kNN-LM's search (k = 1024, with its distribution) and a
+2-block Memory Decoder (restricted vocabulary) add to a base of Qwen2.5-0.5B's architecture, in
+teacher-forced scoring (windows of 512 scoring 256) and in generation (one token, KV cache), at
+several store sizes of synthetic keys: the paper's claim is that the gap grows with the store.
+
 ``indexes``: synthetic keys of Qwen2.5-0.5B's width (896) — clustered, so IVF has structure to
 find — indexed with several faiss factories in a subprocess each (peak RSS is that process's),
 then k = 1024 searched for a sample of the keys: build seconds, index bytes, queries per
@@ -16,6 +21,7 @@ and recall@1024 against the exact search.
 
     OMP_NUM_THREADS=2 python benchmarks/scale_bench.py processes --domain finance --max-train-tokens 65536
     python benchmarks/scale_bench.py indexes --keys 1000000
+    python benchmarks/scale_bench.py overhead --keys 65536,1048576
 """
 
 from __future__ import annotations
@@ -53,13 +59,21 @@ def main() -> int:
     indexes.add_argument("--queries", type=int, default=512)
     indexes.add_argument("--k", type=int, default=1024)
     indexes.add_argument("--factories", default=";".join(FACTORIES), help="faiss factory strings, separated by ;")
+    overhead = sections.add_parser("overhead")
+    overhead.add_argument("--keys", default="65536,1048576", help="store sizes, comma-separated")
+    overhead.add_argument("--k", type=int, default=1024)
+    overhead.add_argument("--window", type=int, default=512)
+    overhead.add_argument("--memory-vocabulary", type=int, default=16_384,
+                          help="tokens of the memory's restricted output layer")
+    overhead.add_argument("--repeats", type=int, default=5)
     one = sections.add_parser("_index")  # one factory, in its own process
     for name in ("keys", "dim", "queries", "k"):
         one.add_argument(f"--{name}", type=int)
     one.add_argument("--factory")
     one.add_argument("--exact", default="")
     args = parser.parse_args()
-    return {"processes": run_processes, "indexes": run_indexes, "_index": run_one_index}[args.section](args)
+    return {"processes": run_processes, "indexes": run_indexes, "overhead": run_overhead,
+            "_index": run_one_index}[args.section](args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +207,91 @@ def run_one_index(args) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"factory": args.factory, "build_seconds": build_seconds, "index_mb": index_mb, "qps": qps,
                       "qps_batched": qps_batched, "recall": recall, "peak_rss_mb": peak}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# overhead
+
+
+def qwen_0_5b_config(vocab_size: int = 151_936):
+    """Qwen2.5-0.5B's architecture (the cost of a pass depends on it, not on the weights)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model("qwen2", vocab_size=vocab_size, hidden_size=896, intermediate_size=4864,
+                                num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                max_position_embeddings=32768, tie_word_embeddings=True)
+
+
+def median_seconds(work, repeats: int) -> float:
+    work()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def run_overhead(args) -> int:
+    """Per-token cost of kNN-LM's search and of a 2-block memory beside a Qwen2.5-0.5B-sized base."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from memdec_knn.api import sparse_distribution
+    from memdec_knn.index import FaissRetriever
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(qwen_0_5b_config()).eval()
+    memory_config = qwen_0_5b_config(args.memory_vocabulary + 1)
+    memory_config.num_hidden_layers = 2
+    memory = AutoModelForCausalLM.from_config(memory_config).eval()
+    window = torch.randint(0, args.memory_vocabulary, (1, args.window))
+
+    def forward(model):
+        with torch.inference_mode():
+            model(input_ids=window, logits_to_keep=args.window // 2)
+
+    def step(model):  # one generated token after a prompt of a whole window, KV cache held
+        with torch.inference_mode():
+            cache = DynamicCache(config=model.config)
+            model(input_ids=window, past_key_values=cache, logits_to_keep=1)
+
+            def one():
+                with torch.inference_mode():
+                    model(input_ids=window[:, -1:], past_key_values=cache, logits_to_keep=1)
+                cache.crop(-1)  # back to the prompt: every repeat generates the same token
+            return one
+
+    scored = args.window // 2  # tokens a window scores (stride = window / 2)
+    base_forward = median_seconds(lambda: forward(base), args.repeats) / scored
+    memory_forward = median_seconds(lambda: forward(memory), args.repeats) / scored
+    base_step = median_seconds(step(base), args.repeats)
+    memory_step = median_seconds(step(memory), args.repeats)
+    print(f"base (Qwen2.5-0.5B architecture): {1000 * base_forward:.2f} ms per scored token, "
+          f"{1000 * base_step:.1f} ms per generated token; 2-block memory over {args.memory_vocabulary:,} tokens")
+    print("| keys | index | kNN-LM scoring ×base | memory scoring ×base | kNN-LM generation ×base | "
+          "memory generation ×base |")
+    print("|---|---|---|---|---|---|")
+    for n_keys in (int(size) for size in args.keys.split(",")):
+        keys = synthetic_keys(n_keys, 896)
+        retriever = FaissRetriever()  # auto: Flat up to 100k keys, then IVF
+        folder = Path(tempfile.mkdtemp(prefix="memdec-overhead-"))
+        retriever.build(keys, folder)
+        queries = np.asarray(keys[:scored], dtype=np.float32)
+        values = torch.from_numpy(np.random.default_rng(0).integers(0, 151_936, n_keys))
+
+        def knn(batch):
+            distances, ids = retriever.search(batch, args.k)
+            sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
+                                values[np.clip(ids, 0, None)], 16.0)
+
+        knn_scoring = median_seconds(lambda: knn(queries), args.repeats) / scored
+        knn_step = median_seconds(lambda: knn(queries[:1]), args.repeats)
+        print(f"| {n_keys:,} | {retriever.factory} | {1 + knn_scoring / base_forward:.3f} | "
+              f"{1 + memory_forward / base_forward:.3f} | {1 + knn_step / base_step:.3f} | "
+              f"{1 + memory_step / base_step:.3f} |")
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

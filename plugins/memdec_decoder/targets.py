@@ -45,7 +45,7 @@ class TargetSettings:
 
     k: int = 1024
     temperature: float = 16.0  # the paper's; tune it for your keys (memdec eval --method knn-lm reports one)
-    shard_size: int = 65_536
+    shard_size: int = 16_384  # positions per shard: the unit of resume and of the work split across processes
     search_batch: int = 8_192  # queries searched at once (an IVF index routes and scans them together)
 
     def __post_init__(self):

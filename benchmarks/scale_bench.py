@@ -285,13 +285,13 @@ def run_overhead(args) -> int:
         queries = np.asarray(keys[:scored], dtype=np.float32)
         values = torch.from_numpy(np.random.default_rng(0).integers(0, 151_936, n_keys))
 
-        def knn(batch):
+        def knn(batch, retriever=retriever, values=values):
             distances, ids = retriever.search(batch, args.k)
             sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
                                 values[np.clip(ids, 0, None)], 16.0)
 
-        knn_scoring = median_seconds(lambda: knn(queries), args.repeats) / scored
-        knn_step = median_seconds(lambda: knn(queries[:1]), args.repeats)
+        knn_scoring = median_seconds(lambda queries=queries: knn(queries), args.repeats) / scored
+        knn_step = median_seconds(lambda queries=queries: knn(queries[:1]), args.repeats)
         print(f"| {n_keys:,} | {retriever.factory} | {1 + knn_scoring / base_forward:.3f} | "
               f"{1 + memory_forward / base_forward:.3f} | {1 + knn_step / base_step:.3f} | "
               f"{1 + memory_step / base_step:.3f} |")

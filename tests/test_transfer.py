@@ -14,7 +14,7 @@ from memdec_core.testing import save_tiny_model, save_tokenizer
 from memdec_decoder import api
 from memdec_decoder import train as train_module
 from memdec_decoder.memory import open_memory
-from memdec_decoder.transfer import _projected, matching_rows, token_strings, transferred_start
+from memdec_decoder.transfer import _projected, matching_rows, transferred_start
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 #: The tiny corpus's targets: few neighbours, a temperature that suits random tiny models.

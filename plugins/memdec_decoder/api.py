@@ -80,7 +80,8 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     ``memdec_decoder.transfer``) and trains on ``teacher``'s kNN targets over ``domain`` for
     ``fraction`` of its original training tokens, with its original recipe unless
     ``train_overrides`` (lr, beta, batch_size, accumulate, vocabulary, seed, ...) say otherwise,
-    on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer resumes when called again the same way.
+    on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer
+    resumes when called again the same way.
     """
     from memdec_core.disk import shared_entry_lock
     from memdec_core.models import load_model

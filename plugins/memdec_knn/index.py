@@ -142,7 +142,8 @@ class FaissRetriever(Retriever):
             raise ArtifactError(f"index lists missing: {Path(folder) / LISTS_FILE}")
         try:
             # An on-disk index names its lists file by the path it was built at; read it beside the index.
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.config.on_disk else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            in_memory = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.config.on_disk else in_memory
             self.index = faiss.read_index(str(path), flags)
         except RuntimeError:
             try:  # not every index type can be memory-mapped

@@ -13,8 +13,8 @@ from memdec_core.interfaces import EvalSettings
 from memdec_core.meta import SCHEMA_VERSION, run_meta
 from memdec_core.runconfig import budget_from_fields, load_run_config, window_settings
 
-META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size", "dtype", "contexts", "command",
-             "timestamp", "config", "settings", "combiner", "bases", "methods"}
+META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size", "dtype", "precision", "contexts",
+             "command", "timestamp", "config", "settings", "combiner", "bases", "methods"}
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ plain text (documents separated by a blank line) or JSONL (one ``{"text": ...}``
 optionally gzipped. Each split becomes one token stream: documents joined by the tokenizer's
 end-of-text token, tokenised once per text and tokenizer (in chunks of documents) and kept in
 the cache as an ``.npy`` file that later runs memory-map. Windows cut a stream so that every
-predicted token has exactly one global
-position: position ``p`` is the input token whose hidden state predicts token ``p + 1``.
+predicted token has exactly one global position: position ``p`` is the input token whose hidden
+state predicts token ``p + 1``.
 """
 
 from __future__ import annotations

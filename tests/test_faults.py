@@ -247,8 +247,8 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
 KILL_TARGETS = """
 import os, signal, sys
 from memdec_decoder import settings, targets
-settings.DecoderSettings.target_settings = lambda self: targets.TargetSettings(k=self.k, temperature=self.temperature,
-                                                                              shard_size=700, search_batch=64)
+settings.DecoderSettings.target_settings = lambda self, tuned=None: targets.TargetSettings(
+    k=self.k, temperature=tuned or self.temperature, shard_size=700, search_batch=64)
 real, count = targets._write_shard, [0]
 def write_shard(*args):
     count[0] += 1

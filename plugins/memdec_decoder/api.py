@@ -61,6 +61,8 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     if output is None:
         return str(pipeline.memory_for(ctx, config).folder)
     teacher_name, init_name = pipeline.teacher_and_init(ctx.base, config)
+    config = pipeline.with_recipe(ctx, config, init_name)
+    pipeline.check_init_layers(ctx.base, init_name, config.init_layers)
     targets = pipeline.targets_for(ctx, config)
     output = Path(output).expanduser()
     with shared_entry_lock(output):  # two runs onto one --output: the second waits, then finds it done

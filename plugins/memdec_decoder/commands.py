@@ -8,14 +8,17 @@ from pathlib import Path
 import click
 
 from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
+from memdec_decoder.recipe import CUT_ABOVE, RECIPES
 
 _domain = click.option("--domain", required=True,
                        help="A registered domain or a corpus folder (its train split is used).")
 _k = click.option("--k", type=click.IntRange(min=1), default=1024, show_default=True,
                   help="Neighbours per position (the query's own entry is excluded by id).")
+
+
 def _parse_temperature(context, parameter, value: str):
-    """A positive number, or "auto" (what the teacher's kNN-LM picks on validation)."""
-    if value == "auto":
+    """A positive number, or "auto" (what the teacher's kNN-LM picks on validation); None when not given."""
+    if value is None or value == "auto":
         return value
     try:
         number = float(value)
@@ -81,25 +84,30 @@ def targets_info(folder):
 @click.option("--init", default="", help="Model the memory starts from: a name, folder, .gguf or hub id "
               "[default: the smallest demo model].")
 @click.option("--from-scratch", is_flag=True, help="Use --init's architecture with freshly initialised weights.")
-@click.option("--init-layers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Keep only the first N blocks of --init (0: all); a fast memory from a big family member.")
+@click.option("--recipe", type=click.Choice(["auto", *RECIPES]), default="auto", show_default=True,
+              help=f"What fills the settings not given. {RECIPES['whole'].describe()}; {RECIPES['cut'].describe()}; "
+                   f"auto: cut for an init above {CUT_ABOVE:,} parameters.")
+@click.option("--init-layers", type=click.IntRange(min=0), default=None,
+              help="Keep only the first N blocks of --init (0: all) [default: the recipe's].")
 @click.option("--vocabulary", type=click.Choice(["auto", "full", "restricted"]), default="auto", show_default=True,
               help="restricted: the output layer covers only tokens that occur as datastore values (exact for "
                    "the KL term; every other token gets probability 0 from the memory). auto: restricted "
                    "above 32k tokens.")
 @click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token.")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="AdamW learning rate, decayed linearly to 0 (the paper: 1e-3 for small, 1e-4 for Qwen).")
-@click.option("--train-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Windows per training forward pass.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="AdamW learning rate, decayed linearly to 0 [default: the recipe's].")
+@click.option("--train-batch", type=click.IntRange(min=1), default=None,
+              help="Windows per training forward pass [default: the recipe's].")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
               help="Forward passes per optimizer step.")
 @click.option("--max-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop after N optimizer steps (a budget; 0: the epochs decide).")
 @_k
-@_temperature
+@click.option("--knn-temperature", "temperature", default=None, callback=_parse_temperature, metavar="T|auto",
+              help="T of the kNN weights softmax(−d/T); 'auto': the T the teacher's kNN-LM picks on validation "
+                   "[default: the recipe's: 16 for whole, auto for cut].")
 @_retriever
 @set_option
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -107,8 +115,8 @@ def targets_info(folder):
               help="Write the memory to this new folder instead of the cache. Rerunning the same command "
                    "after an interruption resumes from the last checkpoint.")
 @window_options
-def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, epochs, lr, train_batch, accumulate,
-          max_steps, k, temperature, retriever, assignments, seed, output, context, stride, batch_size,
+def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, epochs, lr, train_batch,
+          accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context, stride, batch_size,
           max_train_tokens, max_eval_tokens):
     """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
 
@@ -123,12 +131,14 @@ def train(domain, teacher, init, from_scratch, init_layers, vocabulary, beta, ep
     """
     from memdec_decoder.api import train as train_memory
 
+    given = {key: value for key, value in dict(init_layers=init_layers, epochs=epochs, lr=lr,
+                                               batch_size=train_batch).items() if value is not None}
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
-                            init_layers=init_layers, vocabulary=vocabulary, beta=beta, epochs=epochs, lr=lr,
-                            batch_size=train_batch, accumulate=accumulate, max_steps=max_steps, k=k,
-                            retriever=retriever, component_settings=parse_assignments(assignments),
-                            **_temperature_settings(temperature), seed=seed, settings=eval_settings(
-                                context, stride, batch_size, max_train_tokens, max_eval_tokens)))
+                            recipe=recipe, vocabulary=vocabulary, beta=beta, accumulate=accumulate,
+                            max_steps=max_steps, k=k, retriever=retriever,
+                            component_settings=parse_assignments(assignments), **given,
+                            **(_temperature_settings(temperature) if temperature is not None else {}), seed=seed,
+                            settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens)))
 
 
 @click.command("transfer")

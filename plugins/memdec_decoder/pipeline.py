@@ -15,7 +15,7 @@ from pathlib import Path
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key
 from memdec_core.disk import shared_entry_lock
-from memdec_core.errors import ModelError
+from memdec_core.errors import ConfigError, ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
 from memdec_core.models import LoadedModel, load_model, model_fingerprint
@@ -35,6 +35,8 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
         return open_cached(Path(config.path).expanduser())
     teacher_ctx = teacher_context(ctx, config)
     _, init_name = teacher_and_init(ctx.base, config, run_bases(ctx))
+    config = with_recipe(ctx, config, init_name)
+    check_init_layers(ctx.base, init_name, config.init_layers)
     folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
     with shared_entry_lock(folder):  # a second run sharing the cache waits, then reuses it; ranks train together
         if folder.exists():
@@ -86,11 +88,41 @@ def teacher_datastore(teacher_ctx: EvalContext, config: DecoderSettings):
 
 
 def target_settings_for(teacher_ctx: EvalContext, store, config: DecoderSettings) -> TargetSettings:
-    """k and T of the targets; T tuned on validation when ``tune_temperature`` is set."""
-    settings = config.target_settings()
-    if config.tune_temperature:
-        settings = dataclasses.replace(settings, temperature=tuned_temperature(teacher_ctx, config))
-    return settings
+    """k and T of the targets; T tuned on validation when ``tune_temperature`` is set (or the recipe says so)."""
+    return config.target_settings(tuned_temperature(teacher_ctx, config) if config.tune_temperature else None)
+
+
+def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str) -> DecoderSettings:
+    """``config`` with the settings left at auto filled by the recipe for ``init_name``'s size."""
+    from memdec_decoder.recipe import recipe_for
+
+    recipe = recipe_for(config.recipe, _size_of(ctx.base, init_name))
+    resolved = config.with_recipe(recipe)
+    if resolved != config:
+        log(f"memory recipe {recipe.describe()} (settings given explicitly win)")
+    return resolved
+
+
+def check_init_layers(base: LoadedModel, init_name: str, n_blocks: int) -> None:
+    """More blocks than the init has is refused before the datastore and targets are built."""
+    blocks = _blocks_of(init_name) if init_name != base.model_id else _block_count(base.model)
+    if n_blocks > blocks:
+        raise ConfigError(f"init_layers={n_blocks}, but the init model {init_name} has only {blocks} blocks")
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks_of(model_name: str) -> int:
+    return _block_count(load_model(model_name).model)
+
+
+def _block_count(model) -> int:
+    from memdec_decoder.train import decoder_blocks
+
+    return len(decoder_blocks(model))
+
+
+def _size_of(base: LoadedModel, model_name: str) -> int:
+    return _count(base.model) if model_name == base.model_id else _parameters_of(model_name)
 
 
 def tuned_temperature(teacher_ctx: EvalContext, config: DecoderSettings) -> float:
@@ -161,7 +193,22 @@ def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
     if config.path:
         return open_cached(Path(config.path).expanduser()).parameters
     _, init = teacher_and_init(ctx.base, config, run_bases(ctx))
-    return _count(ctx.base.model) if init == ctx.base.model_id else _parameters_of(init)
+    config = with_recipe(ctx, config, init)
+    if config.init_layers:
+        return _cut_parameters(ctx.base if init == ctx.base.model_id else load_model(init), config.init_layers)
+    return _size_of(ctx.base, init)
+
+
+def _cut_parameters(init: LoadedModel, n_blocks: int) -> int:
+    """Parameters of ``init`` without its blocks past the first ``n_blocks`` (the output layer
+    counted whole: a restricted vocabulary is known only once the train split is)."""
+    from memdec_decoder.train import decoder_blocks
+
+    blocks = decoder_blocks(init.model)
+    if n_blocks > len(blocks):
+        raise ConfigError(f"init_layers={n_blocks}, but the init model {init.model_id} has only {len(blocks)} blocks")
+    dropped = sum(parameter.numel() for block in list(blocks)[n_blocks:] for parameter in block.parameters())
+    return _count(init.model) - dropped
 
 
 def _parameters_of(model_name: str) -> int:

@@ -7,8 +7,18 @@ from dataclasses import dataclass
 
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import setting
+from memdec_decoder.recipe import (
+    AUTO,
+    CUT_ABOVE,
+    RECIPE_SETTINGS,
+    RECIPES,
+    apply_recipe,
+    check_recipe_name,
+    number_or_auto,
+)
 
 VOCABULARY_CHOICES = ("auto", "full", "restricted")
+CUT_NORM_CHOICES = ("final", "next")
 
 
 @dataclass
@@ -23,16 +33,23 @@ class DecoderSettings:
                             "base's tokenizer (else the base)")
     retriever: str = setting("faiss", "the vectors retriever that searches the teacher's datastore for the targets")
     k: int = setting(1024, "neighbours per train position in the kNN targets (its own entry excluded)")
-    temperature: float = setting(16.0, "T of the targets' weights softmax(−d/T) (the paper's 16)")
+    recipe: str = setting(AUTO, f"what fills the settings left at auto: {RECIPES['whole'].describe()}; "
+                                f"{RECIPES['cut'].describe()}; auto: cut for an init above {CUT_ABOVE:,} parameters "
+                                f"(measured: benchmarks/RESULTS.md, Memory recipes)")
+    temperature: float | str = setting(AUTO, "T of the targets' weights softmax(−d/T); auto: the recipe's (16, the "
+                                             "paper's, or tuned)")
     tune_temperature: bool = setting(False, "instead of temperature: the T the teacher's kNN-LM picks on validation")
     beta: float = setting(0.5, "weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token")
-    epochs: int = setting(3, "passes over the train split (unless a budget decides)")
-    lr: float = setting(1e-3, "AdamW learning rate, decayed linearly to 0 (the paper: 1e-3 small, 1e-4 Qwen)")
-    batch_size: int = setting(8, "windows per training forward pass")
+    epochs: int | str = setting(AUTO, "passes over the train split, unless a budget decides; auto: the recipe's")
+    lr: float | str = setting(AUTO, "AdamW learning rate, decayed linearly to 0; auto: the recipe's")
+    batch_size: int | str = setting(AUTO, "windows per training forward pass; auto: the recipe's")
     accumulate: int = setting(1, "forward passes per optimizer step")
     vocabulary: str = setting("auto", "full, restricted (the output layer covers the datastore's values only), "
                                       "or auto: restricted above 32k tokens")
-    init_layers: int = setting(0, "keep only the first N blocks of the init model (0: all)")
+    init_layers: int | str = setting(AUTO, "keep only the first N blocks of the init model (0: all); auto: the "
+                                           "recipe's")
+    cut_norm: str = setting("final", "the output norm of a cut init: final (the whole model's) or next (the input "
+                                     "norm of the first dropped block: trained on what the last kept block outputs)")
     from_scratch: bool = setting(False, "the init model's architecture with freshly initialised weights")
     max_steps: int = setting(0, "a budget in optimizer steps (0: the epochs decide)")
     budget_tokens: int = setting(0, "a budget in training tokens, replacing epochs (memdec compare --budget)")
@@ -43,16 +60,43 @@ class DecoderSettings:
     def __post_init__(self):
         if self.path and (self.teacher or self.init):
             raise ConfigError("path names a trained memory; teacher and init apply only to training one")
-        self.target_settings()
-        self.train_settings()
+        check_recipe_name(self.recipe)
+        for name, kind in (("temperature", float), ("lr", float), ("epochs", int), ("batch_size", int),
+                           ("init_layers", int)):
+            setattr(self, name, number_or_auto(getattr(self, name), kind, name))
+        self._check_given_values()
 
-    def target_settings(self):
+    def _check_given_values(self) -> None:
+        """The values given are checked now, before any work (those left at auto by the recipe's later)."""
+        whole = RECIPES["whole"]
+        filled = {name: whole.temperature if name == "temperature" else getattr(whole, name)
+                  for name in RECIPE_SETTINGS if getattr(self, name) == AUTO}
+        self._train_settings(filled)
+        self.target_settings(filled.get("temperature"))
+
+    def with_recipe(self, recipe) -> "DecoderSettings":
+        """These settings with those left at auto taken from ``recipe`` (``memdec_decoder.recipe``)."""
+        return apply_recipe(self, recipe)
+
+    def target_settings(self, temperature: float | None = None):
+        """k and T of the targets (``temperature``: a tuned one, when ``tune_temperature`` asks)."""
         from memdec_decoder.targets import TargetSettings
 
-        return TargetSettings(k=self.k, temperature=self.temperature)
+        temperature = temperature if temperature is not None else self.temperature
+        if temperature == AUTO:
+            raise ConfigError("the targets' temperature is still auto: apply a recipe first")
+        return TargetSettings(k=self.k, temperature=temperature)
 
     def train_settings(self):
+        """The training settings, once a recipe has filled those left at auto."""
+        return self._train_settings({})
+
+    def _train_settings(self, filled: dict):
         from memdec_decoder.train import TrainSettings
 
         names = {item.name for item in dataclasses.fields(TrainSettings)}
-        return TrainSettings(**{key: value for key, value in dataclasses.asdict(self).items() if key in names})
+        values = {key: value for key, value in {**dataclasses.asdict(self), **filled}.items() if key in names}
+        left = sorted(key for key, value in values.items() if value == AUTO and key != "vocabulary")
+        if left:
+            raise ConfigError(f"{', '.join(left)} still auto: apply a recipe first")
+        return TrainSettings(**values)

@@ -39,7 +39,7 @@ from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
-from memdec_decoder.settings import VOCABULARY_CHOICES
+from memdec_decoder.settings import CUT_NORM_CHOICES, VOCABULARY_CHOICES
 from memdec_decoder.targets import TargetSet
 from memdec_decoder.vocab import Vocabulary, restrict_model
 
@@ -60,6 +60,7 @@ class TrainSettings:
     clip: float = 1.0
     vocabulary: str = "auto"  # restricted to the datastore's values above 32k tokens
     init_layers: int = 0  # keep only the first N blocks of the init model (0: all)
+    cut_norm: str = "final"  # a cut init's output norm: the whole model's final one, or the next block's input norm
     from_scratch: bool = False  # the init model's architecture with fresh weights
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
     budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
@@ -72,6 +73,8 @@ class TrainSettings:
             raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
         if self.init_layers < 0:
             raise ConfigError(f"init_layers must be 0 (all blocks) or positive, got {self.init_layers}")
+        if self.cut_norm not in CUT_NORM_CHOICES:
+            raise ConfigError(f"cut_norm must be one of {', '.join(CUT_NORM_CHOICES)}, got {self.cut_norm!r}")
         if self.vocabulary not in VOCABULARY_CHOICES:
             raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARY_CHOICES)}, got {self.vocabulary!r}")
         self.loop()
@@ -195,25 +198,27 @@ def build_memory_model(init: LoadedModel, settings: TrainSettings, vocabulary: V
         with seeded(settings.seed):
             model = AutoModelForCausalLM.from_config(init.model.config)
     if settings.init_layers:
-        keep_first_blocks(model, settings.init_layers)
+        keep_first_blocks(model, settings.init_layers, norm_from_next_block=settings.cut_norm == "next")
     if vocabulary:
         restrict_model(model, vocabulary)
     return model.float().to(default_device()).train()
 
 
-def keep_first_blocks(model, n_blocks: int) -> None:
-    """Drop all but the first ``n_blocks`` decoder blocks (a shallower memory, same embeddings)."""
-    model_type = model.config.model_type
-    if model_type not in BLOCK_PATHS:
-        raise ModelError(f"cannot cut the blocks of a {model_type!r} model "
-                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
-    *parents, attribute = BLOCK_PATHS[model_type].split(".")
+def keep_first_blocks(model, n_blocks: int, norm_from_next_block: bool = False) -> None:
+    """Drop all but the first ``n_blocks`` decoder blocks (a shallower memory, same embeddings).
+
+    ``norm_from_next_block``: the output norm takes the weights of the first dropped block's input
+    norm, the one that in the whole model normalises exactly what the last kept block outputs
+    (the whole model's final norm was trained on its last block's output instead)."""
+    blocks = decoder_blocks(model)
+    if n_blocks > len(blocks):
+        raise ConfigError(f"init_layers={n_blocks}, but the init model has only {len(blocks)} blocks")
+    if norm_from_next_block and n_blocks < len(blocks):
+        copy_input_norm_to_final(model, blocks[n_blocks])
+    *parents, attribute = BLOCK_PATHS[model.config.model_type].split(".")
     owner = model
     for name in parents:
         owner = getattr(owner, name)
-    blocks = getattr(owner, attribute)
-    if n_blocks > len(blocks):
-        raise ConfigError(f"init_layers={n_blocks}, but the init model has only {len(blocks)} blocks")
     setattr(owner, attribute, torch.nn.ModuleList(list(blocks)[:n_blocks]))
     config = model.config.get_text_config()
     for key in ("num_hidden_layers", "n_layer"):
@@ -221,6 +226,35 @@ def keep_first_blocks(model, n_blocks: int) -> None:
             setattr(config, key, n_blocks)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:n_blocks]
+
+
+#: Per architecture: the final norm's name beside the blocks, and a block's input norm.
+NORM_NAMES = {"gpt2": ("ln_f", "ln_1")}
+DEFAULT_NORM_NAMES = ("norm", "input_layernorm")
+
+
+def copy_input_norm_to_final(model, block) -> None:
+    final_name, input_name = NORM_NAMES.get(model.config.model_type, DEFAULT_NORM_NAMES)
+    owner = model
+    for name in BLOCK_PATHS[model.config.model_type].split(".")[:-1]:
+        owner = getattr(owner, name)
+    final, source = getattr(owner, final_name, None), getattr(block, input_name, None)
+    if final is None or source is None or type(final) is not type(source):
+        raise ModelError(f"cannot take the output norm of a cut {model.config.model_type!r} model from its next "
+                         f"block; use cut_norm=final")
+    final.load_state_dict(source.state_dict())
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM of a supported architecture."""
+    model_type = model.config.model_type
+    if model_type not in BLOCK_PATHS:
+        raise ModelError(f"cannot cut the blocks of a {model_type!r} model "
+                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
+    owner = model
+    for name in BLOCK_PATHS[model_type].split("."):
+        owner = getattr(owner, name)
+    return owner
 
 
 def _load_checkpoint_model(checkpoint: Path):

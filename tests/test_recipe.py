@@ -1,0 +1,117 @@
+"""The memory recipe: settings left at auto are filled by the recipe for the init's size; given ones win."""
+
+import pytest
+from conftest import SMALL_WINDOWS, invoke, one_line_error
+
+from memdec_core.errors import ConfigError
+from memdec_core.evaluate import EvalSettings
+from memdec_decoder import recipe as recipe_module
+from memdec_decoder.recipe import AUTO, RECIPES, recipe_for
+from memdec_decoder.settings import DecoderSettings
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+
+
+def test_auto_cuts_only_inits_above_the_threshold():
+    assert recipe_for("auto", recipe_module.CUT_ABOVE) is RECIPES["whole"]
+    assert recipe_for("auto", recipe_module.CUT_ABOVE + 1) is RECIPES["cut"]
+    assert recipe_for("whole", 10**10) is RECIPES["whole"]  # a named recipe whatever the size
+    with pytest.raises(ConfigError, match="recipe must be auto or one of whole, cut"):
+        recipe_for("deep", 1)
+
+
+def test_given_settings_win_over_the_recipe_one_by_one():
+    cut = RECIPES["cut"]
+    resolved = DecoderSettings(lr=2e-3, epochs=6).with_recipe(cut)
+    assert (resolved.lr, resolved.epochs) == (2e-3, 6)  # given
+    assert (resolved.init_layers, resolved.batch_size) == (cut.init_layers, cut.batch_size)  # the recipe's
+    assert resolved.tune_temperature and resolved.recipe == "cut"
+    fixed = DecoderSettings(temperature=30.0).with_recipe(cut)
+    assert fixed.temperature == 30.0 and not fixed.tune_temperature
+    whole = DecoderSettings().with_recipe(RECIPES["whole"])
+    assert (whole.init_layers, whole.lr, whole.temperature, whole.epochs, whole.batch_size) == (0, 1e-3, 16.0, 3, 8)
+    assert whole.train_settings().lr == 1e-3
+
+
+def test_settings_from_the_command_line_are_numbers_or_auto():
+    from memdec_decoder.memory_model import DecoderMemory
+
+    values = DecoderMemory.settings_from_text({"lr": "5e-4", "init_layers": "2", "epochs": "auto"})
+    config = DecoderSettings(**values)
+    assert (config.lr, config.init_layers, config.epochs) == (5e-4, 2, AUTO)
+    for given, message in ((dict(lr="fast"), "lr must be a number or auto"),
+                           (dict(init_layers="2.5"), "init_layers must be an integer or auto"),
+                           (dict(epochs=0), "epochs"), (dict(lr=-1.0), "lr"), (dict(init_layers=-1), "init_layers"),
+                           (dict(recipe="deep"), "recipe must be auto or one of"),
+                           (dict(temperature=0.0), "temperature must be positive")):
+        with pytest.raises(ConfigError, match=message):
+            DecoderSettings(**given)
+    with pytest.raises(ConfigError, match="still auto"):
+        DecoderSettings().train_settings()
+
+
+def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir, tiny_llama, monkeypatch):
+    """The auto recipe end to end, with the threshold lowered so the tiny model counts as large."""
+    from memdec_core.api import prepare_context
+    from memdec_core.plan import Plan
+    from memdec_decoder.pipeline import memory_for, planned_parameters
+    from memdec_knn.method import KnnLM
+
+    monkeypatch.setattr(recipe_module, "CUT_ABOVE", 0)
+    monkeypatch.setitem(RECIPES, "cut", recipe_module.Recipe("cut", init_layers=1, lr=3e-3,
+                                                             temperature=recipe_module.TUNED, epochs=1, batch_size=4))
+    ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW, plan=Plan())
+    config = DecoderSettings(k=16)
+    whole_size = sum(parameter.numel() for parameter in ctx.base.model.parameters())
+    assert planned_parameters(ctx, config) < whole_size  # LoRA's matched rank sees the cut memory
+    memory = memory_for(ctx, config)
+    assert memory.model.config.num_hidden_layers == 1
+    train = memory.manifest["train"]
+    assert (train["init_layers"], train["lr"], train["epochs"], train["batch_size"]) == (1, 3e-3, 1, 4)
+    assert memory.manifest["temperature"] == KnnLM(k=16).evaluate(ctx).knobs["temperature"]
+
+
+def test_more_blocks_than_the_init_has_is_refused_before_any_work(corpus_dir, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    result = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
+                    "--set", "memdec.init_layers=5", "--context", 64)
+    assert "init_layers=5, but the init model" in one_line_error(result) and "has only 2 blocks" in result.stderr
+    assert not (tmp_path / "cache" / "datastores").exists()
+    trained = invoke("train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama,
+                     "--init-layers", 3, "--output", tmp_path / "memory", "--context", 64)
+    assert "has only 2 blocks" in one_line_error(trained) and not (tmp_path / "memory").exists()
+    bad = invoke("train", "--domain", corpus_dir, "--teacher", tiny_llama, "--recipe", "deep")
+    assert bad.exit_code == 2 and "--recipe" in bad.output
+
+
+def test_a_teacher_of_another_tokenizer_is_refused(corpus_dir, tiny_llama, tmp_path):
+    from memdec_core.testing import save_tiny_model, save_tokenizer
+
+    other = save_tiny_model(tmp_path / "gpt2-400", save_tokenizer(tmp_path / "tokenizer-400", vocab_size=400), "gpt2")
+    result = invoke("eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "memdec",
+                    "--set", f"memdec.teacher={other}", "--context", 64)
+    assert "has another tokenizer than" in one_line_error(result)
+
+
+@pytest.mark.parametrize("fixture, final, next_input", [("tiny_llama", "model.norm", "model.layers.1.input_layernorm"),
+                                                       ("tiny_gpt2", "transformer.ln_f", "transformer.h.1.ln_1")])
+def test_a_cut_model_can_take_its_output_norm_from_the_next_block(fixture, final, next_input, request):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memdec_decoder.train import keep_first_blocks
+
+    folder = request.getfixturevalue(fixture)
+    for choice in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            for parameter in model.get_submodule(next_input).parameters():
+                parameter.uniform_(0.5, 2.0)  # fresh norms are all ones: make the source recognisable
+        source = {key: value.clone() for key, value in model.get_submodule(next_input).state_dict().items()}
+        before = {key: value.clone() for key, value in model.get_submodule(final).state_dict().items()}
+        keep_first_blocks(model, 1, norm_from_next_block=choice)
+        after = model.get_submodule(final).state_dict()
+        for key, value in (source if choice else before).items():
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="cut_norm must be one of"):
+        DecoderSettings(cut_norm="middle")

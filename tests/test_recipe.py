@@ -69,6 +69,16 @@ def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir
     train = memory.manifest["train"]
     assert (train["init_layers"], train["lr"], train["epochs"], train["batch_size"]) == (1, 3e-3, 1, 4)
     assert memory.manifest["temperature"] == KnnLM(k=16).evaluate(ctx).knobs["temperature"]
+    assert memory.manifest["recipe"] == "cut"
+
+
+def test_the_report_names_the_memory_s_recipe():
+    from memdec_cli.render import memory_note
+
+    details = {"teacher": "qwen-1.5b", "init": "qwen-0.5b", "init_layers": 2, "recipe": "cut", "temperature": 300.0}
+    report = {"results": [{"method": "memdec", "details": details}, {"method": "memdec", "details": details}]}
+    assert memory_note(report) == ("memory decoder: teacher qwen-1.5b, initialised from qwen-0.5b "
+                                   "(its first 2 blocks), recipe cut, T = 300")
 
 
 def test_more_blocks_than_the_init_has_is_refused_before_any_work(corpus_dir, tiny_llama, tmp_path, monkeypatch):

@@ -202,6 +202,11 @@ def memory_note(report: dict) -> str | None:
             continue
         parts = [f"{label} {details[key]}" for key, label in (("teacher", "teacher"), ("init", "initialised from"))
                  if details.get(key)]
+        if details.get("init_layers"):
+            parts[-1] += f" (its first {details['init_layers']} blocks)"
+        if details.get("recipe"):
+            temperature = details.get("temperature")
+            parts.append(f"recipe {details['recipe']}" + (f", T = {temperature:g}" if temperature is not None else ""))
         described.append(", ".join(parts))
     unique = list(dict.fromkeys(described))  # one memory is usually shared by every base
     return f"memory decoder: {'; '.join(unique)}" if unique else None

@@ -66,9 +66,9 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     targets = pipeline.targets_for(ctx, config)
     output = Path(output).expanduser()
     with shared_entry_lock(output):  # two runs onto one --output: the second waits, then finds it done
-        memory = train_memory(init_name, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
-                              settings=config.train_settings(), teacher=teacher_name,
-                              eval_batch_size=ctx.settings.batch_size)
+        memory = train_memory(pipeline.recipe_start(init_name, config), ctx.corpus, targets, output,
+                              context=ctx.context, stride=ctx.stride, settings=config.train_settings(),
+                              teacher=teacher_name, eval_batch_size=ctx.settings.batch_size)
     return str(memory.folder)
 
 

@@ -76,9 +76,11 @@ class DecoderMemory(MemoryModel):
 
     def describe_prepared(self) -> dict:
         memory = self._loaded()
+        manifest = memory.manifest
         return {"memory_folder": str(memory.folder), "memory_parameters": memory.parameters,
-                "teacher": memory.manifest.get("teacher"), "init": memory.manifest.get("init"),
-                "restricted": memory.manifest.get("restricted")}
+                "teacher": manifest.get("teacher"), "init": manifest.get("init"),
+                "init_layers": (manifest.get("train") or {}).get("init_layers"), "recipe": manifest.get("recipe"),
+                "temperature": manifest.get("temperature"), "restricted": manifest.get("restricted")}
 
     def fidelity(self, ctx: "EvalContext", knobs: dict) -> dict:
         from memdec_decoder.fidelity import target_fidelity

@@ -44,8 +44,8 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
             return open_cached(folder)
         targets = targets_for(teacher_ctx, config)
         log(f"training a memory from {init_name} in {folder}")
-        memory = train_memory(init_name, teacher_ctx.corpus, targets, folder, context=teacher_ctx.context,
-                              stride=teacher_ctx.stride, settings=config.train_settings(),
+        memory = train_memory(recipe_start(init_name, config), teacher_ctx.corpus, targets, folder,
+                              context=teacher_ctx.context, stride=teacher_ctx.stride, settings=config.train_settings(),
                               teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size)
     _OPENED[folder] = memory
     return memory
@@ -101,6 +101,15 @@ def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str) -> De
     if resolved != config:
         log(f"memory recipe {recipe.describe()} (settings given explicitly win)")
     return resolved
+
+
+def recipe_start(init_name: str, config: DecoderSettings):
+    """The init model's start, its manifest naming the recipe that filled the settings."""
+    from memdec_decoder.train import init_model_start
+
+    start = init_model_start(load_model(init_name), config.train_settings())
+    start.facts["recipe"] = config.recipe
+    return start
 
 
 def check_init_layers(base: LoadedModel, init_name: str, n_blocks: int) -> None:

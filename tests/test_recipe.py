@@ -50,7 +50,8 @@ def test_settings_from_the_command_line_are_numbers_or_auto():
         DecoderSettings().train_settings()
 
 
-def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir, tiny_llama, monkeypatch):
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])  # untied and tied output layers
+def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir, fixture, monkeypatch, request):
     """The auto recipe end to end, with the threshold lowered so the tiny model counts as large."""
     from memdec_core.api import prepare_context
     from memdec_core.plan import Plan
@@ -60,11 +61,11 @@ def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir
     monkeypatch.setattr(recipe_module, "CUT_ABOVE", 0)
     monkeypatch.setitem(RECIPES, "cut", recipe_module.Recipe("cut", init_layers=1, lr=3e-3,
                                                              temperature=recipe_module.TUNED, epochs=1, batch_size=4))
-    ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW, plan=Plan())
-    config = DecoderSettings(k=16)
-    whole_size = sum(parameter.numel() for parameter in ctx.base.model.parameters())
-    assert planned_parameters(ctx, config) < whole_size  # LoRA's matched rank sees the cut memory
+    ctx = prepare_context(str(corpus_dir), str(request.getfixturevalue(fixture)), WINDOW, plan=Plan())
+    config = DecoderSettings(k=16, vocabulary="restricted")
+    planned = planned_parameters(ctx, config)
     memory = memory_for(ctx, config)
+    assert planned == memory.parameters  # what LoRA's automatic rank matches, before the memory exists
     assert memory.model.config.num_hidden_layers == 1
     train = memory.manifest["train"]
     assert (train["init_layers"], train["lr"], train["epochs"], train["batch_size"]) == (1, 3e-3, 1, 4)

@@ -198,26 +198,46 @@ def memory_key(teacher_ctx: EvalContext, init_name: str, config: DecoderSettings
 
 
 def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
-    """Parameters of the memory ``memory_for`` gives: the trained one's, else its init model's."""
+    """Parameters of the memory ``memory_for`` gives: the trained one's, else its init model's as the
+    recipe cuts it (blocks kept, and the restricted vocabulary's rows, known from the train split)."""
     if config.path:
         return open_cached(Path(config.path).expanduser()).parameters
     _, init = teacher_and_init(ctx.base, config, run_bases(ctx))
     config = with_recipe(ctx, config, init)
-    if config.init_layers:
-        return _cut_parameters(ctx.base if init == ctx.base.model_id else load_model(init), config.init_layers)
-    return _size_of(ctx.base, init)
+    vocabulary = _planned_vocabulary(ctx, config)
+    if not config.init_layers and vocabulary is None:
+        return _size_of(ctx.base, init)  # no weights loaded for a registered init
+    model = ctx.base if init == ctx.base.model_id else load_model(init)
+    return _memory_parameters(model, config.init_layers, vocabulary.size if vocabulary else None)
 
 
-def _cut_parameters(init: LoadedModel, n_blocks: int) -> int:
-    """Parameters of ``init`` without its blocks past the first ``n_blocks`` (the output layer
-    counted whole: a restricted vocabulary is known only once the train split is)."""
+def _planned_vocabulary(ctx: EvalContext, config: DecoderSettings):
+    from memdec_decoder.train import choose_vocabulary
+
+    if ctx.corpus is None:
+        return None
+    return choose_vocabulary(config.vocabulary, ctx.corpus.streams["train"], ctx.base.vocab_size)
+
+
+def _memory_parameters(init: LoadedModel, n_blocks: int, vocabulary_rows: int | None) -> int:
+    """Parameters of ``init`` cut to its first ``n_blocks`` (0: all) and to ``vocabulary_rows``
+    rows of its embedding and output layers (None: all; tied layers counted once)."""
     from memdec_decoder.train import decoder_blocks
 
-    blocks = decoder_blocks(init.model)
-    if n_blocks > len(blocks):
-        raise ConfigError(f"init_layers={n_blocks}, but the init model {init.model_id} has only {len(blocks)} blocks")
-    dropped = sum(parameter.numel() for block in list(blocks)[n_blocks:] for parameter in block.parameters())
-    return _count(init.model) - dropped
+    model, total = init.model, _count(init.model)
+    if n_blocks:
+        blocks = decoder_blocks(model)
+        if n_blocks > len(blocks):
+            raise ConfigError(f"init_layers={n_blocks}, but the init model {init.model_id} has only "
+                              f"{len(blocks)} blocks")
+        total -= sum(parameter.numel() for block in list(blocks)[n_blocks:] for parameter in block.parameters())
+    if vocabulary_rows:
+        layers = {id(layer.weight): layer for layer in (model.get_input_embeddings(), model.get_output_embeddings())}
+        for layer in layers.values():
+            total -= (layer.weight.shape[0] - vocabulary_rows) * layer.weight.shape[1]
+            if getattr(layer, "bias", None) is not None:
+                total -= layer.bias.shape[0] - vocabulary_rows
+    return total
 
 
 def _parameters_of(model_name: str) -> int:

@@ -445,16 +445,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def last_block_mlp(model):
-    """The MLP module of the last decoder block; its input is the datastore key."""
+def decoder_blocks(model):
+    """The decoder blocks (a ModuleList) of a causal LM of a supported architecture."""
     model_type = model.config.model_type
     if model_type not in BLOCK_PATHS:
-        raise ModelError(f"architecture {model_type!r} is not supported for hidden-state capture "
-                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
+        raise ModelError(f"architecture {model_type!r} is not supported: memdec finds the blocks of "
+                         f"{', '.join(sorted(BLOCK_PATHS))} models")
     blocks = model
     for attribute in BLOCK_PATHS[model_type].split("."):
         blocks = getattr(blocks, attribute)
-    return blocks[-1].mlp
+    return blocks
+
+
+def last_block_mlp(model):
+    """The MLP module of the last decoder block; its input is the datastore key."""
+    return decoder_blocks(model)[-1].mlp
 
 
 @contextlib.contextmanager

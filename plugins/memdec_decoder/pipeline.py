@@ -18,7 +18,7 @@ from memdec_core.disk import shared_entry_lock
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
-from memdec_core.models import LoadedModel, load_model, model_fingerprint
+from memdec_core.models import LoadedModel, decoder_blocks, load_model, model_fingerprint
 from memdec_core.progress import log
 from memdec_decoder.memory import MemoryDecoder, open_memory
 from memdec_decoder.settings import DecoderSettings
@@ -125,8 +125,6 @@ def _blocks_of(model_name: str) -> int:
 
 
 def _block_count(model) -> int:
-    from memdec_decoder.train import decoder_blocks
-
     return len(decoder_blocks(model))
 
 
@@ -222,8 +220,6 @@ def _planned_vocabulary(ctx: EvalContext, config: DecoderSettings):
 def _memory_parameters(init: LoadedModel, n_blocks: int, vocabulary_rows: int | None) -> int:
     """Parameters of ``init`` cut to its first ``n_blocks`` (0: all) and to ``vocabulary_rows``
     rows of its embedding and output layers (None: all; tied layers counted once)."""
-    from memdec_decoder.train import decoder_blocks
-
     model, total = init.model, _count(init.model)
     if n_blocks:
         blocks = decoder_blocks(model)

@@ -34,7 +34,7 @@ from memdec_core.data import TokenizedCorpus, make_windows
 from memdec_core.distributed import barrier, from_main, sharding, sum_across
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
 from memdec_core.evaluate import NLLTotal, iter_scored_batches, reduce_totals
-from memdec_core.models import BLOCK_PATHS, LoadedModel, default_device, load_model
+from memdec_core.models import BLOCK_PATHS, LoadedModel, decoder_blocks, default_device, load_model
 from memdec_core.progress import log
 from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_decoder.loss import memory_decoder_loss
@@ -243,18 +243,6 @@ def copy_input_norm_to_final(model, block) -> None:
         raise ModelError(f"cannot take the output norm of a cut {model.config.model_type!r} model from its next "
                          f"block; use cut_norm=final")
     final.load_state_dict(source.state_dict())
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM of a supported architecture."""
-    model_type = model.config.model_type
-    if model_type not in BLOCK_PATHS:
-        raise ModelError(f"cannot cut the blocks of a {model_type!r} model "
-                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
-    owner = model
-    for name in BLOCK_PATHS[model_type].split("."):
-        owner = getattr(owner, name)
-    return owner
 
 
 def _load_checkpoint_model(checkpoint: Path):

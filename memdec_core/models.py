@@ -449,8 +449,8 @@ def decoder_blocks(model):
     """The decoder blocks (a ModuleList) of a causal LM of a supported architecture."""
     model_type = model.config.model_type
     if model_type not in BLOCK_PATHS:
-        raise ModelError(f"architecture {model_type!r} is not supported: memdec finds the blocks of "
-                         f"{', '.join(sorted(BLOCK_PATHS))} models")
+        raise ModelError(f"architecture {model_type!r} is not supported: memdec needs its decoder blocks "
+                         f"(supported: {', '.join(sorted(BLOCK_PATHS))})")
     blocks = model
     for attribute in BLOCK_PATHS[model_type].split("."):
         blocks = getattr(blocks, attribute)

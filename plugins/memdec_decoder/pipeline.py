@@ -36,12 +36,12 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
     teacher_ctx = teacher_context(ctx, config)
     _, init_name = teacher_and_init(ctx.base, config, run_bases(ctx))
     config = with_recipe(ctx, config, init_name)
-    check_init_layers(ctx.base, init_name, config.init_layers)
     folder = cached_artifact("memories", memory_key(teacher_ctx, init_name, config))
     with shared_entry_lock(folder):  # a second run sharing the cache waits, then reuses it; ranks train together
         if folder.exists():
             log(f"reusing memory {folder}")
             return open_cached(folder)
+        check_init_layers(ctx.base, init_name, config.init_layers)  # before the datastore and targets
         targets = targets_for(teacher_ctx, config)
         log(f"training a memory from {init_name} in {folder}")
         memory = train_memory(recipe_start(init_name, config), teacher_ctx.corpus, targets, folder,
@@ -92,15 +92,14 @@ def target_settings_for(teacher_ctx: EvalContext, store, config: DecoderSettings
     return config.target_settings(tuned_temperature(teacher_ctx, config) if config.tune_temperature else None)
 
 
-def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str) -> DecoderSettings:
+def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str, *, quiet: bool = False) -> DecoderSettings:
     """``config`` with the settings left at auto filled by the recipe for ``init_name``'s size."""
     from memdec_decoder.recipe import recipe_for
 
     recipe = recipe_for(config.recipe, _size_of(ctx.base, init_name))
-    resolved = config.with_recipe(recipe)
-    if resolved != config:
+    if not quiet:
         log(f"memory recipe {recipe.describe()} (settings given explicitly win)")
-    return resolved
+    return config.with_recipe(recipe)
 
 
 def recipe_start(init_name: str, config: DecoderSettings):
@@ -114,18 +113,13 @@ def recipe_start(init_name: str, config: DecoderSettings):
 
 def check_init_layers(base: LoadedModel, init_name: str, n_blocks: int) -> None:
     """More blocks than the init has is refused before the datastore and targets are built."""
-    blocks = _blocks_of(init_name) if init_name != base.model_id else _block_count(base.model)
+    if not n_blocks:
+        return  # every block: nothing to count (and no model to load)
+    blocks = len(decoder_blocks(base.model)) if init_name == base.model_id else _loaded_facts(init_name)[2]
+    if blocks is None:
+        decoder_blocks(load_model(init_name).model)  # raises: the architecture's blocks are unknown
     if n_blocks > blocks:
         raise ConfigError(f"init_layers={n_blocks}, but the init model {init_name} has only {blocks} blocks")
-
-
-@functools.lru_cache(maxsize=None)
-def _blocks_of(model_name: str) -> int:
-    return _block_count(load_model(model_name).model)
-
-
-def _block_count(model) -> int:
-    return len(decoder_blocks(model))
 
 
 def _size_of(base: LoadedModel, model_name: str) -> int:
@@ -201,7 +195,8 @@ def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
     if config.path:
         return open_cached(Path(config.path).expanduser()).parameters
     _, init = teacher_and_init(ctx.base, config, run_bases(ctx))
-    config = with_recipe(ctx, config, init)
+    config = with_recipe(ctx, config, init, quiet=True)
+    check_init_layers(ctx.base, init, config.init_layers)
     vocabulary = _planned_vocabulary(ctx, config)
     if not config.init_layers and vocabulary is None:
         return _size_of(ctx.base, init)  # no weights loaded for a registered init
@@ -222,11 +217,8 @@ def _memory_parameters(init: LoadedModel, n_blocks: int, vocabulary_rows: int | 
     rows of its embedding and output layers (None: all; tied layers counted once)."""
     model, total = init.model, _count(init.model)
     if n_blocks:
-        blocks = decoder_blocks(model)
-        if n_blocks > len(blocks):
-            raise ConfigError(f"init_layers={n_blocks}, but the init model {init.model_id} has only "
-                              f"{len(blocks)} blocks")
-        total -= sum(parameter.numel() for block in list(blocks)[n_blocks:] for parameter in block.parameters())
+        dropped = list(decoder_blocks(model))[n_blocks:]
+        total -= sum(parameter.numel() for block in dropped for parameter in block.parameters())
     if vocabulary_rows:
         layers = {id(layer.weight): layer for layer in (model.get_input_embeddings(), model.get_output_embeddings())}
         for layer in layers.values():
@@ -248,8 +240,18 @@ def _facts_of(model_name: str) -> tuple[str, int]:
         info = registry.get("models", model_name).info()
         if info.get("tokenizer_fingerprint") and info.get("parameters"):
             return info["tokenizer_fingerprint"], int(info["parameters"])
+    return _loaded_facts(model_name)[:2]
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded_facts(model_name: str) -> tuple[str, int, int | None]:
+    """Tokenizer fingerprint, parameters and blocks (None: an architecture memdec cannot cut) of a
+    model loaded once per process for them."""
+    from memdec_core.models import BLOCK_PATHS
+
     model = load_model(model_name)
-    return model.tokenizer_fingerprint, _count(model.model)
+    blocks = len(decoder_blocks(model.model)) if model.model.config.model_type in BLOCK_PATHS else None
+    return model.tokenizer_fingerprint, _count(model.model), blocks
 
 
 def _count(model) -> int:

@@ -69,8 +69,7 @@ class DecoderSettings:
     def _check_given_values(self) -> None:
         """The values given are checked now, before any work (those left at auto by the recipe's later)."""
         whole = RECIPES["whole"]
-        filled = {name: whole.temperature if name == "temperature" else getattr(whole, name)
-                  for name in RECIPE_SETTINGS if getattr(self, name) == AUTO}
+        filled = {name: getattr(whole, name) for name in RECIPE_SETTINGS if getattr(self, name) == AUTO}
         self._train_settings(filled)
         self.target_settings(filled.get("temperature"))
 

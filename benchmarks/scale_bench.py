@@ -41,8 +41,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-#: "@disk": built with on_disk (inverted lists merged into one file, searched memory-mapped).
-FACTORIES = ("Flat", "IVF1024,Flat", "IVF1024,Flat@disk", "IVF1024,PQ64", "OPQ64,IVF1024_HNSW32,PQ64")
+#: "@disk": built with on_disk (inverted lists merged into one file, searched memory-mapped);
+#: "{lists}": the inverted lists memdec's "auto" gives the store (about 4·√keys).
+FACTORIES = ("Flat", "auto", "IVF{lists},Flat@disk", "IVF{lists},PQ64", "OPQ64,IVF{lists}_HNSW32,PQ64")
 
 
 def main() -> int:
@@ -144,9 +145,11 @@ def folder_bytes(root: Path) -> dict[str, bytes]:
 
 
 def run_indexes(args) -> int:
+    from memdec_knn.index import inverted_lists
+
     exact_file = Path(tempfile.mkdtemp(prefix="memdec-index-")) / "exact.npy"
     rows = []
-    for factory in args.factories.split(";"):
+    for factory in args.factories.format(lists=inverted_lists(args.keys)).split(";"):
         command = [sys.executable, __file__, "_index", "--keys", str(args.keys), "--dim", str(args.dim),
                    "--queries", str(args.queries), "--k", str(args.k), "--factory", factory, "--exact", str(exact_file)]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -208,7 +211,8 @@ def run_one_index(args) -> int:
     index_mb = sum(path.stat().st_size for path in folder.iterdir()) / 2**20
     shutil.rmtree(folder, ignore_errors=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"factory": args.factory, "build_seconds": build_seconds, "index_mb": index_mb, "qps": qps,
+    named = args.factory if factory != "auto" else f"auto = {retriever.factory}"
+    print(json.dumps({"factory": named, "build_seconds": build_seconds, "index_mb": index_mb, "qps": qps,
                       "qps_batched": qps_batched, "recall": recall, "peak_rss_mb": peak}))
     return 0
 

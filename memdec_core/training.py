@@ -51,6 +51,7 @@ class LoopSettings:
     batch_size: int = 8  # windows per forward pass
     accumulate: int = 1  # forward passes per optimizer step
     clip: float = 1.0
+    min_steps: int = 0  # at least this many optimizer steps: more epochs over a small train split (0: none)
     max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
     max_tokens: int = 0  # a budget in training tokens; replaces epochs, the same for every method (0: none)
     max_flops: float = 0.0  # a budget in training FLOPs, turned into tokens for the model trained (0: none)
@@ -65,8 +66,9 @@ class LoopSettings:
         for name in ("epochs", "batch_size", "accumulate", "save_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.patience < 0 or self.max_tokens < 0 or self.max_flops < 0:
-            raise ConfigError("max_steps, max_tokens, max_flops and patience must be 0 (no limit) or positive")
+        if min(self.min_steps, self.max_steps, self.patience, self.max_tokens, self.max_flops) < 0:
+            raise ConfigError("min_steps, max_steps, max_tokens, max_flops and patience must be 0 (no limit) or "
+                              "positive")
         if self.max_tokens and self.max_flops:
             raise ConfigError("give a budget in tokens or in FLOPs, not both")
 
@@ -173,8 +175,9 @@ class Trainer:
         self.rng_states: dict | None = None  # torch generators' states from a checkpoint
 
     def _budget_steps(self, settings: LoopSettings) -> int:
-        """Optimizer steps: the epochs, or the token budget (which may span more epochs), capped by max_steps."""
-        steps = settings.epochs * self.steps_per_epoch
+        """Optimizer steps: the epochs (at least min_steps), or the token budget (which may span more
+        epochs), capped by max_steps."""
+        steps = max(settings.epochs * self.steps_per_epoch, settings.min_steps)
         budget = settings.max_tokens or int(settings.max_flops / self.flops_per_token)
         if settings.max_tokens or settings.max_flops:
             tokens_per_step = self.chunks_per_step * self.context

@@ -138,6 +138,24 @@ def test_a_token_budget_replaces_the_epochs(tmp_path):
                 validate=lambda model: (1.0, {}), loss=lambda model, batch: model(batch.input_ids).logits.mean())
 
 
+def test_a_minimum_of_steps_stretches_the_epochs_over_a_small_split(tmp_path):
+    stream = np.random.default_rng(0).integers(0, 16, 400)  # 13 chunks of 32: 4 steps of 4 chunks per epoch
+
+    def steps(**settings):
+        trainer = Trainer(Linear(), stream, 32, LoopSettings(batch_size=4, **settings), tmp_path / str(settings),
+                          validate=lambda model: (1.0, {}),
+                          loss=lambda model, batch: model(batch.input_ids).logits.mean())
+        state = trainer.run()
+        return state["global_step"], len(state["history"])
+
+    assert steps(epochs=1, min_steps=10) == (10, 3)  # into the third epoch
+    assert steps(epochs=3, min_steps=5) == (12, 3)  # the epochs already give more
+    assert steps(epochs=1, min_steps=10, max_steps=6) == (6, 2)  # a budget in steps still caps
+    assert steps(epochs=1, min_steps=10, max_tokens=2 * 4 * 32) == (2, 1)  # a token budget replaces both
+    with pytest.raises(ConfigError, match="min_steps"):
+        LoopSettings(min_steps=-1)
+
+
 def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adapters(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -22,15 +22,32 @@ def test_auto_cuts_only_inits_above_the_threshold():
 
 def test_given_settings_win_over_the_recipe_one_by_one():
     cut = RECIPES["cut"]
-    resolved = DecoderSettings(lr=2e-3, epochs=6).with_recipe(cut)
+    resolved = DecoderSettings(lr=2e-3, epochs=6).with_recipe(cut, 512)
     assert (resolved.lr, resolved.epochs) == (2e-3, 6)  # given
-    assert (resolved.init_layers, resolved.batch_size) == (cut.init_layers, cut.batch_size)  # the recipe's
+    assert (resolved.init_layers, resolved.batch_size) == (cut.init_layers, 1024 // 512)  # the recipe's
     assert resolved.tune_temperature and resolved.recipe == "cut"
-    fixed = DecoderSettings(temperature=30.0).with_recipe(cut)
+    fixed = DecoderSettings(temperature=30.0).with_recipe(cut, 512)
     assert fixed.temperature == 30.0 and not fixed.tune_temperature
-    whole = DecoderSettings().with_recipe(RECIPES["whole"])
+    whole = DecoderSettings().with_recipe(RECIPES["whole"], 512)
     assert (whole.init_layers, whole.lr, whole.temperature, whole.epochs, whole.batch_size) == (0, 1e-3, 16.0, 3, 8)
-    assert whole.train_settings().lr == 1e-3
+    assert whole.train_settings().lr == 1e-3 and whole.min_steps == 0
+
+
+def test_the_cut_recipe_counts_its_length_in_steps_unless_epochs_are_given():
+    cut = RECIPES["cut"]
+    assert cut.min_steps > 0
+    assert DecoderSettings().with_recipe(cut, 512).train_settings().min_steps == cut.min_steps
+    assert DecoderSettings(epochs=1).with_recipe(cut, 512).min_steps == 0  # 1 epoch asked, 1 epoch given
+    assert DecoderSettings(epochs=1, min_steps=7).with_recipe(cut, 512).min_steps == 7
+    assert DecoderSettings(min_steps="0").with_recipe(cut, 512).epochs == cut.epochs
+
+
+def test_the_cut_recipe_keeps_its_tokens_a_step_whatever_the_window():
+    cut = RECIPES["cut"]
+    windows = [DecoderSettings().with_recipe(cut, context).batch_size for context in (256, 512, 1024, 4096)]
+    assert windows == [4, 2, 1, 1]
+    assert DecoderSettings(batch_size=3).with_recipe(cut, 1024).batch_size == 3
+    assert DecoderSettings().with_recipe(RECIPES["whole"], 1024).batch_size == 8  # whole counts windows
 
 
 def test_settings_from_the_command_line_are_numbers_or_auto():
@@ -60,7 +77,8 @@ def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir
 
     monkeypatch.setattr(recipe_module, "CUT_ABOVE", 0)
     monkeypatch.setitem(RECIPES, "cut", recipe_module.Recipe("cut", init_layers=1, lr=3e-3,
-                                                             temperature=recipe_module.TUNED, epochs=1, batch_size=4))
+                                                             temperature=recipe_module.TUNED, epochs=1, batch_size=4,
+                                                             min_steps=40))
     ctx = prepare_context(str(corpus_dir), str(request.getfixturevalue(fixture)), WINDOW, plan=Plan())
     config = DecoderSettings(k=16, vocabulary="restricted")
     planned = planned_parameters(ctx, config)
@@ -69,6 +87,7 @@ def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir
     assert memory.model.config.num_hidden_layers == 1
     train = memory.manifest["train"]
     assert (train["init_layers"], train["lr"], train["epochs"], train["batch_size"]) == (1, 3e-3, 1, 4)
+    assert train["min_steps"] == memory.manifest["train_steps"] == 40  # into a second epoch of the tiny split
     assert memory.manifest["temperature"] == KnnLM(k=16).evaluate(ctx).knobs["temperature"]
     assert memory.manifest["recipe"] == "cut"
 

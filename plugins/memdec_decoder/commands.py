@@ -96,6 +96,9 @@ def targets_info(folder):
 @click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
+@click.option("--min-steps", type=click.IntRange(min=0), default=None,
+              help="Train at least N optimizer steps: more epochs over a small train split (0: the epochs "
+                   "decide) [default: the recipe's; 0 when --epochs is given].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="AdamW learning rate, decayed linearly to 0 [default: the recipe's].")
 @click.option("--train-batch", type=click.IntRange(min=1), default=None,
@@ -115,9 +118,9 @@ def targets_info(folder):
               help="Write the memory to this new folder instead of the cache. Rerunning the same command "
                    "after an interruption resumes from the last checkpoint.")
 @window_options
-def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, epochs, lr, train_batch,
-          accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context, stride, batch_size,
-          max_train_tokens, max_eval_tokens):
+def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, epochs, min_steps, lr,
+          train_batch, accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context, stride,
+          batch_size, max_train_tokens, max_eval_tokens):
     """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
 
     Builds (or reuses) the teacher's datastore and kNN targets, then trains with
@@ -131,7 +134,7 @@ def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, 
     """
     from memdec_decoder.api import train as train_memory
 
-    given = {key: value for key, value in dict(init_layers=init_layers, epochs=epochs, lr=lr,
+    given = {key: value for key, value in dict(init_layers=init_layers, epochs=epochs, min_steps=min_steps, lr=lr,
                                                batch_size=train_batch).items() if value is not None}
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
                             recipe=recipe, vocabulary=vocabulary, beta=beta, accumulate=accumulate,

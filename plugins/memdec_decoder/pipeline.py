@@ -99,7 +99,7 @@ def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str, *, qu
     recipe = recipe_for(config.recipe, _size_of(ctx.base, init_name))
     if not quiet:
         log(f"memory recipe {recipe.describe()} (settings given explicitly win)")
-    return config.with_recipe(recipe)
+    return config.with_recipe(recipe, ctx.context)
 
 
 def recipe_start(init_name: str, config: DecoderSettings):

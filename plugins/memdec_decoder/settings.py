@@ -41,6 +41,8 @@ class DecoderSettings:
     tune_temperature: bool = setting(False, "instead of temperature: the T the teacher's kNN-LM picks on validation")
     beta: float = setting(0.5, "weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token")
     epochs: int | str = setting(AUTO, "passes over the train split, unless a budget decides; auto: the recipe's")
+    min_steps: int | str = setting(AUTO, "at least this many optimizer steps: more epochs over a small train split "
+                                         "(0: the epochs decide); auto: the recipe's, or 0 when epochs is given")
     lr: float | str = setting(AUTO, "AdamW learning rate, decayed linearly to 0; auto: the recipe's")
     batch_size: int | str = setting(AUTO, "windows per training forward pass; auto: the recipe's")
     accumulate: int = setting(1, "forward passes per optimizer step")
@@ -61,8 +63,8 @@ class DecoderSettings:
         if self.path and (self.teacher or self.init):
             raise ConfigError("path names a trained memory; teacher and init apply only to training one")
         check_recipe_name(self.recipe)
-        for name, kind in (("temperature", float), ("lr", float), ("epochs", int), ("batch_size", int),
-                           ("init_layers", int)):
+        for name, kind in (("temperature", float), ("lr", float), ("epochs", int), ("min_steps", int),
+                           ("batch_size", int), ("init_layers", int)):
             setattr(self, name, number_or_auto(getattr(self, name), kind, name))
         self._check_given_values()
 
@@ -73,9 +75,10 @@ class DecoderSettings:
         self._train_settings(filled)
         self.target_settings(filled.get("temperature"))
 
-    def with_recipe(self, recipe) -> "DecoderSettings":
-        """These settings with those left at auto taken from ``recipe`` (``memdec_decoder.recipe``)."""
-        return apply_recipe(self, recipe)
+    def with_recipe(self, recipe, context: int) -> "DecoderSettings":
+        """These settings with those left at auto taken from ``recipe`` (``memdec_decoder.recipe``),
+        for training windows of ``context`` tokens."""
+        return apply_recipe(self, recipe, context)
 
     def target_settings(self, temperature: float | None = None):
         """k and T of the targets (``temperature``: a tuned one, when ``tune_temperature`` asks)."""

@@ -53,6 +53,7 @@ class TrainSettings:
 
     beta: float = 0.5  # weight of the KL term; 1 − β weighs the cross-entropy on the gold token
     epochs: int = 3
+    min_steps: int = 0  # at least this many optimizer steps (more epochs over a small train split)
     lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
     weight_decay: float = 0.0
     batch_size: int = 8  # windows per forward pass
@@ -323,7 +324,8 @@ def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size:
                        parameters=parameters, train=dataclasses.asdict(settings),
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
-                       train_tokens=state["train_tokens"], flops_per_token=state["flops_per_token"],
+                       train_tokens=state["train_tokens"], train_steps=state["global_step"],
+                       flops_per_token=state["flops_per_token"],
                        identity=content_key(identity), **start.facts)
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
             start.name, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
@@ -336,7 +338,8 @@ def _readme_lines(init_name: str, vocabulary, targets, settings, state, paramete
         f"a kNN-LM: β·KL(p_kNN ‖ p_mem) + (1−β)·CE with β = {settings.beta}.",
         f"- kNN targets: k = {targets.manifest['k']}, T = {targets.manifest['temperature']}, "
         f"train data hash `{targets.manifest['data_hash']}`.",
-        f"- Best epoch {state['best_epoch']} of {settings.epochs}: validation perplexity of the memory alone "
+        f"- Best epoch {state['best_epoch']} of {len(state['history'])} ({state['global_step']} optimizer steps): "
+        f"validation perplexity of the memory alone "
         f"{state['best_valid_ppl']:.3f}.",
         "- Use: `memdec eval --method memdec --set memdec.path=THIS_FOLDER` or "
         "`memdec generate --base MODEL --memory THIS_FOLDER \"prompt\"`.",

@@ -204,11 +204,16 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
         return factory
     if n_keys <= EXACT_SEARCH_MAX_KEYS:
         return "Flat"
-    lists = 1 << max(4, int(math.log2(4 * math.sqrt(n_keys))))  # ~4·√n lists, a power of two
+    lists = inverted_lists(n_keys)
     if n_keys <= UNCOMPRESSED_MAX_KEYS:
         return f"IVF{lists},Flat"
     codes = max(m for m in range(1, 65) if dim % m == 0)
     return f"IVF{lists},PQ{codes}"
+
+
+def inverted_lists(n_keys: int) -> int:
+    """The inverted lists "auto" gives a store: about 4·√n, a power of two (at least 16)."""
+    return 1 << max(4, int(math.log2(4 * math.sqrt(n_keys))))
 
 
 def write_index(index, path: Path) -> None:

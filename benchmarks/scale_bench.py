@@ -68,13 +68,15 @@ def main() -> int:
                           help="tokens of the memory's restricted output layer")
     overhead.add_argument("--repeats", type=int, default=5)
     one = sections.add_parser("_index")  # one factory, in its own process
-    for name in ("keys", "dim", "queries", "k"):
-        one.add_argument(f"--{name}", type=int)
+    exact = sections.add_parser("_exact")  # the true neighbours, in its own process
+    for child in (one, exact):
+        for name in ("keys", "dim", "queries", "k"):
+            child.add_argument(f"--{name}", type=int)
+        child.add_argument("--exact")
     one.add_argument("--factory")
-    one.add_argument("--exact", default="")
     args = parser.parse_args()
     return {"processes": run_processes, "indexes": run_indexes, "overhead": run_overhead,
-            "_index": run_one_index}[args.section](args)
+            "_index": run_one_index, "_exact": run_exact}[args.section](args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,14 +150,12 @@ def run_indexes(args) -> int:
     from memdec_knn.index import inverted_lists
 
     exact_file = Path(tempfile.mkdtemp(prefix="memdec-index-")) / "exact.npy"
+    sizes = ["--keys", str(args.keys), "--dim", str(args.dim), "--queries", str(args.queries), "--k", str(args.k),
+             "--exact", str(exact_file)]
+    run_child([sys.executable, __file__, "_exact", *sizes], "the exact search")
     rows = []
     for factory in args.factories.format(lists=inverted_lists(args.keys)).split(";"):
-        command = [sys.executable, __file__, "_index", "--keys", str(args.keys), "--dim", str(args.dim),
-                   "--queries", str(args.queries), "--k", str(args.k), "--factory", factory, "--exact", str(exact_file)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"{factory} failed:\n{result.stderr[-2000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows.append(run_child([sys.executable, __file__, "_index", *sizes, "--factory", factory], factory))
     print(f"{args.keys:,} synthetic keys of dimension {args.dim}, k = {args.k}, {args.queries} queries")
     print("| factory | build s | index MB | queries/s | batched queries/s | recall@k | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
@@ -164,6 +164,40 @@ def run_indexes(args) -> int:
         print(f"| {row['factory']} | {row['build_seconds']:.1f} | {row['index_mb']:.0f} | {row['qps']:.1f} | "
               f"{batched} | {row['recall']:.3f} | {row['peak_rss_mb']:.0f} |")
     shutil.rmtree(exact_file.parent, ignore_errors=True)
+    return 0
+
+
+def run_child(command: list[str], what: str) -> dict:
+    """One measurement in its own process (its peak RSS is its own); its last line of JSON."""
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def sample_queries(keys: np.ndarray, count: int) -> np.ndarray:
+    return np.asarray(keys[np.random.default_rng(1).choice(len(keys), count, replace=False)], dtype=np.float32)
+
+
+def run_exact(args) -> int:
+    """The true k nearest keys of the query sample, searched a slice of keys at a time (bounded memory
+    at any store size), merged by distance."""
+    import faiss
+
+    keys = synthetic_keys(args.keys, args.dim)
+    queries = sample_queries(keys, args.queries)
+    best_distances = np.full((len(queries), 0), np.inf, dtype=np.float32)
+    best_ids = np.empty((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(keys), 1 << 18):
+        block = np.asarray(keys[start:start + (1 << 18)], dtype=np.float32)
+        distances, ids = faiss.knn(queries, block, min(args.k, len(block)))
+        best_distances = np.concatenate([best_distances, distances], axis=1)
+        best_ids = np.concatenate([best_ids, ids + start], axis=1)
+        order = np.argsort(best_distances, axis=1, kind="stable")[:, :args.k]
+        best_distances = np.take_along_axis(best_distances, order, axis=1)
+        best_ids = np.take_along_axis(best_ids, order, axis=1)
+    np.save(args.exact, best_ids)
+    print(json.dumps({"queries": len(queries)}))
     return 0
 
 
@@ -182,8 +216,7 @@ def run_one_index(args) -> int:
     from memdec_knn.index import FaissRetriever
 
     keys = synthetic_keys(args.keys, args.dim)
-    queries = np.asarray(keys[np.random.default_rng(1).choice(args.keys, args.queries, replace=False)],
-                         dtype=np.float32)
+    queries = sample_queries(keys, args.queries)
     folder = Path(tempfile.mkdtemp(prefix="memdec-index-"))
     factory, _, where = args.factory.partition("@")
     retriever = FaissRetriever(factory=factory, on_disk=where == "disk")
@@ -203,10 +236,7 @@ def run_one_index(args) -> int:
         started = time.perf_counter()
         retriever.search_many(queries, args.k)
         qps_batched = args.queries / (time.perf_counter() - started)
-    exact = Path(args.exact)
-    if args.factory == "Flat":
-        np.save(exact, ids)
-    truth = np.load(exact) if exact.is_file() else ids
+    truth = np.load(args.exact)
     recall = float(np.mean([len(np.intersect1d(a, b)) / args.k for a, b in zip(ids, truth)]))
     index_mb = sum(path.stat().st_size for path in folder.iterdir()) / 2**20
     shutil.rmtree(folder, ignore_errors=True)

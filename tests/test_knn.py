@@ -272,3 +272,7 @@ def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_ne
     assert np.mean(ids == expected_ids) > 0.999  # the same neighbours; equal distances may swap places
     assert (ids[:, 0] == np.arange(3000)).all()  # each key finds itself first (what self-exclusion removes)
     assert "list" not in capfd.readouterr().out  # faiss's per-list report is silenced
+    calls.clear()
+    monkeypatch.setattr(index_module, "BATCHED_SEARCH_MIN_QUERIES", 1)
+    few = retriever.search_many(queries[:4], 20)  # 4 queries × nprobe 4 ≤ 16 lists: faiss's bucket sort refuses
+    assert not calls and (few[1] == retriever.search(queries[:4], 20)[1]).all()

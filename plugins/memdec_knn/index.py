@@ -182,8 +182,10 @@ class FaissRetriever(Retriever):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = faiss.downcast_index(self.index)
         if (not self.config.batched_search or not isinstance(index, faiss.IndexIVF)
-                or len(queries) < BATCHED_SEARCH_MIN_QUERIES):
-            return self.search(queries, k)  # not asked, not an inverted file itself (e.g. behind OPQ), or few
+                or len(queries) < BATCHED_SEARCH_MIN_QUERIES or len(queries) * index.nprobe <= index.nlist):
+            # not asked, not an inverted file itself (e.g. behind OPQ), or too few queries (faiss's bucket
+            # sort of the routed queries needs more of them than lists)
+            return self.search(queries, k)
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it reports every list at verbose=0
             return big_batch_search(index, queries, k, verbose=0)
 

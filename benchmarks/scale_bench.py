@@ -153,16 +153,14 @@ def run_indexes(args) -> int:
     sizes = ["--keys", str(args.keys), "--dim", str(args.dim), "--queries", str(args.queries), "--k", str(args.k),
              "--exact", str(exact_file)]
     run_child([sys.executable, __file__, "_exact", *sizes], "the exact search")
-    rows = []
-    for factory in args.factories.format(lists=inverted_lists(args.keys)).split(";"):
-        rows.append(run_child([sys.executable, __file__, "_index", *sizes, "--factory", factory], factory))
     print(f"{args.keys:,} synthetic keys of dimension {args.dim}, k = {args.k}, {args.queries} queries")
     print("| factory | build s | index MB | queries/s | batched queries/s | recall@k | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for factory in args.factories.format(lists=inverted_lists(args.keys)).split(";"):
+        row = run_child([sys.executable, __file__, "_index", *sizes, "--factory", factory], factory)
         batched = f"{row['qps_batched']:.1f}" if row.get("qps_batched") else "–"
         print(f"| {row['factory']} | {row['build_seconds']:.1f} | {row['index_mb']:.0f} | {row['qps']:.1f} | "
-              f"{batched} | {row['recall']:.3f} | {row['peak_rss_mb']:.0f} |")
+              f"{batched} | {row['recall']:.3f} | {row['peak_rss_mb']:.0f} |", flush=True)  # each row as it comes
     shutil.rmtree(exact_file.parent, ignore_errors=True)
     return 0
 

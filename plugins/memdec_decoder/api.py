@@ -68,7 +68,8 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     with shared_entry_lock(output):  # two runs onto one --output: the second waits, then finds it done
         memory = train_memory(pipeline.recipe_start(init_name, config), ctx.corpus, targets, output,
                               context=ctx.context, stride=ctx.stride, settings=config.train_settings(),
-                              teacher=teacher_name, eval_batch_size=ctx.settings.batch_size)
+                              teacher=teacher_name, eval_batch_size=ctx.settings.batch_size,
+                              teacher_targets=pipeline.teacher_targets_for(ctx) if config.distill else None)
     return str(memory.folder)
 
 
@@ -109,7 +110,8 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     output = Path(output).expanduser()
     with shared_entry_lock(output):
         result = train_memory(start, ctx.corpus, targets, output, context=ctx.context, stride=ctx.stride,
-                              settings=train_settings, teacher=teacher, eval_batch_size=ctx.settings.batch_size)
+                              settings=train_settings, teacher=teacher, eval_batch_size=ctx.settings.batch_size,
+                              teacher_targets=pipeline.teacher_targets_for(ctx) if train_settings.distill else None)
     return str(result.folder)
 
 

@@ -95,6 +95,9 @@ def targets_info(folder):
                    "above 32k tokens.")
 @click.option("--beta", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token.")
+@click.option("--distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of the KL term given to the teacher's own next-token distribution (its top 64 tokens, "
+                   "computed once and cached) instead of the kNN targets; 0: the paper's objective.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="[default: the recipe's]")
 @click.option("--min-steps", type=click.IntRange(min=0), default=None,
               help="Train at least N optimizer steps: more epochs over a small train split (0: the epochs "
@@ -118,7 +121,7 @@ def targets_info(folder):
               help="Write the memory to this new folder instead of the cache. Rerunning the same command "
                    "after an interruption resumes from the last checkpoint.")
 @window_options
-def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, epochs, min_steps, lr,
+def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, distill, epochs, min_steps, lr,
           train_batch, accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context, stride,
           batch_size, max_train_tokens, max_eval_tokens):
     """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
@@ -137,7 +140,7 @@ def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, 
     given = {key: value for key, value in dict(init_layers=init_layers, epochs=epochs, min_steps=min_steps, lr=lr,
                                                batch_size=train_batch).items() if value is not None}
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
-                            recipe=recipe, vocabulary=vocabulary, beta=beta, accumulate=accumulate,
+                            recipe=recipe, vocabulary=vocabulary, beta=beta, distill=distill, accumulate=accumulate,
                             max_steps=max_steps, k=k, retriever=retriever,
                             component_settings=parse_assignments(assignments), **given,
                             **(_temperature_settings(temperature) if temperature is not None else {}), seed=seed,

@@ -1,5 +1,8 @@
 """The Memory Decoder objective: β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold), the KL computed sparsely.
 
+Optionally part of the KL's weight goes to the teacher's own distribution (``distill``, see
+``teacher_targets``).
+
 kNN targets put mass on a handful of tokens, so the KL is summed over each row's support only:
 Σ_{v∈support} p_kNN(v)·(log p_kNN(v) − log p_mem(v)). Nothing the size of the vocabulary is built
 from the targets (the public code densifies every row to a full fp32 vocabulary vector).
@@ -27,10 +30,22 @@ def sparse_kl(logprobs: torch.Tensor, target_ids: torch.Tensor, target_probs: to
 
 
 def memory_decoder_loss(logits: torch.Tensor, gold: torch.Tensor, target_ids: torch.Tensor,
-                        target_probs: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    """Mean over rows of β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold); ``logits`` is ``[N, vocab]``."""
+                        target_probs: torch.Tensor, beta: float = 0.5, teacher: tuple | None = None,
+                        distill: float = 0.0) -> torch.Tensor:
+    """Mean over rows of β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold); ``logits`` is ``[N, vocab]``.
+
+    With ``teacher`` (sparse ids and probabilities of the teacher's own distribution, padded like
+    the kNN targets) and ``distill`` = d, the KL term is β·[(1−d)·KL(p_kNN ‖ p_mem) + d·KL(p_teacher ‖ p_mem)].
+    """
     if not 0.0 <= beta <= 1.0:
         raise ConfigError(f"β (beta) must be in [0, 1], got {beta}")
+    if not 0.0 <= distill <= 1.0:
+        raise ConfigError(f"distill must be in [0, 1], got {distill}")
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     cross_entropy = -logprobs.gather(1, gold[:, None])[:, 0]
-    return (beta * sparse_kl(logprobs, target_ids, target_probs) + (1 - beta) * cross_entropy).mean()
+    kl = sparse_kl(logprobs, target_ids, target_probs)
+    if distill:
+        if teacher is None:
+            raise ConfigError("distill > 0 needs the teacher's distributions")
+        kl = (1 - distill) * kl + distill * sparse_kl(logprobs, *teacher)
+    return (beta * kl + (1 - beta) * cross_entropy).mean()

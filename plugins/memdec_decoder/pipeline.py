@@ -46,7 +46,8 @@ def memory_for(ctx: EvalContext, config: DecoderSettings) -> MemoryDecoder:
         log(f"training a memory from {init_name} in {folder}")
         memory = train_memory(recipe_start(init_name, config), teacher_ctx.corpus, targets, folder,
                               context=teacher_ctx.context, stride=teacher_ctx.stride, settings=config.train_settings(),
-                              teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size)
+                              teacher=teacher_ctx.base.model_id, eval_batch_size=ctx.settings.batch_size,
+                              teacher_targets=teacher_targets_for(teacher_ctx) if config.distill else None)
     _OPENED[folder] = memory
     return memory
 
@@ -77,6 +78,25 @@ def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
             return TargetSet(folder)
         log(f"computing kNN targets in {folder}")
         return build_targets(store, folder, settings)
+
+
+def teacher_targets_for(teacher_ctx: EvalContext):
+    """The teacher's own next-token distributions over the train split (``memdec.distill``), cached."""
+    from memdec_decoder.teacher_targets import DEFAULT_TOP, SHARD_SIZE, TeacherTargets, build_teacher_targets
+
+    teacher, corpus = teacher_ctx.base, teacher_ctx.corpus
+    folder = cached_artifact("teacher-targets", content_key("teacher-targets", teacher.fingerprint,
+                                                             corpus.data_hash("train"), teacher_ctx.context,
+                                                             teacher_ctx.stride, DEFAULT_TOP, SHARD_SIZE,
+                                                             _decoder_identity()))
+    with shared_entry_lock(folder):
+        if folder.exists():
+            log(f"reusing the teacher's distributions {folder}")
+            return TeacherTargets(folder)
+        log(f"computing the teacher's distributions in {folder}")
+        return build_teacher_targets(teacher, corpus.streams["train"], folder, context=teacher_ctx.context,
+                                     stride=teacher_ctx.stride, batch_size=teacher_ctx.settings.batch_size,
+                                     data_hash=corpus.data_hash("train"), domain=corpus.corpus.name)
 
 
 def teacher_datastore(teacher_ctx: EvalContext, config: DecoderSettings):

@@ -40,6 +40,9 @@ class DecoderSettings:
                                              "paper's, or tuned)")
     tune_temperature: bool = setting(False, "instead of temperature: the T the teacher's kNN-LM picks on validation")
     beta: float = setting(0.5, "weight of KL(p_kNN ‖ p_mem); 1 − β weighs the cross-entropy on the gold token")
+    distill: float = setting(0.0, "share of the KL term given to the teacher's own next-token distribution (its "
+                                  "top 64 tokens) instead of the kNN targets: β·[(1−d)·KL(p_kNN ‖ p_mem) + "
+                                  "d·KL(p_teacher ‖ p_mem)]; 0: the paper's objective")
     epochs: int | str = setting(AUTO, "passes over the train split, unless a budget decides; auto: the recipe's")
     min_steps: int | str = setting(AUTO, "at least this many optimizer steps: more epochs over a small train split "
                                          "(0: the epochs decide); auto: the recipe's, or 0 when epochs is given")

@@ -86,8 +86,8 @@ def build_targets(store: Datastore, folder: Path, settings: TargetSettings = Tar
     with progress_bar("kNN targets", len(store), "positions") as advance:
         for shard in range(n_shards):
             start, end = shard * settings.shard_size, min((shard + 1) * settings.shard_size, len(store))
-            if ranks.owns(shard) and not (work / _shard_name(shard)).exists():
-                _write_shard(store, work / _shard_name(shard), start, end, settings)
+            if ranks.owns(shard) and not (work / shard_name(shard)).exists():
+                _write_shard(store, work / shard_name(shard), start, end, settings)
             advance(end - start)
     barrier()  # every rank's shards are written
     if ranks.main:
@@ -116,7 +116,7 @@ def _finish(store: Datastore, work: Path, folder: Path, settings: TargetSettings
     work.replace(folder)
 
 
-def _shard_name(shard: int) -> str:
+def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
@@ -137,18 +137,25 @@ def _write_shard(store: Datastore, target: Path, start: int, end: int, settings:
         counts.append(keep.sum(dim=1).numpy())
         token_ids.append(row_ids[keep].numpy().astype(np.int32))
         probs.append(row_probs[keep].numpy())
+    write_sparse_shard(target, np.concatenate(counts), np.concatenate(token_ids), np.concatenate(probs))
+
+
+def write_sparse_shard(target: Path, counts: np.ndarray, token_ids: np.ndarray, probs: np.ndarray) -> None:
+    """One shard of sparse rows, written atomically: row i holds ``counts[i]`` consecutive entries."""
     with atomic_directory(target) as temporary:
-        np.save(temporary / "offsets.npy", np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64))
-        np.save(temporary / "token_ids.npy", np.concatenate(token_ids))
-        np.save(temporary / "probs.npy", np.concatenate(probs))
+        np.save(temporary / "offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        np.save(temporary / "token_ids.npy", token_ids.astype(np.int32))
+        np.save(temporary / "probs.npy", probs.astype(np.float16))
 
 
 class TargetSet:
     """Opened kNN targets: ``row(p)`` gives the token ids and probabilities for position p."""
 
+    artifact_type, manifest_schema = ARTIFACT_TYPE, MANIFEST_SCHEMA
+
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder, ARTIFACT_TYPE, MANIFEST_SCHEMA)
+        self.manifest = read_manifest(self.folder, self.artifact_type, self.manifest_schema)
         self.shard_size = self.manifest["shard_size"]
         self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -198,7 +205,7 @@ class TargetSet:
 
     def _shard(self, shard: int):
         if shard not in self._shards:
-            path = self.folder / _shard_name(shard)
+            path = self.folder / shard_name(shard)
             try:
                 arrays = tuple(np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                                for name in ("offsets", "token_ids", "probs"))
@@ -226,7 +233,7 @@ class TargetSet:
         for shard in range(self.manifest["shards"]):
             token_ids = self._shard(shard)[1]
             if len(token_ids) and int(token_ids.max()) >= vocab_size:
-                raise ArtifactError(f"targets shard {self.folder / _shard_name(shard)} holds token id "
+                raise ArtifactError(f"targets shard {self.folder / shard_name(shard)} holds token id "
                                     f"{int(token_ids.max())}, outside the vocabulary of {vocab_size}; "
                                     f"delete {self.folder} to rebuild it")
 

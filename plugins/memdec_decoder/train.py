@@ -52,6 +52,7 @@ class TrainSettings:
     """How a memory is trained; a resumed run must use the same settings."""
 
     beta: float = 0.5  # weight of the KL term; 1 − β weighs the cross-entropy on the gold token
+    distill: float = 0.0  # share of the KL term given to the teacher's own distribution (teacher_targets)
     epochs: int = 3
     min_steps: int = 0  # at least this many optimizer steps (more epochs over a small train split)
     lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
@@ -72,6 +73,8 @@ class TrainSettings:
     def __post_init__(self):
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill must be in [0, 1], got {self.distill}")
         if self.init_layers < 0:
             raise ConfigError(f"init_layers must be 0 (all blocks) or positive, got {self.init_layers}")
         if self.cut_norm not in CUT_NORM_CHOICES:
@@ -110,20 +113,30 @@ def init_model_start(init: LoadedModel, settings: TrainSettings) -> MemoryStart:
 
 def train_memory(init: str | MemoryStart, corpus: TokenizedCorpus, targets: TargetSet, output: Path, *,
                  context: int, stride: int, settings: TrainSettings = TrainSettings(), teacher: str = "",
-                 eval_batch_size: int = 8) -> MemoryDecoder:
-    """Train a memory starting from ``init`` (a model name, or a start) on ``targets``; write it to ``output``."""
+                 eval_batch_size: int = 8, teacher_targets: TargetSet | None = None) -> MemoryDecoder:
+    """Train a memory starting from ``init`` (a model name, or a start) on ``targets``; write it to ``output``.
+
+    ``teacher_targets``: the teacher's own distributions (``teacher_targets``), needed when
+    ``settings.distill`` > 0."""
     output = Path(output).expanduser()
     stream = corpus.streams["train"]
     check_targets_match(targets, corpus)
+    if settings.distill:
+        if teacher_targets is None:
+            raise ConfigError(f"distill={settings.distill} needs the teacher's distributions (teacher targets)")
+        check_targets_match(teacher_targets, corpus)
     start = init if isinstance(init, MemoryStart) else init_model_start(load_model(init), settings)
     family = start.family
     if family.tokenizer_fingerprint != targets.manifest["tokenizer_fingerprint"]:
         raise ModelError(f"{start.name} has another tokenizer than the teacher whose targets these are; "
                          f"a memory must share its family's tokenizer")
     full_vocab_size = family.vocab_size  # read now: building the memory may cut the init's layers in place
-    targets.check_token_range(full_vocab_size)
+    for signal in (targets, teacher_targets if settings.distill else None):
+        if signal is not None:
+            signal.check_token_range(full_vocab_size)
     vocabulary = choose_vocabulary(settings.vocabulary, stream, full_vocab_size)
-    identity = training_identity(start.fingerprint, targets, settings, vocabulary, full_vocab_size, context, stride)
+    identity = training_identity(start.fingerprint, targets, settings, vocabulary, full_vocab_size, context, stride,
+                                 teacher_targets if settings.distill else None)
     if output.exists():
         return _already_trained(output, identity)
     work = output.parent / f".{output.name}.partial"
@@ -138,23 +151,33 @@ def train_memory(init: str | MemoryStart, corpus: TokenizedCorpus, targets: Targ
         return valid_ppl, {"valid_tokens_outside_vocabulary": outside}
 
     trainer = Trainer(model, stream, context, settings.loop(), work, validate=validate,
-                      loss=decoder_loss(targets, vocabulary, settings.beta), description="training memory")
+                      loss=decoder_loss(targets, vocabulary, settings.beta, teacher_targets, settings.distill),
+                      description="training memory")
     if checkpoint:
         trainer.restore(checkpoint)
     trainer.run()
     return _finish(work, output, start, full_vocab_size, vocabulary, targets, trainer, settings, teacher=teacher,
-                   context=context, identity=identity, domain=corpus.corpus.name)
+                   context=context, identity=identity, domain=corpus.corpus.name,
+                   teacher_targets=teacher_targets if settings.distill else None)
 
 
 def training_identity(start_fingerprint: str, targets: TargetSet, settings: TrainSettings, vocabulary,
-                      full_vocab_size: int, context: int, stride: int) -> dict:
-    """Every input that shapes the trained weights: a resumed run must match all of them."""
+                      full_vocab_size: int, context: int, stride: int,
+                      teacher_targets: TargetSet | None = None) -> dict:
+    """Every input that shapes the trained weights: a resumed run must match all of them.
+
+    (``distill`` = 0 is left out, so memories trained before it existed keep their identity.)"""
     manifest = targets.manifest
-    return {"init": start_fingerprint, "teacher": manifest.get("model_fingerprint"), "targets": manifest["data_hash"],
-            "targets_folder": targets.folder.name, "k": manifest["k"], "temperature": manifest["temperature"],
-            "retriever": manifest.get("retriever"), "context": context, "stride": stride,
-            "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
-            **{key: value for key, value in dataclasses.asdict(settings).items() if key != "save_every"}}
+    identity = {"init": start_fingerprint, "teacher": manifest.get("model_fingerprint"),
+                "targets": manifest["data_hash"], "targets_folder": targets.folder.name, "k": manifest["k"],
+                "temperature": manifest["temperature"], "retriever": manifest.get("retriever"), "context": context,
+                "stride": stride, "vocabulary": vocabulary.size if vocabulary else full_vocab_size,
+                **{key: value for key, value in dataclasses.asdict(settings).items()
+                   if key != "save_every" and not (key == "distill" and not value)}}
+    if teacher_targets is not None:
+        identity["teacher_targets"] = {"folder": teacher_targets.folder.name, "top": teacher_targets.manifest["top"],
+                                       "model": teacher_targets.manifest["model_fingerprint"]}
+    return identity
 
 
 def _already_trained(output: Path, identity: dict) -> MemoryDecoder:
@@ -256,20 +279,38 @@ def _load_checkpoint_model(checkpoint: Path):
                             f"delete {checkpoint.parent} to start over") from error
 
 
-def decoder_loss(targets: TargetSet, vocabulary: Vocabulary | None, beta: float):
-    """β·KL(p_kNN ‖ p_mem) + (1−β)·CE at every position of a batch, in the memory's numbering."""
+def decoder_loss(targets: TargetSet, vocabulary: Vocabulary | None, beta: float,
+                 teacher_targets: TargetSet | None = None, distill: float = 0.0):
+    """β·KL(p_kNN ‖ p_mem) + (1−β)·CE at every position of a batch, in the memory's numbering
+    (part of the KL on the teacher's own distribution when ``distill`` > 0)."""
     def loss(model, batch: TrainBatch) -> torch.Tensor:
         input_ids = vocabulary.inputs(batch.input_ids) if vocabulary else batch.input_ids
         logits = model(input_ids=input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        target_ids, target_probs = (tensor.to(logits.device) for tensor in targets.padded(batch.positions.numpy()))
+        positions = batch.positions.numpy()
+        target_ids, target_probs = sparse_rows(targets, positions, vocabulary, logits.device)
+        teacher = sparse_rows(teacher_targets, positions, vocabulary, logits.device) if distill else None
         gold = batch.gold
         if vocabulary:
             vocabulary.mask_other(logits)
             gold = vocabulary.inputs(gold)
-            target_ids = torch.where(target_ids >= 0, vocabulary.inputs(target_ids.clamp(min=0)), -1)
-        return memory_decoder_loss(logits[batch.rows, batch.columns], gold, target_ids, target_probs, beta)
+        return memory_decoder_loss(logits[batch.rows, batch.columns], gold, target_ids, target_probs, beta,
+                                   teacher=teacher, distill=distill)
 
     return loss
+
+
+def sparse_rows(targets: TargetSet, positions: np.ndarray, vocabulary: Vocabulary | None, device):
+    """Padded sparse rows in the memory's numbering. Under a restricted vocabulary the entries of
+    tokens it cannot name (only the teacher's own distribution has any: kNN targets name datastore
+    values) are dropped, and the rows that lost some are renormalised over the rest."""
+    token_ids, probs = (tensor.to(device) for tensor in targets.padded(positions))
+    if vocabulary is None:
+        return token_ids, probs
+    named = (token_ids >= 0) & vocabulary.contains(token_ids)
+    dropped = ((token_ids >= 0) & ~named).any(dim=1, keepdim=True)
+    kept = torch.where(named, probs, 0.0)
+    probs = torch.where(dropped, kept / kept.sum(dim=1, keepdim=True).clamp(min=1e-30), kept)
+    return torch.where(named, vocabulary.inputs(token_ids.clamp(min=0)), -1), probs
 
 
 def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, windows,
@@ -292,13 +333,13 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
 
 def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
             targets: TargetSet, trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int,
-            identity: dict, domain: str) -> MemoryDecoder:
+            identity: dict, domain: str, teacher_targets: TargetSet | None = None) -> MemoryDecoder:
     best = previous_version(work / "best")
     if best is None:
         raise ArtifactError(f"training in {work} ended without a validated checkpoint")
     if sharding().main:  # under several processes, rank 0 writes the folder the others then open
         _write_memory(best, output, start, full_vocab_size, vocabulary, targets, trainer, settings, teacher=teacher,
-                      context=context, identity=identity, domain=domain)
+                      context=context, identity=identity, domain=domain, teacher_targets=teacher_targets)
         shutil.rmtree(work, ignore_errors=True)
     barrier()
     return open_memory(output)
@@ -306,7 +347,7 @@ def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, 
 
 def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
                   targets: TargetSet, trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int,
-                  identity: dict, domain: str) -> None:
+                  identity: dict, domain: str, teacher_targets: TargetSet | None = None) -> None:
     state = trainer.state
     parameters = sum(parameter.numel() for parameter in trainer.model.parameters())
     with atomic_directory(output) as temporary:
@@ -326,7 +367,8 @@ def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size:
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
                        train_tokens=state["train_tokens"], train_steps=state["global_step"],
                        flops_per_token=state["flops_per_token"],
-                       identity=content_key(identity), **start.facts)
+                       identity=content_key(identity), **start.facts,
+                       **({"teacher_targets": artifact_reference(teacher_targets.folder)} if teacher_targets else {}))
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(
             start.name, vocabulary, targets, settings, state, parameters), tags=("memory-decoder", "knn-lm"),
             base=start.family.model_id, domain=domain)
@@ -335,7 +377,8 @@ def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size:
 def _readme_lines(init_name: str, vocabulary, targets, settings, state, parameters) -> list[str]:
     lines = [
         f"- A causal LM of {parameters:,} parameters initialised from `{init_name}`, trained to imitate "
-        f"a kNN-LM: β·KL(p_kNN ‖ p_mem) + (1−β)·CE with β = {settings.beta}.",
+        f"a kNN-LM: β·KL(p_kNN ‖ p_mem) + (1−β)·CE with β = {settings.beta}"
+        + (f", a share {settings.distill} of the KL on the teacher's own distribution." if settings.distill else "."),
         f"- kNN targets: k = {targets.manifest['k']}, T = {targets.manifest['temperature']}, "
         f"train data hash `{targets.manifest['data_hash']}`.",
         f"- Best epoch {state['best_epoch']} of {len(state['history'])} ({state['global_step']} optimizer steps): "

@@ -145,18 +145,24 @@ class Rag(Method):
         return torch.from_numpy(text[prompt_ids.shape[1]:])[None]
 
     def score(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray", description: str) -> "NLLTotal":
-        """NLL of every position of ``stream`` with retrieval (windows are the method's own)."""
-        from memdec_core.evaluate import NLLTotal
+        """NLL of every position of ``stream`` with retrieval (windows are the method's own).
+
+        Under several processes each rank scores every N-th batch of runs and the sums are reduced
+        (every rank retrieves for every run: a query is cheap beside a forward pass)."""
+        from memdec_core.distributed import sharding
+        from memdec_core.evaluate import NLLTotal, reduce_totals
         from memdec_core.progress import progress_bar
 
-        runs = self.runs(ctx, index, stream)
+        runs, shard = self.runs(ctx, index, stream), sharding()
+        batches = [runs[first:first + self.config.batch_size]
+                   for number, first in enumerate(range(0, len(runs), self.config.batch_size)) if shard.owns(number)]
         total = NLLTotal()
-        with progress_bar(description, len(stream) - 1, "tokens") as advance:
-            for first in range(0, len(runs), self.config.batch_size):
-                batch = runs[first:first + self.config.batch_size]
+        with progress_bar(description, sum(run.end - run.start for batch in batches for run in batch),
+                          "tokens") as advance:
+            for batch in batches:
                 total.add(self._score_runs(ctx, index, stream, batch))
                 advance(sum(run.end - run.start for run in batch))
-        return total
+        return reduce_totals([total])[0]
 
     def runs(self, ctx: EvalContext, index: "PassageIndex", stream: "np.ndarray") -> list[Run]:
         """One retrieval per ``retrieval_stride`` positions; consecutive equal passages merged."""

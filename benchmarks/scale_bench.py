@@ -66,7 +66,7 @@ def main() -> int:
     overhead.add_argument("--window", type=int, default=512)
     overhead.add_argument("--memory-vocabulary", type=int, default=16_384,
                           help="tokens of the memory's restricted output layer")
-    overhead.add_argument("--repeats", type=int, default=5)
+    overhead.add_argument("--repeats", type=int, default=5, help="at least this many timed pairs per ratio")
     one = sections.add_parser("_index")  # one factory, in its own process
     exact = sections.add_parser("_exact")  # the true neighbours, in its own process
     for child in (one, exact):
@@ -258,21 +258,15 @@ def qwen_0_5b_config(vocab_size: int = 151_936):
                                 max_position_embeddings=32768, tie_word_embeddings=True)
 
 
-def median_seconds(work, repeats: int) -> float:
-    work()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
-
-
 def run_overhead(args) -> int:
-    """Per-token cost of kNN-LM's search and of a 2-block memory beside a Qwen2.5-0.5B-sized base."""
+    """Per-token cost of kNN-LM's search and of a 2-block memory beside a Qwen2.5-0.5B-sized base.
+
+    Each ratio is the base's call against the base's call plus the method's work, timed
+    alternately pair after pair (``memdec_core.latency``), so load on the machine hits both sides."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    from memdec_core.latency import Timing, ratio_statistics, time_pairs
     from memdec_knn.api import sparse_distribution
     from memdec_knn.index import FaissRetriever
 
@@ -282,32 +276,39 @@ def run_overhead(args) -> int:
     memory_config.num_hidden_layers = 2
     memory = AutoModelForCausalLM.from_config(memory_config).eval()
     window = torch.randint(0, args.memory_vocabulary, (1, args.window))
+    scored = args.window // 2  # tokens a window scores (stride = window / 2)
+    timing = Timing(min_pairs=args.repeats, min_seconds=3.0, max_seconds=120.0)
 
+    @torch.inference_mode()
     def forward(model):
-        with torch.inference_mode():
-            model(input_ids=window, logits_to_keep=args.window // 2)
+        model(input_ids=window, logits_to_keep=scored)
 
     def step(model):  # one generated token after a prompt of a whole window, KV cache held
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
             model(input_ids=window, past_key_values=cache, logits_to_keep=1)
 
-            def one():
-                with torch.inference_mode():
-                    model(input_ids=window[:, -1:], past_key_values=cache, logits_to_keep=1)
-                cache.crop(-1)  # back to the prompt: every repeat generates the same token
-            return one
+        @torch.inference_mode()
+        def one():
+            model(input_ids=window[:, -1:], past_key_values=cache, logits_to_keep=1)
+            cache.crop(-1)  # back to the prompt: every repeat generates the same token
+        return one
 
-    scored = args.window // 2  # tokens a window scores (stride = window / 2)
-    base_forward = median_seconds(lambda: forward(base), args.repeats) / scored
-    memory_forward = median_seconds(lambda: forward(memory), args.repeats) / scored
-    base_step = median_seconds(step(base), args.repeats)
-    memory_step = median_seconds(step(memory), args.repeats)
-    print(f"base (Qwen2.5-0.5B architecture): {1000 * base_forward:.2f} ms per scored token, "
-          f"{1000 * base_step:.1f} ms per generated token; 2-block memory over {args.memory_vocabulary:,} tokens")
+    def ratio(base_call, extra_call) -> str:
+        def both():
+            base_call()
+            extra_call()
+        median, spread = ratio_statistics(*time_pairs(base_call, both, timing))
+        return f"{median:.3f} ±{spread:.0%}"
+
+    base_step, memory_step = step(base), step(memory)
+    memory_scoring = ratio(lambda: forward(base), lambda: forward(memory))
+    memory_generation = ratio(base_step, memory_step)
+    print(f"2-block memory over {args.memory_vocabulary:,} tokens beside a base of Qwen2.5-0.5B's architecture; "
+          f"k = {args.k}; each cell: median ratio over the base alone ± half its interquartile range", flush=True)
     print("| keys | index | kNN-LM scoring ×base | memory scoring ×base | kNN-LM generation ×base | "
           "memory generation ×base |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|", flush=True)
     for n_keys in (int(size) for size in args.keys.split(",")):
         keys = synthetic_keys(n_keys, 896)
         retriever = FaissRetriever()  # auto: Flat up to 100k keys, then IVF
@@ -321,11 +322,10 @@ def run_overhead(args) -> int:
             sparse_distribution(torch.from_numpy(distances), torch.from_numpy(ids),
                                 values[np.clip(ids, 0, None)], 16.0)
 
-        knn_scoring = median_seconds(lambda queries=queries: knn(queries), args.repeats) / scored
-        knn_step = median_seconds(lambda queries=queries: knn(queries[:1]), args.repeats)
-        print(f"| {n_keys:,} | {retriever.factory} | {1 + knn_scoring / base_forward:.3f} | "
-              f"{1 + memory_forward / base_forward:.3f} | {1 + knn_step / base_step:.3f} | "
-              f"{1 + memory_step / base_step:.3f} |")
+        knn_scoring = ratio(lambda: forward(base), lambda queries=queries: knn(queries))
+        knn_generation = ratio(base_step, lambda queries=queries: knn(queries[:1]))
+        print(f"| {n_keys:,} | {retriever.factory} | {knn_scoring} | {memory_scoring} | {knn_generation} | "
+              f"{memory_generation} |", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 

@@ -98,3 +98,10 @@ def test_a_distilled_restricted_memory_trains_records_its_teacher_rows_and_diffe
                if not torch.equal(a, b)]
     assert changed  # the second signal changed the weights
     assert np.isfinite(distilled.manifest["best_valid_ppl"])
+
+
+def test_cli_refuses_a_share_outside_zero_to_one(corpus_dir):
+    from conftest import invoke
+
+    result = invoke("train", "--domain", corpus_dir, "--distill", "1.5")
+    assert result.exit_code == 2 and "--distill" in result.output and "0<=x<=1" in result.output

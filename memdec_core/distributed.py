@@ -31,6 +31,8 @@ from memdec_core.errors import ConfigError
 
 #: The number of processes a run must have; a launcher that started another number is an error.
 WORLD_SIZE_VARIABLE = "MEMDEC_WORLD_SIZE"
+#: Set (memdec --fsdp) to shard full-parameter training's weights over the ranks with FSDP2.
+FSDP_VARIABLE = "MEMDEC_FSDP"
 
 
 @dataclass(frozen=True)
@@ -188,3 +190,16 @@ def sum_across(values: Sequence[float]) -> list[float]:
 
 __all__ = ["World", "world", "join", "launched_size", "alone", "sharding", "barrier", "from_main", "sum_gradients",
            "sum_across", "WORLD_SIZE_VARIABLE"]
+
+
+def fsdp_requested() -> bool:
+    """Whether the run asked for FSDP2 (``memdec --fsdp`` or ``$MEMDEC_FSDP``)."""
+    return os.environ.get(FSDP_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_fully_sharded(model) -> bool:
+    """Whether FSDP2 shards ``model``'s weights: then every rank must run every forward pass of
+    it together (each pass gathers the weights from all ranks)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from memdec_core.data import Window
-from memdec_core.distributed import World, sharding, sum_across
+from memdec_core.distributed import World, is_fully_sharded, sharding, sum_across
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.grids import extend, numeric_knobs
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
@@ -119,7 +119,8 @@ def iter_scored_batches(model, stream: np.ndarray, windows: list[Window], *, bat
     the numbers, are those of one process); the caller reduces what it sums (``reduce_totals``).
     """
     shard = sharding() if sharded else World()
-    starts = [first for number, first in enumerate(range(0, len(windows), batch_size)) if shard.owns(number)]
+    firsts = range(0, len(windows), batch_size)
+    starts = [first for number, first in enumerate(firsts) if shard.owns(number)]
     n_scored = sum(window.n_scored for first in starts for window in windows[first:first + batch_size])
     with progress_bar(description, n_scored, "tokens") as advance, torch.inference_mode():
         for first in starts:
@@ -127,6 +128,10 @@ def iter_scored_batches(model, stream: np.ndarray, windows: list[Window], *, bat
             batch = _score_windows(model, stream, batch_windows, capture_hidden, with_logits)
             advance(len(batch.targets))
             yield batch
+        if shard.size > 1 and is_fully_sharded(model):
+            # FSDP: a rank with one batch fewer still joins the last pass's weight gathers.
+            for _ in range(math.ceil(len(firsts) / shard.size) - len(starts)):
+                _score_windows(model, stream, windows[:batch_size], capture_hidden, with_logits)
 
 
 def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hidden: bool,

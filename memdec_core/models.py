@@ -313,8 +313,9 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def save_model(model, folder: Path) -> None:
-    """``model.save_pretrained(folder)`` on whichever process calls it, checked to have written something.
+def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(folder)`` on whichever process calls it, checked to have written something
+    (``state_dict``: the weights to write instead of the model's own, e.g. gathered from FSDP shards).
 
     Once a process group exists, transformers writes nothing from a rank other than 0 (it assumes
     every rank saves the same model). memdec builds a cache entry in the one rank that holds its
@@ -327,7 +328,7 @@ def save_model(model, folder: Path) -> None:
     for module in inner:
         module.should_save_on_this_rank = lambda is_main_process: is_main_process
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({"state_dict": state_dict} if state_dict is not None else {}))
     finally:
         for module in inner:
             del module.should_save_on_this_rank

@@ -14,7 +14,11 @@ state, progress; rewritten every ``save_every`` steps and at each epoch end) and
 Under several processes (``memdec_core.distributed``) each rank runs every N-th window of each
 micro-batch and the gradients are summed before every rank takes the same step; rank 0 writes
 the checkpoints. The step is the one process's, up to the order of float sums (dropout masks
-differ: each rank draws its own).
+differ: each rank draws its own). With ``memdec --fsdp`` a full-parameter model is sharded over
+the ranks by FSDP2 instead of copied to each: every decoder block is a unit whose weights are
+gathered for its own pass, and each rank keeps its shard of the weights, gradients and AdamW
+state. The batches, the loss and the step are those above; checkpoints hold the whole model and
+optimizer in one process's format, so a run resumes with or without FSDP, with any number of ranks.
 
 Randomness (dropout) draws from torch's generator seeded with the run's seed inside
 ``torch.random.fork_rng`` — the caller's global RNG is untouched — and a resumed run restores
@@ -35,7 +39,7 @@ import torch
 import torch.utils.checkpoint
 
 from memdec_core.artifacts import replacing_directory
-from memdec_core.distributed import barrier, sharding, sum_gradients
+from memdec_core.distributed import barrier, fsdp_requested, is_fully_sharded, sharding, sum_across, sum_gradients
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.models import autocast, compute_dtype, model_device, save_model
 from memdec_core.progress import log, progress_bar
@@ -122,12 +126,13 @@ def next_token_cross_entropy(model, batch: "TrainBatch", chunk: int = HEAD_CHUNK
     backward one (one LoRA step of a 2-block model of Qwen2.5's vocabulary on 8 windows of 512:
     peak RSS 11.4 GB with full logits, 3.7 GB chunked; benchmarks/train_memory_check.py). The value and
     the gradients are those of the full logits; models whose logits are scaled or capped after
-    the output layer take the full path.
+    the output layer take the full path, and so do models FSDP shards.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     config = causal_lm.config.get_text_config()
-    if decoder is causal_lm or head is None or any(getattr(config, name, None) for name in _SCALED_LOGITS):
+    if (decoder is causal_lm or head is None or any(getattr(config, name, None) for name in _SCALED_LOGITS)
+            or is_fully_sharded(model)):  # FSDP gathers the root's weights (head, embeddings) in its own pass only
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits[batch.rows, batch.columns].float(), batch.gold)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -158,6 +163,13 @@ class Trainer:
         self.dtype = compute_dtype()
         if self.dtype == "fp16":
             raise ConfigError("training in fp16 needs loss scaling, which memdec does not do; use --dtype bf16")
+        self.fsdp = sharding().size > 1 and fsdp_requested()
+        if self.fsdp and not all(parameter.requires_grad for parameter in model.parameters()):
+            log(f"{description}: FSDP shards full-parameter training only; these adapters train data-parallel")
+            self.fsdp = False
+        if self.fsdp:
+            units = shard_weights(model)  # before the optimizer, which then holds each rank's shards
+            log(f"{description}: weights sharded over {sharding().size} ranks by FSDP2 ({units} units)")
         self.stream = torch.from_numpy(stream.astype(np.int64))
         self.chunk_starts = np.arange(0, len(stream) - 1, context)
         self.chunks_per_step = settings.batch_size * settings.accumulate
@@ -196,7 +208,7 @@ class Trainer:
     def restore(self, checkpoint: Path) -> None:
         try:
             saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self._load_optimizer_state(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = json.loads((checkpoint / "trainer_state.json").read_text())
             self.rng_states = load_rng_states(checkpoint / RNG_FILE)
@@ -216,6 +228,8 @@ class Trainer:
             return self._run()
 
     def _run(self) -> dict:
+        # How the last stretch ran (a resumed run may have another number of ranks).
+        self.state["parallel"] = {"ranks": sharding().size, "fsdp": self.fsdp}
         started = time.perf_counter() - self.state["train_seconds"]
         with progress_bar(self.description, self.total_steps, "steps") as advance:
             advance(self.state["global_step"])
@@ -246,17 +260,25 @@ class Trainer:
         total_loss = 0.0
         device = model_device(self.model)
         ranks = sharding()
+        # FSDP averages the gradients over the ranks; the shares below sum to 1 over all of them.
+        scale = ranks.size if self.fsdp else 1
         for first in range(0, len(starts), self.settings.batch_size):
-            mine = starts[first:first + self.settings.batch_size][ranks.rank::ranks.size]
+            micro_batch = starts[first:first + self.settings.batch_size]
+            mine, counts = micro_batch[ranks.rank::ranks.size], 1.0
             if not len(mine):
-                continue
+                if not self.fsdp:
+                    continue
+                mine, counts = micro_batch[:1], 0.0  # FSDP: every rank joins every pass; this one adds nothing
             batch = self._batch(mine).to(device)
-            share = len(batch.positions) / n_total  # token-weighted mean over the whole step (of all ranks)
+            share = counts * len(batch.positions) / n_total  # token-weighted mean over the whole step (of all ranks)
             with autocast(self.dtype):  # the passes in --dtype; the weights and the optimizer stay fp32
                 loss = self.loss(self.model, batch)
-            (loss * share).backward()
+            (loss * share * scale).backward()
             total_loss += float(loss.detach()) * share
-        total_loss = sum_gradients(list(self.model.parameters()), [total_loss])[0] if ranks.size > 1 else total_loss
+        if self.fsdp:
+            total_loss = sum_across([total_loss])[0]
+        elif ranks.size > 1:
+            total_loss = sum_gradients(list(self.model.parameters()), [total_loss])[0]
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -288,9 +310,10 @@ class Trainer:
         log(f"epoch {epoch}: valid ppl {valid_ppl:.3f}")
         if self.state["best_valid_ppl"] is None or valid_ppl < self.state["best_valid_ppl"]:
             self.state["best_valid_ppl"], self.state["best_epoch"] = valid_ppl, epoch
-            if sharding().main:  # every rank holds the same weights
+            weights = self._whole_weights()
+            if sharding().main:  # every rank holds the same weights (or their shards, gathered above)
                 with replacing_directory(self.work / "best") as temporary:
-                    save_model(self.model, temporary)
+                    save_model(self.model, temporary, state_dict=weights)
         elif self.settings.patience and epoch - self.state["best_epoch"] >= self.settings.patience:
             log(f"stopping early: no better validation perplexity for {self.settings.patience} epoch(s)")
             self.state["stopped_early"] = True
@@ -300,14 +323,76 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         """Rank 0 writes it (every rank holds the same weights and state); the others wait, so a
         rank killed after the barrier leaves a checkpoint every rank agrees with."""
+        weights, optimizer = self._whole_weights(), self._optimizer_state()  # FSDP: gathered by every rank
         if sharding().main:
             with replacing_directory(self.work / "checkpoint") as temporary:
-                save_model(self.model, temporary)
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                save_model(self.model, temporary, state_dict=weights)
+                torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict()},
                            temporary / "optimizer.pt")
                 save_rng_states(temporary / RNG_FILE)
                 (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
         barrier()
+
+
+    def _whole_weights(self) -> dict | None:
+        """Under FSDP the whole model's weights, gathered from the ranks' shards (every rank calls
+        it; rank 0 gets them); None otherwise (the model holds them)."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _trainable_names(self) -> list[str]:
+        """The optimizer's parameters in its order (FSDP keeps the names of the unsharded model)."""
+        return [name for name, parameter in self.model.named_parameters() if parameter.requires_grad]
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state as one process holds it (parameters numbered in order), so that a
+        checkpoint resumes with or without FSDP. Under FSDP every rank calls it; rank 0 gets it."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        whole = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not whole:
+            return {}  # a rank other than 0
+        number = {name: index for index, name in enumerate(self._trainable_names())}
+        return {"state": {number[name]: value for name, value in whole["state"].items()},
+                "param_groups": [{**group, "params": [number[name] for name in group["params"]]}
+                                 for group in whole["param_groups"]]}
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        if not self.fsdp:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = self._trainable_names()
+        whole = {"state": {names[int(number)]: value for number, value in saved["state"].items()},
+                 "param_groups": [{**group, "params": [names[int(number)] for number in group["params"]]}
+                                  for group in saved["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, whole, options=StateDictOptions(full_state_dict=True))
+
+
+def shard_weights(model) -> int:
+    """FSDP2 over the ranks: each decoder block its own unit, the rest (embeddings, final norm,
+    output layer) the root's; returns the number of units. Architectures whose blocks memdec does
+    not know are one unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    from memdec_core.errors import ModelError
+    from memdec_core.models import decoder_blocks
+
+    try:
+        blocks = list(decoder_blocks(model))
+    except ModelError:
+        blocks = []
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return len(blocks) + 1
 
 
 RNG_FILE = "rng.safetensors"

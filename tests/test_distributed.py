@@ -21,9 +21,10 @@ from memdec_core.models import load_model
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 
 
-def torchrun(processes: int, *args, cache, check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node N -m memdec_cli ARGS`` with its own cache."""
-    env = {**os.environ, "MEMDEC_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MEMDEC_NO_PROGRESS": "1"}
+def torchrun(processes: int, *args, cache, check: bool = True, logs: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m memdec_cli ARGS`` with its own cache (``logs``:
+    with memdec's status lines on stderr)."""
+    env = {**os.environ, "MEMDEC_CACHE": str(cache), "OMP_NUM_THREADS": "1", "MEMDEC_NO_PROGRESS": "0" if logs else "1"}
     command = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), "-m", "memdec_cli", *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -256,3 +257,44 @@ def test_a_model_saved_on_a_rank_other_than_0_is_written(tiny_gpt2, tmp_path, mo
     save_model(model, tmp_path / "ours")
     assert (tmp_path / "ours" / "config.json").is_file() and (tmp_path / "ours" / "model.safetensors").is_file()
     assert "should_save_on_this_rank" not in vars(model)  # the model is left as it was
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+@pytest.mark.parametrize("train_batch, accumulate", [(3, 1), (1, 2)])
+def test_fsdp_resumes_a_one_process_checkpoint_and_ends_where_one_process_does(corpus_dir, tiny_llama, tmp_path,
+                                                                              monkeypatch, train_batch, accumulate):
+    """A memory trained by 1 process, against one interrupted in its second epoch in 1 process and
+    finished by 2 ranks under FSDP2 (the checkpoint's optimizer state moved onto the shards, the
+    weights gathered for every checkpoint and the best epoch): the same weights, up to the order of
+    float sums. Micro-batches of 3 windows split 2 + 1; of 1 window, rank 1 joins every pass with
+    nothing to add. Validation has 5 batches of 5 windows, so rank 1 joins rank 0's last pass."""
+    from memdec_decoder import train as train_module
+    from memdec_decoder.memory import open_memory
+
+    arguments = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 2,
+                 "--train-batch", train_batch, "--accumulate", accumulate, "--k", 16, "--knn-temperature", 1,
+                 "--lr", "3e-3", "--context", SMALL_WINDOWS["context"], "--stride", SMALL_WINDOWS["stride"],
+                 "--batch-size", 5]
+    reference = invoke(*arguments, "--output", tmp_path / "reference")
+    assert reference.exit_code == 0, reference.stderr
+    real_step = train_module.Trainer._step
+
+    def interrupted_step(self, starts):  # one step into the second epoch: the checkpoint is the first's
+        if self.state["global_step"] == self.steps_per_epoch + 1:
+            raise KeyboardInterrupt
+        return real_step(self, starts)
+
+    monkeypatch.setattr(train_module.Trainer, "_step", interrupted_step)
+    interrupted = invoke(*arguments, "--output", tmp_path / "memory")
+    assert interrupted.exit_code != 0 and (tmp_path / ".memory.partial" / "checkpoint").is_dir()
+    cache = os.environ["MEMDEC_CACHE"]  # the kNN targets the interrupted run made
+    result = torchrun(2, "--world-size", 2, "--fsdp", *arguments, "--output", tmp_path / "memory", cache=cache,
+                      logs=True)
+    assert "resuming training memory at step" in result.stderr
+    assert "weights sharded over 2 ranks by FSDP2" in result.stderr
+    expected, got = open_memory(tmp_path / "reference"), open_memory(tmp_path / "memory")
+    assert expected.manifest["parallel"] == {"ranks": 1, "fsdp": False}
+    assert got.manifest["parallel"] == {"ranks": 2, "fsdp": True}
+    assert got.manifest["train_steps"] == expected.manifest["train_steps"]
+    for (name, want), (_, have) in zip(expected.model.named_parameters(), got.model.named_parameters()):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=name)

@@ -51,7 +51,11 @@ def build_cli() -> click.Group:
                                          "are fp32): auto is bf16 on GPUs that have it, fp32 on CPUs.")
     @click.option("--device", envvar="MEMDEC_DEVICE", show_envvar=True, metavar="DEVICE",
                   help="Where models run: cpu, cuda, cuda:1, mps [default: the GPU when there is one].")
-    def cli(world_size, dtype, device):
+    @click.option("--fsdp", is_flag=True, envvar="MEMDEC_FSDP", show_envvar=True,
+                  help="Under several processes, shard full-parameter training (Memory Decoder, DAPT) over the "
+                       "ranks with FSDP2 instead of a copy per rank: for models that do not fit one device. "
+                       "docs/scale.md")
+    def cli(world_size, dtype, device, fsdp):
         """memdec: adapt a language model to a domain, and compare the ways of doing it.
 
         \b
@@ -66,6 +70,8 @@ def build_cli() -> click.Group:
         """
         _join_launcher(world_size)
         _set_precision(dtype, device)
+        if fsdp:
+            os.environ["MEMDEC_FSDP"] = "1"  # read by the training loop (memdec_core.distributed.fsdp_requested)
 
     for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
                     compare_command.compare_command, generate_command.generate, cache_command.cache, export,

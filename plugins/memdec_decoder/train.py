@@ -366,7 +366,7 @@ def _write_memory(best: Path, output: Path, start: MemoryStart, full_vocab_size:
                        best_epoch=state["best_epoch"], best_valid_ppl=state["best_valid_ppl"],
                        history=state["history"], train_seconds=round(state["train_seconds"], 1),
                        train_tokens=state["train_tokens"], train_steps=state["global_step"],
-                       flops_per_token=state["flops_per_token"],
+                       flops_per_token=state["flops_per_token"], parallel=state.get("parallel"),
                        identity=content_key(identity), **start.facts,
                        **({"teacher_targets": artifact_reference(teacher_targets.folder)} if teacher_targets else {}))
         write_readme(temporary, f"Memory Decoder (teacher {teacher or 'unknown'})", _readme_lines(

@@ -149,7 +149,7 @@ def _write_adapted(ctx: EvalContext, model, loop: LoopSettings, adaptation: Adap
                        tokenizer_fingerprint=ctx.base.tokenizer_fingerprint, data_hash=ctx.corpus.data_hash("train"),
                        trainable_parameters=trainable, **{key: state[key] for key in (
                            "best_valid_ppl", "best_epoch", "history", "train_seconds", "train_tokens",
-                           "flops_per_token", "stopped_early")}, loop=loop, **adaptation.identity)
+                           "flops_per_token", "stopped_early", "parallel")}, loop=loop, **adaptation.identity)
         write_readme(temporary, f"{adaptation.kind.upper()} of {ctx.base.model_id}", [
             f"- Trained on the train split (data hash `{ctx.corpus.data_hash('train')}`) with cross-entropy, "
             f"lr {loop.lr:g}, {trainable:,} trainable parameters.",

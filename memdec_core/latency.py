@@ -67,16 +67,20 @@ def time_pairs(base_call: Callable[[], object], method_call: Callable[[], object
     ``warm_up=False`` for calls that have just run (a method's scorer right after it scored the
     test split): no warm-up call, one call per sample (for a slow method the warm-up call would be
     the costliest part of the timing)."""
+    from memdec_core.distributed import from_main
+
+    # Under several processes every rank times, and a scorer's passes are collective: rank 0
+    # decides how many calls every rank makes, so that the ranks stay in step.
     if warm_up:
-        base_repeats = _repeats(base_call, timing.sample_seconds, clock)  # also the warm-up calls
-        method_repeats = _repeats(method_call, timing.sample_seconds, clock)
+        base_repeats = from_main(_repeats(base_call, timing.sample_seconds, clock))  # also the warm-up calls
+        method_repeats = from_main(_repeats(method_call, timing.sample_seconds, clock))
     else:
         base_repeats = method_repeats = 1
     base_times, method_times = [], []
     while len(base_times) < timing.max_pairs:
         base_times.append(_sample(base_call, base_repeats, clock))
         method_times.append(_sample(method_call, method_repeats, clock))
-        if _timed_enough(base_times, method_times, base_repeats, method_repeats, timing):
+        if from_main(_timed_enough(base_times, method_times, base_repeats, method_repeats, timing)):
             break
     return base_times, method_times
 

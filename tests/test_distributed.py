@@ -28,7 +28,7 @@ def torchrun(processes: int, *args, cache, check: bool = True, logs: bool = Fals
     command = [TORCHRUN, "--standalone", "--nproc_per_node", str(processes), "-m", "memdec_cli", *map(str, args)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, result.stderr[-30000:]
     return result
 
 

@@ -321,3 +321,22 @@ def test_a_scorer_that_has_just_run_is_timed_without_a_warm_up_call():
     scoring_latency(counting("base", 0.1), counting("method", 0.3), None, None,
                     timing=Timing(min_pairs=3, min_seconds=0.2), clock=clock)
     assert calls == {"base": 3, "method": 3}
+
+
+def test_under_several_ranks_rank_0_decides_how_long_every_rank_times(monkeypatch):
+    """A scorer's passes are collective: a rank that stopped timing on its own clock would leave
+    the others waiting in a pass. Every decision comes from rank 0 (``from_main``)."""
+    from memdec_core import distributed
+
+    decisions = []
+
+    def rank_0_says(value):  # rank 0: 1 call a sample, 3 pairs
+        decisions.append(value)
+        return sum(isinstance(seen, bool) for seen in decisions) >= 3 if isinstance(value, bool) else 1
+
+    monkeypatch.setattr(distributed, "from_main", rank_0_says)
+    clock = FakeClock()
+    base, method = time_pairs(clock.taking(10.0), clock.taking(10.0), Timing(min_pairs=2, min_seconds=0.5,
+                                                                            max_seconds=1.0), clock)
+    assert decisions == [1, 1, False, True, True]  # this rank alone would have stopped after 2 pairs
+    assert len(base) == len(method) == 3  # rank 0 said 3

@@ -334,10 +334,11 @@ def memory_perplexity(model, vocabulary: Vocabulary | None, stream: np.ndarray, 
 def _finish(work: Path, output: Path, start: MemoryStart, full_vocab_size: int, vocabulary: Vocabulary | None,
             targets: TargetSet, trainer: Trainer, settings: TrainSettings, *, teacher: str, context: int,
             identity: dict, domain: str, teacher_targets: TargetSet | None = None) -> MemoryDecoder:
-    best = previous_version(work / "best")
-    if best is None:
-        raise ArtifactError(f"training in {work} ended without a validated checkpoint")
     if sharding().main:  # under several processes, rank 0 writes the folder the others then open
+        # (only rank 0 looks into the work folder: it deletes it, perhaps before another rank got here)
+        best = previous_version(work / "best")
+        if best is None:
+            raise ArtifactError(f"training in {work} ended without a validated checkpoint")
         _write_memory(best, output, start, full_vocab_size, vocabulary, targets, trainer, settings, teacher=teacher,
                       context=context, identity=identity, domain=domain, teacher_targets=teacher_targets)
         shutil.rmtree(work, ignore_errors=True)

@@ -164,6 +164,8 @@ class Trainer:
         if self.dtype == "fp16":
             raise ConfigError("training in fp16 needs loss scaling, which memdec does not do; use --dtype bf16")
         self.fsdp = sharding().size > 1 and fsdp_requested()
+        if fsdp_requested() and sharding().size == 1:
+            log(f"{description}: FSDP asked for, but this run has one process: nothing to shard over")
         if self.fsdp and not all(parameter.requires_grad for parameter in model.parameters()):
             log(f"{description}: FSDP shards full-parameter training only; these adapters train data-parallel")
             self.fsdp = False

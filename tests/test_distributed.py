@@ -298,3 +298,20 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_ends_where_one_process_does(c
     assert got.manifest["train_steps"] == expected.manifest["train_steps"]
     for (name, want), (_, have) in zip(expected.model.named_parameters(), got.model.named_parameters()):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_continued_training_sharded_by_fsdp_gives_the_report_of_one_process(corpus_dir, tiny_llama, tmp_path):
+    """DAPT under FSDP2 (its loss takes the full output layer: the root's weights are gathered in
+    the root's pass only): the perplexity of one process."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    arguments = ["eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "dapt", "--context",
+                 SMALL_WINDOWS["context"], "--stride", SMALL_WINDOWS["stride"], "--batch-size", 5, "--set",
+                 "dapt.epochs=1", "--format", "json", "--output"]
+    single = invoke("--world-size", 1, *arguments, one)
+    assert single.exit_code == 0, single.stderr
+    result = torchrun(2, "--world-size", 2, "--fsdp", *arguments, two, cache=tmp_path / "cache-two", logs=True)
+    assert "weights sharded over 2 ranks by FSDP2" in result.stderr
+    alone, shared = json.loads(one.read_text())["results"][0], json.loads(two.read_text())["results"][0]
+    assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-6)
+    assert shared["knobs"] == alone["knobs"]

@@ -35,9 +35,15 @@ def environment() -> dict[str, Any]:
 
 
 def component_identity(cls: type) -> dict[str, Any]:
-    """The plugin, distribution, version and (where the version does not pin it) code of ``cls``."""
+    """The plugin, distribution, version and (where the version does not pin it) code of ``cls``.
+
+    A component learns its plugin when the registry collects its kind; the registry is collected
+    first, so that a key made before and one made after (a datastore's, in one run) are the same."""
+    from memdec_core import registry
     from memdec_core.plugins import plugin_records
 
+    if getattr(cls, "plugin", None) is None:
+        registry.collect_all()
     record = next((record for record in plugin_records(collect=False) if record.name == cls.plugin), None)
     identity = {"plugin": cls.plugin, "distribution": record.distribution if record else None,
                 "version": record.version if record else None}

@@ -210,3 +210,17 @@ def test_editing_a_plugin_s_code_or_a_combiner_file_measures_the_row_again(fresh
     assert run(f"{combiner_file}:half") == 3 and run(f"{combiner_file}:half") == 3
     combiner_file.write_text(combiner_file.read_text() + "# edited\n")
     assert run(f"{combiner_file}:half") == 4
+
+
+def test_a_component_s_identity_is_the_same_before_and_after_the_registry_collects_its_kind(monkeypatch):
+    """A cache key made before the registry collects a kind (a datastore's key, early in a run)
+    once differed from one made after (the plugin unknown, then known): the same datastore was
+    built twice in one run."""
+    from memdec_core.identity import component_identity
+    from memdec_knn.memory import KnnDatastore
+
+    after = component_identity(registry.get("memory-models", "knn-datastore"))
+    assert after["plugin"] == "knn" and after["distribution"] == "memdec"
+    monkeypatch.setattr(KnnDatastore, "plugin", None)  # as a fresh process has it before collection
+    monkeypatch.setattr(registry, "_tables", {})  # nothing collected yet
+    assert component_identity(KnnDatastore) == after

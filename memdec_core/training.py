@@ -323,8 +323,9 @@ class Trainer:
         self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        """Rank 0 writes it (every rank holds the same weights and state); the others wait, so a
-        rank killed after the barrier leaves a checkpoint every rank agrees with."""
+        """Rank 0 writes it (every rank holds the same weights and state, or under FSDP their shards,
+        which every rank gathers first); the others wait, so a rank killed after the barrier leaves a
+        checkpoint every rank agrees with."""
         weights, optimizer = self._whole_weights(), self._optimizer_state()  # FSDP: gathered by every rank
         if sharding().main:
             with replacing_directory(self.work / "checkpoint") as temporary:
@@ -334,7 +335,6 @@ class Trainer:
                 save_rng_states(temporary / RNG_FILE)
                 (temporary / "trainer_state.json").write_text(json.dumps(self.state, indent=2))
         barrier()
-
 
     def _whole_weights(self) -> dict | None:
         """Under FSDP the whole model's weights, gathered from the ranks' shards (every rank calls

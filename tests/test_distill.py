@@ -105,3 +105,38 @@ def test_cli_refuses_a_share_outside_zero_to_one(corpus_dir):
 
     result = invoke("train", "--domain", corpus_dir, "--distill", "1.5")
     assert result.exit_code == 2 and "--distill" in result.output and "0<=x<=1" in result.output
+
+
+def test_a_killed_teacher_build_resumes_from_its_last_shard_to_the_same_bytes(tiny_llama, corpus_dir, tmp_path,
+                                                                             monkeypatch):
+    from memdec_decoder import teacher_targets as module
+
+    ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
+    stream = ctx.corpus.streams["train"]
+
+    def build(folder):
+        return build_teacher_targets(ctx.base, stream, folder, context=ctx.context, stride=ctx.stride, batch_size=4,
+                                     data_hash=ctx.corpus.data_hash("train"), top=5, shard_size=2000)
+
+    reference = build(tmp_path / "reference")
+    real_write, written = module._write_shard, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(args[3].name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists() and len(list((tmp_path / ".resumed.partial").glob("shard-*"))) == 2
+    written.clear()
+    monkeypatch.setattr(module, "_write_shard", lambda *args, **kwargs: written.append(args[3].name)
+                        or real_write(*args, **kwargs))
+    resumed = build(tmp_path / "resumed")
+    assert written == [f"shard-{shard:05d}" for shard in range(2, reference.manifest["shards"])]  # only the rest
+    for shard in range(reference.manifest["shards"]):
+        for name in ("offsets", "token_ids", "probs"):
+            assert (np.load(resumed.folder / f"shard-{shard:05d}" / f"{name}.npy").tobytes()
+                    == np.load(reference.folder / f"shard-{shard:05d}" / f"{name}.npy").tobytes())

@@ -315,3 +315,30 @@ def test_continued_training_sharded_by_fsdp_gives_the_report_of_one_process(corp
     alone, shared = json.loads(one.read_text())["results"][0], json.loads(two.read_text())["results"][0]
     assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-6)
     assert shared["knobs"] == alone["knobs"]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_distil_the_memory_of_one(corpus_dir, tiny_llama, tmp_path):
+    """``--distill``: the teacher's distributions a 2-rank run builds are the bytes one process
+    writes (the tiny split is one shard, so rank 0 computes it while rank 1 waits at the barrier),
+    and the memory trained on them is one process's."""
+    from memdec_core.artifacts import resolve_reference
+    from memdec_decoder.memory import open_memory
+
+    arguments = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 1,
+                 "--distill", "0.5", "--k", 16, "--knn-temperature", 1, "--context", SMALL_WINDOWS["context"],
+                 "--stride", SMALL_WINDOWS["stride"], "--batch-size", 4, "--output"]
+    single = invoke("--world-size", 1, *arguments, tmp_path / "one")
+    assert single.exit_code == 0, single.stderr
+    cache = tmp_path / "cache-two"
+    torchrun(2, "--world-size", 2, *arguments, tmp_path / "two", cache=cache)
+    one, two = open_memory(tmp_path / "one"), open_memory(tmp_path / "two")
+    assert one.manifest["parallel"]["ranks"] == 1 and two.manifest["parallel"] == {"ranks": 2, "fsdp": False}
+    rows_one = resolve_reference(one.manifest["teacher_targets"])
+    rows_two = cache / "teacher-targets" / rows_one.name
+    shards = sorted(path.relative_to(rows_one) for path in rows_one.glob("shard-*/*.npy"))
+    assert len(shards) == 3 * json.loads((rows_one / "memdec.json").read_text())["shards"]
+    for name in shards:
+        assert (rows_one / name).read_bytes() == (rows_two / name).read_bytes(), name
+    for (name, want), (_, have) in zip(one.model.named_parameters(), two.model.named_parameters()):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=name)

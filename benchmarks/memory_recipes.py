@@ -46,6 +46,7 @@ from memdec_core.latency import Timing, ratio_statistics, time_pairs
 from memdec_core.models import capture_last_ffn_input
 from memdec_core.plan import Plan
 from memdec_decoder.fidelity import target_fidelity
+from memdec_decoder.memory import open_memory
 from memdec_decoder.pipeline import memory_for
 from memdec_decoder.settings import DecoderSettings
 
@@ -78,6 +79,8 @@ VARIANTS = {
     "full vocabulary": dict(vocabulary="full"),
     "distill 0.5": dict(distill=0.5),
     "distill 0.25": dict(distill=0.25),
+    "cosine schedule": dict(schedule="cosine"),
+    "constant lr": dict(schedule="constant"),
 }
 
 
@@ -98,7 +101,15 @@ def main() -> int:
                 continue
             report["rows"].append(measure_variant(domain, name, args, windows, work, pack))
             save(report, output)
+        for row in report["rows"]:
+            wanted = [f"{tau:g}" for tau in args.mixing_temperatures or ()]
+            done = list(row.get("mixing_temperature", {}).get("small", {}).get("by_temperature", {}))
+            if wanted and wanted != done and row["domain"] == domain and row["variant"] in args.variant:
+                row["mixing_temperature"] = mixing_temperatures(domain, row, args, windows, work)
+                save(report, output)
     print(table(report))
+    if args.mixing_temperatures:
+        print(temperature_table(report))
     return 0
 
 
@@ -115,6 +126,9 @@ def parse_args():
     parser.add_argument("--max-eval-tokens", type=int, default=4_096)
     parser.add_argument("--work", default="~/.cache/memdec-recipes", help="stored gold log-probs of the bases")
     parser.add_argument("--output", default="memory-recipes.json")
+    parser.add_argument("--mixing-temperatures", type=lambda text: [float(t) for t in text.split(",")],
+                        default=None, help="also mix the variants' memories at these temperatures τ "
+                                           "(p_mem ∝ exp(logits/τ)), e.g. 0.7,0.85,1,1.25,1.5")
     args = parser.parse_args()
     args.domain = args.domain or ["biomed"]
     args.variant = args.variant or list(VARIANTS)
@@ -220,14 +234,16 @@ def measure_variant(domain: str, name: str, args, windows: EvalSettings, work: P
     return row
 
 
-def memory_gold(memory, ctx, split: str) -> np.ndarray:
-    """The memory's log p(gold) on the base's windows (−inf for tokens it cannot name)."""
+def memory_gold(memory, ctx, split: str, temperature: float = 1.0) -> np.ndarray:
+    """The memory's log p(gold) on the base's windows (−inf for tokens it cannot name), its
+    logits divided by ``temperature`` (1: the memory as trained, as memdec mixes it)."""
     values = []
     for batch in iter_scored_batches(memory.model, _memory_stream(memory, ctx.corpus.streams[split]),
                                      ctx.windows(split), batch_size=ctx.settings.batch_size,
                                      description=f"{split} memory"):
         logits = memory.vocabulary.mask_other(batch.logits) if memory.vocabulary else batch.logits
-        values.append(torch.log_softmax(logits, dim=-1).gather(1, batch.targets[:, None])[:, 0].double().numpy())
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
+        values.append(logprobs.gather(1, batch.targets[:, None])[:, 0].double().numpy())
     return np.concatenate(values)
 
 
@@ -256,6 +272,24 @@ def mixed(base: dict[str, np.ndarray], memory: dict[str, np.ndarray]) -> dict:
     best = min(valid, key=valid.get)
     return {"lam": best, "valid_ppl": valid[best], "test_ppl": perplexity("test", best),
             "lam_at_grid_edge": best in (grid[0], grid[-1])}
+
+
+def mixing_temperatures(domain: str, row: dict, args, windows: EvalSettings, work: Path) -> dict:
+    """A measured variant's memory mixed at each temperature of ``--mixing-temperatures``, λ tuned on
+    validation for each; per base, the τ that validation picks and every τ's numbers. (Does a
+    memory trained on a few thousand windows come out over- or under-confident?)"""
+    memory = open_memory(row["memory_folder"])
+    small = context_for(domain, args.small, windows)
+    gold = {tau: {split: memory_gold(memory, small, split, tau) for split in ("valid", "test")}
+            for tau in args.mixing_temperatures}
+    found = {}
+    for size, model in (("small", args.small), ("large", args.large)):
+        ctx = context_for(domain, model, windows)
+        base = {split: base_gold(ctx, split, work) for split in ("valid", "test")}
+        by_temperature = {tau: mixed(base, gold[tau]) for tau in args.mixing_temperatures}
+        picked = min(by_temperature, key=lambda tau: by_temperature[tau]["valid_ppl"])
+        found[size] = {"picked": picked, "by_temperature": {f"{tau:g}": value for tau, value in by_temperature.items()}}
+    return found
 
 
 def overhead(ctx, memory, args) -> dict:
@@ -326,6 +360,17 @@ def table(report: dict) -> str:
             f"{row['memory_alone_ppl']:.1f} ({row['memory_coverage']:.0%}) | "
             f"{row.get('target_agreement', float('nan')):.1%} | {'–' if kl is None else f'{kl:.3f}'} | "
             f"{row['train_seconds']:.0f} | {cost['memory']['ratio']:.3f} / {cost['knn_lm']['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def temperature_table(report: dict) -> str:
+    """Validation and test perplexity of each base + memory at each mixing temperature."""
+    lines = ["| pack | variant | base | τ: valid / test (λ) | τ validation picks |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        for size, found in row.get("mixing_temperature", {}).items():
+            cells = "; ".join(f"{tau}: {value['valid_ppl']:.2f} / {value['test_ppl']:.2f} ({value['lam']:g})"
+                              for tau, value in found["by_temperature"].items())
+            lines.append(f"| {row['domain']} | {row['variant']} | {size} | {cells} | {found['picked']:g} |")
     return "\n".join(lines)
 
 

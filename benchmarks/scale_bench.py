@@ -73,6 +73,7 @@ def main() -> int:
         for name in ("keys", "dim", "queries", "k"):
             child.add_argument(f"--{name}", type=int)
         child.add_argument("--exact")
+        child.add_argument("--keys-file")
     one.add_argument("--factory")
     args = parser.parse_args()
     return {"processes": run_processes, "indexes": run_indexes, "overhead": run_overhead,
@@ -147,22 +148,58 @@ def folder_bytes(root: Path) -> dict[str, bytes]:
 
 
 def run_indexes(args) -> int:
-    from memdec_knn.index import inverted_lists
+    from memdec_knn.index import inverted_lists, resolve_factory
 
-    exact_file = Path(tempfile.mkdtemp(prefix="memdec-index-")) / "exact.npy"
+    work = Path(tempfile.mkdtemp(prefix="memdec-index-"))
+    keys_file, exact_file = work / "keys.npy", work / "exact.npy"
+    synthetic_keys(args.keys, args.dim, path=keys_file)  # once, memory-mapped by every child
     sizes = ["--keys", str(args.keys), "--dim", str(args.dim), "--queries", str(args.queries), "--k", str(args.k),
-             "--exact", str(exact_file)]
+             "--exact", str(exact_file), "--keys-file", str(keys_file)]
     run_child([sys.executable, __file__, "_exact", *sizes], "the exact search")
     print(f"{args.keys:,} synthetic keys of dimension {args.dim}, k = {args.k}, {args.queries} queries")
     print("| factory | build s | index MB | queries/s | batched queries/s | recall@k | peak RSS MB |")
     print("|---|---|---|---|---|---|---|", flush=True)
-    for factory in args.factories.format(lists=inverted_lists(args.keys)).split(";"):
+    factories = args.factories.format(lists=inverted_lists(args.keys)).split(";")
+    auto = resolve_factory("auto", args.keys, args.dim)
+    for factory in factories:
+        if factory != "auto" and factory == auto and "auto" in factories:
+            continue  # measured as auto's row
+        too_large = what_does_not_fit(auto if factory == "auto" else factory, args.keys, args.dim, work)
+        if too_large:
+            print(f"| {factory} | not built: {too_large} | | | | | |", flush=True)
+            continue
         row = run_child([sys.executable, __file__, "_index", *sizes, "--factory", factory], factory)
         batched = f"{row['qps_batched']:.1f}" if row.get("qps_batched") else "–"
         print(f"| {row['factory']} | {row['build_seconds']:.1f} | {row['index_mb']:.0f} | {row['qps']:.1f} | "
               f"{batched} | {row['recall']:.3f} | {row['peak_rss_mb']:.0f} |", flush=True)  # each row as it comes
-    shutil.rmtree(exact_file.parent, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def what_does_not_fit(factory: str, n_keys: int, dim: int, work: Path) -> str:
+    """Why this machine cannot hold ``factory``'s index of the keys (empty when it can): an index
+    whose vectors stay uncompressed holds 4 bytes a dimension, in memory or (@disk) on disk, where
+    the blocks and the merged file are both written before the blocks are deleted."""
+    name, _, where = factory.partition("@")
+    if "PQ" in name or "SQ" in name:
+        return ""  # compressed codes: a few dozen bytes a key
+    needed = n_keys * dim * 4 * (2 if where == "disk" else 1)
+    if where == "disk":
+        free, room = shutil.disk_usage(work).free, "free on disk"
+    else:
+        free, room = available_memory(), "of memory available"
+    return "" if needed < free else f"needs {needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB {room}"
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); the physical memory where there is no /proc."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run_child(command: list[str], what: str) -> dict:
@@ -182,7 +219,7 @@ def run_exact(args) -> int:
     at any store size), merged by distance."""
     import faiss
 
-    keys = synthetic_keys(args.keys, args.dim)
+    keys = stored_keys(args)
     queries = sample_queries(keys, args.queries)
     best_distances = np.full((len(queries), 0), np.inf, dtype=np.float32)
     best_ids = np.empty((len(queries), 0), dtype=np.int64)
@@ -199,21 +236,31 @@ def run_exact(args) -> int:
     return 0
 
 
-def synthetic_keys(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """fp16 keys around 4,096 centres (hidden states cluster by context), as a datastore stores them."""
+def synthetic_keys(n: int, dim: int, seed: int = 0, path: Path | None = None) -> np.ndarray:
+    """fp16 keys around 4,096 centres (hidden states cluster by context), as a datastore stores them;
+    written to the ``.npy`` file ``path`` and memory-mapped, when given (10M keys are 18 GB)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(4096, dim)).astype(np.float32) * 4
-    keys = np.empty((n, dim), dtype=np.float16)
+    shape = (n, dim)
+    keys = (np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape) if path
+            else np.empty(shape, dtype=np.float16))
     for start in range(0, n, 65_536):
         count = min(65_536, n - start)
         keys[start:start + count] = centres[rng.integers(0, 4096, count)] + rng.normal(size=(count, dim))
+    if path:
+        keys.flush()
     return keys
+
+
+def stored_keys(args) -> np.ndarray:
+    """The parent's synthetic keys, memory-mapped."""
+    return np.load(args.keys_file, mmap_mode="r")
 
 
 def run_one_index(args) -> int:
     from memdec_knn.index import FaissRetriever
 
-    keys = synthetic_keys(args.keys, args.dim)
+    keys = stored_keys(args)
     queries = sample_queries(keys, args.queries)
     folder = Path(tempfile.mkdtemp(prefix="memdec-index-"))
     factory, _, where = args.factory.partition("@")
@@ -310,9 +357,9 @@ def run_overhead(args) -> int:
           "memory generation ×base |")
     print("|---|---|---|---|---|---|", flush=True)
     for n_keys in (int(size) for size in args.keys.split(",")):
-        keys = synthetic_keys(n_keys, 896)
-        retriever = FaissRetriever()  # auto: Flat up to 100k keys, then IVF
         folder = Path(tempfile.mkdtemp(prefix="memdec-overhead-"))
+        keys = synthetic_keys(n_keys, 896, path=folder / "keys.npy")
+        retriever = FaissRetriever()  # auto: Flat up to 100k keys, then IVF (with PQ codes above 2M)
         retriever.build(keys, folder)
         queries = np.asarray(keys[:scored], dtype=np.float32)
         values = torch.from_numpy(np.random.default_rng(0).integers(0, 151_936, n_keys))

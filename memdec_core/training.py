@@ -2,10 +2,10 @@
 
 The train split is cut into consecutive chunks of ``context`` positions (every position is
 trained once per epoch); chunks are shuffled per epoch with a seeded order, so a resumed run
-sees exactly the batches the interrupted one would have. AdamW, linear decay to zero without
-warmup, gradient clipping and accumulation. After every epoch the caller's ``validate`` scores
-the model, the best epoch is kept, and training stops early after ``patience`` epochs without
-improvement.
+sees exactly the batches the interrupted one would have. AdamW, the learning rate decayed to
+zero linearly (or along a half cosine, or held constant) without warmup, gradient clipping and
+accumulation. After every epoch the caller's ``validate`` scores the model, the best epoch is
+kept, and training stops early after ``patience`` epochs without improvement.
 
 The caller gives the loss (cross-entropy for continued training, the kNN objective for a Memory
 Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, torch's RNG
@@ -45,6 +45,24 @@ from memdec_core.models import autocast, compute_dtype, model_device, save_model
 from memdec_core.progress import log, progress_bar
 
 
+def linear_decay(progress: float) -> float:
+    return max(0.0, 1.0 - progress)
+
+
+def cosine_decay(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def constant(progress: float) -> float:
+    return 1.0
+
+
+#: The learning rate's factor at a share ``progress`` of the optimizer steps (no warmup: a memory
+#: starts from a trained model's blocks, and DAPT/LoRA from a trained model).
+SCHEDULES: dict[str, Callable[[float], float]] = {"linear": linear_decay, "cosine": cosine_decay,
+                                                  "constant": constant}
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """The optimisation recipe; a resumed run must use the same one."""
@@ -60,6 +78,7 @@ class LoopSettings:
     max_tokens: int = 0  # a budget in training tokens; replaces epochs, the same for every method (0: none)
     max_flops: float = 0.0  # a budget in training FLOPs, turned into tokens for the model trained (0: none)
     patience: int = 0  # stop after this many epochs without a better validation score (0: never)
+    schedule: str = "linear"  # the learning rate over the steps: one of SCHEDULES
     save_every: int = 100  # optimizer steps between checkpoints
     seed: int = 0
 
@@ -75,6 +94,8 @@ class LoopSettings:
                               "positive")
         if self.max_tokens and self.max_flops:
             raise ConfigError("give a budget in tokens or in FLOPs, not both")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
 
 
 def training_flops_per_token(model: torch.nn.Module) -> int:
@@ -181,8 +202,8 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: max(0.0, 1.0 - step / self.total_steps))  # linear decay, no warmup
+        factor = SCHEDULES[settings.schedule]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factor(step / self.total_steps))
         self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
                       "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False,
                       "flops_per_token": self.flops_per_token}

@@ -1,5 +1,6 @@
 """DAPT and LoRA: they lower domain perplexity, leave the base untouched, cache their artifacts."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -154,6 +155,25 @@ def test_a_minimum_of_steps_stretches_the_epochs_over_a_small_split(tmp_path):
     assert steps(epochs=1, min_steps=10, max_tokens=2 * 4 * 32) == (2, 1)  # a token budget replaces both
     with pytest.raises(ConfigError, match="min_steps"):
         LoopSettings(min_steps=-1)
+
+
+@pytest.mark.parametrize("schedule, factor", [("linear", lambda progress: 1 - progress),
+                                              ("cosine", lambda progress: 0.5 * (1 + math.cos(math.pi * progress))),
+                                              ("constant", lambda progress: 1.0)])
+def test_each_step_uses_the_learning_rate_of_its_schedule(tmp_path, schedule, factor):
+    stream = np.random.default_rng(0).integers(0, 16, 400)  # 13 chunks of 32: 4 steps of 4 chunks per epoch
+    used = []
+
+    def loss(model, batch):
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        return model(batch.input_ids).logits.mean()
+
+    trainer = Trainer(Linear(), stream, 32, LoopSettings(epochs=2, lr=0.1, batch_size=4, schedule=schedule),
+                      tmp_path, loss=loss, validate=lambda model: (1.0, {}))
+    trainer.run()
+    assert used == pytest.approx([0.1 * factor(step / 8) for step in range(8)], abs=1e-12)
+    with pytest.raises(ConfigError, match="schedule must be one of linear, cosine, constant, got 'warm'"):
+        LoopSettings(schedule="warm")
 
 
 def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adapters(tiny_llama, tmp_path):

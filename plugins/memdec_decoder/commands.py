@@ -103,7 +103,11 @@ def targets_info(folder):
               help="Train at least N optimizer steps: more epochs over a small train split (0: the epochs "
                    "decide) [default: the recipe's; 0 when --epochs is given].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="AdamW learning rate, decayed linearly to 0 [default: the recipe's].")
+              help="AdamW learning rate at the first step [default: the recipe's].")
+# the names of memdec_core.training.SCHEDULES, written out: --help must not import torch
+@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True,
+              help="The learning rate over the optimizer steps: decayed to 0 linearly or along a half cosine, "
+                   "or held constant.")
 @click.option("--train-batch", type=click.IntRange(min=1), default=None,
               help="Windows per training forward pass [default: the recipe's].")
 @click.option("--accumulate", type=click.IntRange(min=1), default=1, show_default=True,
@@ -122,8 +126,8 @@ def targets_info(folder):
                    "after an interruption resumes from the last checkpoint.")
 @window_options
 def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, beta, distill, epochs, min_steps, lr,
-          train_batch, accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context, stride,
-          batch_size, max_train_tokens, max_eval_tokens):
+          schedule, train_batch, accumulate, max_steps, k, temperature, retriever, assignments, seed, output, context,
+          stride, batch_size, max_train_tokens, max_eval_tokens):
     """Train a Memory Decoder: a small LM that imitates TEACHER's kNN-LM on the domain.
 
     Builds (or reuses) the teacher's datastore and kNN targets, then trains with
@@ -140,7 +144,8 @@ def train(domain, teacher, init, from_scratch, recipe, init_layers, vocabulary, 
     given = {key: value for key, value in dict(init_layers=init_layers, epochs=epochs, min_steps=min_steps, lr=lr,
                                                batch_size=train_batch).items() if value is not None}
     click.echo(train_memory(domain, teacher=teacher, init=init, output=output, from_scratch=from_scratch,
-                            recipe=recipe, vocabulary=vocabulary, beta=beta, distill=distill, accumulate=accumulate,
+                            recipe=recipe, vocabulary=vocabulary, beta=beta, distill=distill, schedule=schedule,
+                            accumulate=accumulate,
                             max_steps=max_steps, k=k, retriever=retriever,
                             component_settings=parse_assignments(assignments), **given,
                             **(_temperature_settings(temperature) if temperature is not None else {}), seed=seed,

@@ -46,7 +46,9 @@ class DecoderSettings:
     epochs: int | str = setting(AUTO, "passes over the train split, unless a budget decides; auto: the recipe's")
     min_steps: int | str = setting(AUTO, "at least this many optimizer steps: more epochs over a small train split "
                                          "(0: the epochs decide); auto: the recipe's, or 0 when epochs is given")
-    lr: float | str = setting(AUTO, "AdamW learning rate, decayed linearly to 0; auto: the recipe's")
+    lr: float | str = setting(AUTO, "AdamW learning rate at the first step; auto: the recipe's")
+    schedule: str = setting("linear", "the learning rate over the optimizer steps: linear (decayed to 0), cosine "
+                                      "(decayed to 0 along a half cosine) or constant")
     batch_size: int | str = setting(AUTO, "windows per training forward pass; auto: the recipe's")
     accumulate: int = setting(1, "forward passes per optimizer step")
     vocabulary: str = setting("auto", "full, restricted (the output layer covers the datastore's values only), "

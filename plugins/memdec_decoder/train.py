@@ -56,6 +56,7 @@ class TrainSettings:
     epochs: int = 3
     min_steps: int = 0  # at least this many optimizer steps (more epochs over a small train split)
     lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
+    schedule: str = "linear"  # the learning rate over the steps (memdec_core.training.SCHEDULES)
     weight_decay: float = 0.0
     batch_size: int = 8  # windows per forward pass
     accumulate: int = 1  # forward passes per optimizer step

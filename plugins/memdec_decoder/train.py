@@ -1,8 +1,8 @@
 """Training a Memory Decoder on kNN targets: β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold) per token.
 
-The loop is memdec's shared one (``memdec_core.training``: AdamW, linear decay without warmup,
-clipping, accumulation — the paper's recipe — seeded epoch order, checkpoints, best epoch on
-validation). This module supplies the objective, the memory's construction (init model, first
+The loop is memdec's shared one (``memdec_core.training``: AdamW, linear decay without warmup
+(or the ``schedule`` chosen), clipping, accumulation — the paper's recipe — seeded epoch order,
+checkpoints, best epoch on validation). This module supplies the objective, the memory's construction (init model, first
 blocks, restricted vocabulary) and the output folder.
 
 Work happens in ``.NAME.partial`` beside the output folder: ``settings.json`` (what the run

@@ -2,8 +2,8 @@
 
 The loop is memdec's shared one (``memdec_core.training``: AdamW, linear decay without warmup
 (or the ``schedule`` chosen), clipping, accumulation — the paper's recipe — seeded epoch order,
-checkpoints, best epoch on validation). This module supplies the objective, the memory's construction (init model, first
-blocks, restricted vocabulary) and the output folder.
+checkpoints, best epoch on validation). This module supplies the objective, the memory's
+construction (init model, first blocks, restricted vocabulary) and the output folder.
 
 Work happens in ``.NAME.partial`` beside the output folder: ``settings.json`` (what the run
 is; a resume must match it), ``checkpoint/`` and ``best/``. The output folder appears only when

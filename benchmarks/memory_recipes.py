@@ -76,6 +76,7 @@ VARIANTS = {
     "4 blocks, 2x steps": dict(init_layers=4, epochs=8),
     "teacher 1.5B": dict(teacher="LARGE"),
     "whole 0.5B": dict(init_layers=0),
+    "whole 0.5B, lr 1e-4": dict(init_layers=0, lr=1e-4),  # the paper's memory and its lr for Qwen
     "full vocabulary": dict(vocabulary="full"),
     "distill 0.5": dict(distill=0.5),
     "distill 0.25": dict(distill=0.25),

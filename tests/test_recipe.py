@@ -16,7 +16,7 @@ def test_auto_cuts_only_inits_above_the_threshold():
     assert recipe_for("auto", recipe_module.CUT_ABOVE) is RECIPES["whole"]
     assert recipe_for("auto", recipe_module.CUT_ABOVE + 1) is RECIPES["cut"]
     assert recipe_for("whole", 10**10) is RECIPES["whole"]  # a named recipe whatever the size
-    with pytest.raises(ConfigError, match="recipe must be auto or one of whole, cut"):
+    with pytest.raises(ConfigError, match="recipe must be auto or one of whole, cut, paper, got 'deep'"):
         recipe_for("deep", 1)
 
 
@@ -31,6 +31,12 @@ def test_given_settings_win_over_the_recipe_one_by_one():
     whole = DecoderSettings().with_recipe(RECIPES["whole"], 512)
     assert (whole.init_layers, whole.lr, whole.temperature, whole.epochs, whole.batch_size) == (0, 1e-3, 16.0, 3, 8)
     assert whole.train_settings().lr == 1e-3 and whole.min_steps == 0
+
+
+def test_the_paper_recipe_trains_the_whole_init_at_the_paper_s_lr_for_qwen():
+    paper = DecoderSettings().with_recipe(recipe_for("paper", 10**9), 1024)
+    assert (paper.init_layers, paper.lr, paper.tune_temperature) == (0, 1e-4, True)
+    assert (paper.batch_size, paper.min_steps) == (1, RECIPES["cut"].min_steps)  # the cut recipe's length
 
 
 def test_the_cut_recipe_counts_its_length_in_steps_unless_epochs_are_given():

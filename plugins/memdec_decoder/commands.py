@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
-from memdec_decoder.recipe import CUT_ABOVE, RECIPES
+from memdec_decoder.recipe import RECIPES, described
 
 _domain = click.option("--domain", required=True,
                        help="A registered domain or a corpus folder (its train split is used).")
@@ -85,8 +85,7 @@ def targets_info(folder):
               "[default: the smallest demo model].")
 @click.option("--from-scratch", is_flag=True, help="Use --init's architecture with freshly initialised weights.")
 @click.option("--recipe", type=click.Choice(["auto", *RECIPES]), default="auto", show_default=True,
-              help=f"What fills the settings not given. {RECIPES['whole'].describe()}; {RECIPES['cut'].describe()}; "
-                   f"auto: cut for an init above {CUT_ABOVE:,} parameters.")
+              help=f"What fills the settings not given. {described()}.")
 @click.option("--init-layers", type=click.IntRange(min=0), default=None,
               help="Keep only the first N blocks of --init (0: all) [default: the recipe's].")
 @click.option("--vocabulary", type=click.Choice(["auto", "full", "restricted"]), default="auto", show_default=True,

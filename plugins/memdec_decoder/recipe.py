@@ -60,7 +60,11 @@ class Recipe:
 RECIPES = {
     "whole": Recipe("whole", init_layers=0, lr=1e-3, temperature=16.0, epochs=3, batch_size=8),
     "cut": Recipe("cut", init_layers=2, lr=5e-4, temperature=TUNED, epochs=4, batch_tokens=1024, min_steps=160),
+    # the paper's memory for Qwen: the whole small model at lr 1e-4, with the cut recipe's length
+    "paper": Recipe("paper", init_layers=0, lr=1e-4, temperature=TUNED, epochs=4, batch_tokens=1024, min_steps=160),
 }
+#: How ``auto`` chooses, for help texts.
+AUTO_RULE = f"auto: cut for an init above {CUT_ABOVE:,} parameters, else whole"
 
 #: The settings a recipe fills; each may be given explicitly instead.
 RECIPE_SETTINGS = ("init_layers", "lr", "temperature", "epochs", "min_steps", "batch_size")
@@ -72,6 +76,11 @@ def recipe_for(choice: str, init_parameters: int) -> Recipe:
     if choice == AUTO:
         return RECIPES["cut" if init_parameters > CUT_ABOVE else "whole"]
     return RECIPES[choice]
+
+
+def described() -> str:
+    """Every recipe in one line, and how ``auto`` chooses (help texts)."""
+    return "; ".join([*(recipe.describe() for recipe in RECIPES.values()), AUTO_RULE])
 
 
 def check_recipe_name(choice: str) -> None:

@@ -9,11 +9,11 @@ from memdec_core.errors import ConfigError
 from memdec_core.interfaces import setting
 from memdec_decoder.recipe import (
     AUTO,
-    CUT_ABOVE,
     RECIPE_SETTINGS,
     RECIPES,
     apply_recipe,
     check_recipe_name,
+    described,
     number_or_auto,
 )
 
@@ -33,8 +33,7 @@ class DecoderSettings:
                             "base's tokenizer (else the base)")
     retriever: str = setting("faiss", "the vectors retriever that searches the teacher's datastore for the targets")
     k: int = setting(1024, "neighbours per train position in the kNN targets (its own entry excluded)")
-    recipe: str = setting(AUTO, f"what fills the settings left at auto: {RECIPES['whole'].describe()}; "
-                                f"{RECIPES['cut'].describe()}; auto: cut for an init above {CUT_ABOVE:,} parameters "
+    recipe: str = setting(AUTO, f"what fills the settings left at auto: {described()} "
                                 f"(measured: benchmarks/RESULTS.md, Memory recipes)")
     temperature: float | str = setting(AUTO, "T of the targets' weights softmax(−d/T); auto: the recipe's (16, the "
                                              "paper's, or tuned)")

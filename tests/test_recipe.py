@@ -12,10 +12,18 @@ from memdec_decoder.settings import DecoderSettings
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 
 
-def test_auto_cuts_only_inits_above_the_threshold():
-    assert recipe_for("auto", recipe_module.CUT_ABOVE) is RECIPES["whole"]
-    assert recipe_for("auto", recipe_module.CUT_ABOVE + 1) is RECIPES["cut"]
+def test_auto_trains_the_whole_init_where_the_compute_allows_it_and_cuts_it_elsewhere():
+    small, qwen_05b, qwen_15b = recipe_module.CUT_ABOVE, 494_032_768, 1_543_714_304
+    assert recipe_for("auto", small, 10**9) is RECIPES["whole"]  # demo-sized: whole, whatever the split
+    # the recipe study's 40k train tokens (160 steps of 1,024 tokens: 4.9e14 FLOPs for the 0.5B)
+    assert recipe_for("auto", qwen_05b, 40_000) is RECIPES["paper"]
+    assert recipe_for("auto", qwen_15b, 40_000) is RECIPES["cut"]  # 1.5e15 FLOPs: over an hour of a CPU
+    assert recipe_for("auto", qwen_15b, 40_000, accelerator=True) is RECIPES["paper"]
+    assert recipe_for("auto", qwen_05b, 10**6) is RECIPES["cut"]  # 4 epochs of 1M tokens on a CPU
+    assert RECIPES["paper"].training_flops(qwen_05b, 40_000) == 6.0 * qwen_05b * 160 * 1024
     assert recipe_for("whole", 10**10) is RECIPES["whole"]  # a named recipe whatever the size
+    assert recipe_module.why_auto(qwen_15b, 40_000, False) == ("the whole init would train for 1.5e+15 FLOPs, "
+                                                               "a CPU allows 1e+15")
     with pytest.raises(ConfigError, match="recipe must be auto or one of whole, cut, paper, got 'deep'"):
         recipe_for("deep", 1)
 
@@ -82,6 +90,7 @@ def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir
     from memdec_knn.method import KnnLM
 
     monkeypatch.setattr(recipe_module, "CUT_ABOVE", 0)
+    monkeypatch.setitem(recipe_module.PAPER_FLOPS, "cpu", 0)  # and too large for the whole init to train
     monkeypatch.setitem(RECIPES, "cut", recipe_module.Recipe("cut", init_layers=1, lr=3e-3,
                                                              temperature=recipe_module.TUNED, epochs=1, batch_size=4,
                                                              min_steps=40))

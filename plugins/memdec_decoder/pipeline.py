@@ -18,7 +18,7 @@ from memdec_core.disk import shared_entry_lock
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext
-from memdec_core.models import LoadedModel, decoder_blocks, load_model, model_fingerprint
+from memdec_core.models import LoadedModel, decoder_blocks, default_device, load_model, model_fingerprint
 from memdec_core.progress import log
 from memdec_decoder.memory import MemoryDecoder, open_memory
 from memdec_decoder.settings import DecoderSettings
@@ -113,12 +113,16 @@ def target_settings_for(teacher_ctx: EvalContext, store, config: DecoderSettings
 
 
 def with_recipe(ctx: EvalContext, config: DecoderSettings, init_name: str, *, quiet: bool = False) -> DecoderSettings:
-    """``config`` with the settings left at auto filled by the recipe for ``init_name``'s size."""
-    from memdec_decoder.recipe import recipe_for
+    """``config`` with the settings left at auto filled by the recipe for ``init_name``'s size and
+    the compute the run allows (its train split, and whether models run on an accelerator)."""
+    from memdec_decoder.recipe import AUTO, recipe_for, why_auto
 
-    recipe = recipe_for(config.recipe, _size_of(ctx.base, init_name))
+    size, train_tokens = _size_of(ctx.base, init_name), len(ctx.corpus.streams["train"])
+    accelerator = default_device().type != "cpu"
+    recipe = recipe_for(config.recipe, size, train_tokens, accelerator)
     if not quiet:
-        log(f"memory recipe {recipe.describe()} (settings given explicitly win)")
+        why = f"; auto: {why_auto(size, train_tokens, accelerator)}" if config.recipe == AUTO else ""
+        log(f"memory recipe {recipe.describe()} (settings given explicitly win{why})")
     return config.with_recipe(recipe, ctx.context)
 
 

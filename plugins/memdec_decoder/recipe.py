@@ -46,6 +46,11 @@ class Recipe:
     def windows_per_step(self, context: int) -> int:
         return self.batch_size or max(1, self.batch_tokens // context)
 
+    def training_flops(self, parameters: int, train_tokens: int) -> float:
+        """6·N per token over the tokens this recipe trains on a split of ``train_tokens``."""
+        tokens = max(self.epochs * train_tokens, self.min_steps * self.batch_tokens)
+        return 6.0 * parameters * tokens
+
     def length(self) -> str:
         steps = f" (at least {self.min_steps} optimizer steps)" if self.min_steps else ""
         batch = f"{self.batch_size} windows" if self.batch_size else f"{self.batch_tokens:,} tokens"
@@ -63,19 +68,42 @@ RECIPES = {
     # the paper's memory for Qwen: the whole small model at lr 1e-4, with the cut recipe's length
     "paper": Recipe("paper", init_layers=0, lr=1e-4, temperature=TUNED, epochs=4, batch_tokens=1024, min_steps=160),
 }
+#: Training FLOPs (6 × the init's parameters × the tokens its length trains) that ``auto`` lets the
+#: paper's memory spend, by where training runs. On the study's 2-core CPU the whole Qwen2.5-0.5B
+#: trained its 4.9e14 FLOPs in about half an hour; 1e15 is about an hour there, and 1e18 about an
+#: hour of one GPU at a third of a H100's bf16 peak. Above them, ``cut`` (2 of 24 blocks).
+PAPER_FLOPS = {"cpu": 1e15, "accelerator": 1e18}
+
 #: How ``auto`` chooses, for help texts.
-AUTO_RULE = f"auto: cut for an init above {CUT_ABOVE:,} parameters, else whole"
+AUTO_RULE = (f"auto: whole for an init of at most {CUT_ABOVE:,} parameters; above, paper where its training "
+             f"FLOPs fit {PAPER_FLOPS['cpu']:.0e} on a CPU or {PAPER_FLOPS['accelerator']:.0e} on an accelerator, "
+             f"else cut")
 
 #: The settings a recipe fills; each may be given explicitly instead.
 RECIPE_SETTINGS = ("init_layers", "lr", "temperature", "epochs", "min_steps", "batch_size")
 
 
-def recipe_for(choice: str, init_parameters: int) -> Recipe:
-    """The recipe ``choice`` names, or for ``auto`` the one for an init of this size."""
+def recipe_for(choice: str, init_parameters: int, train_tokens: int = 0, accelerator: bool = False) -> Recipe:
+    """The recipe ``choice`` names, or for ``auto`` the best of the recipe study for an init of this
+    size that the run's compute allows: the paper's memory (the whole init) when training it on
+    ``train_tokens`` fits ``PAPER_FLOPS`` where it runs, else the init's first blocks (``cut``)."""
     check_recipe_name(choice)
-    if choice == AUTO:
-        return RECIPES["cut" if init_parameters > CUT_ABOVE else "whole"]
-    return RECIPES[choice]
+    if choice != AUTO:
+        return RECIPES[choice]
+    if init_parameters <= CUT_ABOVE:
+        return RECIPES["whole"]
+    paper = RECIPES["paper"]
+    allowed = PAPER_FLOPS["accelerator" if accelerator else "cpu"]
+    return paper if paper.training_flops(init_parameters, train_tokens) <= allowed else RECIPES["cut"]
+
+
+def why_auto(init_parameters: int, train_tokens: int, accelerator: bool) -> str:
+    """Why ``auto`` chose what it chose for this init and train split (the log line)."""
+    if init_parameters <= CUT_ABOVE:
+        return f"an init of at most {CUT_ABOVE:,} parameters"
+    flops = RECIPES["paper"].training_flops(init_parameters, train_tokens)
+    where, allowed = ("an accelerator", PAPER_FLOPS["accelerator"]) if accelerator else ("a CPU", PAPER_FLOPS["cpu"])
+    return f"the whole init would train for {flops:.1e} FLOPs, {where} allows {allowed:.0e}"
 
 
 def described() -> str:

@@ -1,18 +1,25 @@
 """The recipe that fills a memory's training settings left at ``auto``.
 
-A recipe is keyed by the size of the model the memory starts from (its init):
+A recipe is chosen by the size of the model the memory starts from (its init) and by the compute
+the run allows:
 
 - ``whole``: an init of at most ``CUT_ABOVE`` parameters (the demo family's -s, GPT-2 small) is
   small enough to be the memory as it is: all its blocks, lr 1e-3, the paper's T = 16,
   3 epochs of 8 windows per step.
-- ``cut``: a larger init (Qwen2.5-0.5B, SmolLM2-135M) is cut to its first blocks, keeping its
-  embedding rows (and, above 32k tokens, only those of the datastore's tokens), and the kNN
-  temperature is tuned on the teacher's kNN-LM (squared-L2 distances of real models' hidden
-  states are in the hundreds, where T = 16 makes every target one-hot). Its numbers are the
-  recipe study's best (benchmarks/memory_recipes.py, benchmarks/RESULTS.md "Memory recipes"). Its
-  length is counted in optimizer steps of 1,024 tokens, not in epochs: with windows of 1,024 and
-  4 epochs of a 32k-token slice, a memory got 64 steps and stayed undertrained (memdec eval's
-  defaults on biomed: 44.14 against 41.82 with 160 steps; benchmarks/RESULTS.md).
+- ``paper``: a larger init (Qwen2.5-0.5B, SmolLM2-135M) trained whole, as the paper trains its
+  Qwen memories: lr 1e-4, the kNN temperature tuned on the teacher's kNN-LM (squared-L2 distances
+  of real models' hidden states are in the hundreds, where T = 16 makes every target one-hot), at
+  least 160 optimizer steps of 1,024 tokens. The recipe study's best on both packs it ran on
+  (benchmarks/memory_recipes.py, benchmarks/RESULTS.md "Memory recipes").
+- ``cut``: the init's first 2 blocks with its embedding rows (and, above 32k tokens, only those of
+  the datastore's tokens), lr 5e-4, T tuned, the same length: about a twelfth of the paper
+  recipe's training FLOPs for a 24-block init, and the study's best of the cheap recipes.
+
+``auto`` takes ``paper`` where its training FLOPs fit ``PAPER_FLOPS`` for where the run trains
+(about an hour of a 2-core CPU, or of one GPU), and ``cut`` elsewhere. Lengths are counted in
+optimizer steps of 1,024 tokens, not in epochs: with windows of 1,024 and 4 epochs of a
+32k-token slice, a memory got 64 steps and stayed undertrained (memdec eval's defaults on
+biomed: 44.14 against 41.82 with 160 steps; benchmarks/RESULTS.md).
 
 Every setting the user gives wins over the recipe's, one by one.
 """
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 
 from memdec_core.errors import ConfigError
 
-#: Inits larger than this are cut to their first blocks by the ``auto`` recipe.
+#: Inits larger than this are trained by the ``paper`` or the ``cut`` recipe under ``auto``.
 CUT_ABOVE = 100_000_000
 AUTO = "auto"
 TUNED = "tuned"

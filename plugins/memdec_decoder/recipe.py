@@ -100,8 +100,13 @@ def recipe_for(choice: str, init_parameters: int, train_tokens: int = 0, acceler
     if init_parameters <= CUT_ABOVE:
         return RECIPES["whole"]
     paper = RECIPES["paper"]
-    allowed = PAPER_FLOPS["accelerator" if accelerator else "cpu"]
+    _, allowed = paper_allowance(accelerator)
     return paper if paper.training_flops(init_parameters, train_tokens) <= allowed else RECIPES["cut"]
+
+
+def paper_allowance(accelerator: bool) -> tuple[str, float]:
+    """Where the run trains, in words, and the FLOPs ``auto`` lets the paper's memory spend there."""
+    return ("an accelerator", PAPER_FLOPS["accelerator"]) if accelerator else ("a CPU", PAPER_FLOPS["cpu"])
 
 
 def why_auto(init_parameters: int, train_tokens: int, accelerator: bool) -> str:
@@ -109,7 +114,7 @@ def why_auto(init_parameters: int, train_tokens: int, accelerator: bool) -> str:
     if init_parameters <= CUT_ABOVE:
         return f"an init of at most {CUT_ABOVE:,} parameters"
     flops = RECIPES["paper"].training_flops(init_parameters, train_tokens)
-    where, allowed = ("an accelerator", PAPER_FLOPS["accelerator"]) if accelerator else ("a CPU", PAPER_FLOPS["cpu"])
+    where, allowed = paper_allowance(accelerator)
     return f"the whole init would train for {flops:.1e} FLOPs, {where} allows {allowed:.0e}"
 
 

@@ -64,6 +64,8 @@ def main() -> int:
     overhead.add_argument("--keys", default="65536,1048576", help="store sizes, comma-separated")
     overhead.add_argument("--k", type=int, default=1024)
     overhead.add_argument("--window", type=int, default=512)
+    overhead.add_argument("--memory-blocks", type=int, default=24,
+                          help="blocks of the memory: 24 is the whole 0.5B (the paper recipe), 2 the cut one")
     overhead.add_argument("--memory-vocabulary", type=int, default=16_384,
                           help="tokens of the memory's restricted output layer")
     overhead.add_argument("--repeats", type=int, default=5, help="at least this many timed pairs per ratio")
@@ -306,7 +308,7 @@ def qwen_0_5b_config(vocab_size: int = 151_936):
 
 
 def run_overhead(args) -> int:
-    """Per-token cost of kNN-LM's search and of a 2-block memory beside a Qwen2.5-0.5B-sized base.
+    """Per-token cost of kNN-LM's search and of a memory beside a Qwen2.5-0.5B-sized base.
 
     Each ratio is the base's call against the base's call plus the method's work, timed
     alternately pair after pair (``memdec_core.latency``), so load on the machine hits both sides."""
@@ -320,7 +322,7 @@ def run_overhead(args) -> int:
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(qwen_0_5b_config()).eval()
     memory_config = qwen_0_5b_config(args.memory_vocabulary + 1)
-    memory_config.num_hidden_layers = 2
+    memory_config.num_hidden_layers = args.memory_blocks
     memory = AutoModelForCausalLM.from_config(memory_config).eval()
     window = torch.randint(0, args.memory_vocabulary, (1, args.window))
     scored = args.window // 2  # tokens a window scores (stride = window / 2)
@@ -351,7 +353,8 @@ def run_overhead(args) -> int:
     base_step, memory_step = step(base), step(memory)
     memory_scoring = ratio(lambda: forward(base), lambda: forward(memory))
     memory_generation = ratio(base_step, memory_step)
-    print(f"2-block memory over {args.memory_vocabulary:,} tokens beside a base of Qwen2.5-0.5B's architecture; "
+    print(f"{args.memory_blocks}-block memory over {args.memory_vocabulary:,} tokens beside a base of "
+          "Qwen2.5-0.5B's architecture; "
           f"k = {args.k}; each cell: median ratio over the base alone ± half its interquartile range", flush=True)
     print("| keys | index | kNN-LM scoring ×base | memory scoring ×base | kNN-LM generation ×base | "
           "memory generation ×base |")

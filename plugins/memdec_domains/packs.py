@@ -18,7 +18,8 @@ SOURCES = ("package", "hub")
 @dataclass
 class PackConfig:
     source: str = setting("package", "package: the shipped sample; hub: the paper-scale dataset on the Hugging "
-                                     "Face hub (needs network and `pip install datasets`)")
+                                     "Face hub, streamed once into a local snapshot (needs network and "
+                                     "`pip install datasets`)")
 
     def __post_init__(self):
         if self.source not in SOURCES:

@@ -31,8 +31,10 @@ MANIFEST_KINDS = frozenset({"datastores", "targets", "memories", "lora", "dapt",
 #: Every kind memdec itself writes (others, from plugins, are listed too).
 #: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
 INFRASTRUCTURE = frozenset({"locks"})
-KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens"}
+KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub"}
 
+#: What a finished ``hub/`` snapshot holds beside its splits (``memdec_domains.hub`` writes it last).
+HUB_SNAPSHOT_RECORD = "snapshot.json"
 #: How short a key prefix may be (a shorter one would too easily match the wrong entry).
 MIN_PREFIX = 6
 MADE_BY_WIDTH = 60
@@ -163,6 +165,8 @@ def _contents(kind: str, path: Path, mtime: dt.datetime) -> tuple[str | None, st
         return ("fingerprint" if kind == "fingerprints" else "file"), "-", COMPLETE, mtime
     if kind == "results":
         return _result_row(path, mtime)
+    if kind == "hub":
+        return _hub_snapshot(path, mtime)
     if kind == "models" and not (path / MANIFEST).exists():
         if (path / "config.json").is_file():
             return "converted-model", f"GGUF conversion of {_model_stem(path.name)}", COMPLETE, mtime
@@ -184,6 +188,14 @@ def _result_row(path: Path, mtime: dt.datetime) -> tuple[str | None, str, str, d
         return None, "corrupt row.json" if row_file.exists() else "no row.json", STALE, mtime
     created = dt.datetime.fromtimestamp(row_file.stat().st_mtime, dt.timezone.utc)
     return "compare-row", _shorten(f"{row.get('base', '?')} / {row['method']}"), COMPLETE, created
+
+
+def _hub_snapshot(path: Path, mtime: dt.datetime) -> tuple[str | None, str, str, dt.datetime]:
+    record = _read_object(path / HUB_SNAPSHOT_RECORD)
+    if record is None or "dataset" not in record:
+        return None, f"no {HUB_SNAPSHOT_RECORD}", STALE, mtime
+    documents = sum((record.get("documents") or {}).values())
+    return "hub-snapshot", _shorten(f"{documents:,} documents of {record['dataset']}"), COMPLETE, mtime
 
 
 def _model_stem(name: str) -> str:

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from memdec_core.cache import cache_entries
 from memdec_core.data import load_corpus
 from memdec_core.errors import DataError
 from memdec_domains import hub
@@ -40,6 +41,8 @@ def test_a_dataset_with_splits_is_streamed_once_and_then_read_from_its_snapshot(
     write_jsonl(hub_pack / "test.jsonl", expected["test"])
 
     assert load_corpus("finance", source="hub").documents == expected
+    [entry] = cache_entries("hub")
+    assert (entry.type, entry.status) == ("hub-snapshot", "complete") and entry.made_by.startswith("39 documents of ")
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")

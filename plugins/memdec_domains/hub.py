@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from memdec_core.cache import HUB_SNAPSHOT_RECORD
 from memdec_core.errors import DataError
 
 #: The dataset's split names for memdec's train / valid / test.
@@ -34,7 +35,7 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
 
     folder = snapshot_folder(hub_source)
     with entry_lock(folder):
-        if not (folder / "done").is_file():
+        if not (folder / HUB_SNAPSHOT_RECORD).is_file():
             _download(domain, hub_source, folder)
     return read_documents(folder / f"{split}.jsonl.gz")
 
@@ -71,8 +72,9 @@ def _download(domain: str, hub_source: dict, folder: Path) -> None:
         if not all(counts.values()):
             empty = ", ".join(split for split, count in counts.items() if not count)
             raise DataError(f"{dataset_id} gave no documents for the {empty} split(s) of domain {domain!r}")
-        (temporary / "counts.json").write_text(json.dumps(counts) + "\n")
-        (temporary / "done").write_text("")
+        # Written last: a snapshot without it is not one (memdec cache ls calls it stale).
+        record = {"dataset": dataset_id, "config": hub_source.get("config"), "documents": counts}
+        (temporary / HUB_SNAPSHOT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log(f"{dataset_id}: " + ", ".join(f"{count:,} {split} documents" for split, count in counts.items()))
 
 

@@ -3,8 +3,9 @@
 The dataset is streamed row by row (``datasets.load_dataset(..., streaming=True)``) into a local
 snapshot, one gzipped JSONL file per split under the cache's ``hub/``, written atomically. Later
 runs read the snapshot and never reach the network; nothing of the dataset beyond one row is held
-in memory while it downloads. A dataset with only a train split is split by a hash of each
-document's text (98 / 1 / 1), which does not depend on the order the rows arrive in.
+in memory while it downloads. A dataset without its own train, validation and test splits is
+split from its train split by a hash of each document's text (98 / 1 / 1), which does not depend
+on the order the rows arrive in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
     folder = snapshot_folder(hub_source)
     with entry_lock(folder):
         if not (folder / HUB_SNAPSHOT_RECORD).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a damaged snapshot (its record removed): start over
             _download(domain, hub_source, folder)
     return read_documents(folder / f"{split}.jsonl.gz")
 

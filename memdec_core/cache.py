@@ -28,9 +28,9 @@ COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "s
 
 #: Kinds whose every complete folder holds a ``memdec.json`` manifest.
 MANIFEST_KINDS = frozenset({"datastores", "targets", "memories", "lora", "dapt", "passage-indexes", "indexes"})
-#: Every kind memdec itself writes (others, from plugins, are listed too).
 #: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
 INFRASTRUCTURE = frozenset({"locks"})
+#: Every kind memdec itself writes (others, from plugins, are listed too).
 KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub"}
 
 #: What a finished ``hub/`` snapshot holds beside its splits (``memdec_domains.hub`` writes it last).

@@ -96,8 +96,9 @@ def _open_stream(domain: str, hub_source: dict):
 
 
 def _unreachable(dataset_id: str, domain: str, error: Exception) -> DataError:
-    return DataError(f"cannot load {dataset_id} for domain {domain!r} from the hub "
-                     f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    cause = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    return DataError(f"cannot load {dataset_id} for domain {domain!r} from the hub ({cause}); "
                      f"without network, use the shipped sample (--source package)")
 
 
@@ -130,8 +131,6 @@ def _texts(rows: Iterable[dict], dataset_id: str, domain: str) -> Iterator[str]:
             row = next(stream)
         except StopIteration:
             return
-        except DataError:
-            raise
         except Exception as error:  # the connection dropped mid-stream: the snapshot is not kept
             raise _unreachable(dataset_id, domain, error) from error
         if column is None:

@@ -83,3 +83,31 @@ def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
     folder = tmp_path_factory.mktemp("memories") / "tiny-memory"
     return api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=folder,
                      settings=EvalSettings(**SMALL_WINDOWS), **QUICK_MEMORY)
+
+
+@pytest.fixture
+def fake_gpu_faiss(monkeypatch):
+    """faiss's GPU API played by its CPU indexes, so the faiss-gpu retriever's plumbing (placement,
+    writing the CPU copy, reloading, nprobe) runs on a machine without a GPU. Returns the calls
+    that moved an index to a "GPU": (gpu number, useFloat16)."""
+    import faiss
+
+    from memdec_knn import gpu_index
+
+    moved = []
+
+    class ClonerOptions:
+        useFloat16 = False
+
+    def to_gpu(resources, number, index, options=None):
+        moved.append((number, options.useFloat16 if options else None))
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", ClonerOptions, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", faiss.clone_index, raising=False)
+    monkeypatch.setattr(gpu_index, "_RESOURCES", [])
+    return moved

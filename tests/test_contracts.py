@@ -3,6 +3,8 @@
 A new built-in component is picked up here by itself; its settings for a quick run go in SETTINGS.
 """
 
+import pytest
+
 from memdec_core import registry
 from memdec_core.testing import CombinerContract, DomainContract, MemoryModelContract, MethodContract, RetrieverContract
 
@@ -17,6 +19,8 @@ QUICK = {
     "rag": {"passage_tokens": 16, "retrieval_stride": 16},
     "mixture": {"memory": "knn-datastore"},
 }
+#: Components that need hardware this machine lacks, with the fixture that stands in for it.
+STAND_INS = {"faiss-gpu": "fake_gpu_faiss"}
 CONTRACTS = {"retrievers": RetrieverContract, "memory-models": MemoryModelContract, "combiners": CombinerContract,
              "methods": MethodContract, "domains": DomainContract}
 
@@ -28,7 +32,16 @@ def _contract_classes():
                 continue
             settings = {key: value for key, value in QUICK.items() if key in (name, "knn-datastore")}
             title = "".join(part.capitalize() for part in f"{kind}-{name}".split("-"))
-            yield f"Test{title}", type(f"Test{title}", (contract,), {"component": name, "settings": settings})
+            body = {"component": name, "settings": settings}
+            if name in STAND_INS:
+                body["stand_in"] = pytest.fixture(autouse=True)(_stand_in(STAND_INS[name]))
+            yield f"Test{title}", type(f"Test{title}", (contract,), body)
+
+
+def _stand_in(fixture_name: str):
+    def stand_in(self, request):
+        request.getfixturevalue(fixture_name)
+    return stand_in
 
 
 globals().update(dict(_contract_classes()))

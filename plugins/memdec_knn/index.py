@@ -65,16 +65,26 @@ class FaissRetriever(Retriever):
         index = self._empty_index(items.shape[1])
         if self.config.on_disk:
             self._check_ivf(index)
-        if not index.is_trained:
-            self._train(index, items)
+        sample = None if index.is_trained else self._training_sample(index, items)
+        index = self._placed(index)
+        if sample is not None:
+            self._train(index, sample)
         if self.config.on_disk:
             self._add_on_disk(index, items, Path(folder))
         else:
             for start in range(0, len(items), ADD_CHUNK):
                 index.add(np.ascontiguousarray(items[start:start + ADD_CHUNK], dtype=np.float32))
-        write_index(index, Path(folder) / INDEX_FILE)
+        write_index(self._on_cpu(index), Path(folder) / INDEX_FILE)
         self.index = index
         self._set_nprobe()
+
+    def _placed(self, index):
+        """The index where it is trained, filled and searched (a subclass moves it to a GPU)."""
+        return index
+
+    def _on_cpu(self, index):
+        """The index as faiss writes it to disk (a subclass brings it back from a GPU)."""
+        return index
 
     def _check_ivf(self, index) -> None:
         import faiss
@@ -118,16 +128,20 @@ class FaissRetriever(Retriever):
             raise ConfigError(f"invalid faiss factory string {self.factory!r} "
                               f"for dimension {dim}: {_faiss_message(error)}") from error
 
-    def _train(self, index, items: np.ndarray) -> None:
+    def _training_sample(self, index, items: np.ndarray) -> np.ndarray:
+        """The seeded sample of keys an untrained index learns its lists and codes from (fp32)."""
         needed = _minimum_training_points(index)
         if len(items) < needed:
             raise ConfigError(f"index {self.factory!r} needs at least {needed} keys to train, "
                               f"the store has {len(items)}; use a smaller index or factory 'Flat'")
         rng = np.random.default_rng(self.config.seed)
         size = min(len(items), max(self.config.train_size, needed))
-        sample = np.sort(rng.choice(len(items), size=size, replace=False))
+        rows = np.sort(rng.choice(len(items), size=size, replace=False))
+        return np.ascontiguousarray(items[rows], dtype=np.float32)
+
+    def _train(self, index, sample: np.ndarray) -> None:
         try:
-            index.train(np.ascontiguousarray(items[sample], dtype=np.float32))
+            index.train(sample)
         except RuntimeError as error:
             raise ConfigError(f"training index {self.factory!r} failed: {_faiss_message(error)}") from error
 
@@ -141,10 +155,7 @@ class FaissRetriever(Retriever):
         if self.config.on_disk and not (Path(folder) / LISTS_FILE).is_file():
             raise ArtifactError(f"index lists missing: {Path(folder) / LISTS_FILE}")
         try:
-            # An on-disk index names its lists file by the path it was built at; read it beside the index.
-            in_memory = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
-            flags = faiss.IO_FLAG_ONDISK_SAME_DIR if self.config.on_disk else in_memory
-            self.index = faiss.read_index(str(path), flags)
+            self.index = faiss.read_index(str(path), self._read_flags())
         except RuntimeError:
             try:  # not every index type can be memory-mapped
                 self.index = faiss.read_index(str(path))
@@ -153,6 +164,13 @@ class FaissRetriever(Retriever):
         if self.index.ntotal != len(items):
             raise ArtifactError(f"faiss index {path} holds {self.index.ntotal} keys, the datastore {len(items)}")
         self._set_nprobe()
+
+    def _read_flags(self) -> int:
+        """How faiss opens the index file: memory-mapped, its on-disk lists read beside it (an
+        on-disk index names its lists file by the path it was built at)."""
+        import faiss
+
+        return faiss.IO_FLAG_ONDISK_SAME_DIR if self.config.on_disk else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
 
     def _set_nprobe(self) -> None:
         import faiss
@@ -166,7 +184,7 @@ class FaissRetriever(Retriever):
         """Squared L2 distances and ids ``[n, k]``; missing neighbours have id -1."""
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return sorted_by_distance(*self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k))
 
     def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """With ``batched_search``, many queries of an IVF index through faiss's batched path: the
@@ -211,6 +229,18 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
         return f"IVF{lists},Flat"
     codes = max(m for m in range(1, 65) if dim % m == 0)
     return f"IVF{lists},PQ{codes}"
+
+
+def sorted_by_distance(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row nearest first, as a retriever promises. faiss sorts its results, but its GPU search
+    has not always (the cuVS bug): rows out of order are sorted, the others left as they are."""
+    disordered = np.flatnonzero((np.diff(distances, axis=1) < 0).any(axis=1))
+    if len(disordered):
+        order = np.argsort(distances[disordered], axis=1, kind="stable")
+        distances, ids = distances.copy(), ids.copy()
+        distances[disordered] = np.take_along_axis(distances[disordered], order, axis=1)
+        ids[disordered] = np.take_along_axis(ids[disordered], order, axis=1)
+    return distances, ids
 
 
 def inverted_lists(n_keys: int) -> int:

@@ -1,4 +1,4 @@
-"""Registers the kNN-LM method, the ``knn-datastore`` memory, the faiss retriever and ``memdec datastore``."""
+"""Registers the kNN-LM method, the ``knn-datastore`` memory, the faiss retrievers and ``memdec datastore``."""
 
 from memdec_core.hookspecs import hookimpl
 
@@ -19,9 +19,10 @@ def memdec_register_memory_models():
 
 @hookimpl
 def memdec_register_retrievers():
+    from memdec_knn.gpu_index import FaissGpuRetriever
     from memdec_knn.index import FaissRetriever
 
-    return [FaissRetriever]
+    return [FaissRetriever, FaissGpuRetriever]
 
 
 @hookimpl

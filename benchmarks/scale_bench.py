@@ -21,6 +21,7 @@ and recall@1024 against the exact search.
 
     OMP_NUM_THREADS=2 python benchmarks/scale_bench.py processes --domain finance --max-train-tokens 65536
     python benchmarks/scale_bench.py indexes --keys 1000000
+    python benchmarks/scale_bench.py indexes --datastore DATASTORE --factories "IVF{lists},PQ64;OPQ64,IVF{lists},PQ64"
     python benchmarks/scale_bench.py overhead --keys 65536,1048576
 """
 
@@ -60,6 +61,9 @@ def main() -> int:
     indexes.add_argument("--queries", type=int, default=512)
     indexes.add_argument("--k", type=int, default=1024)
     indexes.add_argument("--factories", default=";".join(FACTORIES), help="faiss factory strings, separated by ;")
+    indexes.add_argument("--datastore", type=Path,
+                         help="index a datastore's real keys (its keys.npy) instead of synthetic ones; "
+                              "--keys and --dim are then the datastore's")
     overhead = sections.add_parser("overhead")
     overhead.add_argument("--keys", default="65536,1048576", help="store sizes, comma-separated")
     overhead.add_argument("--k", type=int, default=1024)
@@ -154,11 +158,16 @@ def run_indexes(args) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="memdec-index-"))
     keys_file, exact_file = work / "keys.npy", work / "exact.npy"
-    synthetic_keys(args.keys, args.dim, path=keys_file)  # once, memory-mapped by every child
+    if args.datastore:
+        keys_file = args.datastore / "keys.npy"
+        args.keys, args.dim = np.load(keys_file, mmap_mode="r").shape
+    else:
+        synthetic_keys(args.keys, args.dim, path=keys_file)  # once, memory-mapped by every child
     sizes = ["--keys", str(args.keys), "--dim", str(args.dim), "--queries", str(args.queries), "--k", str(args.k),
              "--exact", str(exact_file), "--keys-file", str(keys_file)]
     run_child([sys.executable, __file__, "_exact", *sizes], "the exact search")
-    print(f"{args.keys:,} synthetic keys of dimension {args.dim}, k = {args.k}, {args.queries} queries")
+    origin = f"keys of the datastore {args.datastore}" if args.datastore else "synthetic keys"
+    print(f"{args.keys:,} {origin} of dimension {args.dim}, k = {args.k}, {args.queries} queries")
     print("| factory | build s | index MB | queries/s | batched queries/s | recall@k | peak RSS MB |")
     print("|---|---|---|---|---|---|---|", flush=True)
     factories = args.factories.format(lists=inverted_lists(args.keys)).split(";")

@@ -210,9 +210,9 @@ def test_auto_factory_is_exact_for_small_stores_and_inverted_for_large():
 
     assert resolve_factory("auto", 50_000, 384) == "Flat"
     assert resolve_factory("auto", 400_000, 384) == "IVF2048,Flat"
-    assert resolve_factory("auto", 10_000_000, 896) == "IVF8192,PQ64"
-    assert resolve_factory("auto", 10_000_000, 576) == "IVF8192,PQ64"
-    assert resolve_factory("auto", 10_000_000, 100) == "IVF8192,PQ50"
+    assert resolve_factory("auto", 10_000_000, 896) == "OPQ64,IVF8192,PQ64"
+    assert resolve_factory("auto", 10_000_000, 576) == "OPQ64,IVF8192,PQ64"
+    assert resolve_factory("auto", 10_000_000, 100) == "OPQ50,IVF8192,PQ50"
     assert resolve_factory("HNSW32", 10, 8) == "HNSW32"
 
 
@@ -246,7 +246,8 @@ def test_an_on_disk_index_gives_the_neighbours_of_the_in_memory_one_and_opens_wh
         FaissRetriever(factory="Flat", on_disk=True).build(keys, tmp_path / "flat")
 
 
-def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(monkeypatch, capfd):
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "OPQ4,IVF16,Flat"])  # auto puts OPQ before large stores' lists
+def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(factory, monkeypatch, capfd):
     from faiss.contrib import big_batch_search
 
     from memdec_knn import index as index_module
@@ -255,7 +256,7 @@ def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_ne
     rng = np.random.default_rng(1)
     keys = (rng.normal(size=(32, 8))[rng.integers(0, 32, 5000)] + 0.5 * rng.normal(size=(5000, 8))).astype(np.float32)
     queries = keys[:3000]
-    retriever = FaissRetriever(factory="IVF16,Flat", nprobe=4, on_disk=True, batched_search=True)
+    retriever = FaissRetriever(factory=factory, nprobe=4, on_disk=True, batched_search=True)
     retriever.build(keys, Path(__import__("tempfile").mkdtemp()))
     calls = []
     real = big_batch_search.big_batch_search

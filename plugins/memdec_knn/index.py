@@ -33,7 +33,7 @@ class FaissRetriever(Retriever):
     @dataclass
     class Config:
         factory: str = setting("auto", 'a faiss factory string ("Flat", "IVF4096,PQ64"); "auto": exact up to '
-                                       '100k keys, then an inverted file (with PQ codes above 2M keys)')
+                                       '100k keys, then an inverted file (with OPQ-rotated PQ codes above 2M keys)')
         nprobe: int = setting(32, "inverted lists visited per query (IVF indexes only)", build=False)
         train_size: int = setting(100_000, "keys sampled (seeded) to train an IVF/PQ index")
         seed: int = setting(0, "seed of the training sample")
@@ -199,18 +199,22 @@ class FaissRetriever(Retriever):
             raise ConfigError(f"k must be at least 1, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = faiss.downcast_index(self.index)
-        if (not self.config.batched_search or not isinstance(index, faiss.IndexIVF)
-                or len(queries) < BATCHED_SEARCH_MIN_QUERIES or len(queries) * index.nprobe <= index.nlist):
-            # not asked, not an inverted file itself (e.g. behind OPQ), or too few queries (faiss's bucket
-            # sort of the routed queries needs more of them than lists)
+        rotated = isinstance(index, faiss.IndexPreTransform)  # OPQ: the inverted file is behind a rotation
+        ivf = faiss.downcast_index(index.index) if rotated else index
+        if (not self.config.batched_search or not isinstance(ivf, faiss.IndexIVF)
+                or len(queries) < BATCHED_SEARCH_MIN_QUERIES or len(queries) * ivf.nprobe <= ivf.nlist):
+            # not asked, not an inverted file, or too few queries (faiss's bucket sort of the routed queries
+            # needs more of them than lists)
             return self.search(queries, k)
+        for number in range(index.chain.size() if rotated else 0):  # rotate the queries as the index does
+            queries = index.chain.at(number).apply(queries)
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it reports every list at verbose=0
-            return big_batch_search(index, queries, k, verbose=0)
+            return big_batch_search(ivf, queries, k, verbose=0)
 
 
 #: Up to this many keys, "auto" searches exactly; above, an inverted file visits a few lists only.
 EXACT_SEARCH_MAX_KEYS = 100_000
-#: Above this many keys, "auto" also compresses keys with product quantisation (the paper's setting).
+#: Above this many keys, "auto" also compresses keys with (OPQ-rotated) product quantisation.
 UNCOMPRESSED_MAX_KEYS = 2_000_000
 
 
@@ -218,7 +222,12 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
     """The factory string for ``factory``; "auto" picks one from the store's size.
 
     Exact ``Flat`` for small stores; ``IVF{n},Flat`` (exact distances within the visited lists)
-    up to two million keys; ``IVF{n},PQ{m}`` with 64-byte codes beyond, as in the paper.
+    up to two million keys; beyond, 64-byte PQ codes as in the paper, behind an OPQ rotation
+    (``OPQ{m},IVF{n},PQ{m}``). OPQ spreads the keys' variance evenly over the PQ's sub-vectors:
+    on Qwen2.5-0.5B's real keys it won back half of the recall that PQ64 loses (0.675 → 0.717
+    at k = 1,024, against 0.757 uncompressed), for a rotation trained once on the training sample.
+    The coarse quantiser stays flat: an HNSW one lost recall at 10M keys (benchmarks/RESULTS.md),
+    and pays only with far more lists than "auto" gives any store this machine can hold.
     """
     if factory != "auto":
         return factory
@@ -228,7 +237,7 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
     if n_keys <= UNCOMPRESSED_MAX_KEYS:
         return f"IVF{lists},Flat"
     codes = max(m for m in range(1, 65) if dim % m == 0)
-    return f"IVF{lists},PQ{codes}"
+    return f"OPQ{codes},IVF{lists},PQ{codes}"
 
 
 def sorted_by_distance(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -224,10 +224,10 @@ def resolve_factory(factory: str, n_keys: int, dim: int) -> str:
     Exact ``Flat`` for small stores; ``IVF{n},Flat`` (exact distances within the visited lists)
     up to two million keys; beyond, 64-byte PQ codes as in the paper, behind an OPQ rotation
     (``OPQ{m},IVF{n},PQ{m}``). OPQ spreads the keys' variance evenly over the PQ's sub-vectors:
-    on Qwen2.5-0.5B's real keys it won back half of the recall that PQ64 loses (0.675 → 0.717
-    at k = 1,024, against 0.757 uncompressed), for a rotation trained once on the training sample.
-    The coarse quantiser stays flat: an HNSW one lost recall at 10M keys (benchmarks/RESULTS.md),
-    and pays only with far more lists than "auto" gives any store this machine can hold.
+    on Qwen2.5-Coder-0.5B's real keys it won back half of the recall that PQ64 loses (0.675 →
+    0.717 at k = 1,024, against 0.757 uncompressed), for a rotation trained once on the training
+    sample. The coarse quantiser stays flat: an HNSW one lost recall at 10M keys with these 8,192
+    lists (benchmarks/RESULTS.md).
     """
     if factory != "auto":
         return factory

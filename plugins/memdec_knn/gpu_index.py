@@ -4,8 +4,9 @@ searched on this rank's GPU, written and read as the CPU retriever's files.
 It needs a faiss build with GPU support, which replaces faiss-cpu (both are the ``faiss``
 module): ``pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12``. Under a launcher each
 rank searches its own GPU (``cuda:LOCAL_RANK``, or ``--device cuda:N``), holding the whole index:
-with 64-byte PQ codes 10M keys are 0.7 GB. An HNSW coarse quantiser or an OPQ rotation stays on
-the CPU where faiss cannot move it, so the paper's ``IVF{n},PQ64`` is the factory to use here.
+with 64-byte PQ codes 10M keys are 0.7 GB. faiss's cloner moves the inverted file and its codes
+to the GPU and keeps an OPQ rotation (``auto`` above 2M keys) on the host; an index type it cannot
+move is refused in one line.
 
 faiss's GPU search has returned neighbours out of distance order (the cuVS bug), so every
 result is checked and rows out of order are sorted.

@@ -8,20 +8,19 @@ with 64-byte PQ codes 10M keys are 0.7 GB. faiss's cloner moves the inverted fil
 to the GPU and keeps an OPQ rotation (``auto`` above 2M keys) on the host; an index type it cannot
 move is refused in one line.
 
-faiss's GPU search has returned neighbours out of distance order (the cuVS bug), so every
-result is checked and rows out of order are sorted.
+faiss's GPU search has returned neighbours out of distance order (the cuVS bug); the faiss
+retriever's search, which this one runs, sorts any row out of order.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from memdec_core.errors import ConfigError
-from memdec_knn.index import FaissRetriever, _faiss_message, sorted_by_distance
+from memdec_knn.index import FaissRetriever, _faiss_message
 
 INSTALL = "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12"
 
@@ -63,11 +62,6 @@ class FaissGpuRetriever(FaissRetriever):
 
         return faiss.index_gpu_to_cpu(index)
 
-    def load(self, items: np.ndarray, folder: Path) -> None:
-        super().load(items, folder)
-        self.index = self._placed(self.index)
-        self._set_nprobe()
-
     def _read_flags(self) -> int:
         return 0  # read whole: the index is copied to the GPU, and a memory-mapped one cannot be
 
@@ -78,13 +72,10 @@ class FaissGpuRetriever(FaissRetriever):
             faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", self.config.nprobe)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k < 1:
-            raise ConfigError(f"k must be at least 1, got {k}")
         try:
-            distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            return super().search(queries, k)
         except RuntimeError as error:  # e.g. k above the GPU's selection limit (2,048)
             raise ConfigError(f"faiss-gpu search for k = {k} failed: {_faiss_message(error)}") from error
-        return sorted_by_distance(distances, ids)
 
     def search_many(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.search(queries, k)  # the GPU already scans a batch's queries together

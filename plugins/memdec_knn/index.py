@@ -163,6 +163,7 @@ class FaissRetriever(Retriever):
                 raise ArtifactError(f"corrupt faiss index {path}: {_faiss_message(error)}") from error
         if self.index.ntotal != len(items):
             raise ArtifactError(f"faiss index {path} holds {self.index.ntotal} keys, the datastore {len(items)}")
+        self.index = self._placed(self.index)
         self._set_nprobe()
 
     def _read_flags(self) -> int:

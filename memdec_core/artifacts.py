@@ -23,17 +23,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from memdec_core import __version__
+from memdec_core.cache_dir import cache_folder, cache_root
 from memdec_core.disk import disk_errors, require_space
-from memdec_core.errors import ArtifactError
+from memdec_core.errors import ArtifactError, shorten
 
 MANIFEST = "memdec.json"
 #: The layout version of every manifest memdec writes; a newer one is refused, not misread.
 FORMAT_VERSION = 1
-
-
-def cache_root() -> Path:
-    """``MEMDEC_CACHE``, or ``~/.cache/memdec``."""
-    return Path(os.environ.get("MEMDEC_CACHE") or Path.home() / ".cache" / "memdec").expanduser()
 
 
 def content_key(*parts: Any) -> str:
@@ -199,10 +195,27 @@ def artifact_reference(folder: Path | str) -> str:
 
 
 def resolve_reference(reference: str) -> Path:
-    """The folder a manifest's reference names: a relative one lies in the cache; an absolute one
-    (what manifests held before references became relative) is taken as it is."""
+    """The folder a manifest's reference names: a relative one lies in the cache (one whose ``..``
+    leave it is refused); an absolute one (a folder outside the cache, or what manifests held
+    before references became relative) is taken as it is."""
     path = Path(reference).expanduser()
-    return path if path.is_absolute() else cache_root() / path
+    if path.is_absolute():
+        return path
+    refuse_climbing(reference, f"the memdec cache ({cache_root()})")
+    return cache_root() / path
+
+
+def refuse_climbing(reference: str, within: str) -> None:
+    """ArtifactError when a relative ``reference`` climbs out of ``within`` with ``..``.
+
+    memdec never writes such a reference (``artifact_reference`` is absolute outside the cache),
+    so one in a manifest or a composite's config was edited in: a folder from elsewhere must not
+    point memdec at arbitrary files on this machine. ``..`` that stay inside are harmless.
+    """
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and Path(os.path.normpath(path)).parts[:1] == ("..",):
+        raise ArtifactError(f"the reference {shorten(repr(reference))} points outside {within}: its '..' climb out; "
+                            f"refused (name the folder by its absolute path instead)")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -211,8 +224,9 @@ def folder_bytes(folder: Path) -> int:
 
 
 def cached_artifact(kind: str, key: str) -> Path:
-    """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet)."""
-    return cache_root() / kind / key
+    """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet), in a
+    cache that is memdec's (``memdec_core.cache_dir``)."""
+    return cache_folder(kind) / key
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,10 +1,14 @@
 """The artifact cache: what it holds, how much room it takes, and removing what is no longer wanted.
 
-The cache (``memdec_core.artifacts.cache_root()``) holds ``<kind>/<key>`` entries: artifact folders
-with a ``memdec.json`` manifest, compare rows (``results/<key>/row.json``), converted GGUF models
+The cache (``memdec_core.cache_dir``) holds ``<kind>/<key>`` entries: artifact folders with a
+``memdec.json`` manifest, compare rows (``results/<key>/row.json``), converted GGUF models
 (``models/<name>-<key>/``) and small memo files (``fingerprints/<hash>``). Beside them, interrupted
 or killed jobs leave hidden folders: ``.<key>.tmp-<PID>-<hex>`` (an atomic write; stale once the
 process is gone) and ``.<key>.partial`` (the work folder that a rerun resumes).
+
+Only what memdec writes is ever listed or removed: the folder must be a memdec cache
+(``cache_dir.open_cache``), and an entry must be one of memdec's kinds with a content key in its
+name, or carry a memdec manifest (a plugin's kind); everything else in the folder is left alone.
 
 This module only reads and deletes files: it imports neither torch nor faiss.
 """
@@ -20,18 +24,19 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from memdec_core.artifacts import MANIFEST, cache_root
+from memdec_core.artifacts import MANIFEST
+from memdec_core.cache_dir import MANIFEST_KINDS, open_cache
 from memdec_core.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 
 COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "stale"
 
-#: Kinds whose every complete folder holds a ``memdec.json`` manifest.
-MANIFEST_KINDS = frozenset({"datastores", "targets", "memories", "lora", "dapt", "passage-indexes", "indexes"})
 #: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
 INFRASTRUCTURE = frozenset({"locks"})
 #: Every kind memdec itself writes (others, from plugins, are listed too).
 KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub"}
+#: Every key memdec writes holds a content hash of at least 12 hex digits (``content_key``: 20).
+_KEYED = re.compile(r"[0-9a-f]{12}")
 
 #: What a finished ``hub/`` snapshot holds beside its splits (``memdec_domains.hub`` writes it last).
 HUB_SNAPSHOT_RECORD = "snapshot.json"
@@ -90,18 +95,13 @@ class Removal:
 def cache_entries(kind: str | None = None, root: Path | None = None) -> list[CacheEntry]:
     """Every entry of the cache (of one ``kind``), sorted by kind then creation time.
 
-    A missing cache is empty. An entry that vanishes while it is read is left out; one that
-    cannot be read is listed with what could be learnt about it.
+    A missing cache is empty; a folder that is not a memdec cache raises ConfigError. An entry
+    that vanishes while it is read is left out; one that cannot be read is listed with what could
+    be learnt about it; anything memdec did not write is not an entry.
     """
-    root = Path(root) if root is not None else cache_root()
+    root = open_cache(root)
     entries = [entry for folder in _kind_folders(root, kind) for entry in _folder_entries(folder)]
     return sorted(entries, key=lambda entry: (entry.kind, entry.created, entry.key))
-
-
-def cache_kinds(root: Path | None = None) -> list[str]:
-    """The kinds (top-level folders) present in the cache."""
-    root = Path(root) if root is not None else cache_root()
-    return [folder.name for folder in _kind_folders(root, None)]
 
 
 def _kind_folders(root: Path, kind: str | None) -> list[Path]:
@@ -109,8 +109,6 @@ def _kind_folders(root: Path, kind: str | None) -> list[Path]:
         folders = sorted(path for path in root.iterdir() if path.is_dir())
     except FileNotFoundError:
         folders = []
-    except NotADirectoryError as error:
-        raise ConfigError(f"the cache {root} is not a folder (set MEMDEC_CACHE to a folder)") from error
     except OSError as error:
         raise ArtifactError(f"cannot read the cache {root}: {error.strerror or error}") from error
     folders = [folder for folder in folders if folder.name not in INFRASTRUCTURE]
@@ -127,8 +125,17 @@ def _folder_entries(folder: Path) -> list[CacheEntry]:
         children = sorted(folder.iterdir())
     except OSError:  # vanished or unreadable: nothing to list in it
         return []
-    entries = [_entry_or_none(folder.name, path) for path in children]
+    entries = [_entry_or_none(folder.name, path) for path in children if is_memdec_entry(folder.name, path)]
     return [entry for entry in entries if entry is not None]
+
+
+def is_memdec_entry(kind: str, path: Path) -> bool:
+    """Whether ``path`` in the cache's ``kind`` folder is something memdec wrote: under one of
+    memdec's kinds, a name holding a content key; under another kind (a plugin's), a memdec manifest."""
+    work = TEMPORARY_NAME.match(path.name) or _PARTIAL.match(path.name) or _MEMO_TEMPORARY.match(path.name)
+    if kind in KNOWN_KINDS or work:
+        return bool(_KEYED.search(work["target"] if work else path.name))
+    return not path.is_symlink() and _read_object(path / MANIFEST) is not None
 
 
 def _entry_or_none(kind: str, path: Path) -> CacheEntry | None:
@@ -362,16 +369,20 @@ def _names(entries: Sequence[CacheEntry], limit: int = 4) -> str:
 
 
 def remove_entries(entries: Iterable[CacheEntry], root: Path | None = None) -> Removal:
-    """Delete ``entries`` (each must lie directly in a kind folder of the cache); report what went.
+    """Delete ``entries`` (each must be memdec's, directly in a kind folder of the cache); report what went.
 
-    An entry that cannot be deleted (a read-only cache) is reported in ``failed``, not raised; one
-    that a job started writing since it was listed is left alone.
+    The cache and every entry are checked again first: anything memdec did not write raises
+    ConfigError before anything is deleted. An entry that cannot be deleted (a read-only cache) is
+    reported in ``failed``, not raised; one that a job started writing since it was listed is left alone.
     """
-    root = Path(root) if root is not None else cache_root()
+    root = open_cache(root)
+    entries = list(entries)
+    for entry in entries:
+        if entry.path.parent.parent != root or entry.path.parent.name != entry.kind \
+                or not is_memdec_entry(entry.kind, entry.path):
+            raise ConfigError(f"{entry.path} is not an entry of the memdec cache {root}; nothing removed")
     removal = Removal()
     for entry in entries:
-        if entry.path.parent.parent != root or entry.path.parent.name != entry.kind:
-            raise ConfigError(f"{entry.path} is not an entry of the cache {root}")
         if entry.pid is not None and pid_alive(entry.pid):
             removal.failed.append((entry, f"process {entry.pid} is writing it"))
             continue

@@ -22,7 +22,7 @@ def resolve_combiner(spec: Any) -> type[Combiner]:
         return _fixed(spec)
     if isinstance(spec, type) and issubclass(spec, Combiner):
         return spec
-    if isinstance(spec, str) and (".py" in spec or "/" in spec):
+    if combiner_file(spec):
         return load_combiner_file(spec)
     if isinstance(spec, str):
         from memdec_core import registry
@@ -46,6 +46,14 @@ def with_fixed_knobs(combiner_class: type[Combiner], values: dict[str, Any]) -> 
             grid.append(fixed)
     return type(combiner_class.__name__, (combiner_class,), {"grid": classmethod(lambda cls: list(grid)),
                                                              "__module__": combiner_class.__module__})
+
+
+def combiner_file(spec: Any) -> str | None:
+    """The file a combiner spec names (``file.py`` of ``file.py:Name``): code that resolving it
+    runs. None for a registered name, which runs only installed code."""
+    if isinstance(spec, str) and (".py" in spec or "/" in spec):
+        return spec.partition(":")[0]
+    return None
 
 
 def load_combiner_file(spec: str) -> type[Combiner]:

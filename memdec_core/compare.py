@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key, write_json
-from memdec_core.errors import ConfigError, MemdecError
+from memdec_core.errors import ConfigError, MemdecError, shorten
 from memdec_core.meta import call_config, context_entry, run_meta
 from memdec_core.progress import log
 
@@ -77,10 +77,12 @@ def parse_budget(text: str) -> dict[str, Any]:
 
     if text.strip().lower() == EQUAL_COMPUTE:
         return {"equal_compute": True}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgtp]?)\s*(flops?|tokens?)?\s*", text.lower())
+    # the number's digits split one way only: overlapping runs backtrack quadratically on long text
+    number = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[0-9]+)?"
+    match = re.fullmatch(rf"\s*({number})\s*([kmgtp]?)\s*(flops?|tokens?)?\s*", text.lower())
     if not match:
-        raise ConfigError(f"budget {text!r} is not 'equal', 0, a number of tokens (65536, 64k, 2M) or FLOPs "
-                          f"(3e12flops, 2TFLOPs)")
+        raise ConfigError(f"budget {shorten(repr(text))} is not 'equal', 0, a number of tokens (65536, 64k, 2M) "
+                          f"or FLOPs (3e12flops, 2TFLOPs)")
     number, prefix, unit = match.groups()
     value = float(number) * 1000 ** "_kmgtp".index(prefix or "_")
     if value == 0:
@@ -88,7 +90,7 @@ def parse_budget(text: str) -> dict[str, Any]:
     if unit and unit.startswith("flop"):
         return {"budget_flops": value, "equal_compute": False}
     if value != int(value):
-        raise ConfigError(f"a budget in tokens must be a whole number, got {text!r}")
+        raise ConfigError(f"a budget in tokens must be a whole number, got {shorten(repr(text))}")
     return {"budget_tokens": int(value), "equal_compute": False}
 
 

@@ -209,7 +209,10 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MemdecForCausalLM":
         """Rebuild a composite from a folder ``save_pretrained`` wrote (its parts load from their
-        references; a memory or datastore in the cache is reused)."""
+        references; a memory or datastore in the cache is reused).
+
+        A combiner file named in its config runs only with ``trust_remote_code=True``, which
+        ``AutoModelForCausalLM.from_pretrained`` passes on here (``check_parts``)."""
         from memdec_core import api
 
         folder = Path(pretrained_model_name_or_path).expanduser()
@@ -220,7 +223,27 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
         if config.get("model_type") != MODEL_TYPE:
             raise ArtifactError(f"{folder} holds a {config.get('model_type')!r} model, not a memdec composite")
         parts = config.get("parts") or {}
+        check_parts(parts, folder, trusted=kwargs.get("trust_remote_code") is True)
         return api.composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts})
+
+
+def check_parts(parts: dict[str, Any], folder: Path, trusted: bool) -> None:
+    """Refuse what a composite folder from elsewhere (the hub, a colleague) must not make memdec do
+    unasked: run a combiner file its config names (transformers' rule for code that comes with a
+    model: only with ``trust_remote_code=True``), or reach files through ``..`` in a reference.
+    Registered combiners are installed code, allowed as transformers allows its own classes."""
+    from memdec_core.artifacts import refuse_climbing
+    from memdec_core.combiner_files import combiner_file
+
+    code = combiner_file(parts.get("combiner"))
+    if code and not trusted:
+        raise ArtifactError(f"{folder}/config.json names the combiner file {code}, whose code would run on "
+                            f"loading; refused: pass trust_remote_code=True to from_pretrained if you trust it")
+    settings = parts.get("settings") if isinstance(parts.get("settings"), dict) else {}
+    values = [value for knobs in settings.values() if isinstance(knobs, dict) for value in knobs.values()]
+    for reference in (parts.get("base"), parts.get("memory"), code, *values):
+        if isinstance(reference, str):
+            refuse_climbing(reference, f"what the composite {folder} may name")
 
 
 def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

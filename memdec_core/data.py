@@ -184,7 +184,7 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
     from the cache, else tokenised once and written there. Where the cache cannot be written (a
     read-only or full disk), the stream is tokenised in memory for this run."""
     from memdec_core.artifacts import cached_artifact, content_key
-    from memdec_core.disk import entry_lock
+    from memdec_core.cache_dir import entry_lock
     from memdec_core.errors import DiskError
     from memdec_core.progress import log
 

@@ -8,6 +8,12 @@ from __future__ import annotations
 import difflib
 
 
+def shorten(text: str, width: int = 60) -> str:
+    """``text`` cut to ``width`` characters, "…" marking the cut: an error names a value the user gave,
+    and that value may be megabytes long (a file's contents, a YAML alias bomb)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 class MemdecError(Exception):
     """Base class of every error a user can act on (bad input, missing file, bad artifact)."""
 
@@ -20,7 +26,7 @@ class UnknownComponentError(MemdecError, LookupError):
         super().__init__(self._message())
 
     def _message(self) -> str:
-        message = f"unknown {self.kind} {self.name!r}"
+        message = f"unknown {self.kind} {shorten(repr(self.name))}"
         close = difflib.get_close_matches(self.name, self.available, n=1, cutoff=0.5)
         if close:
             message += f"; did you mean {close[0]!r}?"

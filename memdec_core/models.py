@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memdec_core.errors import ConfigError, ModelError, UnknownComponentError
+from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
 BLOCK_PATHS = {
@@ -268,13 +268,11 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
     target_file = folder / gguf_file
     stat = target_file.stat()
     key = hashlib.sha256(f"{target_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    if cache_dir is None:
-        from memdec_core.artifacts import cache_root
-
-        cache_dir = cache_root()
-    converted = cache_dir / "models" / f"{target_file.stem}-{key}"
     from memdec_core.artifacts import atomic_directory, write_readme
-    from memdec_core.disk import entry_lock
+    from memdec_core.cache_dir import cache_folder, entry_lock
+
+    models = Path(cache_dir) / "models" if cache_dir is not None else cache_folder("models")
+    converted = models / f"{target_file.stem}-{key}"
 
     with entry_lock(converted):  # two runs loading one GGUF file convert it once
         if (converted / "config.json").exists():
@@ -389,7 +387,11 @@ def referenced_base(manifest: dict) -> tuple[str | None, str | None]:
     reference = manifest.get("base")
     if not isinstance(reference, dict) or not reference.get("name"):
         return manifest.get("base_model"), manifest.get("model_fingerprint")
-    name = str(resolve_reference(reference["name"])) if reference.get("source") == "path" else reference["name"]
+    name = str(reference["name"])
+    if reference.get("source") == "path":
+        return str(resolve_reference(name)), reference.get("fingerprint")
+    if _looks_like_path(name):  # a registered name or hub id never does: this one was edited in
+        raise ArtifactError(f"the manifest's {reference.get('source')} base {name!r} is a path, not a name; refused")
     return name, reference.get("fingerprint")
 
 
@@ -413,17 +415,22 @@ def _model_fingerprint(name: str, location: str) -> str:
 
 
 def _file_digest(file: Path) -> str:
-    from memdec_core.artifacts import cache_root
+    from memdec_core.cache_dir import cache_folder
 
     stat = file.stat()
-    memo = cache_root() / "fingerprints" / hashlib.sha256(
-        f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    if memo.is_file():
+    name = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    try:
+        memo = cache_folder("fingerprints") / name
+    except DiskError:  # a new cache on a read-only disk: no memo, the hash costs the same next time
+        memo = None
+    if memo is not None and memo.is_file():
         return memo.read_text().strip()
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+    if memo is None:
+        return digest.hexdigest()
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         temporary = memo.with_name(f".{memo.name}.{os.getpid()}")

@@ -9,7 +9,9 @@
 
 Keys are the commands' option names with underscores (``--max-train-tokens`` → ``max_train_tokens``;
 ``--base`` and ``--method`` are the lists ``bases`` and ``methods``). A file is checked whole before
-any work starts: an unknown or ill-typed key is a one-line ConfigError naming the key and the file.
+any work starts: an unknown or ill-typed key is a one-line ConfigError naming the key and the file
+(a value is shown cut short). A YAML file whose aliases expand to more than MAX_VALUES values
+(a "billion laughs") is refused before anything walks it.
 Values under ``settings`` reach the components as ``--set`` text does, so each component types
 (and checks) its own. The CLI merges its flags over a file (``memdec_cli.options``); from Python:
 
@@ -27,13 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from memdec_core.errors import ConfigError
+from memdec_core.errors import ConfigError, shorten
 
 SUFFIXES = (".yaml", ".yml", ".toml")
 #: ``--format`` of each command (the commands' click.Choice reads them from here).
 FORMATS = {"eval": ("table", "json", "markdown"), "compare": ("table", "json", "markdown", "csv")}
 #: The window options, in the order EvalSettings takes them.
 WINDOW_KEYS = ("context", "stride", "batch_size", "max_train_tokens", "max_eval_tokens")
+#: The most values (keys, scalars, lists, mappings) a YAML file may hold with its aliases expanded
+#: where they stand; a run config holds a few dozen.
+MAX_VALUES = 10_000
+#: How much of a key an error message shows (of a value: errors.shorten's 60 characters).
+NAME_WIDTH = 24
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def load_run_config(path: str | Path, command: str = "eval") -> dict[str, Any]:
             raise ConfigError(f"config file {path}: {_unknown(key, command)}")
         spec = keys[key]
         if not ((value is None and spec.nullable) or (value is not None and spec.check(value))):
-            raise ConfigError(f"config file {path}: {key} must be {spec.expected}, got {value!r}")
+            raise ConfigError(f"config file {path}: {key} must be {spec.expected}, got {_shown(value)}")
         values[key] = value
     if "settings" in values:
         values["settings"] = _settings(values["settings"], path)
@@ -148,8 +155,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
     language = "TOML" if suffix == ".toml" else "YAML"
     try:
         data = _parse_toml(text) if language == "TOML" else _parse_yaml(text)
+    except _TooManyValues:
+        raise ConfigError(f"config file {path}: holds more than {MAX_VALUES:,} values once its YAML aliases "
+                          f"(*name) are expanded; a run config needs far fewer") from None
+    except RecursionError:  # both parsers recurse once per level of [ or {
+        raise ConfigError(f"config file {path}: lists or mappings nested too deeply") from None
     except ValueError as error:
-        raise ConfigError(f"config file {path}: not valid {language}: {_one_line(error)}") from None
+        raise ConfigError(f"config file {path}: not valid {language}: {shorten(_one_line(error), 160)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -158,13 +170,48 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+class _TooManyValues(Exception):
+    """A YAML file whose aliases expand past MAX_VALUES."""
+
+
 def _parse_yaml(text: str) -> Any:
+    """yaml.safe_load in its two steps, with the expanded size checked between them.
+
+    Composing keeps one node per anchor however often it is aliased, so it is as cheap as the text;
+    but a list of ten aliases of a list of ten aliases ... is 10**9 values to whatever walks what
+    was built (a check, a repr in an error, merge keys): 93 s and 12 GB from a few hundred bytes.
+    """
     import yaml
 
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:  # an empty file
+            return None
+        if _expands_past(node, MAX_VALUES):
+            raise _TooManyValues
+        return loader.construct_document(node)
     except yaml.YAMLError as error:
         raise ValueError(str(error)) from None
+    finally:
+        loader.dispose()
+
+
+def _expands_past(root: Any, limit: int) -> bool:
+    """Whether the YAML node ``root`` holds more than ``limit`` nodes with each alias counted where it
+    stands. A walk, not a recursion (an alias may even point at its own parent); it stops at ``limit``,
+    so a bomb costs ``limit`` steps, not a billion."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if node.id == "sequence":
+            stack.extend(node.value)
+        elif node.id == "mapping":
+            stack.extend(item for pair in node.value for item in pair)
+    return False
 
 
 def _parse_toml(text: str) -> dict[str, Any]:
@@ -179,11 +226,21 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+def _shown(value: Any) -> str:
+    """A value as an error shows it: its repr, cut short."""
+    return shorten(repr(value))
+
+
+def _name(key: Any) -> str:
+    """A key of the file as an error names it, cut shorter than a value (a message may name two)."""
+    return shorten(str(key), NAME_WIDTH)
+
+
 def _unknown(key: str, command: str) -> str:
     other = next((name for name in KEYS if name != command and key in KEYS[name]), None)
     if other:
         return f"{key} is an option of memdec {other}, not of memdec {command}"
-    message = f"unknown key {key!r}"
+    message = f"unknown key {shorten(repr(key), NAME_WIDTH)}"
     close = difflib.get_close_matches(key.replace("-", "_"), list(KEYS[command]), n=1, cutoff=0.6)
     if close:
         message += f"; did you mean {close[0]!r}?"
@@ -195,14 +252,14 @@ def _settings(mapping: dict, path: Path) -> dict[str, dict[str, str]]:
     settings: dict[str, dict[str, str]] = {}
     for name, values in mapping.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {path}: settings.{name} must be a mapping of setting names to "
-                              f"values, got {values!r}")
+            raise ConfigError(f"config file {path}: settings.{_name(name)} must be a mapping of setting names "
+                              f"to values, got {_shown(values)}")
         settings[str(name)] = {}
         for key, value in values.items():
             text = setting_text(value)
             if text is None:
-                raise ConfigError(f"config file {path}: settings.{name}.{key} must be a string, a number, "
-                                  f"true/false or a list of those, got {value!r}")
+                raise ConfigError(f"config file {path}: settings.{_name(name)}.{_name(key)} must be a string, "
+                                  f"a number, true/false or a list of those, got {_shown(value)}")
             settings[str(name)][str(key)] = text
     return settings
 

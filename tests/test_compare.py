@@ -221,7 +221,7 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
     assert [row["method"] for row in resumed["results"]] == ["dapt", "rag"]
 
     # A damaged row file is measured again, not trusted (the adapter itself is still reused).
-    from memdec_core.artifacts import cache_root
+    from memdec_core.cache_dir import cache_root
 
     damaged = [path for path in (cache_root() / "results").glob("*/row.json")
                if json.loads(path.read_text())["knobs"] == {"lr": 1e-3} and '"dapt"' in path.read_text()]

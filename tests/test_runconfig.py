@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import resource
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -258,3 +261,125 @@ def test_the_cli_report_has_the_resolved_window_and_the_config(corpus_dir, tiny_
     assert meta["contexts"][str(tiny_llama)]["context"] == 64 and meta["contexts"][str(tiny_llama)]["stride"] == 32
     assert meta["config"]["file"] == str(config) and meta["config"]["overridden"] == []
     assert meta["config"]["values"]["context"] == 64 and isinstance(meta["command"], list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile files: a config must be refused quickly, in one short line, whatever it holds.
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs" under methods: each level a list of ``width`` aliases of the level before."""
+    lines = ["domain: finance", "methods:", f"  - &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  - &l{n} [{', '.join([f'*l{n - 1}'] * width)}]" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def _merge_bomb(levels: int = 9, width: int = 9) -> str:
+    """The same through YAML merge keys (<<), which older PyYAML releases copy out one by one."""
+    lines = ["domain: finance", "settings:", f"  m0: &m0 {{{', '.join(f'k{i}: 1' for i in range(width))}}}"]
+    lines += [f"  m{n}: &m{n} {{<<: [{', '.join([f'*m{n - 1}'] * width)}]}}" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def _guarded(*args: str) -> subprocess.CompletedProcess:
+    """Python in a child with 2 GiB of address space and a 20 s deadline: a file that is not refused
+    fails the test (MemoryError or timeout) instead of taking this machine's memory."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=20, preexec_fn=limit)
+
+
+LOAD = """
+import sys, time
+from memdec_core.errors import ConfigError
+from memdec_core.runconfig import load_run_config
+start = time.perf_counter()
+try:
+    load_run_config(sys.argv[1], sys.argv[2])
+except ConfigError as error:
+    print(f"{time.perf_counter() - start:.3f} {error}")
+"""
+
+
+@pytest.mark.parametrize("bomb", [_alias_bomb, _merge_bomb])
+def test_an_alias_bomb_is_refused_within_seconds_in_a_short_line(tmp_path, bomb):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(bomb())
+    seconds, message = _refusal(config, "eval")
+    assert seconds < 5
+    assert str(config) in message and "more than 10,000 values" in message and len(message) < 300
+
+
+def _refusal(config, command: str) -> tuple[float, str]:
+    """The seconds load_run_config took to refuse ``config`` and its message (in a guarded child)."""
+    child = _guarded("-c", LOAD, str(config), command)
+    assert child.returncode == 0 and child.stdout, child.stderr[-2000:]
+    seconds, message = child.stdout.strip().split(" ", 1)
+    return float(seconds), message
+
+
+def test_a_long_budget_is_refused_at_once(tmp_path):
+    config = tmp_path / "budget.yaml"  # parse_budget's pattern takes quadratic time: 20k digits, ~30 s
+    config.write_text(f"budget: '{'1' * 20_000}x'\n")
+    seconds, message = _refusal(config, "compare")
+    assert seconds < 1 and "budget must be 'equal'" in message and len(message) < 300
+
+
+def test_the_cli_refuses_an_alias_bomb_in_one_line(tmp_path):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(_alias_bomb())
+    child = _guarded("-c", "from memdec_cli.main import main; main()", "eval", "--config", str(config))
+    assert child.returncode == 1, child.stderr[-2000:]
+    lines = child.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: config file") and len(lines[0]) < 300
+
+
+def test_a_config_may_use_a_few_aliases(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("domain: finance\nbases: &bases [memdec-demo-s, memdec-demo-m]\nmethods: [base, knn-lm]\n"
+                      "settings:\n  knn-lm: &knn {k: 256, temperatures: [3, 10]}\n"
+                      "  knn-lm-big: {<<: *knn, k: 1024}\n")
+    values = load_run_config(config, "eval")
+    assert values["settings"] == {"knn-lm": {"k": "256", "temperatures": "3,10"},
+                                  "knn-lm-big": {"k": "1024", "temperatures": "3,10"}}
+
+
+HUGE = "x" * 100_000
+
+
+@pytest.mark.parametrize("name, text, named", [
+    ("value.yaml", f"domain: finance\ncontext: {HUGE}\n", "context must be an integer of at least 2, got 'xxx"),
+    ("list.yaml", f"methods: [base, [{HUGE}]]\n", "methods must be a list of method names, got ['base'"),
+    ("key.yaml", f"? {HUGE}\n: 1\n", "unknown key 'xxx"),
+    ("name.yaml", f"settings:\n  ? {HUGE}\n  : 5\n", "settings.xxx"),
+    ("setting.yaml", f"settings: {{knn-lm: {{k: {{a: {HUGE}}}}}}}\n", "settings.knn-lm.k must be a string"),
+    ("syntax.yaml", f"domain: [{HUGE}, \n", "not valid YAML"),
+    ("value.toml", f'context = "{HUGE}"\n', "context must be an integer of at least 2, got 'xxx"),
+    ("syntax.toml", f'domain = "{HUGE}\n', "not valid TOML"),
+])
+def test_a_huge_value_is_shortened_in_the_error(tmp_path, name, text, named):
+    config = tmp_path / name
+    config.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_run_config(config, "eval")
+    message = str(raised.value)
+    assert named in message and str(config) in message and len(message) < 300, message[:1000]
+
+
+def test_a_huge_component_name_is_shortened_in_the_error(tmp_path):
+    config = tmp_path / "run.yaml"  # the file is fine; the registry does not know the name
+    config.write_text(f"domain: finance\nmethods: [{HUGE}]\n")
+    line = one_line_error(invoke("eval", "--config", config))
+    assert "unknown method 'xxx" in line and "…" in line and len(line) < 300
+
+
+@pytest.mark.parametrize("name, text", [
+    ("deep.yaml", "methods: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+    ("deep.toml", "methods = " + "[" * 50_000 + "]" * 50_000 + "\n"),
+])
+def test_a_file_nested_too_deeply_is_one_line(captured, tmp_path, name, text):
+    config = tmp_path / name
+    config.write_text(text)
+    line = one_line_error(invoke("eval", "--config", config))
+    assert str(config) in line and "nested too deeply" in line and len(line) < 300

@@ -8,7 +8,7 @@ import json
 import click
 
 from memdec_core import cache as cache_lib
-from memdec_core.artifacts import cache_root
+from memdec_core.cache_dir import cache_root
 from memdec_core.errors import ArtifactError, ConfigError
 
 KIND_HELP = "Only this kind (top-level folder): datastores, targets, memories, lora, dapt, results, models, hub, ..."

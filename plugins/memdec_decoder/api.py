@@ -52,7 +52,7 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     memory is written to that folder; an interrupted run resumes when called again the same way,
     and a finished one is returned as it is (a folder made otherwise is refused).
     """
-    from memdec_core.disk import shared_entry_lock
+    from memdec_core.cache_dir import shared_entry_lock
     from memdec_decoder import pipeline
     from memdec_decoder.train import train_memory
 
@@ -86,7 +86,7 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer
     resumes when called again the same way.
     """
-    from memdec_core.disk import shared_entry_lock
+    from memdec_core.cache_dir import shared_entry_lock
     from memdec_core.models import load_model
     from memdec_decoder import pipeline
     from memdec_decoder.memory import open_memory

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memdec_core import registry
 from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.disk import shared_entry_lock
+from memdec_core.cache_dir import shared_entry_lock
 from memdec_core.errors import ConfigError, ModelError
 from memdec_core.identity import component_identity
 from memdec_core.interfaces import EvalContext

@@ -32,8 +32,8 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
     """Documents of one split of the hub dataset, from the local snapshot (streamed there once).
 
     Offline, without ``datasets``, or when the stream breaks: one DataError, and no snapshot left."""
+    from memdec_core.cache_dir import entry_lock
     from memdec_core.data import read_documents
-    from memdec_core.disk import entry_lock
 
     folder = snapshot_folder(hub_source)
     with entry_lock(folder):
@@ -46,11 +46,11 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
 def snapshot_folder(hub_source: dict) -> Path:
     """Where the snapshot of a hub dataset (and config) lives; independent of memdec's code version,
     so that upgrading memdec does not download the dataset again."""
-    from memdec_core.artifacts import cache_root
+    from memdec_core.artifacts import cached_artifact
 
     identity = json.dumps([SNAPSHOT_FORMAT, hub_source["dataset"], hub_source.get("config")])
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", hub_source["dataset"]).strip("_")[-60:]
-    return cache_root() / "hub" / f"{readable}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    return cached_artifact("hub", f"{readable}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}")
 
 
 def _download(domain: str, hub_source: dict, folder: Path) -> None:

@@ -75,14 +75,14 @@ def token_counts(domain: type[PackDomain]) -> dict | None:
     None when no default model (the demo family) is installed.
     """
     from memdec_core import registry
-    from memdec_core.artifacts import cache_root, content_key
+    from memdec_core.artifacts import cached_artifact, content_key
 
     defaults = [cls for cls in registry.components("models").values() if cls.default]
     if not defaults:
         return None
     model_folder = Path(defaults[0]().path())
     stamp = [(p.name, p.stat().st_size) for p in sorted(domain.folder.iterdir())]
-    cache_file = cache_root() / "domain-stats" / f"{domain.name}-{content_key(stamp, str(model_folder))}.json"
+    cache_file = cached_artifact("domain-stats", f"{domain.name}-{content_key(stamp, str(model_folder))}.json")
     if cache_file.is_file():
         return json.loads(cache_file.read_text())
     counts = {"model": defaults[0].name, "counts": _count_tokens(domain(), model_folder)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.disk import shared_entry_lock
+from memdec_core.cache_dir import shared_entry_lock
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.interfaces import EvalContext
 from memdec_core.progress import log

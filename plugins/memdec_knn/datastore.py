@@ -34,7 +34,8 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.disk import disk_errors, entry_lock, require_space
+from memdec_core.cache_dir import entry_lock
+from memdec_core.disk import disk_errors, require_space
 from memdec_core.distributed import barrier, sharding, sum_across
 from memdec_core.errors import ArtifactError
 from memdec_core.evaluate import iter_scored_batches

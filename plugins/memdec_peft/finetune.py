@@ -28,7 +28,7 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.disk import shared_entry_lock
+from memdec_core.cache_dir import shared_entry_lock
 from memdec_core.distributed import barrier, from_main, sharding
 from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
 from memdec_core.generation import model_generator

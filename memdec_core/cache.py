@@ -25,18 +25,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from memdec_core.artifacts import MANIFEST
-from memdec_core.cache_dir import MANIFEST_KINDS, open_cache
+from memdec_core.cache_dir import INFRASTRUCTURE, KEYED, KNOWN_KINDS, MANIFEST_KINDS, open_cache
 from memdec_core.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 
 COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "stale"
 
-#: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
-INFRASTRUCTURE = frozenset({"locks"})
-#: Every kind memdec itself writes (others, from plugins, are listed too).
-KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub"}
-#: Every key memdec writes holds a content hash of at least 12 hex digits (``content_key``: 20).
-_KEYED = re.compile(r"[0-9a-f]{12}")
 
 #: What a finished ``hub/`` snapshot holds beside its splits (``memdec_domains.hub`` writes it last).
 HUB_SNAPSHOT_RECORD = "snapshot.json"
@@ -134,7 +128,7 @@ def is_memdec_entry(kind: str, path: Path) -> bool:
     memdec's kinds, a name holding a content key; under another kind (a plugin's), a memdec manifest."""
     work = TEMPORARY_NAME.match(path.name) or _PARTIAL.match(path.name) or _MEMO_TEMPORARY.match(path.name)
     if kind in KNOWN_KINDS or work:
-        return bool(_KEYED.search(work["target"] if work else path.name))
+        return bool(KEYED.search(work["target"] if work else path.name))
     return not path.is_symlink() and _read_object(path / MANIFEST) is not None
 
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +40,13 @@ MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n" + MARKER_LINE + "
 #: cache of an earlier memdec from a folder that is not a cache.
 MANIFEST_KINDS = frozenset({"datastores", "targets", "teacher-targets", "memories", "lora", "dapt",
                             "passage-indexes", "indexes"})
-#: How many entries of each kind folder are read when looking for an earlier memdec's manifests.
+#: Every kind memdec itself writes (plugins may add theirs).
+KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub"}
+#: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
+INFRASTRUCTURE = frozenset({"locks"})
+#: Every entry memdec writes has a content hash of at least 12 hex digits in its name (``content_key``: 20).
+KEYED = re.compile(r"[0-9a-f]{12}")
+#: How many entries of each kind folder are read when looking for an earlier memdec's entries.
 LEGACY_PROBE = 50
 #: How long a wait for another process's lock is silent before memdec says it is waiting.
 QUIET_WAIT_SECONDS = 1.0
@@ -89,13 +97,26 @@ def is_memdec_cache(root: Path) -> bool:
 
 def holds_memdec_artifacts(root: Path) -> bool:
     """Whether ``root`` looks like an untagged cache of an earlier memdec: a ``<kind>/<key>/memdec.json``
-    manifest of memdec's under one of the kinds that always have one."""
+    manifest of memdec's under one of the kinds that always have one, or nothing but memdec's kind
+    folders holding keyed entries (a cache that only ever held token streams, rows and locks)."""
     for kind in sorted(MANIFEST_KINDS):
         with contextlib.suppress(OSError):
-            for _, entry in zip(range(LEGACY_PROBE), (Path(root) / kind).iterdir()):
+            for entry in itertools.islice((Path(root) / kind).iterdir(), LEGACY_PROBE):
                 if _is_memdec_manifest(entry / "memdec.json"):
                     return True
-    return False
+    return _only_memdec_folders(Path(root))
+
+
+def _only_memdec_folders(root: Path) -> bool:
+    try:
+        folders = list(root.iterdir())
+        if not folders or any(not folder.is_dir() or folder.name not in KNOWN_KINDS | INFRASTRUCTURE
+                              for folder in folders):
+            return False
+        names = [entry.name for folder in folders for entry in itertools.islice(folder.iterdir(), LEGACY_PROBE)]
+    except OSError:
+        return False
+    return bool(names) and all(KEYED.search(name) for name in names)
 
 
 def _is_memdec_manifest(path: Path) -> bool:

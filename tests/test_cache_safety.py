@@ -114,6 +114,20 @@ def test_an_earlier_memdecs_cache_is_recognised_and_tagged(tmp_path, monkeypatch
     assert not (root / "tokens" / f"{KEY}.npy").exists() and (root / "memories" / KEY).exists()
 
 
+def test_an_earlier_cache_of_token_streams_and_locks_only_is_recognised(tmp_path, monkeypatch):
+    root = tmp_path / "old-cache"
+    for relative in (f"tokens/{KEY}.npy", f"locks/{KEY}.npy-0123456789abcdef01234567.lock", f"results/{KEY}/row.json"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text("{}")
+    monkeypatch.setenv("MEMDEC_CACHE", str(root))
+    assert cached_artifact("tokens", "0123456789abcdef0123.npy").parent == root / "tokens"
+    assert cache_dir.is_memdec_cache(root)
+    (root / "results" / "summary.csv").write_text("a,b")  # one name that is not memdec's is enough to refuse
+    (root / cache_dir.CACHE_MARKER).unlink()
+    with pytest.raises(ConfigError, match="is not a memdec cache"):
+        cached_artifact("tokens", "0123456789abcdef0123.npy")
+
+
 def test_inside_a_cache_only_memdecs_entries_are_listed_or_removed(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("MEMDEC_CACHE", str(root))

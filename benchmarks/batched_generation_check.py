@@ -37,13 +37,13 @@ def run(prompts):
     if sys.argv[1] == "old":
         from transformers import GenerationConfig, LogitsProcessorList
 
-        from memdec_core.generation import MixtureLogitsProcessor
+        from memdec_core.engine.generation import MixtureLogitsProcessor
         processor = MixtureLogitsProcessor(memory.stepper({}), Linear(lam=0.6))
         out = base.model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]),
                                   generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,
                                                                      pad_token_id=tokenizer.eos_token_id))
     else:
-        from memdec_core.generation import mixture_model
+        from memdec_core.engine.generation import mixture_model
         model = mixture_model(base, memory, {}, Linear(lam=0.6))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)

@@ -40,7 +40,7 @@ def _env() -> dict:
 
 
 def main() -> None:
-    from memdec_core.evaluate import format_knobs
+    from memdec_core.engine.scoring import format_knobs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", action="append", default=None)

@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core import registry
 from memdec_core.api import evaluate, prepare_context
-from memdec_core.artifacts import folder_bytes
-from memdec_core.data import load_corpus
-from memdec_core.evaluate import EvalSettings, iter_scored_batches
-from memdec_core.latency import Timing, ratio_statistics, time_pairs
-from memdec_core.models import capture_last_ffn_input
-from memdec_core.plan import Plan
+from memdec_core.components import registry
+from memdec_core.components.plan import Plan
+from memdec_core.engine.latency import Timing, ratio_statistics, time_pairs
+from memdec_core.engine.scoring import EvalSettings, iter_scored_batches
+from memdec_core.inputs.data import load_corpus
+from memdec_core.inputs.models import capture_last_ffn_input
+from memdec_core.store.artifacts import folder_bytes
 from memdec_decoder.fidelity import target_fidelity
 from memdec_decoder.memory import open_memory
 from memdec_decoder.pipeline import memory_for

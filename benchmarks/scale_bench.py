@@ -320,11 +320,11 @@ def run_overhead(args) -> int:
     """Per-token cost of kNN-LM's search and of a memory beside a Qwen2.5-0.5B-sized base.
 
     Each ratio is the base's call against the base's call plus the method's work, timed
-    alternately pair after pair (``memdec_core.latency``), so load on the machine hits both sides."""
+    alternately pair after pair (``memdec_core.engine.latency``), so load on the machine hits both sides."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from memdec_core.latency import Timing, ratio_statistics, time_pairs
+    from memdec_core.engine.latency import Timing, ratio_statistics, time_pairs
     from memdec_knn.api import sparse_distribution
     from memdec_knn.index import FaissRetriever
 

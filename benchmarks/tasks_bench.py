@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from memdec_core.loglikelihood import score_requests
-from memdec_core.models import load_model
-from memdec_core.tasks import load_task, plan_scoring
+from memdec_core.engine.loglikelihood import score_requests
+from memdec_core.inputs.models import load_model
+from memdec_core.runs.tasks import load_task, plan_scoring
 
 
 def one_pass_per_request(model, requests, *, batch_size, pad_id, start_id, max_length):

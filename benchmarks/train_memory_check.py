@@ -23,7 +23,7 @@ def one_step(variant: str, vocab: int, width: int, layers: int, batch: int, cont
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from memdec_core.training import TrainBatch, next_token_cross_entropy
+    from memdec_core.engine.training import TrainBatch, next_token_cross_entropy
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("qwen2", vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,

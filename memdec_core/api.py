@@ -18,23 +18,23 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from memdec_core import registry
-from memdec_core.combiner_files import resolve_combiner, with_fixed_knobs
+from memdec_core.components import registry
+from memdec_core.components.combiner_files import resolve_combiner, with_fixed_knobs
+from memdec_core.components.plan import Plan
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import Combiner, Component, EvalContext, EvalSettings, Method
-from memdec_core.plan import Plan
-from memdec_core.progress import log
+from memdec_core.runtime.progress import log
 
 if TYPE_CHECKING:
+    from memdec_core.inputs.models import LoadedModel
     from memdec_core.interfaces import MemoryModel
-    from memdec_core.models import LoadedModel
 
 
 @dataclass
 class Run:
     """What a run of ``evaluate`` or ``compare`` is made of, resolved and checked before any work."""
 
-    corpus: Any  # memdec_core.data.Corpus
+    corpus: Any  # memdec_core.inputs.data.Corpus
     bases: list[str]
     methods: list[Method]
     combiner: type[Combiner]
@@ -56,7 +56,7 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
     resolved options and command line for ``meta``; from Python, ``meta["config"]`` holds the
     arguments of this call.
     """
-    from memdec_core.meta import call_config, context_entry, run_meta
+    from memdec_core.runs.meta import call_config, context_entry, run_meta
 
     run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
                       component_settings=method_settings, domain_settings=domain_settings)
@@ -80,8 +80,8 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
 def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, settings=None,
                 combiner: Any = "linear", component_settings=None, domain_settings=None) -> Run:
     """Resolve every name of a run and check every setting, then load the corpus."""
-    from memdec_core.data import load_corpus
-    from memdec_core.models import resolve_model_location
+    from memdec_core.inputs.data import load_corpus
+    from memdec_core.inputs.models import resolve_model_location
 
     plan = Plan(component_settings)
     names = list(methods)
@@ -135,8 +135,8 @@ def prepare_context(corpus, base_name: "str | LoadedModel", settings=None, combi
                     plan: Plan | None = None) -> EvalContext:
     """Load ``base_name`` (or take a LoadedModel as it is) and tokenise ``corpus`` (a Corpus,
     domain name, folder or None) for it."""
-    from memdec_core.data import Corpus, load_corpus, tokenize_corpus
-    from memdec_core.models import LoadedModel, load_model
+    from memdec_core.inputs.data import Corpus, load_corpus, tokenize_corpus
+    from memdec_core.inputs.models import LoadedModel, load_model
 
     settings = settings or EvalSettings()
     if corpus is not None and not isinstance(corpus, Corpus):
@@ -177,7 +177,7 @@ def _evaluate_one(ctx: EvalContext, method: Method) -> dict:
 
 def split_bits_per_byte(ctx: EvalContext, result) -> dict:
     """``test_bpb`` and ``valid_bpb`` of a result: its perplexities in bits per byte of the text."""
-    from memdec_core.evaluate import bits_per_byte
+    from memdec_core.engine.scoring import bits_per_byte
 
     tokenizer, streams = ctx.base.tokenizer, ctx.corpus.streams
     return {"test_bpb": bits_per_byte(result.test_ppl, tokenizer, streams["test"]),
@@ -193,8 +193,8 @@ def check_finite(value: float | None, what: str) -> None:
 
 
 def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), **options) -> dict:
-    """Every base × method on ``domain``: see ``memdec_core.compare.compare``."""
-    from memdec_core.compare import compare as run_compare
+    """Every base × method on ``domain``: see ``memdec_core.runs.compare.compare``."""
+    from memdec_core.runs.compare import compare as run_compare
 
     return run_compare(domain, bases, methods, **options)
 
@@ -206,7 +206,7 @@ def generate(base: "str | LoadedModel", prompt: "str | list[str]", *, memory: "s
     MemoryModel object; None: the base alone) through ``combiner``. ``domain`` is needed by
     memories built for one (a kNN datastore from the cache, a memory trained on first use).
 
-    ``base`` may be a loaded model (``memdec_core.models.load_model``) to keep it between calls,
+    ``base`` may be a loaded model (``memdec_core.inputs.models.load_model``) to keep it between calls,
     and ``prompt`` a list of prompts, generated as one left-padded batch. Returns the new text
     (or a list: one text per prompt, ``num_return_sequences`` texts per prompt in order).
 
@@ -214,7 +214,7 @@ def generate(base: "str | LoadedModel", prompt: "str | list[str]", *, memory: "s
     (``settings={"linear": {"lam": 0.3}}``), else its defaults; the memory's grid must be one
     setting (``{"knn-datastore": {"temperatures": (10.0,)}}``).
     """
-    from memdec_core.generation import generate_texts, generation_settings
+    from memdec_core.engine.generation import generate_texts, generation_settings
 
     generation_settings(**generation)  # bad settings fail before anything is loaded
     ctx, memory_component = _memory_context(base, memory, domain, combiner, settings, eval_settings)
@@ -232,8 +232,8 @@ def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, d
     its default). A composite built from names saves as a folder of references
     (``save_pretrained``) that ``from_pretrained`` rebuilds.
     """
-    from memdec_core.composite import MemdecForCausalLM
-    from memdec_core.generation import fixed_combiner, fixed_knobs, prepare_memory
+    from memdec_core.engine.composite import MemdecForCausalLM
+    from memdec_core.engine.generation import fixed_combiner, fixed_knobs, prepare_memory
 
     settings = {name: dict(values) for name, values in (settings or {}).items()}
     combiner_class = resolve_combiner(combiner)
@@ -270,7 +270,7 @@ def open_memory(spec: str, plan: Plan):
     """A memory model by name, or the one that opens a folder (its ``memdec.json`` type)."""
     from pathlib import Path
 
-    from memdec_core.artifacts import read_manifest_type
+    from memdec_core.store.artifacts import read_manifest_type
 
     folder = Path(spec).expanduser()
     if spec in registry.components("memory-models") or not (folder.is_dir() or "/" in spec):

@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from memdec_core.data import TokenizedCorpus, Window
-    from memdec_core.evaluate import NLLTotal, ScoredBatch
-    from memdec_core.models import LoadedModel
-    from memdec_core.plan import Plan
+    from memdec_core.components.plan import Plan
+    from memdec_core.engine.scoring import NLLTotal, ScoredBatch
+    from memdec_core.inputs.data import TokenizedCorpus, Window
+    from memdec_core.inputs.models import LoadedModel
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 SPLITS = ("train", "valid", "test")
@@ -154,7 +154,7 @@ class Costs:
     memory_bytes: int = 0  # bytes held in RAM at inference beyond the base (weights, an index, keys)
     train_seconds: float = 0.0  # wall time of building and training (every learning rate tried)
     train_tokens: int = 0  # training tokens seen (the kept run)
-    train_flops: float = 0.0  # training FLOPs of every run (see memdec_core.training.training_flops_per_token)
+    train_flops: float = 0.0  # training FLOPs of every run (see memdec_core.engine.training.training_flops_per_token)
 
 
 #: ``scorer(stream, windows, description)`` → the NLL of the adapted system, knobs fixed, on any
@@ -254,7 +254,7 @@ class EvalContext:
     plan: "Plan | None" = None
 
     def windows(self, split: str) -> "list[Window]":
-        from memdec_core.data import make_windows
+        from memdec_core.inputs.data import make_windows
 
         return make_windows(len(self.require_corpus().streams[split]), self.context, self.stride)
 
@@ -265,7 +265,7 @@ class EvalContext:
 
     def create(self, kind: str, name: str, **extra_settings: Any) -> "Component":
         """The component ``name`` of ``kind`` with the run's settings for it (``--set name.key=...``)."""
-        from memdec_core.plan import Plan
+        from memdec_core.components.plan import Plan
 
         return (self.plan or Plan()).create(kind, name, **extra_settings)
 
@@ -280,7 +280,7 @@ class Method(Component):
     ``evaluate`` tunes the method's knobs on the validation split only, then reports the test
     perplexity with the chosen knobs, typed costs and a scorer for other text. Artifacts it
     needs (a datastore, a trained memory, an adapter) are built on first use and cached by
-    content hash (``memdec_core.artifacts``).
+    content hash (``memdec_core.store.artifacts``).
     """
 
     #: Place in the default comparison (``memdec compare`` without ``--method``), lowest first;
@@ -418,7 +418,7 @@ class MemoryModel(Component):
     @abstractmethod
     def stepper(self, knobs: dict) -> MemoryStepper:
         """A fresh incremental scorer under ``knobs``, for generation and the composite model
-        (``memdec_core.composite``); it must give the distributions ``logprobs`` gives."""
+        (``memdec_core.engine.composite``); it must give the distributions ``logprobs`` gives."""
 
     def costs(self) -> Costs:
         """What the prepared memory adds (parameters, bytes, building time)."""

@@ -148,8 +148,8 @@ def memdec_isolated_cache(tmp_path_factory):
 def memdec_context_factory(memdec_corpus_dir, memdec_tiny_llama):
     """``make(settings=None)``: an EvalContext of the tiny Llama on the tiny corpus with a plan."""
     from memdec_core.api import prepare_context
+    from memdec_core.components.plan import Plan
     from memdec_core.interfaces import EvalSettings
-    from memdec_core.plan import Plan
 
     def make(settings: dict | None = None, model: Path | None = None):
         return prepare_context(str(memdec_corpus_dir), str(model or memdec_tiny_llama),
@@ -174,12 +174,12 @@ class ComponentContract:
 
     @pytest.fixture
     def component_class(self):
-        from memdec_core import registry
+        from memdec_core.components import registry
 
         return registry.get(self.kind, self.component) if isinstance(self.component, str) else self.component
 
     def make(self, component_class, ctx=None):
-        from memdec_core.plan import Plan
+        from memdec_core.components.plan import Plan
 
         plan = ctx.plan if ctx is not None else Plan(self.settings)
         return plan.create(self.kind, component_class.name) if isinstance(self.component, str) else \
@@ -272,7 +272,7 @@ class MemoryModelContract(ComponentContract):
 
     @pytest.fixture
     def batch(self, memory_and_context):
-        from memdec_core.evaluate import iter_scored_batches
+        from memdec_core.engine.scoring import iter_scored_batches
 
         memory, ctx = memory_and_context
         return next(iter_scored_batches(ctx.base.model, ctx.corpus.streams["valid"], ctx.windows("valid")[:2],
@@ -303,10 +303,10 @@ class MemoryModelContract(ComponentContract):
         swaps the rows as beam search may."""
         import torch
 
-        from memdec_core.composite import positions_from_mask
-        from memdec_core.data import make_windows
-        from memdec_core.evaluate import iter_scored_batches
-        from memdec_core.models import capture_last_ffn_input
+        from memdec_core.engine.composite import positions_from_mask
+        from memdec_core.engine.scoring import iter_scored_batches
+        from memdec_core.inputs.data import make_windows
+        from memdec_core.inputs.models import capture_last_ffn_input
 
         memory, ctx = memory_and_context
         knobs = memory.grid()[0]
@@ -353,7 +353,7 @@ class MemoryModelContract(ComponentContract):
         assert all(getattr(costs, item.name) >= 0 for item in dataclasses.fields(costs))
 
     def test_mixture_evaluates_it(self, memory_and_context):
-        from memdec_core.mixture import Mixture
+        from memdec_core.engine.mixture import Mixture
 
         memory, ctx = memory_and_context
         result = Mixture(memory=memory.name).evaluate(ctx)
@@ -405,7 +405,7 @@ class MethodContract(ComponentContract):
         assert all(getattr(result.costs, item.name) >= 0 for item in dataclasses.fields(result.costs))
         if result.scorer is not None:
             stream = ctx.corpus.streams["test"][:100]
-            from memdec_core.data import make_windows
+            from memdec_core.inputs.data import make_windows
 
             assert math.isfinite(result.score(stream, make_windows(len(stream), ctx.context, ctx.stride)).perplexity)
         if result.generator is not None:  # compare times it for the generation latency column

@@ -45,7 +45,7 @@ def corpus_dir(memdec_corpus_dir) -> Path:
 @pytest.fixture
 def fresh_plugins():
     """Reset the plugin manager before and after a test that changes plugins or the environment."""
-    from memdec_core.plugins import reset_plugin_manager
+    from memdec_core.components.plugins import reset_plugin_manager
 
     reset_plugin_manager()
     yield
@@ -77,7 +77,7 @@ def one_line_error(result) -> str:
 @pytest.fixture(scope="session")
 def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
     """A Memory Decoder trained on the tiny corpus with the tiny Llama as teacher and init."""
-    from memdec_core.evaluate import EvalSettings
+    from memdec_core.engine.scoring import EvalSettings
     from memdec_decoder import api
 
     folder = tmp_path_factory.mktemp("memories") / "tiny-memory"

@@ -12,7 +12,9 @@ import torch
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
 from memdec_core.api import prepare_context
-from memdec_core.artifacts import (
+from memdec_core.engine.scoring import EvalSettings
+from memdec_core.inputs.models import base_reference, referenced_base
+from memdec_core.store.artifacts import (
     MANIFEST,
     artifact_reference,
     cache_root,
@@ -20,8 +22,6 @@ from memdec_core.artifacts import (
     read_front_matter,
     resolve_reference,
 )
-from memdec_core.evaluate import EvalSettings
-from memdec_core.models import base_reference, referenced_base
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 
@@ -82,7 +82,7 @@ def test_every_artifact_has_a_model_card_whose_front_matter_parses(memory_chain,
 def test_a_dequantised_gguf_folder_gets_a_model_card(tiny_llama, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec_core import models
+    from memdec_core.inputs import models
 
     (tmp_path / "tiny.gguf").write_bytes(b"GGUF")  # never read: the GGUF reader is replaced below
     monkeypatch.setattr(models, "_from_pretrained", lambda *args, **kwargs: (
@@ -93,7 +93,7 @@ def test_a_dequantised_gguf_folder_gets_a_model_card(tiny_llama, tmp_path, monke
 
 
 def test_cards_name_a_hub_base_and_its_license(monkeypatch, tmp_path):
-    from memdec_core import models
+    from memdec_core.inputs import models
 
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: apache-2.0\n---\n# Qwen\n")
@@ -208,7 +208,7 @@ def test_an_exported_composite_rebuilds_from_its_references(tiny_llama, memory_c
     from transformers import AutoModelForCausalLM
 
     from memdec_core import api
-    from memdec_core.composite import MemdecForCausalLM
+    from memdec_core.engine.composite import MemdecForCausalLM
 
     monkeypatch.chdir(memory_chain.memory.parent)  # a memory named relative to here is recorded absolute
     result = invoke("export", "--base", tiny_llama, "--memory", memory_chain.memory.name, "--lam", "0.3",

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from memdec_cli.main import build_cli
-from memdec_core.combiner_files import resolve_combiner
-from memdec_core.data import read_documents
+from memdec_core.components.combiner_files import resolve_combiner
 from memdec_core.errors import ConfigError, DataError, ModelError
+from memdec_core.inputs.data import read_documents
 
 
 def invoke(*args):
@@ -168,7 +168,7 @@ def edit_weights(folder, change):
 
 
 def test_a_truncated_safetensors_is_one_line(tiny_gpt2, corpus_dir, tmp_path):
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     folder = copied_model(tiny_gpt2, tmp_path, "cut")
     weights = folder / "model.safetensors"
@@ -190,7 +190,7 @@ def test_a_renamed_tensor_is_refused_not_reinitialised(tiny_gpt2, corpus_dir, tm
 
 
 def test_missing_weights_name_three_and_count_the_rest(tiny_llama, tmp_path):
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     folder = copied_model(tiny_llama, tmp_path)
     layer = "model.layers.1."
@@ -203,7 +203,7 @@ def test_missing_weights_name_three_and_count_the_rest(tiny_llama, tmp_path):
 def test_a_tied_head_may_be_absent_an_untied_one_may_not(tiny_llama, tmp_path):
     import json
 
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     for tied in (True, False):
         folder = copied_model(tiny_llama, tmp_path, f"tied-{tied}")
@@ -222,7 +222,7 @@ def test_a_tied_head_may_be_absent_an_untied_one_may_not(tiny_llama, tmp_path):
 def test_extra_weights_load_and_wrong_shapes_do_not(tiny_llama, tmp_path):
     import torch
 
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     extra = copied_model(tiny_llama, tmp_path, "extra")
     edit_weights(extra, lambda t: t.update({"extra.weight": torch.zeros(3)}))

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from memdec_cli.main import build_cli
-from memdec_core import cache as cache_lib
+from memdec_core.store import cache as cache_lib
 
 DATASTORE, MEMORY, LORA = "3f2a9c41d0e5b7a8c9d1", "7b1e0c2d3f4a5b6c7d8e", "9c8d7e6f5a4b3c2d1e0f"
 RESULT = "5e4d3c2b1a0f9e8d7c6b"

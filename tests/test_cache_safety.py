@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import invoke, one_line_error
 
-from memdec_core import cache as cache_lib
-from memdec_core import cache_dir
-from memdec_core.artifacts import atomic_directory, cached_artifact, write_manifest
 from memdec_core.errors import ConfigError
+from memdec_core.store import cache as cache_lib
+from memdec_core.store import cache_dir
+from memdec_core.store.artifacts import atomic_directory, cached_artifact, write_manifest
 
 KEY = "3f2a9c41d0e5b7a8c9d1"
 OLD = time.time() - 30 * 86400

@@ -193,11 +193,11 @@ def test_a_combiner_that_does_not_normalise_is_a_one_line_error(corpus_dir, tiny
 
 
 def test_the_components_reference_is_generated_from_the_settings():
-    """docs/components.md is the output of `python -m memdec_core.docs --built-in`: regenerate it when a
+    """docs/components.md is the output of `python -m memdec_core.components.docs --built-in`: regenerate it when a
     setting or its help text changes."""
     from pathlib import Path
 
-    from memdec_core.docs import built_in_plugins, reference
+    from memdec_core.components.docs import built_in_plugins, reference
 
     shipped = (Path(__file__).resolve().parents[1] / "docs" / "components.md").read_text()
     assert shipped == reference(built_in_plugins())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memdec_combiners.linear import Linear
-from memdec_core.combiner_files import resolve_combiner
+from memdec_core.components.combiner_files import resolve_combiner
 from memdec_core.errors import ConfigError, UnknownComponentError
 from memdec_core.interfaces import Combiner, combiner
 

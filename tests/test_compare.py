@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from conftest import SMALL_WINDOWS
 
 from memdec_cli.main import build_cli
-from memdec_core.compare import CompareSettings, compare
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError, UnknownComponentError
-from memdec_core.evaluate import EvalSettings
+from memdec_core.runs.compare import CompareSettings, compare
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 ALL = ["base", "dapt", "lora", "knn-lm", "rag", "memdec"]
@@ -55,9 +55,9 @@ def test_every_method_gets_a_row_with_every_measure(report):
 
 
 def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):
-    from memdec_core.data import load_corpus, make_windows, tokenize_documents
-    from memdec_core.evaluate import perplexity
-    from memdec_core.models import load_model
+    from memdec_core.engine.scoring import perplexity
+    from memdec_core.inputs.data import load_corpus, make_windows, tokenize_documents
+    from memdec_core.inputs.models import load_model
 
     base = next(row for row in report["results"] if row["method"] == "base")
     model = load_model(str(tiny_llama))
@@ -165,7 +165,7 @@ def test_plot_without_matplotlib_fails_before_the_run(corpus_dir, tiny_llama, tm
     ("32768", {"budget_tokens": 32768}), ("64k", {"budget_tokens": 64000}), ("2M tokens", {"budget_tokens": 2_000_000}),
     ("3e12flops", {"budget_flops": 3e12}), ("2.5TFLOPs", {"budget_flops": 2.5e12}), ("0", {})])
 def test_a_budget_is_tokens_or_flops(text, expected):
-    from memdec_core.compare import parse_budget
+    from memdec_core.runs.compare import parse_budget
 
     assert parse_budget(text) == {**expected, "equal_compute": False}
     protocol = "own-schedule" if text == "0" else "tokens" if "budget_tokens" in expected else "equal-flops"
@@ -173,21 +173,21 @@ def test_a_budget_is_tokens_or_flops(text, expected):
 
 
 def test_equal_compute_is_the_default_budget():
-    from memdec_core.compare import parse_budget
+    from memdec_core.runs.compare import parse_budget
 
     assert parse_budget("equal") == {"equal_compute": True} and CompareSettings().protocol == "equal-flops"
 
 
 @pytest.mark.parametrize("text", ["12x", "1.5", "flops", "-3"])
 def test_a_malformed_budget_is_one_clear_error(text):
-    from memdec_core.compare import parse_budget
+    from memdec_core.runs.compare import parse_budget
 
     with pytest.raises(ConfigError, match="budget|whole number"):
         parse_budget(text)
 
 
 def test_a_flops_budget_reaches_every_method_that_trains(corpus_dir, tiny_llama):
-    from memdec_core.compare import _with_budget
+    from memdec_core.runs.compare import _with_budget
 
     budget = CompareSettings(budget_flops=1e9).budget()
     overrides = _with_budget(["base", "dapt", "lora", "knn-lm", "rag", "memdec"], {"lora": {"rank": 2}}, budget)
@@ -197,7 +197,7 @@ def test_a_flops_budget_reaches_every_method_that_trains(corpus_dir, tiny_llama)
 
 
 def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_llama, monkeypatch):
-    from memdec_core import training
+    from memdec_core.engine import training
     from memdec_rag.method import Rag
 
     settings = {"dapt": {"epochs": 1, "lrs": (1e-3,)}, "rag": {"passage_tokens": 16, "retrieval_stride": 8}}
@@ -221,7 +221,7 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
     assert [row["method"] for row in resumed["results"]] == ["dapt", "rag"]
 
     # A damaged row file is measured again, not trusted (the adapter itself is still reused).
-    from memdec_core.cache_dir import cache_root
+    from memdec_core.store.cache_dir import cache_root
 
     damaged = [path for path in (cache_root() / "results").glob("*/row.json")
                if json.loads(path.read_text())["knobs"] == {"lr": 1e-3} and '"dapt"' in path.read_text()]
@@ -234,8 +234,8 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
 
 
 def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypatch):
-    import memdec_core.compare as compare_module
-    from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
+    import memdec_core.runs.compare as compare_module
+    from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
     seen = []
 

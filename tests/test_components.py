@@ -10,12 +10,13 @@ import types
 import pytest
 from conftest import QUICK_MEMORY, SMALL_WINDOWS
 
-from memdec_core import api, registry
+from memdec_core import api
+from memdec_core.components import registry
+from memdec_core.components.plan import Plan
+from memdec_core.components.plugins import plugin_records, register_plugin, unregister_plugin
 from memdec_core.errors import ModelError, PluginError
 from memdec_core.hookspecs import hookimpl
 from memdec_core.interfaces import EvalSettings, MemoryModel
-from memdec_core.plan import Plan
-from memdec_core.plugins import plugin_records, register_plugin, unregister_plugin
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 
@@ -186,7 +187,7 @@ def test_editing_a_plugin_s_code_or_a_combiner_file_measures_the_row_again(fresh
     code's hash: an edit, even of a comment, makes its rows stale."""
     import importlib
 
-    from memdec_core.compare import CompareSettings, compare
+    from memdec_core.runs.compare import CompareSettings, compare
 
     module_file = tmp_path / "constant_plugin.py"
     module_file.write_text(CONSTANT_PLUGIN)
@@ -216,7 +217,7 @@ def test_a_component_s_identity_is_the_same_before_and_after_the_registry_collec
     """A cache key made before the registry collects a kind (a datastore's key, early in a run)
     once differed from one made after (the plugin unknown, then known): the same datastore was
     built twice in one run."""
-    from memdec_core.identity import component_identity
+    from memdec_core.components.identity import component_identity
     from memdec_knn.memory import KnnDatastore
 
     after = component_identity(registry.get("memory-models", "knn-datastore"))

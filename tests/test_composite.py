@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM, pipeline
 from memdec_combiners.linear import Linear
 from memdec_core import api
 from memdec_core.api import prepare_context
-from memdec_core.composite import MemdecForCausalLM
+from memdec_core.engine.composite import MemdecForCausalLM
+from memdec_core.engine.generation import generation_settings, left_padded
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.generation import generation_settings, left_padded
+from memdec_core.inputs.models import load_model
 from memdec_core.interfaces import EvalSettings
-from memdec_core.models import load_model
 from memdec_decoder.memory_model import DecoderMemory
 from memdec_knn.memory import KnnDatastore
 

@@ -5,7 +5,7 @@ A new built-in component is picked up here by itself; its settings for a quick r
 
 import pytest
 
-from memdec_core import registry
+from memdec_core.components import registry
 from memdec_core.testing import CombinerContract, DomainContract, MemoryModelContract, MethodContract, RetrieverContract
 
 #: Small settings per component name, so each contract runs in seconds on the tiny fixtures.

@@ -6,8 +6,8 @@ import json
 import pytest
 from conftest import write_corpus
 
-from memdec_core.data import load_corpus, make_windows, read_documents
 from memdec_core.errors import ConfigError, DataError, UnknownComponentError
+from memdec_core.inputs.data import load_corpus, make_windows, read_documents
 
 
 @pytest.mark.parametrize("n_tokens,context,stride", [(10, 4, 2), (100, 16, 8), (17, 16, 3), (5, 8, 4), (64, 8, 8)])
@@ -73,8 +73,8 @@ def test_missing_folder_and_unknown_domain(tmp_path):
 def test_token_streams_are_tokenised_once_and_memory_mapped(corpus_dir, tiny_gpt2, tmp_path, monkeypatch):
     import numpy as np
 
-    from memdec_core import data
-    from memdec_core.models import load_model
+    from memdec_core.inputs import data
+    from memdec_core.inputs.models import load_model
 
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
     base, corpus = load_model(str(tiny_gpt2)), load_corpus(str(corpus_dir))
@@ -108,8 +108,8 @@ def test_a_tokenizer_with_the_same_vocabulary_but_another_pre_tokenizer_gets_oth
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    from memdec_core.data import tokenization_key
-    from memdec_core.models import tokenizer_fingerprint
+    from memdec_core.inputs.data import tokenization_key
+    from memdec_core.inputs.models import tokenizer_fingerprint
 
     plain, spaced = AutoTokenizer.from_pretrained(tiny_gpt2), AutoTokenizer.from_pretrained(tiny_gpt2)
     spaced.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

@@ -8,8 +8,8 @@ import torch
 from conftest import QUICK_MEMORY as QUICK
 from conftest import SMALL_WINDOWS
 
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
-from memdec_core.evaluate import EvalSettings
 from memdec_decoder import api
 from memdec_decoder import train as train_module
 from memdec_decoder.memory import MemoryDecoder, open_memory

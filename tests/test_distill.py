@@ -9,10 +9,10 @@ from conftest import SMALL_WINDOWS
 from test_decoder_loss import densify, random_sparse_targets
 
 from memdec_core.api import prepare_context
-from memdec_core.artifacts import resolve_reference
-from memdec_core.data import make_windows
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError
-from memdec_core.evaluate import EvalSettings
+from memdec_core.inputs.data import make_windows
+from memdec_core.store.artifacts import resolve_reference
 from memdec_decoder import api
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import open_memory

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
-from memdec_core import distributed
-from memdec_core.data import make_windows
-from memdec_core.distributed import World
-from memdec_core.evaluate import iter_scored_batches, nll_total
-from memdec_core.models import load_model
+from memdec_core.engine.scoring import iter_scored_batches, nll_total
+from memdec_core.inputs.data import make_windows
+from memdec_core.inputs.models import load_model
+from memdec_core.runtime import distributed
+from memdec_core.runtime.distributed import World
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 
@@ -68,7 +68,7 @@ def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
 
 BUILD_SCRIPT = """
 import dataclasses, json, os, signal, sys
-from memdec_core import distributed
+from memdec_core.runtime import distributed
 world = distributed.join()
 from memdec_knn import datastore
 from memdec_decoder import api, pipeline
@@ -151,7 +151,7 @@ def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_an
 def test_a_data_parallel_step_sums_to_the_gradient_of_one_process(tiny_llama, tmp_path, monkeypatch):
     """Rank r of N trains on windows r, r + N, ... of each micro-batch; the ranks' gradients sum
     to the one-process gradient of the whole step (the brute-force reference)."""
-    from memdec_core.training import LoopSettings, Trainer, next_token_cross_entropy
+    from memdec_core.engine.training import LoopSettings, Trainer, next_token_cross_entropy
 
     stream = np.arange(2000) % 300
     settings = LoopSettings(batch_size=3, accumulate=2, clip=1e9)  # no clipping: the raw gradients
@@ -167,7 +167,7 @@ def test_a_data_parallel_step_sums_to_the_gradient_of_one_process(tiny_llama, tm
         return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}, seen
 
     monkeypatch.setattr(distributed, "sum_gradients", lambda parameters, extra=(): list(extra))  # no group here
-    monkeypatch.setattr("memdec_core.training.sum_gradients", distributed.sum_gradients)
+    monkeypatch.setattr("memdec_core.engine.training.sum_gradients", distributed.sum_gradients)
     whole, seen_alone = gradients(World())
     halves = [gradients(World(rank=rank, size=2)) for rank in (0, 1)]
     assert seen_alone == [[0, 64, 128], [192, 256, 320]]
@@ -188,7 +188,7 @@ def test_a_sharded_scorer_takes_every_nth_batch_and_the_sums_are_reduced(corpus_
         assert len(list(iter_scored_batches(base.model, stream, windows, batch_size=4, sharded=True))) == len(every)
     # the reduction: rank 1's half and rank 0's half make the whole
     halves = {}
-    monkeypatch.setattr("memdec_core.evaluate.sum_across", lambda values: list(values))  # no group to reduce in
+    monkeypatch.setattr("memdec_core.engine.scoring.sum_across", lambda values: list(values))  # no group to reduce in
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "_WORLD", [World(rank=rank, size=2)])
         halves[rank] = nll_total(base.model, stream, windows, batch_size=4)
@@ -247,7 +247,7 @@ def test_a_model_saved_on_a_rank_other_than_0_is_written(tiny_gpt2, tmp_path, mo
     whichever rank holds its lock, so its saves must write anyway (the trap, then the fix)."""
     import transformers.distributed.mixin as mixin
 
-    from memdec_core.models import save_model
+    from memdec_core.inputs.models import save_model
 
     monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
     monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
@@ -322,7 +322,7 @@ def test_two_processes_distil_the_memory_of_one(corpus_dir, tiny_llama, tmp_path
     """``--distill``: the teacher's distributions a 2-rank run builds are the bytes one process
     writes (the tiny split is one shard, so rank 0 computes it while rank 1 waits at the barrier),
     and the memory trained on them is one process's."""
-    from memdec_core.artifacts import resolve_reference
+    from memdec_core.store.artifacts import resolve_reference
     from memdec_decoder.memory import open_memory
 
     arguments = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 1,

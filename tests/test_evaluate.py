@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from memdec_core.data import load_corpus, make_windows, tokenize_corpus
+from memdec_core.engine.scoring import EvalSettings, iter_scored_batches, perplexity
 from memdec_core.errors import ConfigError, DataError
-from memdec_core.evaluate import EvalSettings, iter_scored_batches, perplexity
-from memdec_core.models import load_model
+from memdec_core.inputs.data import load_corpus, make_windows, tokenize_corpus
+from memdec_core.inputs.models import load_model
 
 
 def full_context_nll(model, tokens: np.ndarray) -> float:
@@ -73,7 +73,7 @@ def test_bits_per_byte_is_the_total_nll_in_bits_over_the_bytes_of_the_scored_tex
     """Brute force: the NLL of every scored token in bits, over the UTF-8 bytes of the text those
     tokens spell (byte-level BPE: the bytes of each token, summed)."""
     from memdec_core import api
-    from memdec_core.evaluate import bits_per_byte, scored_bytes
+    from memdec_core.engine.scoring import bits_per_byte, scored_bytes
 
     report = api.evaluate(str(corpus_dir), [base.model_id], ["base"], settings=EvalSettings(context=64, stride=32))
     row = report["results"][0]
@@ -97,8 +97,8 @@ def test_the_scored_bytes_are_the_text_whatever_the_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from memdec_core.data import tokenize_documents
-    from memdec_core.evaluate import scored_bytes
+    from memdec_core.engine.scoring import scored_bytes
+    from memdec_core.inputs.data import tokenize_documents
     from memdec_core.testing import synthetic_documents
 
     documents = synthetic_documents(20, seed=3) + ["naïve café — ünïcode ✓"]

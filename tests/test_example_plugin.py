@@ -15,7 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "memdec-plugin-exam
 
 @pytest.fixture(scope="module")
 def installed_example():
-    from memdec_core.plugins import reset_plugin_manager
+    from memdec_core.components.plugins import reset_plugin_manager
 
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "install", "--no-build-isolation", "--no-deps", "--no-index", str(EXAMPLE)],

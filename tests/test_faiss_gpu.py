@@ -44,7 +44,7 @@ def test_gpu_index_gives_the_cpu_index_results_and_files(fake_gpu_faiss, keys, t
 
 
 def test_gpu_number_follows_the_device_and_the_rank(fake_gpu_faiss, monkeypatch):
-    from memdec_core import distributed
+    from memdec_core.runtime import distributed
 
     monkeypatch.setenv("MEMDEC_DEVICE", "cuda:3")
     with pytest.raises(ConfigError, match="GPU 3 asked for, faiss sees 1"):

@@ -18,10 +18,10 @@ import pytest
 from conftest import SMALL_WINDOWS
 
 from memdec_core import api
+from memdec_core.components.plugins import register_plugin, unregister_plugin
 from memdec_core.errors import ArtifactError, DiskError, ResultError
 from memdec_core.hookspecs import hookimpl
 from memdec_core.interfaces import EvalSettings, MemoryModel
-from memdec_core.plugins import register_plugin, unregister_plugin
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -129,7 +129,7 @@ def test_a_read_only_cache_refuses_to_build_and_still_reads(tmp_path, corpus_dir
 @pytest.fixture
 def second_row_write_fails(monkeypatch):
     """The disk refuses the second compare row: the first two rows are measured by then."""
-    from memdec_core import compare as compare_module
+    from memdec_core.runs import compare as compare_module
 
     real, calls = compare_module.write_json, []
 
@@ -144,7 +144,7 @@ def second_row_write_fails(monkeypatch):
 
 def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_gpt2, monkeypatch,
                                                      second_row_write_fails):
-    from memdec_core import compare as compare_module
+    from memdec_core.runs import compare as compare_module
 
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DiskError) as raised:
@@ -200,7 +200,7 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
 
 KILL_TRAINING = """
 import os, signal, sys
-from memdec_core import training
+from memdec_core.engine import training
 real = training.Trainer._step
 count = [0]
 def step(self, starts):
@@ -283,7 +283,7 @@ def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, 
 
 KILL_COMPARE = """
 import os, signal, sys, json
-from memdec_core import compare
+from memdec_core.runs import compare
 real, count = compare.write_json, [0]
 def write_json(path, data):
     real(path, data)
@@ -314,7 +314,7 @@ def test_a_killed_compare_resumes_to_the_same_table(tmp_path, corpus_dir, tiny_g
 
 
 def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt2, tiny_llama, monkeypatch):
-    from memdec_core import training
+    from memdec_core.engine import training
     from memdec_decoder import api as decoder
 
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
@@ -408,10 +408,10 @@ def test_bad_manifests_are_one_clear_error(store_copy, corpus_dir, tiny_gpt2, ma
 
 
 def test_a_manifest_from_a_newer_memdec_is_read_with_a_warning(store_copy, corpus_dir, tiny_gpt2, monkeypatch):
-    from memdec_core import artifacts
+    from memdec_core.store import artifacts
 
     said = []
-    monkeypatch.setattr("memdec_core.progress.log", said.append)
+    monkeypatch.setattr("memdec_core.runtime.progress.log", said.append)
     manifest = json.loads((store_copy / "memdec.json").read_text())
     manifest.update(memdec_version="9.0.0", a_field_from_the_future=[1, 2])
     (store_copy / "memdec.json").write_text(json.dumps(manifest))
@@ -509,7 +509,7 @@ def dead_pid() -> int:
 
 
 def test_temporary_folders_of_killed_processes_are_cleared(tmp_path, corpus_dir, tiny_gpt2, monkeypatch):
-    from memdec_core.artifacts import cached_artifact
+    from memdec_core.store.artifacts import cached_artifact
     from memdec_knn.api import datastore_for, datastore_key
 
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))

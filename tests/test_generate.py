@@ -8,11 +8,11 @@ from click.testing import CliRunner
 from memdec_cli.main import build_cli
 from memdec_combiners.linear import Linear
 from memdec_core.api import prepare_context
-from memdec_core.composite import MemdecForCausalLM, positions_from_mask
+from memdec_core.engine.composite import MemdecForCausalLM, positions_from_mask
+from memdec_core.engine.generation import generate_with_memory, generation_settings, left_padded
 from memdec_core.errors import ConfigError
-from memdec_core.generation import generate_with_memory, generation_settings, left_padded
+from memdec_core.inputs.models import load_model
 from memdec_core.interfaces import EvalSettings
-from memdec_core.models import load_model
 from memdec_decoder.memory import open_memory
 from memdec_decoder.memory_model import DecoderMemory
 
@@ -117,8 +117,8 @@ def test_generation_mixes_through_the_chosen_combiner(base, prompt, trained_memo
 def test_a_knn_memory_generates_from_the_base_hidden_states(base, prompt, corpus_dir):
     """kNN-LM in generation: the stepper's query is the base's last_ffn_input at the newest token,
     so each step's distribution equals scoring the whole sequence so far."""
-    from memdec_core.data import make_windows
-    from memdec_core.evaluate import iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.inputs.data import make_windows
     from memdec_knn.memory import KnnDatastore
 
     ctx = prepare_context(str(corpus_dir), base.model_id, EvalSettings(context=64))

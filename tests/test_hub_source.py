@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from memdec_core.cache import cache_entries
-from memdec_core.data import load_corpus
 from memdec_core.errors import DataError
+from memdec_core.inputs.data import load_corpus
+from memdec_core.store.cache import cache_entries
 from memdec_domains import hub
 from memdec_domains.packs import PackDomain
 

@@ -8,9 +8,9 @@ import torch
 
 from memdec_combiners.linear import LAMBDA_GRID
 from memdec_core.api import prepare_context
-from memdec_core.data import make_windows
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.evaluate import EvalSettings
+from memdec_core.inputs.data import make_windows
 from memdec_knn import datastore as datastore_module
 from memdec_knn import distribution
 from memdec_knn.api import datastore_for
@@ -145,7 +145,7 @@ def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
     monkeypatch.setattr(datastore_module, "iter_scored_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         datastore_for(ctx)
-    from memdec_core.artifacts import cached_artifact
+    from memdec_core.store.artifacts import cached_artifact
     from memdec_knn.api import datastore_key
 
     folder = cached_artifact("datastores", datastore_key(ctx))
@@ -179,7 +179,7 @@ def test_datastore_of_another_model_is_refused(ctx, store, tiny_llama, corpus_di
 
 def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
     result = KnnLM(k=32).evaluate(ctx)
-    from memdec_core.evaluate import perplexity
+    from memdec_core.engine.scoring import perplexity
 
     base = perplexity(ctx.base.model, ctx.corpus.streams["test"], ctx.windows("test"), batch_size=4)
     assert result.test_ppl < base
@@ -192,7 +192,7 @@ def test_knn_lm_lowers_perplexity_and_reports_knobs(ctx):
 def test_knn_memory_dense_rows_match_gold(store, ctx):
     memory = KnnDatastore(k=8, temperatures=(5.0,), datastore=str(store.folder))
     memory.prepare(ctx)
-    from memdec_core.evaluate import iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
 
     batch = next(iter_scored_batches(ctx.base.model, ctx.corpus.streams["valid"], ctx.windows("valid"),
                                      batch_size=2, capture_hidden=True))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from memdec_combiners.linear import Linear
+from memdec_core.engine.generation import mixture_generator, model_generator
+from memdec_core.engine.latency import Timing, generation_latency, ratio_statistics, scoring_latency, time_pairs
 from memdec_core.errors import ConfigError, ResultError
-from memdec_core.generation import mixture_generator, model_generator
-from memdec_core.latency import Timing, generation_latency, ratio_statistics, scoring_latency, time_pairs
 from memdec_rag.index import PassageIndex
 from memdec_rag.method import Rag
 from memdec_rag.retrievers import Bm25Retriever
@@ -201,8 +201,8 @@ def test_the_mixture_generator_with_lambda_zero_is_the_base(ctx, prompt, knn_mem
 
 def test_the_mixture_generator_with_lambda_one_follows_the_memory(ctx, prompt, knn_memory):
     """λ = 1: greedy under the kNN memory alone, queried with the base's hidden state at each new token."""
-    from memdec_core.data import make_windows
-    from memdec_core.evaluate import iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.inputs.data import make_windows
 
     generate = mixture_generator(ctx.base, knn_memory, {"temperature": 3.0}, Linear(lam=1.0))
     got = generate(prompt, NEW)
@@ -326,7 +326,7 @@ def test_a_scorer_that_has_just_run_is_timed_without_a_warm_up_call():
 def test_under_several_ranks_rank_0_decides_how_long_every_rank_times(monkeypatch):
     """A scorer's passes are collective: a rank that stopped timing on its own clock would leave
     the others waiting in a pass. Every decision comes from rank 0 (``from_main``)."""
-    from memdec_core import distributed
+    from memdec_core.runtime import distributed
 
     decisions = []
 

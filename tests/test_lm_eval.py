@@ -17,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
 from memdec_core import api  # noqa: E402
+from memdec_core.engine.loglikelihood import model_loglikelihood  # noqa: E402
 from memdec_core.errors import ConfigError  # noqa: E402
+from memdec_core.inputs.models import load_model  # noqa: E402
 from memdec_core.lm_eval_model import MemdecLM, check_local_tasks, main  # noqa: E402
-from memdec_core.loglikelihood import model_loglikelihood  # noqa: E402
-from memdec_core.models import load_model  # noqa: E402
 
 TASKS = Path(__file__).parent / "data" / "lm_eval"
 TASK = "memdec_tiny_mc"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import SMALL_WINDOWS
 
-from memdec_core.evaluate import EvalSettings
-from memdec_core.grids import extend
+from memdec_core.engine.grids import extend
+from memdec_core.engine.scoring import EvalSettings
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 
@@ -62,7 +62,7 @@ def test_a_grid_inside_its_edges_is_scored_once(memdec_context_factory):
 def test_the_memory_alone_is_scored_over_the_tokens_it_names(memdec_context_factory):
     """kNN-LM alone gives probability 0 to tokens none of its neighbours holds: its own perplexity
     is over the rest, with their share; checked against a brute-force pass."""
-    from memdec_core.evaluate import iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
     from memdec_knn.method import KnnLM
 
     ctx = memdec_context_factory()
@@ -126,7 +126,7 @@ def test_the_bases_of_a_run_that_share_a_tokenizer_form_the_memorys_family(tiny_
     """Without memdec.teacher/init, the run's largest base of the tokenizer teaches and its smallest
     initialises, whichever base is being scored: one memory for the run, as the paper trains one
     per family."""
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
     from memdec_decoder.pipeline import teacher_and_init
     from memdec_decoder.settings import DecoderSettings
 

@@ -5,7 +5,7 @@ import torch
 from conftest import save_tiny_model
 
 from memdec_core.errors import ConfigError, ModelError, UnknownComponentError
-from memdec_core.models import capture_last_ffn_input, last_block_mlp, load_model, tokenizer_fingerprint
+from memdec_core.inputs.models import capture_last_ffn_input, last_block_mlp, load_model, tokenizer_fingerprint
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma3_text"])
@@ -76,7 +76,7 @@ def test_a_copied_model_keeps_its_fingerprint_and_new_weights_change_it(tiny_lla
 
 
 def test_the_device_comes_from_memdec_device_or_the_gpu(monkeypatch, tiny_llama):
-    from memdec_core.models import default_device, model_device
+    from memdec_core.inputs.models import default_device, model_device
 
     monkeypatch.delenv("MEMDEC_DEVICE", raising=False)
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,9 +94,9 @@ def test_the_device_comes_from_memdec_device_or_the_gpu(monkeypatch, tiny_llama)
 def test_the_precision_is_checked_against_the_device_and_runs_the_passes_under_autocast(monkeypatch, tiny_llama):
     import numpy as np
 
-    from memdec_core import models
-    from memdec_core.data import make_windows
-    from memdec_core.evaluate import iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.inputs import models
+    from memdec_core.inputs.data import make_windows
 
     monkeypatch.setenv("MEMDEC_DEVICE", "cpu")
     monkeypatch.delenv("MEMDEC_DTYPE", raising=False)

@@ -6,12 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from memdec_cli.main import build_cli
-from memdec_core import registry
 from memdec_core.api import default_bases
-from memdec_core.data import load_corpus
+from memdec_core.components import registry
 from memdec_core.errors import ConfigError, DataError
+from memdec_core.inputs.data import load_corpus
+from memdec_core.inputs.models import load_model
 from memdec_core.interfaces import SPLITS
-from memdec_core.models import load_model
 
 PACKS = ("biomed", "finance", "law", "general")
 DEMO = ("memdec-demo-s", "memdec-demo-m", "memdec-demo-l")

@@ -9,9 +9,9 @@ import torch
 from conftest import SMALL_WINDOWS
 
 from memdec_core import api
+from memdec_core.engine.scoring import EvalSettings
+from memdec_core.engine.training import LoopSettings, Trainer
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.evaluate import EvalSettings
-from memdec_core.training import LoopSettings, Trainer
 from memdec_peft.methods import lora_targets
 from memdec_peft.settings import LoraSettings
 
@@ -97,9 +97,9 @@ def test_the_loop_stops_early_and_keeps_the_best_epoch(tmp_path):
 def test_an_interrupted_lora_run_resumes_to_the_same_adapter(corpus_dir, tiny_llama, monkeypatch, tmp_path):
     from pathlib import Path
 
-    from memdec_core import training
     from memdec_core.api import prepare_context
-    from memdec_core.artifacts import read_manifest
+    from memdec_core.engine import training
+    from memdec_core.store.artifacts import read_manifest
     from memdec_peft.methods import Lora
 
     ctx = prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
@@ -179,8 +179,8 @@ def test_each_step_uses_the_learning_rate_of_its_schedule(tmp_path, schedule, fa
 def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adapters(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from memdec_core.models import load_model
-    from memdec_core.training import training_flops_per_token
+    from memdec_core.engine.training import training_flops_per_token
+    from memdec_core.inputs.models import load_model
 
     model = load_model(str(tiny_llama)).model
     embedding = model.get_input_embeddings().weight
@@ -210,8 +210,8 @@ def test_chunked_cross_entropy_equals_the_full_logits_one(family, adapted):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from memdec_core.engine.training import TrainBatch, next_token_cross_entropy
     from memdec_core.testing import tiny_config
-    from memdec_core.training import TrainBatch, next_token_cross_entropy
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, 300)).double().eval()  # no dropout: equal bits

@@ -5,11 +5,11 @@ import types
 
 import pytest
 
-from memdec_core import registry
+from memdec_core.components import registry
+from memdec_core.components.plugins import plugin_records, register_plugin, unregister_plugin
 from memdec_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
 from memdec_core.hookspecs import hookimpl
 from memdec_core.interfaces import Method
-from memdec_core.plugins import plugin_records, register_plugin, unregister_plugin
 
 BUILT_INS = {"base", "knn", "combiners"}
 

@@ -8,9 +8,9 @@ import torch
 
 from memdec_core import api
 from memdec_core.api import prepare_context
+from memdec_core.components.plan import Plan
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError, UnknownComponentError
-from memdec_core.evaluate import EvalSettings
-from memdec_core.plan import Plan
 from memdec_rag.index import PassageIndex
 from memdec_rag.method import Rag
 from memdec_rag.retrievers import Bm25Retriever, DenseRetriever
@@ -153,14 +153,14 @@ def test_the_dense_retriever_without_its_extra_is_one_clear_error(ctx, monkeypat
 
 
 def test_under_two_ranks_each_scores_every_other_batch_of_runs_and_the_halves_make_the_whole(ctx, monkeypatch):
-    from memdec_core import distributed
-    from memdec_core.distributed import World
+    from memdec_core.runtime import distributed
+    from memdec_core.runtime.distributed import World
 
     stream = ctx.corpus.streams["test"][:150]
     index = PassageIndex.for_corpus(ctx, 10, Bm25Retriever())
     rag = Rag(passage_tokens=10, batch_size=3)
     whole = rag.score(ctx, index, stream, "rag")
-    monkeypatch.setattr("memdec_core.evaluate.sum_across", lambda values: list(values))  # no group to reduce in
+    monkeypatch.setattr("memdec_core.engine.scoring.sum_across", lambda values: list(values))  # no group to reduce in
     halves = []
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "_WORLD", [World(rank=rank, size=2)])

@@ -19,7 +19,7 @@ SMOLLM = MODELS / "smollm2-135m" / "model.gguf"
 def test_gguf_base_loads_once_converted_and_gives_the_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     first = load_model(str(SMOLLM), cache_dir=tmp_path)
     again = load_model(str(SMOLLM), cache_dir=tmp_path)  # from the converted safetensors folder

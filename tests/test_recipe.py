@@ -3,8 +3,8 @@
 import pytest
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
+from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError
-from memdec_core.evaluate import EvalSettings
 from memdec_decoder import recipe as recipe_module
 from memdec_decoder.recipe import AUTO, RECIPES, recipe_for
 from memdec_decoder.settings import DecoderSettings
@@ -85,7 +85,7 @@ def test_settings_from_the_command_line_are_numbers_or_auto():
 def test_an_init_above_the_threshold_is_cut_and_its_temperature_tuned(corpus_dir, fixture, monkeypatch, request):
     """The auto recipe end to end, with the threshold lowered so the tiny model counts as large."""
     from memdec_core.api import prepare_context
-    from memdec_core.plan import Plan
+    from memdec_core.components.plan import Plan
     from memdec_decoder.pipeline import memory_for, planned_parameters
     from memdec_knn.method import KnnLM
 

@@ -10,11 +10,11 @@ from datetime import datetime, timezone
 import pytest
 from conftest import invoke, one_line_error
 
-from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, parse_budget
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import EvalSettings
-from memdec_core.meta import SCHEMA_VERSION, run_meta
-from memdec_core.runconfig import budget_from_fields, load_run_config, window_settings
+from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, parse_budget
+from memdec_core.runs.meta import SCHEMA_VERSION, run_meta
+from memdec_core.runs.runconfig import budget_from_fields, load_run_config, window_settings
 
 META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size", "dtype", "precision", "contexts",
              "command", "timestamp", "config", "settings", "combiner", "bases", "methods"}
@@ -24,7 +24,7 @@ META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size
 def captured(monkeypatch):
     """memdec eval and memdec compare with the work replaced by a record of what they were asked."""
     import memdec_core.api as api_module
-    import memdec_core.compare as compare_module
+    import memdec_core.runs.compare as compare_module
 
     calls = {}
 
@@ -240,7 +240,7 @@ def test_a_real_evaluate_reports_the_resolved_window(corpus_dir, tiny_llama):
     assert {"domain", "results", "settings", "combiner", "meta"} <= set(report)
     meta = report["meta"]
     assert set(meta) == META_KEYS and meta["schema_version"] == SCHEMA_VERSION
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     tokenizer = load_model(str(tiny_llama)).tokenizer_fingerprint
     assert meta["contexts"] == {str(tiny_llama): {"context": 64, "stride": 32, "dtype": "float32",
@@ -293,7 +293,7 @@ def _guarded(*args: str) -> subprocess.CompletedProcess:
 LOAD = """
 import sys, time
 from memdec_core.errors import ConfigError
-from memdec_core.runconfig import load_run_config
+from memdec_core.runs.runconfig import load_run_config
 start = time.perf_counter()
 try:
     load_run_config(sys.argv[1], sys.argv[2])

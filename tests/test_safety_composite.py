@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from memdec_core import api
-from memdec_core.artifacts import cache_root, resolve_reference
-from memdec_core.composite import MemdecForCausalLM
+from memdec_core.engine.composite import MemdecForCausalLM
 from memdec_core.errors import ArtifactError
-from memdec_core.models import referenced_base
+from memdec_core.inputs.models import referenced_base
+from memdec_core.store.artifacts import cache_root, resolve_reference
 
 EVIL = """
 from pathlib import Path

@@ -13,8 +13,8 @@ import torch
 from conftest import invoke, one_line_error
 
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
-from memdec_core.models import load_model
-from memdec_core.tasks import (
+from memdec_core.inputs.models import load_model
+from memdec_core.runs.tasks import (
     Example,
     load_spec,
     load_task,
@@ -88,7 +88,7 @@ def reference_scores(model, tokenizer, spec, examples):
 
 
 def test_dcpmi_equals_a_brute_force_reference_from_the_logits(tiny_llama, tmp_path):
-    from memdec_core.loglikelihood import base_loglikelihood
+    from memdec_core.engine.loglikelihood import base_loglikelihood
 
     base = load_model(str(tiny_llama))
     task = load_task(str(write_tiny_task(tmp_path)), None)
@@ -175,7 +175,7 @@ def test_lambda_is_tuned_per_task_on_validation_else_taken_from_perplexity(tmp_p
 
 
 def test_ties_on_validation_keep_the_knob_nearest_the_perplexity_choice():
-    from memdec_core.tasks import choose_knobs
+    from memdec_core.runs.tasks import choose_knobs
 
     tried = [({"lam": 0.1}, 0.5), ({"lam": 0.3}, 0.7), ({"lam": 0.6}, 0.7), ({"lam": 0.9}, 0.7)]
     assert choose_knobs(tried, {"lam": 0.8}) == {"lam": 0.9}
@@ -212,7 +212,7 @@ def test_a_shipped_task_scores_as_the_reference_on_real_lines(tiny_gpt2):
 def test_every_shipped_spec_parses():
     import yaml
 
-    from memdec_core.tasks import SPEC_FOLDER, _check_keys
+    from memdec_core.runs.tasks import SPEC_FOLDER, _check_keys
 
     assert {"sst2", "mr", "cr", "rotten_tomatoes", "hyp", "cb", "rte", "agn", "yahoo"} <= set(task_names())
     for name in task_names():
@@ -304,7 +304,7 @@ def test_memdec_tasks_scores_base_and_a_mixture_end_to_end(corpus_dir, tiny_gpt2
 
 
 def test_an_interrupted_memdec_tasks_run_keeps_its_rows_and_resumes(corpus_dir, tiny_gpt2, tmp_path, monkeypatch):
-    import memdec_core.tasks as tasks_module
+    import memdec_core.runs.tasks as tasks_module
 
     spec = write_tiny_task(tmp_path / "task")
     out = tmp_path / "tasks.json"

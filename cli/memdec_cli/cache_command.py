@@ -1,4 +1,4 @@
-"""``memdec cache ls|du|rm``: see and clean the artifact cache (thin commands over ``memdec_core.cache``)."""
+"""``memdec cache ls|du|rm``: see and clean the artifact cache (thin commands over ``memdec_core.store.cache``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import click
 
-from memdec_core import cache as cache_lib
-from memdec_core.cache_dir import cache_root
 from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.store import cache as cache_lib
+from memdec_core.store.cache_dir import cache_root
 
 KIND_HELP = "Only this kind (top-level folder): datastores, targets, memories, lora, dapt, results, models, hub, ..."
 

@@ -18,14 +18,14 @@ from memdec_cli.options import (
     window_options,
     write_report,
 )
-from memdec_core.compare import EQUAL_COMPUTE, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
 from memdec_core.errors import ConfigError, MemdecError
-from memdec_core.runconfig import FORMATS
+from memdec_core.runs.compare import EQUAL_COMPUTE, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
+from memdec_core.runs.runconfig import FORMATS
 
 
 def _parse_budget(ctx, param, value):
     """--budget as CompareSettings fields; a malformed one is bad usage (exit 2), caught before any work."""
-    from memdec_core.compare import parse_budget
+    from memdec_core.runs.compare import parse_budget
 
     try:
         return parse_budget(value)
@@ -94,7 +94,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
       memdec compare --config finance.toml --budget 0     # the file's options, its budget overridden
     """
     from memdec_cli.render import print_comparison
-    from memdec_core.compare import compare
+    from memdec_core.runs.compare import compare
 
     require_domain(ctx, domain)
     run = run_config(ctx)
@@ -124,7 +124,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
 
 def _keep_partial(report: dict | None, output_format: str, output: Path | None) -> None:
     from memdec_cli.render import print_comparison
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     if not report or not report["results"]:
         return

@@ -17,7 +17,7 @@ from memdec_cli.options import (
     window_options,
     write_report,
 )
-from memdec_core.runconfig import FORMATS
+from memdec_core.runs.runconfig import FORMATS
 
 
 @click.command("eval")
@@ -83,7 +83,7 @@ def _combiner(spec: str, lam: float | None):
     """The combiner spec, or an instance with λ fixed when --lam is given."""
     if lam is None:
         return spec
-    from memdec_core.combiner_files import resolve_combiner
+    from memdec_core.components.combiner_files import resolve_combiner
     from memdec_core.errors import ConfigError
 
     combiner_class = resolve_combiner(spec)

@@ -44,7 +44,7 @@ def export(folder, output, force, base, memory, domain, lam, assignments):
       memdec export --base memdec-demo-l --memory knn-datastore --domain finance \\
                     --set knn-datastore.temperatures=10 --output finance-knn-composite
     """
-    from memdec_core import export as exports
+    from memdec_core.runs import export as exports
 
     if memory is None:
         _check_adapted_usage(folder, domain, lam, assignments)

@@ -63,7 +63,7 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     from transformers import TextStreamer
 
     from memdec_core import api
-    from memdec_core.combiner_files import resolve_combiner
+    from memdec_core.components.combiner_files import resolve_combiner
 
     torch.manual_seed(seed)
     settings = parse_assignments(assignments)
@@ -104,7 +104,7 @@ def _read_prompt(prompt: str) -> str:
 
 def _check_generation(generation: dict) -> None:
     """Bad generation settings fail before anything is loaded or printed."""
-    from memdec_core.generation import generation_settings
+    from memdec_core.engine.generation import generation_settings
 
     generation_settings(**generation)
 

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from memdec_core.registry import KINDS
+from memdec_core.components.registry import KINDS
 
 
 @click.command("list")
@@ -20,7 +20,7 @@ def list_components(kind: str, name: str | None, as_json: bool):
     that component with what it does. Change one with `--set NAME.KEY=VALUE` in eval, compare
     and generate.
     """
-    from memdec_core import registry
+    from memdec_core.components import registry
 
     rows = registry.describe(kind)
     if name is not None:

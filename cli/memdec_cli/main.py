@@ -71,7 +71,7 @@ def build_cli() -> click.Group:
         _join_launcher(world_size)
         _set_precision(dtype, device)
         if fsdp:
-            os.environ["MEMDEC_FSDP"] = "1"  # read by the training loop (memdec_core.distributed.fsdp_requested)
+            os.environ["MEMDEC_FSDP"] = "1"  # read by the training loop (distributed.fsdp_requested)
 
     for command in (plugins_command.plugins, list_command.list_components, eval_command.eval_command,
                     compare_command.compare_command, generate_command.generate, cache_command.cache, export,
@@ -83,7 +83,7 @@ def build_cli() -> click.Group:
 
 def _join_launcher(world_size: int | None) -> None:
     """Join a launcher's processes (nothing to do for one); only the first prints results."""
-    from memdec_core.distributed import join, launched_size
+    from memdec_core.runtime.distributed import join, launched_size
 
     if world_size is None and launched_size() == 1:
         return  # one process: torch is not imported for nothing
@@ -93,7 +93,7 @@ def _join_launcher(world_size: int | None) -> None:
 
 def _set_precision(dtype: str | None, device: str | None) -> None:
     """Pass --dtype / --device to the library (and child processes) and check them before any work."""
-    from memdec_core.models import compute_dtype
+    from memdec_core.inputs.models import compute_dtype
 
     for variable, value in (("MEMDEC_DEVICE", device), ("MEMDEC_DTYPE", dtype)):
         if value:
@@ -103,7 +103,7 @@ def _set_precision(dtype: str | None, device: str | None) -> None:
 
 
 def _add_plugin_commands(cli: click.Group) -> None:
-    from memdec_core.plugins import get_plugin_manager
+    from memdec_core.components.plugins import get_plugin_manager
 
     manager = get_plugin_manager()  # a bad MEMDEC_DISABLE_PLUGINS is the user's error: let it out
     try:

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 from memdec_core.errors import ConfigError
+from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
 
 def window_options(command=None, *, train_default: int = QUICK_TRAIN_TOKENS, eval_default: int = QUICK_EVAL_TOKENS):
@@ -49,7 +49,7 @@ def _token_cap(ctx, param, value):
 
 def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens):
     """The EvalSettings of the window options (0 caps nothing: the whole split)."""
-    from memdec_core.runconfig import window_settings
+    from memdec_core.runs.runconfig import window_settings
 
     return window_settings(dict(context=context, stride=stride, batch_size=batch_size,
                                 max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens))
@@ -83,7 +83,7 @@ def split_list(values: tuple[str, ...]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# --config FILE: a run's options from a YAML or TOML file (memdec_core.runconfig checks it)
+# --config FILE: a run's options from a YAML or TOML file (memdec_core.runs.runconfig checks it)
 
 #: A config key whose command parameter is named otherwise.
 PARAM_NAMES = {"format": "output_format", "settings": "assignments"}
@@ -99,7 +99,7 @@ def config_option(command_name: str):
     def load(ctx, param, path):
         if path is None:
             return None
-        from memdec_core.runconfig import load_run_config
+        from memdec_core.runs.runconfig import load_run_config
 
         values = load_run_config(path, command_name)
         ctx.meta[_CONFIG_VALUES] = values
@@ -123,8 +123,8 @@ class RunConfig:
 
 def run_config(ctx: click.Context) -> RunConfig:
     """Merge --set over the file's settings and describe the run's options for the report."""
-    from memdec_core.progress import log
-    from memdec_core.runconfig import KEYS
+    from memdec_core.runs.runconfig import KEYS
+    from memdec_core.runtime.progress import log
 
     file_values = ctx.meta.get(_CONFIG_VALUES, {})
     given = parse_assignments(ctx.params["assignments"])
@@ -156,7 +156,7 @@ def _from_command_line(ctx: click.Context, key: str) -> bool:
 
 def _config_value(ctx: click.Context, key: str) -> Any:
     """An option's effective value, as a config file would write it (lists, text, --budget's text)."""
-    from memdec_core.runconfig import budget_from_fields
+    from memdec_core.runs.runconfig import budget_from_fields
 
     value = ctx.params[PARAM_NAMES.get(key, key)]
     if key == "budget":
@@ -176,8 +176,8 @@ def require_domain(ctx: click.Context, domain: str | None) -> None:
 
 def write_report(path: Path, report: dict) -> None:
     """Write a command's JSON report (atomically); under several processes, the first writes it."""
-    from memdec_core.artifacts import write_json
-    from memdec_core.distributed import world
+    from memdec_core.runtime.distributed import world
+    from memdec_core.store.artifacts import write_json
 
     if world().main:
         write_json(path, report)

@@ -46,7 +46,7 @@ def format_ppl(value) -> str:
 
 
 def evaluation_rows(report: dict) -> list[list[str]]:
-    from memdec_core.evaluate import format_knobs
+    from memdec_core.engine.scoring import format_knobs
 
     return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_bpb(r.get("test_bpb")),
              format_ppl(r["valid_ppl"]), format_knobs(r["knobs"]) or "-", f"{r['seconds']:.1f}"]

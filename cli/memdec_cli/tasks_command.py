@@ -11,7 +11,7 @@ import click
 from memdec_cli.eval_command import _combiner
 from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options, write_report
 from memdec_core.errors import ArtifactError
-from memdec_core.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
+from memdec_core.runs.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
 
 FORMATS = ("table", "json", "markdown")
 
@@ -68,7 +68,7 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
                    --tasks sst2,mr,cr,rotten_tomatoes,hyp,rte,agn --format markdown
       memdec tasks --domain ./my-corpus --base Qwen/Qwen2.5-0.5B --method base,knn-lm --tasks ./my-task.yaml
     """
-    from memdec_core.tasks import evaluate_tasks
+    from memdec_core.runs.tasks import evaluate_tasks
 
     if resume and output is None:
         raise click.UsageError("--resume needs --output, the report to resume")

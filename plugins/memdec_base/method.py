@@ -13,9 +13,9 @@ class Base(Method):
     unadapted = True
 
     def evaluate(self, ctx: EvalContext) -> MethodResult:
-        from memdec_core.evaluate import model_scorer
-        from memdec_core.generation import model_generator
-        from memdec_core.loglikelihood import base_loglikelihood
+        from memdec_core.engine.generation import model_generator
+        from memdec_core.engine.loglikelihood import base_loglikelihood
+        from memdec_core.engine.scoring import model_scorer
 
         scorer = model_scorer(ctx.base.model, ctx.settings.batch_size)
         test = scorer(ctx.corpus.streams["test"], ctx.windows("test"), f"test {ctx.base.short_name}")

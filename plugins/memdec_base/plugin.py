@@ -6,6 +6,6 @@ from memdec_core.hookspecs import hookimpl
 @hookimpl
 def memdec_register_methods():
     from memdec_base.method import Base
-    from memdec_core.mixture import Mixture
+    from memdec_core.engine.mixture import Mixture
 
     return [Base, Mixture]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from memdec_core.components.plan import Plan, check_requirements
 from memdec_core.errors import ConfigError
-from memdec_core.plan import Plan, check_requirements
 from memdec_decoder.settings import DecoderSettings
 
 
@@ -52,7 +52,7 @@ def train(domain, *, teacher: str = "", init: str = "", settings=None, output: P
     memory is written to that folder; an interrupted run resumes when called again the same way,
     and a finished one is returned as it is (a folder made otherwise is refused).
     """
-    from memdec_core.cache_dir import shared_entry_lock
+    from memdec_core.store.cache_dir import shared_entry_lock
     from memdec_decoder import pipeline
     from memdec_decoder.train import train_memory
 
@@ -86,8 +86,8 @@ def transfer(memory, teacher: str, domain, output, *, fraction: float = 0.1, emb
     on the windows it was trained on unless ``settings`` gives a context. An interrupted transfer
     resumes when called again the same way.
     """
-    from memdec_core.cache_dir import shared_entry_lock
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
+    from memdec_core.store.cache_dir import shared_entry_lock
     from memdec_decoder import pipeline
     from memdec_decoder.memory import open_memory
     from memdec_decoder.train import train_memory

@@ -103,7 +103,7 @@ def targets_info(folder):
                    "decide) [default: the recipe's; 0 when --epochs is given].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="AdamW learning rate at the first step [default: the recipe's].")
-# the names of memdec_core.training.SCHEDULES, written out: --help must not import torch
+# the names of memdec_core.engine.training.SCHEDULES, written out: --help must not import torch
 @click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True,
               help="The learning rate over the optimizer steps: decayed to 0 linearly or along a half cosine, "
                    "or held constant.")

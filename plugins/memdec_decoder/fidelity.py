@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core.evaluate import iter_scored_batches
+from memdec_core.engine.scoring import iter_scored_batches
 from memdec_core.interfaces import EvalContext
 from memdec_decoder.memory import MemoryDecoder
 from memdec_decoder.settings import DecoderSettings

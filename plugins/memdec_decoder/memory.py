@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from memdec_core.artifacts import read_manifest
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
-from memdec_core.models import autocast, default_device, model_device
+from memdec_core.inputs.models import autocast, default_device, model_device
+from memdec_core.store.artifacts import read_manifest
 from memdec_decoder.vocab import Vocabulary
 
 ARTIFACT_TYPE = "memory-decoder"
@@ -156,7 +156,7 @@ class DecoderStepper:
         """``[rows, keep, width]`` full-vocabulary log-probs after the last ``keep`` new tokens."""
         from transformers import DynamicCache
 
-        from memdec_core.composite import positions_from_mask
+        from memdec_core.engine.composite import positions_from_mask
 
         if self._cache is None:
             self._cache = DynamicCache(config=self.memory.model.config)

@@ -64,7 +64,7 @@ class DecoderMemory(MemoryModel):
         return DecoderStepper(self._loaded())
 
     def costs(self) -> Costs:
-        from memdec_core.artifacts import folder_bytes
+        from memdec_core.store.artifacts import folder_bytes
 
         memory = self._loaded()
         manifest = memory.manifest

@@ -6,7 +6,7 @@ The mixture path with its memory fixed to ``memory-decoder``; its settings are t
 
 from __future__ import annotations
 
-from memdec_core.mixture import MixtureMethod
+from memdec_core.engine.mixture import MixtureMethod
 from memdec_decoder.settings import DecoderSettings
 
 

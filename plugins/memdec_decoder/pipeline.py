@@ -12,14 +12,14 @@ import dataclasses
 import functools
 from pathlib import Path
 
-from memdec_core import registry
-from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.cache_dir import shared_entry_lock
+from memdec_core.components import registry
+from memdec_core.components.identity import component_identity
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.identity import component_identity
+from memdec_core.inputs.models import LoadedModel, decoder_blocks, default_device, load_model, model_fingerprint
 from memdec_core.interfaces import EvalContext
-from memdec_core.models import LoadedModel, decoder_blocks, default_device, load_model, model_fingerprint
-from memdec_core.progress import log
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import cached_artifact, content_key
+from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_decoder.memory import MemoryDecoder, open_memory
 from memdec_decoder.settings import DecoderSettings
 from memdec_decoder.targets import TargetSet, TargetSettings, build_targets
@@ -157,7 +157,7 @@ def tuned_temperature(teacher_ctx: EvalContext, config: DecoderSettings) -> floa
     (T ≈ 10–30 for the demo family, ≈ 300–1000 for Qwen), so a fixed T can make every target
     one-hot or flat.
     """
-    from memdec_core.evaluate import tune_on_validation
+    from memdec_core.engine.scoring import tune_on_validation
     from memdec_knn import api as knn
 
     knn_memory = teacher_ctx.create("memory-models", "knn-datastore", k=config.k,
@@ -271,7 +271,7 @@ def _facts_of(model_name: str) -> tuple[str, int]:
 def _loaded_facts(model_name: str) -> tuple[str, int, int | None]:
     """Tokenizer fingerprint, parameters and blocks (None: an architecture memdec cannot cut) of a
     model loaded once per process for them."""
-    from memdec_core.models import BLOCK_PATHS
+    from memdec_core.inputs.models import BLOCK_PATHS
 
     model = load_model(model_name)
     blocks = len(decoder_blocks(model.model)) if model.model.config.model_type in BLOCK_PATHS else None

@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memdec_core.artifacts import (
+from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.runtime.distributed import barrier, sharding
+from memdec_core.runtime.progress import progress_bar
+from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
     read_manifest,
@@ -29,9 +32,6 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.distributed import barrier, sharding
-from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.progress import progress_bar
 from memdec_knn.api import Datastore, sparse_distribution
 
 ARTIFACT_TYPE = "knn-targets"

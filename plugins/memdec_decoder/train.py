@@ -1,6 +1,6 @@
 """Training a Memory Decoder on kNN targets: β·KL(p_kNN ‖ p_mem) + (1−β)·CE(gold) per token.
 
-The loop is memdec's shared one (``memdec_core.training``: AdamW, linear decay without warmup
+The loop is memdec's shared one (``memdec_core.engine.training``: AdamW, linear decay without warmup
 (or the ``schedule`` chosen), clipping, accumulation — the paper's recipe — seeded epoch order,
 checkpoints, best epoch on validation). This module supplies the objective, the memory's
 construction (init model, first blocks, restricted vocabulary) and the output folder.
@@ -21,7 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memdec_core.artifacts import (
+from memdec_core.engine.scoring import NLLTotal, iter_scored_batches, reduce_totals
+from memdec_core.engine.training import LoopSettings, TrainBatch, Trainer, seeded
+from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
+from memdec_core.inputs.data import TokenizedCorpus, make_windows
+from memdec_core.inputs.models import BLOCK_PATHS, LoadedModel, decoder_blocks, default_device, load_model
+from memdec_core.runtime.distributed import barrier, from_main, sharding, sum_across
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
     content_key,
@@ -30,13 +37,6 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.data import TokenizedCorpus, make_windows
-from memdec_core.distributed import barrier, from_main, sharding, sum_across
-from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
-from memdec_core.evaluate import NLLTotal, iter_scored_batches, reduce_totals
-from memdec_core.models import BLOCK_PATHS, LoadedModel, decoder_blocks, default_device, load_model
-from memdec_core.progress import log
-from memdec_core.training import LoopSettings, TrainBatch, Trainer, seeded
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
 from memdec_decoder.settings import CUT_NORM_CHOICES, VOCABULARY_CHOICES
@@ -56,7 +56,7 @@ class TrainSettings:
     epochs: int = 3
     min_steps: int = 0  # at least this many optimizer steps (more epochs over a small train split)
     lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
-    schedule: str = "linear"  # the learning rate over the steps (memdec_core.training.SCHEDULES)
+    schedule: str = "linear"  # the learning rate over the steps (memdec_core.engine.training.SCHEDULES)
     weight_decay: float = 0.0
     batch_size: int = 8  # windows per forward pass
     accumulate: int = 1  # forward passes per optimizer step
@@ -183,7 +183,7 @@ def training_identity(start_fingerprint: str, targets: TargetSet, settings: Trai
 
 def _already_trained(output: Path, identity: dict) -> MemoryDecoder:
     """A rerun onto a finished memory: the memory when it was made the same way, else a clear error."""
-    from memdec_core.artifacts import read_manifest
+    from memdec_core.store.artifacts import read_manifest
 
     manifest = read_manifest(output, ARTIFACT_TYPE) if (output / "memdec.json").is_file() else {}
     if manifest.get("identity") != content_key(identity):

@@ -24,10 +24,10 @@ import math
 
 import torch
 
-from memdec_core.artifacts import artifact_reference, content_key
+from memdec_core.engine.training import seeded
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.models import LoadedModel, default_device, last_block_mlp, model_fingerprint
-from memdec_core.training import seeded
+from memdec_core.inputs.models import LoadedModel, default_device, last_block_mlp, model_fingerprint
+from memdec_core.store.artifacts import artifact_reference, content_key
 from memdec_decoder.memory import MemoryDecoder
 from memdec_decoder.train import MemoryStart, TrainSettings
 from memdec_decoder.vocab import Vocabulary, restrict_model

@@ -19,8 +19,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from memdec_core.cache import HUB_SNAPSHOT_RECORD
 from memdec_core.errors import DataError
+from memdec_core.store.cache import HUB_SNAPSHOT_RECORD
 
 #: The dataset's split names for memdec's train / valid / test.
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
@@ -32,8 +32,8 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
     """Documents of one split of the hub dataset, from the local snapshot (streamed there once).
 
     Offline, without ``datasets``, or when the stream breaks: one DataError, and no snapshot left."""
-    from memdec_core.cache_dir import entry_lock
-    from memdec_core.data import read_documents
+    from memdec_core.inputs.data import read_documents
+    from memdec_core.store.cache_dir import entry_lock
 
     folder = snapshot_folder(hub_source)
     with entry_lock(folder):
@@ -46,7 +46,7 @@ def hub_documents(domain: str, hub_source: dict, split: str) -> list[str]:
 def snapshot_folder(hub_source: dict) -> Path:
     """Where the snapshot of a hub dataset (and config) lives; independent of memdec's code version,
     so that upgrading memdec does not download the dataset again."""
-    from memdec_core.artifacts import cached_artifact
+    from memdec_core.store.artifacts import cached_artifact
 
     identity = json.dumps([SNAPSHOT_FORMAT, hub_source["dataset"], hub_source.get("config")])
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", hub_source["dataset"]).strip("_")[-60:]
@@ -54,8 +54,8 @@ def snapshot_folder(hub_source: dict) -> Path:
 
 
 def _download(domain: str, hub_source: dict, folder: Path) -> None:
-    from memdec_core.artifacts import atomic_directory
-    from memdec_core.progress import log, progress_bar
+    from memdec_core.runtime.progress import log, progress_bar
+    from memdec_core.store.artifacts import atomic_directory
 
     dataset_id = hub_source["dataset"]
     splits = _open_stream(domain, hub_source)

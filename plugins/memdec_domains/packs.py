@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from memdec_core.data import read_documents
 from memdec_core.errors import ConfigError, DataError
+from memdec_core.inputs.data import read_documents
 from memdec_core.interfaces import SPLITS, Domain, setting
 
 DATA = Path(__file__).parent / "data"
@@ -74,8 +74,8 @@ def token_counts(domain: type[PackDomain]) -> dict | None:
 
     None when no default model (the demo family) is installed.
     """
-    from memdec_core import registry
-    from memdec_core.artifacts import cached_artifact, content_key
+    from memdec_core.components import registry
+    from memdec_core.store.artifacts import cached_artifact, content_key
 
     defaults = [cls for cls in registry.components("models").values() if cls.default]
     if not defaults:
@@ -94,7 +94,7 @@ def token_counts(domain: type[PackDomain]) -> dict | None:
 def _count_tokens(domain: PackDomain, model_folder: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
-    from memdec_core.data import tokenize_documents
+    from memdec_core.inputs.data import tokenize_documents
 
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     return {split: len(tokenize_documents(tokenizer, domain.documents(split))) for split in SPLITS}

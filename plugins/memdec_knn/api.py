@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memdec_core.artifacts import cached_artifact, content_key
-from memdec_core.cache_dir import shared_entry_lock
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.interfaces import EvalContext
-from memdec_core.progress import log
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import cached_artifact, content_key
+from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_knn.datastore import LAYER, Datastore, open_datastore
 from memdec_knn.memory import TEMPERATURE_GRID
 
@@ -59,7 +59,7 @@ def _build(ctx: EvalContext, folder: Path) -> Datastore:
 
 
 def datastore_key(ctx: EvalContext) -> str:
-    from memdec_core.identity import component_identity
+    from memdec_core.components.identity import component_identity
     from memdec_knn.memory import KnnDatastore
 
     corpus = ctx.require_corpus("a kNN datastore")
@@ -85,8 +85,8 @@ def build_datastore(domain, base: str, *, settings=None, output: Path | None = N
     With ``output``, write it to that new folder instead of the cache. Returns the folder.
     """
     from memdec_core.api import prepare_context
+    from memdec_core.components.plan import Plan
     from memdec_core.interfaces import Use
-    from memdec_core.plan import Plan
 
     if output is not None and Path(output).exists():
         raise ConfigError(f"output folder already exists: {output}")

@@ -9,7 +9,7 @@ A build works in ``.NAME.partial`` with ordinary buffered writes (a full disk is
 SIGBUS from a memory map), each batch's rows written at their positions, and records every few
 batches how far it got, after flushing to disk: a killed build resumes from there and gives the
 same bytes. The folder is renamed into place when complete. Under several processes (see
-``memdec_core.distributed``) each rank computes every N-th batch into the same files, and the
+``memdec_core.runtime.distributed``) each rank computes every N-th batch into the same files, and the
 record is the windows every rank has finished, so a build resumes with any number of processes.
 """
 
@@ -23,7 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from memdec_core.artifacts import (
+from memdec_core.engine.scoring import iter_scored_batches
+from memdec_core.errors import ArtifactError
+from memdec_core.interfaces import Retriever
+from memdec_core.runtime.distributed import barrier, sharding, sum_across
+from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
     cached_artifact,
@@ -34,12 +38,8 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.cache_dir import entry_lock
-from memdec_core.disk import disk_errors, require_space
-from memdec_core.distributed import barrier, sharding, sum_across
-from memdec_core.errors import ArtifactError
-from memdec_core.evaluate import iter_scored_batches
-from memdec_core.interfaces import Retriever
+from memdec_core.store.cache_dir import entry_lock
+from memdec_core.store.disk import disk_errors, require_space
 
 ARTIFACT_TYPE = "datastore"
 INDEX_TYPE = "datastore-index"
@@ -85,7 +85,7 @@ class Datastore:
 
     def with_index(self, retriever: Retriever) -> "Datastore":
         """This datastore searched by ``retriever``: its index opened, or built on first use."""
-        from memdec_core.identity import component_identity
+        from memdec_core.components.identity import component_identity
 
         key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
                           len(self), retriever.name, component_identity(type(retriever)), retriever.build_settings())
@@ -110,7 +110,7 @@ def _index_location(store_folder: Path, name: str) -> Path:
 
 
 def _build_index(store: Datastore, retriever: Retriever, folder: Path) -> None:
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     log(f"indexing {len(store):,} keys with {retriever.name} in {folder}")
     started = time.perf_counter()
@@ -134,7 +134,7 @@ def build_datastore(base, stream: np.ndarray, folder: Path, *, context: int, str
     Under several processes every rank calls it (inside ``shared_entry_lock``): rank 0 prepares
     and finishes the folder, and each rank writes the rows of its batches.
     """
-    from memdec_core.data import make_windows
+    from memdec_core.inputs.data import make_windows
 
     windows = make_windows(len(stream), context, stride)
     n_rows, dim = len(stream) - 1, base.model.config.get_text_config().hidden_size
@@ -168,7 +168,7 @@ def _prepare(work: Path, identity: dict, folder: Path, needed: int, n_rows: int,
 
 def _finish(base, work: Path, folder: Path, *, n_rows: int, dim: int, data_hash: str, domain: str | None,
             context: int, stride: int, seconds: float) -> None:
-    from memdec_core.models import base_reference
+    from memdec_core.inputs.models import base_reference
 
     write_manifest(work, ARTIFACT_TYPE, base_model=base.model_id, model_fingerprint=base.fingerprint,
                    base=base_reference(base), domain=domain,

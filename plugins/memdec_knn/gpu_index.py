@@ -85,7 +85,7 @@ def gpu_number() -> int:
     """The GPU faiss uses in this process: ``--device cuda:N``, else the launcher's local rank."""
     import faiss
 
-    from memdec_core.distributed import world
+    from memdec_core.runtime.distributed import world
 
     if not hasattr(faiss, "StandardGpuResources"):
         raise ConfigError(f"retriever faiss-gpu: the installed faiss has no GPU support; {INSTALL}")

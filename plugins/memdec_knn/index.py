@@ -264,7 +264,7 @@ def write_index(index, path: Path) -> None:
 
     import faiss
 
-    from memdec_core.disk import refusal
+    from memdec_core.store.disk import refusal
 
     try:
         faiss.write_index(index, str(path))

@@ -111,7 +111,7 @@ class KnnDatastore(MemoryModel):
         return KnnStepper(self, knobs)
 
     def costs(self) -> Costs:
-        from memdec_core.artifacts import folder_bytes
+        from memdec_core.store.artifacts import folder_bytes
 
         store = self._store()
         index_bytes = folder_bytes(store.index_folder) if store.index_folder else 0

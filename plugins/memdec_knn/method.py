@@ -6,7 +6,7 @@ memory's (``--set knn-lm.k=256``, ``--set knn-lm.retriever=NAME``).
 
 from __future__ import annotations
 
-from memdec_core.mixture import MixtureMethod
+from memdec_core.engine.mixture import MixtureMethod
 from memdec_knn.memory import KnnSettings
 
 

@@ -17,7 +17,16 @@ from typing import Callable
 
 import torch
 
-from memdec_core.artifacts import (
+from memdec_core.components.identity import component_identity
+from memdec_core.engine.generation import model_generator
+from memdec_core.engine.loglikelihood import base_loglikelihood
+from memdec_core.engine.scoring import EvalContext, MethodResult, model_scorer, perplexity
+from memdec_core.engine.training import LoopSettings, Trainer, next_token_cross_entropy, seeded
+from memdec_core.inputs.models import base_reference
+from memdec_core.interfaces import Costs
+from memdec_core.runtime.distributed import barrier, from_main, sharding
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import (
     atomic_directory,
     cached_artifact,
     content_key,
@@ -28,16 +37,7 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.cache_dir import shared_entry_lock
-from memdec_core.distributed import barrier, from_main, sharding
-from memdec_core.evaluate import EvalContext, MethodResult, model_scorer, perplexity
-from memdec_core.generation import model_generator
-from memdec_core.identity import component_identity
-from memdec_core.interfaces import Costs
-from memdec_core.loglikelihood import base_loglikelihood
-from memdec_core.models import base_reference
-from memdec_core.progress import log
-from memdec_core.training import LoopSettings, Trainer, next_token_cross_entropy, seeded
+from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_peft.settings import FinetuneSettings
 
 

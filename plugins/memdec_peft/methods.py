@@ -40,7 +40,7 @@ def _load_dapt(base_model, folder, trainable: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from memdec_core.models import model_device
+    from memdec_core.inputs.models import model_device
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(model_device(base_model))
 

@@ -26,7 +26,7 @@ from memdec_core.interfaces import Costs, EvalContext, Method, MethodResult, Use
 if TYPE_CHECKING:
     import numpy as np
 
-    from memdec_core.evaluate import NLLTotal
+    from memdec_core.engine.scoring import NLLTotal
     from memdec_rag.index import PassageIndex
 
 
@@ -89,7 +89,7 @@ class Rag(Method):
         leave the passage and the continuation room in the base's positions."""
         import numpy as np
 
-        from memdec_core.loglikelihood import base_loglikelihood, positions
+        from memdec_core.engine.loglikelihood import base_loglikelihood, positions
 
         score, room = base_loglikelihood(ctx.base, self.config.batch_size), positions(ctx.base)
 
@@ -125,7 +125,7 @@ class Rag(Method):
         import numpy as np
         import torch
 
-        from memdec_core.generation import greedy_steps
+        from memdec_core.engine.generation import greedy_steps
 
         settings, eos = self.config, ctx.base.tokenizer.eos_token_id
         text = prompt_ids[0].cpu().numpy().astype(np.int64)
@@ -149,9 +149,9 @@ class Rag(Method):
 
         Under several processes each rank scores every N-th batch of runs and the sums are reduced
         (every rank retrieves for every run: a query is cheap beside a forward pass)."""
-        from memdec_core.distributed import sharding
-        from memdec_core.evaluate import NLLTotal, reduce_totals
-        from memdec_core.progress import progress_bar
+        from memdec_core.engine.scoring import NLLTotal, reduce_totals
+        from memdec_core.runtime.distributed import sharding
+        from memdec_core.runtime.progress import progress_bar
 
         runs, shard = self.runs(ctx, index, stream), sharding()
         batches = [runs[first:first + self.config.batch_size]
@@ -195,7 +195,7 @@ class Rag(Method):
         import numpy as np
         import torch
 
-        from memdec_core.models import model_device
+        from memdec_core.inputs.models import model_device
 
         sequences, scored = [], []
         for run in runs:

@@ -34,7 +34,7 @@ class DemoModel(ModelSource):
 def _tokenizer_fingerprint(folder: Path) -> str:
     from transformers import AutoTokenizer
 
-    from memdec_core.models import tokenizer_fingerprint
+    from memdec_core.inputs.models import tokenizer_fingerprint
 
     return tokenizer_fingerprint(AutoTokenizer.from_pretrained(folder))
 

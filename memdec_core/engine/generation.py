@@ -1,6 +1,6 @@
 """Generation with any memory beside any ``generate()`` strategy: greedy, sampling, beam search.
 
-Base and memory run as one model (``memdec_core.composite.MemdecForCausalLM``), whose logits
+Base and memory run as one model (``memdec_core.engine.composite.MemdecForCausalLM``), whose logits
 are the chosen Combiner's mixture — the same ``combine`` that evaluation tuned — so
 ``generate()``'s own logits processors and warpers (temperature, top-k, top-p, the repetition
 penalty) act on the mixture, and a padded batch generates what each prompt generates alone.
@@ -15,9 +15,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from memdec_core.errors import ConfigError
+from memdec_core.inputs.models import LoadedModel, autocast, model_device
 from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
-from memdec_core.models import LoadedModel, autocast, model_device
-from memdec_core.progress import log
+from memdec_core.runtime.progress import log
 
 
 def generation_settings(*, max_new_tokens: int = 64, do_sample: bool = False, num_beams: int = 1,
@@ -65,7 +65,7 @@ def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:
 
 def mixture_model(base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner):
     """Base + prepared memory (under ``knobs``) + combiner as one causal LM."""
-    from memdec_core.composite import MemdecForCausalLM
+    from memdec_core.engine.composite import MemdecForCausalLM
 
     return MemdecForCausalLM.from_parts(base, memory, knobs, combiner)
 
@@ -191,7 +191,7 @@ def mixture_generator(base: LoadedModel, memory: MemoryModel, knobs: dict[str, A
 def prepare_memory(ctx: EvalContext, memory: MemoryModel) -> None:
     """Build or load ``memory`` for ``ctx``'s base (a memory object may come prepared already),
     and check that it reads the base's tokens."""
-    from memdec_core.evaluate import check_memory_matches
+    from memdec_core.engine.scoring import check_memory_matches
 
     if not getattr(memory, "tokenizer_fingerprint", None):
         memory.prepare(ctx)

@@ -65,7 +65,7 @@ def collect_all() -> None:
 
 
 def _collect(kind: Kind) -> dict[str, type]:
-    from memdec_core.plugins import get_plugin_manager, mark_failed
+    from memdec_core.components.plugins import get_plugin_manager, mark_failed
 
     manager = get_plugin_manager()
     table: dict[str, type] = {}
@@ -95,7 +95,7 @@ def _add(table: dict[str, type], kind: Kind, component: type, plugin_name: str) 
 
 def _built_in_first(plugin_name: str) -> tuple[bool, str]:
     """A third-party plugin reusing a built-in name is the one to blame, whatever the load order."""
-    from memdec_core.plugins import plugin_records
+    from memdec_core.components.plugins import plugin_records
 
     record = next((record for record in plugin_records(collect=False) if record.name == plugin_name), None)
     return (not (record and record.distribution == "memdec"), plugin_name)

@@ -39,8 +39,8 @@ def component_identity(cls: type) -> dict[str, Any]:
 
     A component learns its plugin when the registry collects its kind; the registry is collected
     first, so that a key made before and one made after (a datastore's, in one run) are the same."""
-    from memdec_core import registry
-    from memdec_core.plugins import plugin_records
+    from memdec_core.components import registry
+    from memdec_core.components.plugins import plugin_records
 
     if getattr(cls, "plugin", None) is None:
         registry.collect_all()

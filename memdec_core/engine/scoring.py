@@ -17,13 +17,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from memdec_core.data import Window
-from memdec_core.distributed import World, is_fully_sharded, sharding, sum_across
+from memdec_core.engine.grids import extend, numeric_knobs
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
-from memdec_core.grids import extend, numeric_knobs
+from memdec_core.inputs.data import Window
+from memdec_core.inputs.models import autocast, capture_last_ffn_input, model_device
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
-from memdec_core.models import autocast, capture_last_ffn_input, model_device
-from memdec_core.progress import log, progress_bar
+from memdec_core.runtime.distributed import World, is_fully_sharded, sharding, sum_across
+from memdec_core.runtime.progress import log, progress_bar
 
 #: Re-exported: methods and plugins written before they moved to ``memdec_core.interfaces``.
 __all__ = ["EvalContext", "EvalSettings", "MethodResult", "Scorer", "ScoredBatch", "NLLTotal",
@@ -215,7 +215,7 @@ def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.
 
     A numeric knob whose best value is an edge of its grid is tried once beyond it
-    (``memdec_core.grids``); what happened is appended to ``edges`` and logged.
+    (``memdec_core.engine.grids``); what happened is appended to ``edges`` and logged.
     """
     settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
     valid = _score_mixture(ctx, memory, "valid", settings)
@@ -304,8 +304,8 @@ def evaluate_mixture(ctx: EvalContext, memory: MemoryModel) -> MethodResult:
     details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count}
     if edges:
         details["grid_edges"] = edges
-    from memdec_core.generation import mixture_generator
-    from memdec_core.loglikelihood import mixture_loglikelihood
+    from memdec_core.engine.generation import mixture_generator
+    from memdec_core.engine.loglikelihood import mixture_loglikelihood
 
     generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
     return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,

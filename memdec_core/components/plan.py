@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from memdec_core import registry
+from memdec_core.components import registry
 from memdec_core.errors import ConfigError, PluginError
 from memdec_core.interfaces import Component, Use
 
@@ -83,7 +83,7 @@ def kind_of(component: Component) -> str:
 
 def check_requirements(cls: type) -> None:
     """A component that needs another plugin fails clearly when that plugin is not loaded."""
-    from memdec_core.plugins import plugin_records
+    from memdec_core.components.plugins import plugin_records
 
     if not cls.requires:
         return
@@ -97,14 +97,14 @@ def check_requirements(cls: type) -> None:
 
 def identity(resolved: list[tuple[str, Component]]) -> list[dict[str, Any]]:
     """What made a result: every component's kind, name, code identity and settings."""
-    from memdec_core.identity import component_identity
+    from memdec_core.components.identity import component_identity
 
     return [{"kind": kind, "name": component.name, "code": component_identity(type(component)),
              "settings": dataclasses.asdict(component.config)} for kind, component in resolved]
 
 
 def _disabled_hint() -> str:
-    from memdec_core.plugins import disabled_plugin_names
+    from memdec_core.components.plugins import disabled_plugin_names
 
     disabled = sorted(disabled_plugin_names())
     return f"; disabled plugins: {', '.join(disabled)}" if disabled else ""

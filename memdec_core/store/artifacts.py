@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from memdec_core import __version__
-from memdec_core.cache_dir import cache_folder, cache_root
-from memdec_core.disk import disk_errors, require_space
 from memdec_core.errors import ArtifactError, shorten
+from memdec_core.store.cache_dir import cache_folder, cache_root
+from memdec_core.store.disk import disk_errors, require_space
 
 MANIFEST = "memdec.json"
 #: The layout version of every manifest memdec writes; a newer one is refused, not misread.
@@ -34,8 +34,8 @@ FORMAT_VERSION = 1
 
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (model, data hash, settings), and of the
-    environment that made them (engine versions, memdec's code: ``memdec_core.identity``)."""
-    from memdec_core.identity import environment
+    environment that made them (engine versions, memdec's code: ``memdec_core.components.identity``)."""
+    from memdec_core.components.identity import environment
 
     payload = json.dumps([environment(), *parts], sort_keys=True, default=_jsonable, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
@@ -108,7 +108,7 @@ def _warn_if_newer(folder: Path, manifest: dict) -> None:
     """A manifest from a newer memdec may hold fields this one does not know: they are ignored, said once."""
     from packaging.version import InvalidVersion, Version
 
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     try:
         newer = Version(str(manifest.get("memdec_version", __version__))) > Version(__version__)
@@ -159,7 +159,7 @@ def model_card_metadata(tags: tuple[str, ...] = (), base: str | None = None, dom
     """The YAML of a model card's front matter (without its ``---`` lines)."""
     import yaml
 
-    from memdec_core.models import hub_id, model_license
+    from memdec_core.inputs.models import hub_id, model_license
 
     metadata: dict[str, Any] = {"library_name": "memdec",
                                 "tags": list(dict.fromkeys(["memdec", *tags, *([domain] if domain else [])]))}
@@ -225,7 +225,7 @@ def folder_bytes(folder: Path) -> int:
 
 def cached_artifact(kind: str, key: str) -> Path:
     """Where the cached artifact of ``kind`` with content ``key`` lives (it may not exist yet), in a
-    cache that is memdec's (``memdec_core.cache_dir``)."""
+    cache that is memdec's (``memdec_core.store.cache_dir``)."""
     return cache_folder(kind) / key
 
 

@@ -78,7 +78,7 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
 
 
 def _budget(value: Any) -> bool:
-    from memdec_core.compare import parse_budget
+    from memdec_core.runs.compare import parse_budget
 
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return False
@@ -295,8 +295,8 @@ def budget_from_fields(fields: dict[str, Any]) -> str:
 def window_settings(values: dict[str, Any]):
     """The EvalSettings of a config's window options, with the CLI's defaults: the quick caps of
     ``memdec compare`` (QUICK_TRAIN_TOKENS, QUICK_EVAL_TOKENS) where a cap is not given, 0 the whole split."""
-    from memdec_core.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
     from memdec_core.interfaces import EvalSettings
+    from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
     train = values.get("max_train_tokens", QUICK_TRAIN_TOKENS)
     evaluation = values.get("max_eval_tokens", QUICK_EVAL_TOKENS)

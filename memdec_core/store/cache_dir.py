@@ -26,9 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from memdec_core.disk import disk_errors, is_refusal, pid_alive, refusal, temporary_pid
-from memdec_core.distributed import alone, barrier, sharding, world
 from memdec_core.errors import ConfigError, DiskError
+from memdec_core.runtime.distributed import alone, barrier, sharding, world
+from memdec_core.store.disk import disk_errors, is_refusal, pid_alive, refusal, temporary_pid
 
 CACHE_MARKER = "CACHEDIR.TAG"
 #: The line that makes a ``CACHEDIR.TAG`` memdec's (other tools write the same file name).
@@ -150,7 +150,7 @@ def _tag(root: Path) -> None:
 
 def _tag_if_writable(root: Path) -> None:
     """Tag an earlier memdec's cache; one on a read-only disk is still read, untagged."""
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     try:
         _tag(root)
@@ -218,7 +218,7 @@ def _holding(target: Path) -> Iterator[None]:
     """The file lock of ``target``, with the temporary folders of dead writers cleared."""
     from filelock import FileLock, Timeout
 
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     target = Path(target)
     try:

@@ -1,6 +1,6 @@
 """The artifact cache: what it holds, how much room it takes, and removing what is no longer wanted.
 
-The cache (``memdec_core.cache_dir``) holds ``<kind>/<key>`` entries: artifact folders with a
+The cache (``memdec_core.store.cache_dir``) holds ``<kind>/<key>`` entries: artifact folders with a
 ``memdec.json`` manifest, compare rows (``results/<key>/row.json``), converted GGUF models
 (``models/<name>-<key>/``) and small memo files (``fingerprints/<hash>``). Beside them, interrupted
 or killed jobs leave hidden folders: ``.<key>.tmp-<PID>-<hex>`` (an atomic write; stale once the
@@ -24,10 +24,10 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from memdec_core.artifacts import MANIFEST
-from memdec_core.cache_dir import INFRASTRUCTURE, KEYED, KNOWN_KINDS, MANIFEST_KINDS, open_cache
-from memdec_core.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
+from memdec_core.store.artifacts import MANIFEST
+from memdec_core.store.cache_dir import INFRASTRUCTURE, KEYED, KNOWN_KINDS, MANIFEST_KINDS, open_cache
+from memdec_core.store.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 
 COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "stale"
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from memdec_core.errors import ConfigError
+from memdec_core.inputs.models import model_device
 from memdec_core.interfaces import LogLikelihood
-from memdec_core.models import model_device
 
 if TYPE_CHECKING:
+    from memdec_core.inputs.models import LoadedModel
     from memdec_core.interfaces import Combiner, EvalContext, MemoryModel
-    from memdec_core.models import LoadedModel
 
 Request = tuple[Sequence[int], Sequence[int]]
 #: Logit entries one pass over continuation tails may hold (rows × tail length × vocabulary):
@@ -119,7 +119,7 @@ def _first_token_logprobs(model, after: dict[tuple[int, ...], list[int]], split,
     """log p(first continuation token | context) for every request: one row per distinct
     context, longest first so that a batch pads little, left-padded so that only the last
     column goes through the output layer (and through a memory's search)."""
-    from memdec_core.composite import positions_from_mask
+    from memdec_core.engine.composite import positions_from_mask
 
     values: dict[int, float] = {}
     contexts = sorted(after, key=len, reverse=True)
@@ -145,7 +145,7 @@ def _first_token_logprobs(model, after: dict[tuple[int, ...], list[int]], split,
 def _tail_logprobs(model, context: tuple[int, ...], continuations: list[list[int]], pad_id: int) -> list[float]:
     """log p(continuation[1:] | context, continuation[0]) of each continuation, on the context's
     KV cache repeated for every row (tails right-padded, positions after the context)."""
-    from memdec_core.generation import CACHE_NAME
+    from memdec_core.engine.generation import CACHE_NAME
 
     device = model_device(model)
     prefix = torch.tensor([context], device=device)
@@ -184,7 +184,7 @@ def mixture_loglikelihood(ctx: "EvalContext", memory: "MemoryModel", memory_knob
     combiner_names = [item.name for item in dataclasses.fields(combiner_config)]
 
     def composite(memory_part: dict, combiner: "Combiner"):
-        from memdec_core.composite import MemdecForCausalLM
+        from memdec_core.engine.composite import MemdecForCausalLM
 
         if memory_part:  # other memory knobs: another composite
             return MemdecForCausalLM.from_parts(ctx.base, memory, {**memory_knobs, **memory_part}, combiner)

@@ -51,7 +51,7 @@ def _text_hash(documents: list[str]) -> str:
 
 def load_corpus(domain: str, **domain_settings) -> Corpus:
     """A registered domain by name (with its settings, e.g. ``source="hub"``), or a corpus folder."""
-    from memdec_core import registry
+    from memdec_core.components import registry
 
     path = Path(domain).expanduser()
     if domain not in registry.components("domains") and (path.is_dir() or _looks_like_path(domain)):
@@ -183,10 +183,10 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
     """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped
     from the cache, else tokenised once and written there. Where the cache cannot be written (a
     read-only or full disk), the stream is tokenised in memory for this run."""
-    from memdec_core.artifacts import cached_artifact, content_key
-    from memdec_core.cache_dir import entry_lock
     from memdec_core.errors import DiskError
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
+    from memdec_core.store.artifacts import cached_artifact, content_key
+    from memdec_core.store.cache_dir import entry_lock
 
     path = cached_artifact("tokens", content_key("tokens", text_hash, tokenization_key(tokenizer)) + ".npy")
     try:
@@ -202,7 +202,7 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
 
 
 def tokenize_with_progress(tokenizer, documents: list[str], description: str) -> np.ndarray:
-    from memdec_core.progress import progress_bar
+    from memdec_core.runtime.progress import progress_bar
 
     with progress_bar(description, len(documents), "documents") as advance:
         return tokenize_documents(tokenizer, documents, advance)
@@ -211,7 +211,7 @@ def tokenize_with_progress(tokenizer, documents: list[str], description: str) ->
 def _read_stream(path: Path) -> np.ndarray | None:
     """The cached stream, memory-mapped; None when there is none or it is damaged (it is removed:
     it is rebuilt from the text)."""
-    from memdec_core.progress import log
+    from memdec_core.runtime.progress import log
 
     if not path.is_file():
         return None
@@ -231,7 +231,7 @@ def _write_stream(path: Path, stream: np.ndarray) -> None:
     import os
     import uuid
 
-    from memdec_core.disk import disk_errors, require_space
+    from memdec_core.store.disk import disk_errors, require_space
 
     with disk_errors(path, stream.nbytes):
         path.parent.mkdir(parents=True, exist_ok=True)

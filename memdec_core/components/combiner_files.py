@@ -25,7 +25,7 @@ def resolve_combiner(spec: Any) -> type[Combiner]:
     if combiner_file(spec):
         return load_combiner_file(spec)
     if isinstance(spec, str):
-        from memdec_core import registry
+        from memdec_core.components import registry
 
         return registry.get("combiners", spec)
     raise ConfigError(f"not a combiner: {spec!r} (give a name, file.py:Name, or a Combiner)")

@@ -28,8 +28,8 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.inputs.models import LoadedModel, capture_last_ffn_input
 from memdec_core.interfaces import Combiner, MemoryModel, MemoryStepper
-from memdec_core.models import LoadedModel, capture_last_ffn_input
 
 MODEL_TYPE = "memdec"
 ARTIFACT_TYPE = "memdec-composite"
@@ -193,7 +193,7 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a folder that names the parts (no weights): ``from_pretrained`` rebuilds it."""
-        from memdec_core.artifacts import replacing_directory, write_manifest
+        from memdec_core.store.artifacts import replacing_directory, write_manifest
 
         if not self.config.parts.get("base"):
             raise ConfigError("this composite was built from loaded parts, so it cannot name them; build it with "
@@ -232,8 +232,8 @@ def check_parts(parts: dict[str, Any], folder: Path, trusted: bool) -> None:
     unasked: run a combiner file its config names (transformers' rule for code that comes with a
     model: only with ``trust_remote_code=True``), or reach files through ``..`` in a reference.
     Registered combiners are installed code, allowed as transformers allows its own classes."""
-    from memdec_core.artifacts import refuse_climbing
-    from memdec_core.combiner_files import combiner_file
+    from memdec_core.components.combiner_files import combiner_file
+    from memdec_core.store.artifacts import refuse_climbing
 
     code = combiner_file(parts.get("combiner"))
     if code and not trusted:
@@ -254,14 +254,14 @@ def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def write_model_card(folder: Path, parts: dict[str, Any]) -> None:
     """The folder's README: model-card front matter and how to load it."""
-    from memdec_core.artifacts import write_readme
+    from memdec_core.store.artifacts import write_readme
 
     memory = parts.get("memory") or "none"
     write_readme(folder, f"memdec composite: {parts.get('base')} + {memory}", [
         f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
         f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
         f"not weights: its parts load from the memdec cache or their folders.", "",
-        "```python", "import memdec_core.composite  # registers the model type",
+        "```python", "import memdec_core.engine.composite  # registers the model type",
         "from transformers import AutoModelForCausalLM", "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
         'ids = model.tokenizer("The central bank", return_tensors="pt")',

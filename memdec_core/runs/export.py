@@ -14,7 +14,9 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from memdec_core.artifacts import (
+from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
+from memdec_core.inputs.models import save_model
+from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
     read_manifest,
@@ -23,8 +25,6 @@ from memdec_core.artifacts import (
     write_manifest,
     write_readme,
 )
-from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
-from memdec_core.models import save_model
 
 ARTIFACT_TYPE = "exported-model"
 
@@ -105,7 +105,7 @@ def _merged_model(folder: Path, manifest: dict, base: str | None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memdec_core.models import referenced_base
+    from memdec_core.inputs.models import referenced_base
 
     named, fingerprint = referenced_base(manifest)
     base_name = base or named
@@ -132,7 +132,7 @@ def _reading(folder: Path, load):
 
 def _load_base(name: str | None, fingerprint: str | None, folder: Path):
     """The base an adapter was trained on, checked by fingerprint: another model would merge into nonsense."""
-    from memdec_core.models import load_model
+    from memdec_core.inputs.models import load_model
 
     if not name:
         raise ArtifactError(f"{folder}/memdec.json names no base model; pass --base")

@@ -37,7 +37,7 @@ class MixtureMethod(Method):
             return self.memory
         name = self.config.memory
         if not name:
-            from memdec_core import registry
+            from memdec_core.components import registry
 
             raise ConfigError(f"{self.name} needs a memory: --set {self.name}.memory=NAME "
                               f"(memory models: {', '.join(registry.names(MEMORY_KIND)) or 'none installed'})")
@@ -53,7 +53,7 @@ class MixtureMethod(Method):
         return ctx.create(MEMORY_KIND, use.name, config=use.config)
 
     def evaluate(self, ctx: "EvalContext") -> MethodResult:
-        from memdec_core.evaluate import evaluate_mixture
+        from memdec_core.engine.scoring import evaluate_mixture
 
         memory = self.create_memory(ctx)
         memory.prepare(ctx)

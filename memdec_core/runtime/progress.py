@@ -17,7 +17,7 @@ _QUIET = [False]
 
 def progress_enabled() -> bool:
     """Bars and log lines are on, except when quiet, and only in the first of several processes."""
-    from memdec_core.distributed import world
+    from memdec_core.runtime.distributed import world
 
     return not _QUIET[0] and world().main and os.environ.get("MEMDEC_NO_PROGRESS", "") in ("", "0")
 

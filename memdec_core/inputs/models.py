@@ -66,7 +66,7 @@ def default_device():
     """
     import torch
 
-    from memdec_core.distributed import world
+    from memdec_core.runtime.distributed import world
 
     name = os.environ.get("MEMDEC_DEVICE", "").strip()
     if not name:  # under a launcher, each rank has its own GPU
@@ -136,7 +136,7 @@ def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
 
 def resolve_model_location(name: str) -> tuple[str, str | None]:
     """``(folder or hub id, gguf file name or None)`` for what a user typed."""
-    from memdec_core import registry
+    from memdec_core.components import registry
 
     if name in registry.components("models"):
         return registry.get("models", name)().path(), None
@@ -152,7 +152,7 @@ def resolve_model_location(name: str) -> tuple[str, str | None]:
     if _looks_like_path(name):
         raise ModelError(f"model path not found: {name}")
     if not _hub_model_available(name):
-        from memdec_core import registry
+        from memdec_core.components import registry
 
         raise UnknownComponentError("model", name, registry.names("models"),
                                     hint="not a local path, and the hub is unreachable")
@@ -268,8 +268,8 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
     target_file = folder / gguf_file
     stat = target_file.stat()
     key = hashlib.sha256(f"{target_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    from memdec_core.artifacts import atomic_directory, write_readme
-    from memdec_core.cache_dir import cache_folder, entry_lock
+    from memdec_core.store.artifacts import atomic_directory, write_readme
+    from memdec_core.store.cache_dir import cache_folder, entry_lock
 
     models = Path(cache_dir) / "models" if cache_dir is not None else cache_folder("models")
     converted = models / f"{target_file.stem}-{key}"
@@ -331,14 +331,14 @@ def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
         for module in inner:
             del module.should_save_on_this_rank
     if not any(Path(folder).iterdir()):
-        from memdec_core.distributed import world
+        from memdec_core.runtime.distributed import world
 
         raise ModelError(f"saving {type(model).__name__} to {folder} wrote nothing (rank {world().rank})")
 
 
 def hub_id(name: str) -> str | None:
     """``name`` when it names a model on the Hugging Face hub: neither a registered name nor a path."""
-    from memdec_core import registry
+    from memdec_core.components import registry
 
     if name in registry.components("models") or _looks_like_path(name) or Path(name).expanduser().exists():
         return None
@@ -348,8 +348,8 @@ def hub_id(name: str) -> str | None:
 def model_license(name: str) -> str | None:
     """The ``license`` in the front matter of a model's own card, when a copy of it is at hand
     (a registered or local folder's README.md, or the hub cache's); None otherwise."""
-    from memdec_core import registry
-    from memdec_core.artifacts import read_front_matter
+    from memdec_core.components import registry
+    from memdec_core.store.artifacts import read_front_matter
 
     if name in registry.components("models"):
         card: Path | str | None = Path(registry.get("models", name)().path()) / "README.md"
@@ -370,8 +370,8 @@ def base_reference(base: LoadedModel) -> dict:
     """How an artifact names its base so that another machine can find it: a registered name or a
     hub id (the same model everywhere), else its path (relative to the cache inside it); and the
     fingerprints that tell whether the model found under that name is the same one."""
-    from memdec_core import registry
-    from memdec_core.artifacts import artifact_reference
+    from memdec_core.components import registry
+    from memdec_core.store.artifacts import artifact_reference
 
     name = base.model_id
     source = "registered" if name in registry.components("models") else "hub" if hub_id(name) else "path"
@@ -382,7 +382,7 @@ def base_reference(base: LoadedModel) -> dict:
 def referenced_base(manifest: dict) -> tuple[str | None, str | None]:
     """The name to load an artifact's base by, and its fingerprint: from the manifest's ``base``
     reference, or ``base_model`` and ``model_fingerprint`` in manifests written before it."""
-    from memdec_core.artifacts import resolve_reference
+    from memdec_core.store.artifacts import resolve_reference
 
     reference = manifest.get("base")
     if not isinstance(reference, dict) or not reference.get("name"):
@@ -415,7 +415,7 @@ def _model_fingerprint(name: str, location: str) -> str:
 
 
 def _file_digest(file: Path) -> str:
-    from memdec_core.cache_dir import cache_folder
+    from memdec_core.store.cache_dir import cache_folder
 
     stat = file.stat()
     name = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]

@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from memdec_core.distributed import world
-from memdec_core.models import compute_dtype
+from memdec_core.inputs.models import compute_dtype
+from memdec_core.runtime.distributed import world
 
 #: The version of the report layout (top-level keys, ``meta``, the rows) that docs/reports.md describes.
 SCHEMA_VERSION = 1
-#: memdec loads every model in float32 (memdec_core.models): the dtype when no model says otherwise.
+#: memdec loads every model in float32 (memdec_core.inputs.models): the dtype when no model says otherwise.
 DEFAULT_DTYPE = "float32"
 
 
@@ -73,7 +73,7 @@ def call_config(*, domain: str, bases: Sequence[str], methods: Sequence[str], co
                 options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``meta["config"]`` of a call from Python: what the function was called with, in config-file
     form; ``options`` adds a command's own keys (compare's ``budget``, ``general_tokens``, ...)."""
-    from memdec_core.runconfig import window_values
+    from memdec_core.runs.runconfig import window_values
 
     values = {"domain": domain, "bases": list(bases), "methods": list(methods),
               "combiner": combiner_name(combiner), **window_values(settings), **(options or {}),
@@ -82,7 +82,7 @@ def call_config(*, domain: str, bases: Sequence[str], methods: Sequence[str], co
 
 
 def _bare_config(settings, bases, methods, combiner) -> dict[str, Any]:
-    from memdec_core.runconfig import window_values
+    from memdec_core.runs.runconfig import window_values
 
     values = {"bases": list(bases), "methods": list(methods), "combiner": combiner_name(combiner),
               **window_values(settings)}

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from memdec_core import registry
-from memdec_core.artifacts import cached_artifact, content_key, write_json
+from memdec_core.components import registry
 from memdec_core.errors import ConfigError, MemdecError, shorten
-from memdec_core.meta import call_config, context_entry, run_meta
-from memdec_core.progress import log
+from memdec_core.runs.meta import call_config, context_entry, run_meta
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import cached_artifact, content_key, write_json
 
 #: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
 #: demo bases × six methods on finance) runs cold in under 10 minutes on 2 CPU cores. ``0`` for the
@@ -106,7 +106,7 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     from Python the call's own arguments are recorded.
     """
     from memdec_core.api import default_methods, prepare_run
-    from memdec_core.data import load_corpus
+    from memdec_core.inputs.data import load_corpus
 
     names = list(methods) or default_methods()
     component_settings = _with_budget(names, dict(method_settings or {}), measure.budget())
@@ -137,7 +137,7 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
 
 def _measure_options(measure: CompareSettings) -> dict:
     """compare's own options in config-file form, for the meta of a call from Python."""
-    from memdec_core.runconfig import budget_from_fields
+    from memdec_core.runs.runconfig import budget_from_fields
 
     fields = {key: value for key, value in dataclasses.asdict(measure).items()
               if key in ("budget_tokens", "budget_flops", "equal_compute")}
@@ -286,8 +286,8 @@ def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
     The key holds everything that made the row: every component the method uses (plugin,
     version or code hash, settings), the combiner's code and grid, the base, the data, the windows.
     """
-    from memdec_core.identity import component_identity
-    from memdec_core.plan import identity
+    from memdec_core.components.identity import component_identity
+    from memdec_core.components.plan import identity
 
     combiner = ctx.combiner
     key = content_key("compare-row", identity(ctx.plan.resolve([method])), ctx.base.fingerprint,
@@ -318,10 +318,10 @@ class _Probes:
     def __init__(self, ctx, general, measure: CompareSettings):
         import torch
 
-        from memdec_core.data import cached_stream, make_windows
-        from memdec_core.evaluate import model_scorer
-        from memdec_core.generation import model_generator
-        from memdec_core.latency import Timing
+        from memdec_core.engine.generation import model_generator
+        from memdec_core.engine.latency import Timing
+        from memdec_core.engine.scoring import model_scorer
+        from memdec_core.inputs.data import cached_stream, make_windows
 
         self.ctx, self.measure = ctx, measure
         self.timing = Timing(min_seconds=measure.latency_seconds, max_seconds=max(30.0, 4 * measure.latency_seconds))
@@ -343,7 +343,7 @@ class _Probes:
         return result.score(*self.general, f"general {self.ctx.base.short_name}").perplexity
 
     def general_bpb(self, general_ppl: float | None) -> float | None:
-        from memdec_core.evaluate import bits_per_byte
+        from memdec_core.engine.scoring import bits_per_byte
 
         return None if self.general is None else bits_per_byte(general_ppl, self.ctx.base.tokenizer, self.general[0])
 
@@ -351,9 +351,9 @@ class _Probes:
         """``latency_ratio``/``latency_spread`` (teacher-forced scoring of the slice) and
         ``generation_ratio``/``generation_spread``/``generation_ms_per_token`` (greedy generation
         with KV caches), each the method's time over the base's, timed alternately
-        (``memdec_core.latency``). The unadapted base is 1 by construction: it is not timed."""
-        from memdec_core.latency import generation_latency, scoring_latency
-        from memdec_core.progress import quiet
+        (``memdec_core.engine.latency``). The unadapted base is 1 by construction: it is not timed."""
+        from memdec_core.engine.latency import generation_latency, scoring_latency
+        from memdec_core.runtime.progress import quiet
 
         facts = dict.fromkeys(LATENCY_FACTS)
         if method.unadapted:

@@ -11,7 +11,7 @@ The caller gives the loss (cross-entropy for continued training, the kNN objecti
 Decoder). Work happens in a folder holding ``checkpoint/`` (weights, optimizer, torch's RNG
 state, progress; rewritten every ``save_every`` steps and at each epoch end) and ``best/``.
 
-Under several processes (``memdec_core.distributed``) each rank runs every N-th window of each
+Under several processes (``memdec_core.runtime.distributed``) each rank runs every N-th window of each
 micro-batch and the gradients are summed before every rank takes the same step; rank 0 writes
 the checkpoints. The step is the one process's, up to the order of float sums (dropout masks
 differ: each rank draws its own). With ``memdec --fsdp`` a full-parameter model is sharded over
@@ -38,11 +38,18 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-from memdec_core.artifacts import replacing_directory
-from memdec_core.distributed import barrier, fsdp_requested, is_fully_sharded, sharding, sum_across, sum_gradients
 from memdec_core.errors import ArtifactError, ConfigError
-from memdec_core.models import autocast, compute_dtype, model_device, save_model
-from memdec_core.progress import log, progress_bar
+from memdec_core.inputs.models import autocast, compute_dtype, model_device, save_model
+from memdec_core.runtime.distributed import (
+    barrier,
+    fsdp_requested,
+    is_fully_sharded,
+    sharding,
+    sum_across,
+    sum_gradients,
+)
+from memdec_core.runtime.progress import log, progress_bar
+from memdec_core.store.artifacts import replacing_directory
 
 
 def linear_decay(progress: float) -> float:
@@ -406,7 +413,7 @@ def shard_weights(model) -> int:
     from torch.distributed.fsdp import fully_shard
 
     from memdec_core.errors import ModelError
-    from memdec_core.models import decoder_blocks
+    from memdec_core.inputs.models import decoder_blocks
 
     try:
         blocks = list(decoder_blocks(model))

@@ -66,7 +66,7 @@ def plugin_records(collect: bool = True) -> list[PluginRecord]:
     whose hook raises shows as failed (the hooks import light modules only: no torch)."""
     get_plugin_manager()
     if collect:
-        from memdec_core import registry
+        from memdec_core.components import registry
 
         registry.collect_all()
     return list(_records)
@@ -102,7 +102,7 @@ def unregister_plugin(name: str) -> None:
 
 def _forget_components() -> None:
     """The registry caches hook results; they are stale once the set of plugins changes."""
-    from memdec_core import registry  # imported here: registry imports this module
+    from memdec_core.components import registry  # imported here: registry imports this module
 
     registry.clear_cache()
 

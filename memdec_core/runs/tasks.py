@@ -10,7 +10,7 @@ probability instead), and the prediction is the best-scoring class. A word of se
 contributes the sum of its tokens' log-probs. Everything goes through one ``LogLikelihood``
 callable (``MethodResult.loglikelihood``), so every method is scored the way it runs at inference.
 
-memdec ships the specs of the paper's tasks (``memdec_core/task_specs``), not their data: files are
+memdec ships the specs of the paper's tasks (``memdec_core/runs/task_specs``), not their data: files are
 read from the tasks folder (``--tasks-dir`` or ``$MEMDEC_TASKS_DIR``; DATA_LICENSES.md says why).
 Every spec and data file is read and checked before any model is loaded.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
-from memdec_core.progress import log, progress_bar
+from memdec_core.runtime.progress import log, progress_bar
 
 SPEC_FOLDER = Path(__file__).parent / "task_specs"
 TASKS_DIR_VARIABLE = "MEMDEC_TASKS_DIR"
@@ -530,7 +530,7 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
     of scoring them again; one of other settings is refused.
     """
     from memdec_core import api
-    from memdec_core.meta import call_config, context_entry, run_meta
+    from memdec_core.runs.meta import call_config, context_entry, run_meta
 
     folder = resolve_tasks_dir(tasks_dir)
     seed = settings.seed if settings is not None else 0

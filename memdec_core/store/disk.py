@@ -5,7 +5,7 @@
 - ``require_space(folder, needed)`` refuses up front a write that cannot fit.
 - ``pid_alive`` and ``TEMPORARY_NAME`` tell a running writer's temporary folder from a killed one's.
 
-The cache's per-entry locks are ``memdec_core.cache_dir``'s.
+The cache's per-entry locks are ``memdec_core.store.cache_dir``'s.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def time_pairs(base_call: Callable[[], object], method_call: Callable[[], object
     ``warm_up=False`` for calls that have just run (a method's scorer right after it scored the
     test split): no warm-up call, one call per sample (for a slow method the warm-up call would be
     the costliest part of the timing)."""
-    from memdec_core.distributed import from_main
+    from memdec_core.runtime.distributed import from_main
 
     # Under several processes every rank times, and a scorer's passes are collective: rank 0
     # decides how many calls every rank makes, so that the ranks stay in step.

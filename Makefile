@@ -27,6 +27,7 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PYTHON) -m pytest -q
 
 clean-venv:

@@ -37,7 +37,8 @@ def run(prompts):
     if sys.argv[1] == "old":
         from transformers import GenerationConfig, LogitsProcessorList
 
-        from memdec_core.engine.generation import MixtureLogitsProcessor
+        # Only in commit 6511f6e (run from its worktree, as above): today's path has no such class.
+        from memdec_core.generation import MixtureLogitsProcessor
         processor = MixtureLogitsProcessor(memory.stepper({}), Linear(lam=0.6))
         out = base.model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([processor]),
                                   generation_config=GenerationConfig(max_new_tokens=12, do_sample=False,

@@ -86,7 +86,8 @@ def kl_step_times(supports: np.ndarray, vocab: int, rows: int, repeats: int) -> 
 def latency_report(domain: str, base: str, tokens: int, repeats: int, memory_folder: str | None) -> dict:
     """Seconds per scored token: base alone, base + memory, base + kNN-LM, on the same windows."""
     from memdec_core.api import prepare_context
-    from memdec_core.engine.scoring import EvalSettings, iter_scored_batches
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.interfaces import EvalSettings
 
     ctx = prepare_context(domain, base, EvalSettings(max_eval_tokens=tokens))
     memory = ctx.create("memory-models", "memory-decoder", **({"path": memory_folder} if memory_folder else {}))
@@ -134,7 +135,7 @@ def main() -> None:
     os.environ.setdefault("MEMDEC_NO_PROGRESS", "1")
 
     from memdec_core.api import prepare_context
-    from memdec_core.engine.scoring import EvalSettings
+    from memdec_core.interfaces import EvalSettings
     from memdec_decoder.pipeline import targets_for
     from memdec_decoder.settings import DecoderSettings
 

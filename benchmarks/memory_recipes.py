@@ -41,9 +41,10 @@ from memdec_core.api import evaluate, prepare_context
 from memdec_core.components import registry
 from memdec_core.components.plan import Plan
 from memdec_core.engine.latency import Timing, ratio_statistics, time_pairs
-from memdec_core.engine.scoring import EvalSettings, iter_scored_batches
+from memdec_core.engine.scoring import iter_scored_batches
 from memdec_core.inputs.data import load_corpus
 from memdec_core.inputs.models import capture_last_ffn_input
+from memdec_core.interfaces import EvalSettings
 from memdec_core.store.artifacts import folder_bytes
 from memdec_decoder.fidelity import target_fidelity
 from memdec_decoder.memory import open_memory

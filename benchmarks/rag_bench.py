@@ -18,7 +18,7 @@ import time
 
 def main() -> None:
     from memdec_core.api import prepare_context
-    from memdec_core.engine.scoring import EvalSettings
+    from memdec_core.interfaces import EvalSettings
     from memdec_rag.index import PassageIndex
     from memdec_rag.method import Rag
 

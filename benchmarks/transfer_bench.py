@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.inputs.models import load_model
+from memdec_core.interfaces import EvalSettings
 from memdec_decoder import api as decoder
 from memdec_decoder.memory import open_memory
 from memdec_decoder.transfer import transfer_settings

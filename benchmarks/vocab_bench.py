@@ -28,8 +28,9 @@ def build_variant(args, folder: Path) -> None:
     import numpy as np
 
     from memdec_core.api import prepare_context
-    from memdec_core.engine.scoring import EvalSettings
-    from memdec_decoder.train import TrainSettings, build_memory_model, choose_vocabulary
+    from memdec_core.interfaces import EvalSettings
+    from memdec_decoder.settings import TrainSettings
+    from memdec_decoder.train import build_memory_model, choose_vocabulary
 
     ctx = prepare_context(args.domain, args.model, EvalSettings(max_train_tokens=args.train_tokens))
     stream = ctx.corpus.streams["train"]

@@ -242,7 +242,8 @@ class EvalContext:
 
     ``corpus`` is None where there is no domain (``memdec generate`` with a memory folder): a
     component that needs one says so. ``plan`` creates the components a run uses with the
-    user's settings: ``ctx.create("retrievers", "faiss")``.
+    user's settings: ``ctx.create("retrievers", "faiss")``. Contexts are made by
+    ``memdec_core.inputs.context.prepare_context``.
     """
 
     base: "LoadedModel"
@@ -251,12 +252,10 @@ class EvalContext:
     stride: int
     settings: EvalSettings
     combiner: type["Combiner"]
-    plan: "Plan | None" = None
+    plan: "Plan"
 
     def windows(self, split: str) -> "list[Window]":
-        from memdec_core.inputs.data import make_windows
-
-        return make_windows(len(self.require_corpus().streams[split]), self.context, self.stride)
+        return self.require_corpus().windows(split, self.context, self.stride)
 
     def require_corpus(self, who: str = "this method") -> "TokenizedCorpus":
         if self.corpus is None:
@@ -265,9 +264,7 @@ class EvalContext:
 
     def create(self, kind: str, name: str, **extra_settings: Any) -> "Component":
         """The component ``name`` of ``kind`` with the run's settings for it (``--set name.key=...``)."""
-        from memdec_core.components.plan import Plan
-
-        return (self.plan or Plan()).create(kind, name, **extra_settings)
+        return self.plan.create(kind, name, **extra_settings)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,36 +46,36 @@ except ImportError as error:  # the extra is missing: say how to get it, in one 
 
 MODEL_TYPE = "memdec"
 #: What ``--model_args`` sets besides lm-eval's own HFLM options (batch_size, max_length, ...).
-MEMDEC_ARGS = ("base", "memory", "domain", "lam", "combiner", "settings")
+MEMDEC_ARGS = ("base", "memory", "domain", "lam", "combiner", "component_settings")
 
 
 class MemdecLM(HFLM):
     """lm-eval's HFLM over a memdec composite: ``--model_args base=...,memory=...,domain=...,lam=...``.
 
     A key ``NAME.KEY`` sets a component's setting as ``--set NAME.KEY=VALUE`` does
-    (``knn-datastore.temperatures=10``); ``settings`` takes them all as a dict (JSON model_args:
-    ``{"settings": {"knn-datastore": {"k": 64}}}``). The other keys are HFLM's own
+    (``knn-datastore.temperatures=10``); ``component_settings`` takes them all as a dict (JSON
+    model_args: ``{"component_settings": {"knn-datastore": {"k": 64}}}``). The other keys are HFLM's own
     (``batch_size``, ``max_length``, ...).
     """
 
     def __init__(self, base: str = "", memory: str = "", domain: str | None = None, lam: float | None = None,
-                 combiner: str = "linear", settings: dict | str | None = None, **options: Any):
+                 combiner: str = "linear", component_settings: dict | str | None = None, **options: Any):
         from memdec_core import api
 
-        settings, hflm_options = split_options(options, parse_settings(settings))
+        component_settings, hflm_options = split_options(options, parse_settings(component_settings))
         if not base or not memory:
             raise ConfigError("--model memdec needs --model_args base=MODEL,memory=NAME_OR_FOLDER "
                               "(and domain=DOMAIN for a memory built from one)")
         model = api.composite_model(str(base), str(memory), domain=domain, lam=lam, combiner=combiner,
-                                    settings=settings)
+                                    component_settings=component_settings)
         # lm-eval recognises causal LMs by transformers' built-in model types, which "memdec" is not
         hflm_options.setdefault("backend", "causal")
         super().__init__(pretrained=model, tokenizer=model.tokenizer, **hflm_options)
 
 
-def split_options(options: dict[str, Any], settings: dict | None) -> tuple[dict, dict]:
+def split_options(options: dict[str, Any], component_settings: dict | None) -> tuple[dict, dict]:
     """``NAME.KEY`` options into component settings; the rest must be HFLM's options."""
-    settings = {name: dict(values) for name, values in (settings or {}).items()}
+    settings = {name: dict(values) for name, values in (component_settings or {}).items()}
     hflm_options = {}
     for key, value in options.items():
         name, dot, setting_key = key.rpartition(".")
@@ -112,10 +112,10 @@ def parse_settings(settings: dict | str | None) -> dict | None:
     try:
         parsed = json.loads(settings)
     except ValueError as error:
-        raise ConfigError(f"--model memdec: settings must be JSON, e.g. "
-                          f"settings={{\"knn-datastore\": {{\"k\": 64}}}} ({error})") from error
+        raise ConfigError(f"--model memdec: component_settings must be JSON, e.g. "
+                          f"component_settings={{\"knn-datastore\": {{\"k\": 64}}}} ({error})") from error
     if not isinstance(parsed, dict):
-        raise ConfigError("--model memdec: settings must be a JSON object of component settings")
+        raise ConfigError("--model memdec: component_settings must be a JSON object of component settings")
     return parsed
 
 

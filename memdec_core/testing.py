@@ -147,8 +147,8 @@ def memdec_isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def memdec_context_factory(memdec_corpus_dir, memdec_tiny_llama):
     """``make(settings=None)``: an EvalContext of the tiny Llama on the tiny corpus with a plan."""
-    from memdec_core.api import prepare_context
     from memdec_core.components.plan import Plan
+    from memdec_core.inputs.context import prepare_context
     from memdec_core.interfaces import EvalSettings
 
     def make(settings: dict | None = None, model: Path | None = None):
@@ -395,7 +395,7 @@ class MethodContract(ComponentContract):
     def test_evaluates_with_typed_costs(self, component_class, memdec_context_factory):
         ctx = memdec_context_factory(self.settings)
         method = self.make(component_class, ctx)
-        from memdec_core.api import methods_for_base
+        from memdec_core.runs.prepare import methods_for_base
 
         method = methods_for_base(ctx, [method])[0]
         result = method.evaluate(ctx)

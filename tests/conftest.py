@@ -77,7 +77,7 @@ def one_line_error(result) -> str:
 @pytest.fixture(scope="session")
 def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
     """A Memory Decoder trained on the tiny corpus with the tiny Llama as teacher and init."""
-    from memdec_core.engine.scoring import EvalSettings
+    from memdec_core.interfaces import EvalSettings
     from memdec_decoder import api
 
     folder = tmp_path_factory.mktemp("memories") / "tiny-memory"

@@ -12,16 +12,10 @@ import torch
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
 from memdec_core.api import prepare_context
-from memdec_core.engine.scoring import EvalSettings
+from memdec_core.inputs.model_cards import model_card_metadata, read_front_matter
 from memdec_core.inputs.models import base_reference, referenced_base
-from memdec_core.store.artifacts import (
-    MANIFEST,
-    artifact_reference,
-    cache_root,
-    model_card_metadata,
-    read_front_matter,
-    resolve_reference,
-)
+from memdec_core.interfaces import EvalSettings
+from memdec_core.store.artifacts import MANIFEST, artifact_reference, cache_root, resolve_reference
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from conftest import SMALL_WINDOWS
 
 from memdec_cli.main import build_cli
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError, UnknownComponentError
+from memdec_core.interfaces import EvalSettings
 from memdec_core.runs.compare import CompareSettings, compare
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
@@ -165,7 +165,7 @@ def test_plot_without_matplotlib_fails_before_the_run(corpus_dir, tiny_llama, tm
     ("32768", {"budget_tokens": 32768}), ("64k", {"budget_tokens": 64000}), ("2M tokens", {"budget_tokens": 2_000_000}),
     ("3e12flops", {"budget_flops": 3e12}), ("2.5TFLOPs", {"budget_flops": 2.5e12}), ("0", {})])
 def test_a_budget_is_tokens_or_flops(text, expected):
-    from memdec_core.runs.compare import parse_budget
+    from memdec_core.runs.runconfig import parse_budget
 
     assert parse_budget(text) == {**expected, "equal_compute": False}
     protocol = "own-schedule" if text == "0" else "tokens" if "budget_tokens" in expected else "equal-flops"
@@ -173,14 +173,14 @@ def test_a_budget_is_tokens_or_flops(text, expected):
 
 
 def test_equal_compute_is_the_default_budget():
-    from memdec_core.runs.compare import parse_budget
+    from memdec_core.runs.runconfig import parse_budget
 
     assert parse_budget("equal") == {"equal_compute": True} and CompareSettings().protocol == "equal-flops"
 
 
 @pytest.mark.parametrize("text", ["12x", "1.5", "flops", "-3"])
 def test_a_malformed_budget_is_one_clear_error(text):
-    from memdec_core.runs.compare import parse_budget
+    from memdec_core.runs.runconfig import parse_budget
 
     with pytest.raises(ConfigError, match="budget|whole number"):
         parse_budget(text)
@@ -235,7 +235,7 @@ def test_an_interrupted_compare_resumes_from_what_it_finished(corpus_dir, tiny_l
 
 def test_the_cli_defaults_are_the_quick_cpu_profile_and_zero_lifts_them(monkeypatch):
     import memdec_core.runs.compare as compare_module
-    from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
+    from memdec_core.runs.runconfig import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
     seen = []
 

@@ -13,7 +13,8 @@ from conftest import QUICK_MEMORY, SMALL_WINDOWS
 from memdec_core import api
 from memdec_core.components import registry
 from memdec_core.components.plan import Plan
-from memdec_core.components.plugins import plugin_records, register_plugin, unregister_plugin
+from memdec_core.components.plugins import register_plugin, unregister_plugin
+from memdec_core.components.registry import plugin_records
 from memdec_core.errors import ModelError, PluginError
 from memdec_core.hookspecs import hookimpl
 from memdec_core.interfaces import EvalSettings, MemoryModel

@@ -8,12 +8,12 @@ import torch
 from conftest import QUICK_MEMORY as QUICK
 from conftest import SMALL_WINDOWS
 
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
+from memdec_core.interfaces import EvalSettings
 from memdec_decoder import api
 from memdec_decoder import train as train_module
 from memdec_decoder.memory import MemoryDecoder, open_memory
-from memdec_decoder.train import TrainSettings
+from memdec_decoder.settings import TrainSettings
 from memdec_decoder.vocab import Vocabulary, restrict_model
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)

@@ -9,15 +9,16 @@ from conftest import SMALL_WINDOWS
 from test_decoder_loss import densify, random_sparse_targets
 
 from memdec_core.api import prepare_context
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.data import make_windows
+from memdec_core.interfaces import EvalSettings
 from memdec_core.store.artifacts import resolve_reference
 from memdec_decoder import api
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import open_memory
+from memdec_decoder.settings import TrainSettings
 from memdec_decoder.teacher_targets import TeacherTargets, build_teacher_targets
-from memdec_decoder.train import TrainSettings, sparse_rows
+from memdec_decoder.train import sparse_rows
 from memdec_decoder.vocab import Vocabulary
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from memdec_core.engine.scoring import EvalSettings, iter_scored_batches, perplexity
+from memdec_core.engine.scoring import iter_scored_batches, perplexity
 from memdec_core.errors import ConfigError, DataError
 from memdec_core.inputs.data import load_corpus, make_windows, tokenize_corpus
 from memdec_core.inputs.models import load_model
+from memdec_core.interfaces import EvalSettings
 
 
 def full_context_nll(model, tokens: np.ndarray) -> float:

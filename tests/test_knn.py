@@ -8,9 +8,9 @@ import torch
 
 from memdec_combiners.linear import LAMBDA_GRID
 from memdec_core.api import prepare_context
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.inputs.data import make_windows
+from memdec_core.interfaces import EvalSettings
 from memdec_knn import datastore as datastore_module
 from memdec_knn import distribution
 from memdec_knn.api import datastore_for
@@ -114,6 +114,25 @@ def test_ivf_pq_index_is_trained_on_a_sample_and_searchable(ctx, tmp_path):
     assert (ids >= 0).all() and (np.diff(distances, axis=1) >= -1e-4).all()
     again = FaissRetriever(factory="IVF4,PQ4", nprobe=2, train_size=600)  # nprobe: a search setting, same index
     assert open_datastore(store.folder).with_index(again).index_folder == store.index_folder
+
+
+def test_datastores_that_cannot_be_written_get_their_own_index_in_the_cache(ctx, tmp_path, monkeypatch):
+    """Two datastores of one model and data in other windows have the same size and other keys:
+    where their folders cannot be written, each is indexed in the cache, and searched through its
+    own index (an index found by model, data and size alone would have served the other's keys)."""
+    import os
+
+    stream = ctx.corpus.streams["train"][:300]
+    stores = [build_datastore(ctx.base, stream, tmp_path / name, context=context, stride=context // 2,
+                              batch_size=4, data_hash="x") for name, context in (("short", 16), ("long", CONTEXT))]
+    writable = os.access
+    monkeypatch.setattr(datastore_module.os, "access",
+                        lambda path, *args, **kwargs: Path(path).parent != tmp_path and writable(path, *args, **kwargs))
+    folders = [store.with_index(FaissRetriever(factory="Flat")).index_folder for store in stores]
+    assert folders[0] != folders[1] and not any(tmp_path in folder.parents for folder in folders)
+    for store in stores:
+        distances, _ = store.search(np.asarray(store.keys[:5], dtype=np.float32), 1)
+        assert np.allclose(distances[:, 0], 0.0)  # every key finds itself
 
 
 def test_bad_index_settings(ctx, tmp_path):

@@ -12,10 +12,10 @@ from conftest import SMALL_WINDOWS
 from memdec_core.api import prepare_context
 from memdec_core.components.plan import Plan
 from memdec_core.engine.loglikelihood import base_loglikelihood, model_loglikelihood
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.data import make_windows
 from memdec_core.inputs.models import load_model
+from memdec_core.interfaces import EvalSettings
 
 
 def reference(model, requests, start_id, max_length):

@@ -7,7 +7,7 @@ import torch
 from conftest import SMALL_WINDOWS
 
 from memdec_core.engine.grids import extend
-from memdec_core.engine.scoring import EvalSettings
+from memdec_core.interfaces import EvalSettings
 
 WINDOW = EvalSettings(**SMALL_WINDOWS)
 
@@ -140,3 +140,36 @@ def test_the_bases_of_a_run_that_share_a_tokenizer_form_the_memorys_family(tiny_
         assert teacher_and_init(models[name], DecoderSettings(teacher=name), bases)[0] == name  # a setting wins
     alone = models[str(tiny_llama)]
     assert teacher_and_init(alone, DecoderSettings(), ()) == (str(tiny_llama), str(tiny_llama))
+
+
+def test_a_memorys_fidelity_is_measured_once_then_read_back(corpus_dir, tiny_gpt2, tiny_llama, trained_memory,
+                                                             monkeypatch):
+    """The first evaluation loads the memory's teacher (the tiny Llama, not the base) and searches
+    its datastore; a later one reads the same figures back from the cache: no teacher, no index."""
+    import shutil
+
+    from memdec_core import api as core_api
+    from memdec_core.store.cache_dir import cache_folder
+    from memdec_decoder import pipeline
+    from memdec_knn import api as knn
+    from memdec_knn.datastore import Datastore
+
+    shutil.rmtree(cache_folder("fidelity"), ignore_errors=True)  # measured here, not by an earlier test
+    loaded, load_model = [], pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda name, *args: loaded.append(name) or load_model(name, *args))
+
+    def fidelity() -> dict:
+        row = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["memdec"], settings=WINDOW,
+                                component_settings={"memdec": {"path": str(trained_memory)}})["results"][0]
+        return {key: row["memory"].get(key) for key in ("target_agreement", "target_kl", "fidelity_positions")}
+
+    first = fidelity()
+    assert loaded == [str(tiny_llama)] and first["fidelity_positions"] > 0
+    assert len(list(cache_folder("fidelity").glob("*.json"))) == 1  # kept for later runs, not only this process
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher's pipeline was entered again")
+
+    for owner, name in ((pipeline, "load_model"), (knn, "datastore_for"), (Datastore, "with_index")):
+        monkeypatch.setattr(owner, name, refuse)
+    assert fidelity() == first

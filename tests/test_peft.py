@@ -9,9 +9,9 @@ import torch
 from conftest import SMALL_WINDOWS
 
 from memdec_core import api
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.engine.training import LoopSettings, Trainer
 from memdec_core.errors import ConfigError, ModelError
+from memdec_core.interfaces import EvalSettings
 from memdec_peft.methods import lora_targets
 from memdec_peft.settings import LoraSettings
 

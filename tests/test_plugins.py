@@ -6,7 +6,8 @@ import types
 import pytest
 
 from memdec_core.components import registry
-from memdec_core.components.plugins import plugin_records, register_plugin, unregister_plugin
+from memdec_core.components.plugins import register_plugin, unregister_plugin
+from memdec_core.components.registry import plugin_records
 from memdec_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
 from memdec_core.hookspecs import hookimpl
 from memdec_core.interfaces import Method

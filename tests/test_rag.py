@@ -9,8 +9,8 @@ import torch
 from memdec_core import api
 from memdec_core.api import prepare_context
 from memdec_core.components.plan import Plan
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError, UnknownComponentError
+from memdec_core.interfaces import EvalSettings
 from memdec_rag.index import PassageIndex
 from memdec_rag.method import Rag
 from memdec_rag.retrievers import Bm25Retriever, DenseRetriever

@@ -3,8 +3,8 @@
 import pytest
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ConfigError
+from memdec_core.interfaces import EvalSettings
 from memdec_decoder import recipe as recipe_module
 from memdec_decoder.recipe import AUTO, RECIPES, recipe_for
 from memdec_decoder.settings import DecoderSettings

@@ -12,9 +12,15 @@ from conftest import invoke, one_line_error
 
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import EvalSettings
-from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, parse_budget
 from memdec_core.runs.meta import SCHEMA_VERSION, run_meta
-from memdec_core.runs.runconfig import budget_from_fields, load_run_config, window_settings
+from memdec_core.runs.runconfig import (
+    QUICK_EVAL_TOKENS,
+    QUICK_TRAIN_TOKENS,
+    budget_from_fields,
+    load_run_config,
+    parse_budget,
+    window_settings,
+)
 
 META_KEYS = {"schema_version", "versions", "seeds", "git", "device", "world_size", "dtype", "precision", "contexts",
              "command", "timestamp", "config", "settings", "combiner", "bases", "methods"}
@@ -88,7 +94,7 @@ def test_a_yaml_config_drives_eval(captured, tmp_path):
     assert call["methods"] == ["base", "knn-lm"]
     assert call["settings"] == EvalSettings(context=64, stride=16, batch_size=2, max_train_tokens=None,
                                             max_eval_tokens=1000)
-    assert call["method_settings"] == {"knn-lm": {"k": "256", "temperatures": "3,10"}, "faiss": {"nprobe": "8"}}
+    assert call["component_settings"] == {"knn-lm": {"k": "256", "temperatures": "3,10"}, "faiss": {"nprobe": "8"}}
     meta_config = call["config"]
     assert meta_config["file"] == str(config) and meta_config["overridden"] == []
     assert meta_config["values"]["max_train_tokens"] == 0 and meta_config["values"]["output"] == str(output)
@@ -107,7 +113,7 @@ def test_a_toml_config_drives_compare(captured, tmp_path):
     measure = call["measure"]
     assert measure.budget() == {"budget_tokens": 64000} and not measure.reuse_results
     assert (measure.general_tokens, measure.latency_tokens) == (300, 200)
-    assert call["method_settings"] == {"lora": {"epochs": "1"}}
+    assert call["component_settings"] == {"lora": {"epochs": "1"}}
     config_meta = call["config"]  # the CLI hands its resolved options to compare, for the meta
     assert config_meta["file"] == str(config) and config_meta["values"]["budget"] == "64000"
     assert config_meta["values"]["fresh"] is True and isinstance(call["command"], list)
@@ -160,7 +166,7 @@ def test_a_flag_given_with_the_file_wins_and_is_listed_as_overridden(captured, t
     call = captured["eval"]
     assert call["settings"].context == 128 and call["settings"].max_eval_tokens == 1000  # the file fills the rest
     assert call["methods"] == ["base", "knn-lm"]
-    assert call["method_settings"] == {"knn-lm": {"k": "16", "temperatures": "3"}, "faiss": {"nprobe": "4"}}
+    assert call["component_settings"] == {"knn-lm": {"k": "16", "temperatures": "3"}, "faiss": {"nprobe": "4"}}
     assert call["config"]["overridden"] == ["context", "methods", "settings.knn-lm.k"]
     assert call["config"]["values"]["context"] == 128
     # a flag given at its default value still counts as given: the source decides, not the value

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
-from memdec_core.engine.scoring import EvalSettings
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.inputs.models import load_model
+from memdec_core.interfaces import EvalSettings
 from memdec_core.testing import save_tiny_model, save_tokenizer
 from memdec_decoder import api
 from memdec_decoder import train as train_module

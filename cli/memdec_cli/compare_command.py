@@ -8,24 +8,16 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import (
-    config_option,
-    eval_settings,
-    require_domain,
-    run_config,
-    set_option,
-    split_list,
-    window_options,
-    write_report,
-)
+from memdec_cli.options import config_option, require_domain, run_config, split_list, write_report
+from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.errors import ConfigError, MemdecError
-from memdec_core.runs.compare import EQUAL_COMPUTE, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, CompareSettings
-from memdec_core.runs.runconfig import FORMATS
+from memdec_core.runs.compare import CompareSettings
+from memdec_core.runs.runconfig import EQUAL_COMPUTE, FORMATS, QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
 
 def _parse_budget(ctx, param, value):
     """--budget as CompareSettings fields; a malformed one is bad usage (exit 2), caught before any work."""
-    from memdec_core.runs.compare import parse_budget
+    from memdec_core.runs.runconfig import parse_budget
 
     try:
         return parse_budget(value)
@@ -106,7 +98,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
         report = compare(domain, bases, split_list(methods) if methods else (),
                          settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                          combiner=_combiner(combiner, lam),
-                         method_settings=run.settings,
+                         component_settings=run.settings,
                          measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
                                                  reuse_results=not fresh, **budget),
                          config=run.meta, command=list(sys.argv))

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import (
-    config_option,
-    eval_settings,
-    require_domain,
-    run_config,
-    set_option,
-    split_list,
-    window_options,
-    write_report,
-)
+from memdec_cli.options import config_option, require_domain, run_config, split_list, write_report
+from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.runs.runconfig import FORMATS
 
 
@@ -72,7 +64,7 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
     run = run_config(ctx)
     report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                          combiner=_combiner(combiner, lam), method_settings=run.settings, config=run.meta,
+                          combiner=_combiner(combiner, lam), component_settings=run.settings, config=run.meta,
                           command=sys.argv)
     print_evaluation(report, output_format)
     if output:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import parse_assignments, set_option
+from memdec_core.command_kit import parse_assignments, set_option
 
 
 @click.command("export")
@@ -53,7 +53,7 @@ def export(folder, output, force, base, memory, domain, lam, assignments):
         if folder is not None or base is None:
             raise click.UsageError("a composite is exported with --base NAME --memory FOLDER_OR_NAME, without FOLDER")
         written = exports.export_composite(base, memory, output, domain=domain, lam=lam, force=force,
-                                           settings=parse_assignments(assignments))
+                                           component_settings=parse_assignments(assignments))
     click.echo(str(written))
 
 

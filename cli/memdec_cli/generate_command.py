@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
+from memdec_core.command_kit import eval_settings, parse_assignments, set_option, window_options
 
 
 @click.command("generate")
@@ -66,10 +66,10 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     from memdec_core.components.combiner_files import resolve_combiner
 
     torch.manual_seed(seed)
-    settings = parse_assignments(assignments)
+    component_settings = parse_assignments(assignments)
     combiner_class = resolve_combiner(combiner)
     if any(name == "lam" for name in combiner_class.Config.__dataclass_fields__):
-        settings.setdefault(combiner_class.name or "", {}).setdefault("lam", lam)
+        component_settings.setdefault(combiner_class.name or "", {}).setdefault("lam", lam)
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text, stream_end=False):
@@ -85,8 +85,9 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     streamer_factory = (lambda tokenizer: _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)) \
         if streams else None
     started = _PromptEcho(prompt, streamer_factory)
-    texts = api.generate(base, [prompt], memory=memory, domain=domain, combiner=combiner_class, settings=settings,
-                         eval_settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
+    texts = api.generate(base, [prompt], memory=memory, domain=domain, combiner=combiner_class,
+                         component_settings=component_settings,
+                         settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                          streamer_factory=started.factory, **generation)
     if not streams:
         click.echo("\n----\n".join(prompt + text for text in texts))

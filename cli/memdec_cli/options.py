@@ -1,77 +1,18 @@
-"""Options shared by commands (and by plugins' commands): windows, budgets, component settings."""
+"""The CLI's own options: --config files merged with the flags and --set, lists, reports.
+
+The options plugins' commands share with these (window options, --set) are memdec_core.command_kit.
+"""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
+from memdec_core.command_kit import parse_assignments
 from memdec_core.errors import ConfigError
-from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
-
-
-def window_options(command=None, *, train_default: int = QUICK_TRAIN_TOKENS, eval_default: int = QUICK_EVAL_TOKENS):
-    """--context, --stride, --batch-size, --max-train-tokens, --max-eval-tokens.
-
-    Every command caps the splits the same way by default (memdec compare's quick CPU profile), so
-    that an artifact one command builds (a datastore, a memory) is the one the others find in the
-    cache; 0 means the whole split.
-    """
-    options = [
-        click.option("--context", type=click.IntRange(min=2), default=None,
-                     help="Window length in tokens [default: min(1024, the model's maximum)]."),
-        click.option("--stride", type=click.IntRange(min=1), default=None,
-                     help="New tokens scored per window [default: context / 2, as in the paper]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Windows per forward pass."),
-        click.option("--max-train-tokens", type=click.IntRange(min=0), default=train_default, show_default=True,
-                     callback=_token_cap, help="Use only the first N tokens of the train split; 0: the whole split."),
-        click.option("--max-eval-tokens", type=click.IntRange(min=0), default=eval_default, show_default=True,
-                     callback=_token_cap,
-                     help="Use only the first N tokens of the valid and test splits; 0: the whole splits."),
-    ]
-
-    def decorate(function):
-        return functools.reduce(lambda cmd, option: option(cmd), reversed(options), function)
-
-    return decorate(command) if command is not None else decorate
-
-
-def _token_cap(ctx, param, value):
-    """0 (the whole split) or at least 2 tokens: one token makes no window (bad usage, exit 2)."""
-    if value == 1:
-        raise click.BadParameter("0 (the whole split) or at least 2", ctx=ctx, param=param)
-    return value
-
-
-def eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens):
-    """The EvalSettings of the window options (0 caps nothing: the whole split)."""
-    from memdec_core.runs.runconfig import window_settings
-
-    return window_settings(dict(context=context, stride=stride, batch_size=batch_size,
-                                max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens))
-
-
-set_option = click.option(
-    "--set", "assignments", multiple=True, metavar="NAME.KEY=VALUE",
-    help="A setting of any component of the run by its name — method, memory model, retriever, combiner or "
-         "domain: --set knn-lm.k=256 --set faiss.nprobe=64 --set linear.lam=0.3 --set finance.source=hub "
-         "(`memdec list KIND` shows every setting, its default and what it does).")
-
-
-def parse_assignments(assignments: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """``("knn-lm.k=64",)`` → ``{"knn-lm": {"k": "64"}}`` (values stay text: each component types its own)."""
-    parsed: dict[str, dict[str, str]] = {}
-    for assignment in assignments:
-        target, equals, value = assignment.partition("=")
-        name, dot, key = target.partition(".")
-        if not (equals and dot and name and key):
-            raise click.BadParameter(f"{assignment!r} is not NAME.KEY=VALUE", param_hint="--set")
-        parsed.setdefault(name, {})[key] = value
-    return parsed
 
 
 def split_list(values: tuple[str, ...]) -> list[str]:

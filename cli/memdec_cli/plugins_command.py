@@ -16,7 +16,7 @@ def plugins(as_json: bool):
     A plugin that fails to import is shown as failed, with its error, and skipped.
     Block plugins with MEMDEC_DISABLE_PLUGINS=name1,name2.
     """
-    from memdec_core.components.plugins import plugin_records
+    from memdec_core.components.registry import plugin_records
 
     records = [dataclasses.asdict(record) for record in plugin_records()]
     if as_json:

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import eval_settings, parse_assignments, set_option, split_list, window_options, write_report
+from memdec_cli.options import split_list, write_report
+from memdec_core.command_kit import eval_settings, parse_assignments, set_option, window_options
 from memdec_core.errors import ArtifactError
 from memdec_core.runs.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
 
@@ -75,7 +76,7 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
     report = evaluate_tasks(domain, split_list(task_list), tasks_dir, bases, split_list(methods),
                             max_examples=max_examples, validation_examples=validation_examples,
                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                            combiner=_combiner(combiner, lam), method_settings=parse_assignments(assignments),
+                            combiner=_combiner(combiner, lam), component_settings=parse_assignments(assignments),
                             command=list(sys.argv), previous=_earlier_report(output) if resume else None,
                             on_row=(lambda partial: write_report(output, partial)) if output else None)
     print_tasks(report, output_format)

@@ -7,10 +7,13 @@ import importlib.util
 import inspect
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memdec_core.errors import ConfigError, MemdecError, UnknownComponentError
 from memdec_core.interfaces import Combiner
+
+if TYPE_CHECKING:
+    from memdec_core.components.plan import Plan
 
 
 def resolve_combiner(spec: Any) -> type[Combiner]:
@@ -46,6 +49,12 @@ def with_fixed_knobs(combiner_class: type[Combiner], values: dict[str, Any]) -> 
             grid.append(fixed)
     return type(combiner_class.__name__, (combiner_class,), {"grid": classmethod(lambda cls: list(grid)),
                                                              "__module__": combiner_class.__module__})
+
+
+def combiner_with_settings(combiner_class: type[Combiner], plan: "Plan") -> type[Combiner]:
+    """``--set NAME.KNOB=VALUE`` for the combiner fixes that knob; the others are still tuned."""
+    values = plan.component_settings.get(combiner_class.name or "", {})
+    return with_fixed_knobs(combiner_class, combiner_class.settings_from_text(values)) if values else combiner_class
 
 
 def combiner_file(spec: Any) -> str | None:

@@ -56,9 +56,7 @@ def _component(kind: str, row: dict) -> list[str]:
 
 
 def built_in_plugins() -> set[str]:
-    from memdec_core.components.plugins import plugin_records
-
-    return {record.name for record in plugin_records() if record.distribution == "memdec"}
+    return {record.name for record in registry.plugin_records() if record.distribution == "memdec"}
 
 
 if __name__ == "__main__":

@@ -39,12 +39,11 @@ def component_identity(cls: type) -> dict[str, Any]:
 
     A component learns its plugin when the registry collects its kind; the registry is collected
     first, so that a key made before and one made after (a datastore's, in one run) are the same."""
-    from memdec_core.components import registry
-    from memdec_core.components.plugins import plugin_records
+    from memdec_core.components import plugins, registry
 
     if getattr(cls, "plugin", None) is None:
         registry.collect_all()
-    record = next((record for record in plugin_records(collect=False) if record.name == cls.plugin), None)
+    record = next((record for record in plugins.records() if record.name == cls.plugin), None)
     identity = {"plugin": cls.plugin, "distribution": record.distribution if record else None,
                 "version": record.version if record else None}
     source = _source_of(cls)

@@ -18,11 +18,11 @@ from memdec_core.interfaces import Component, Use
 
 
 class Plan:
-    """Settings by component name (values are typed, or strings from the command line), and the
-    run's base models (a memory trained for the run picks its teacher and init among them)."""
+    """Settings by component name (``component_settings``: typed values, or strings from the command
+    line), and the run's base models (a memory trained for the run picks its teacher and init among them)."""
 
-    def __init__(self, settings: dict[str, dict[str, Any]] | None = None, bases: Iterable[str] = ()):
-        self.settings = {name: dict(values) for name, values in (settings or {}).items()}
+    def __init__(self, component_settings: dict[str, dict[str, Any]] | None = None, bases: Iterable[str] = ()):
+        self.component_settings = {name: dict(values) for name, values in (component_settings or {}).items()}
         self.bases = tuple(bases)
 
     def create(self, kind: str, name: str, *, config: Any = None, **extra: Any) -> Component:
@@ -33,7 +33,7 @@ class Plan:
             return cls(config, **extra)
         values = {}
         for source in (*cls.shares_settings_with, name):
-            values.update(cls.settings_from_text(self.settings.get(source, {})))
+            values.update(cls.settings_from_text(self.component_settings.get(source, {})))
         return cls(**{**values, **extra})
 
     def resolve(self, roots: Iterable[Component]) -> list[tuple[str, Component]]:
@@ -67,7 +67,7 @@ class Plan:
         names = {component.name for component in components} | set(also)
         for component in components:
             names.update(component.shares_settings_with)
-        unused = sorted(set(self.settings) - names)
+        unused = sorted(set(self.component_settings) - names)
         if unused:
             raise ConfigError(f"settings given for {', '.join(unused)}, which this run does not use "
                               f"(it uses: {', '.join(sorted(names))})")
@@ -83,11 +83,9 @@ def kind_of(component: Component) -> str:
 
 def check_requirements(cls: type) -> None:
     """A component that needs another plugin fails clearly when that plugin is not loaded."""
-    from memdec_core.components.plugins import plugin_records
-
     if not cls.requires:
         return
-    status = {record.name: record.status for record in plugin_records()}
+    status = {record.name: record.status for record in registry.plugin_records()}
     for plugin in cls.requires:
         if status.get(plugin) != "loaded":
             state = status.get(plugin, "not installed")

@@ -35,6 +35,9 @@ class PluginRecord:
 
 _manager: pluggy.PluginManager | None = None
 _records: list[PluginRecord] = []
+#: Bumped whenever the set of plugins changes, so what was read from their hooks (the registry's
+#: tables) is known to be stale without this module calling back up into the registry.
+_generation = 0
 
 
 def disabled_plugin_names() -> set[str]:
@@ -58,17 +61,18 @@ def reset_plugin_manager() -> None:
     global _manager
     _manager = None
     _records.clear()
-    _forget_components()
+    _changed()
 
 
-def plugin_records(collect: bool = True) -> list[PluginRecord]:
-    """What ``memdec plugins`` shows. ``collect`` first calls every registration hook, so a plugin
-    whose hook raises shows as failed (the hooks import light modules only: no torch)."""
+def generation() -> int:
+    """A number that changes whenever the set of plugins does (the registry's cache is keyed by it)."""
+    return _generation
+
+
+def records() -> list[PluginRecord]:
+    """Every entry point (and in-process plugin) as loaded so far. A plugin whose registration hook
+    raises shows as failed once that hook was called: ``registry.plugin_records`` calls them all."""
     get_plugin_manager()
-    if collect:
-        from memdec_core.components import registry
-
-        registry.collect_all()
     return list(_records)
 
 
@@ -80,7 +84,7 @@ def mark_failed(name: str, error: str) -> None:
     for record in _records:
         if record.name == name:
             record.status, record.error, record.hooks = "failed", error, []
-    _forget_components()
+    _changed()
 
 
 def register_plugin(module_or_object, name: str) -> None:
@@ -90,21 +94,19 @@ def register_plugin(module_or_object, name: str) -> None:
     manager.check_pending()
     _records.append(PluginRecord(name, getattr(module_or_object, "__name__", repr(module_or_object)),
                                  None, None, "loaded", _hook_names(manager, module_or_object)))
-    _forget_components()
+    _changed()
 
 
 def unregister_plugin(name: str) -> None:
     manager = get_plugin_manager()
     manager.unregister(name=name)
     _records[:] = [record for record in _records if record.name != name]
-    _forget_components()
+    _changed()
 
 
-def _forget_components() -> None:
-    """The registry caches hook results; they are stale once the set of plugins changes."""
-    from memdec_core.components import registry  # imported here: registry imports this module
-
-    registry.clear_cache()
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def _load_entry_points(manager: pluggy.PluginManager) -> list[PluginRecord]:

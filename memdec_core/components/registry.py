@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memdec_core.errors import DuplicateComponentError, PluginError, UnknownComponentError
+from memdec_core.components import plugins
+from memdec_core.errors import ConfigError, DuplicateComponentError, PluginError, UnknownComponentError
 from memdec_core.interfaces import Combiner, Component, Domain, MemoryModel, Method, ModelSource, Retriever, check_name
 
 
@@ -31,16 +32,18 @@ KINDS = {kind.name: kind for kind in (
 )}
 
 _tables: dict[str, dict[str, type]] = {}
-
-
-def clear_cache() -> None:
-    _tables.clear()
+_tables_generation = -1  # the plugin manager's generation the tables were read in
 
 
 def components(kind: str) -> dict[str, type]:
     """All registered classes of one kind, by name."""
+    global _tables_generation
     if kind not in KINDS:
         raise UnknownComponentError("component kind", kind, list(KINDS))
+    plugins.get_plugin_manager()  # loading the entry points is itself a change of generation
+    if _tables_generation != plugins.generation():
+        _tables.clear()
+        _tables_generation = plugins.generation()
     if kind not in _tables:
         _tables[kind] = _collect(KINDS[kind])
     return _tables[kind]
@@ -64,16 +67,35 @@ def collect_all() -> None:
         components(kind)
 
 
-def _collect(kind: Kind) -> dict[str, type]:
-    from memdec_core.components.plugins import get_plugin_manager, mark_failed
+def plugin_records() -> list[plugins.PluginRecord]:
+    """What ``memdec plugins`` shows: every plugin, after every registration hook was called, so a
+    plugin whose hook raises shows as failed (the hooks import light modules only: no torch)."""
+    collect_all()
+    return plugins.records()
 
-    manager = get_plugin_manager()
+
+def default_bases() -> list[str]:
+    """The registered models marked as defaults (the offline demo family), in registration order."""
+    defaults = [name for name, cls in components("models").items() if cls.default]
+    if not defaults:
+        raise ConfigError("no base model given and no default models are installed; pass --base MODEL")
+    return defaults
+
+
+def default_methods() -> list[str]:
+    """The methods that declare a place in the default comparison, in that order."""
+    ranked = [(cls.compare_rank, name) for name, cls in components("methods").items() if cls.compare_rank is not None]
+    return [name for _, name in sorted(ranked)]
+
+
+def _collect(kind: Kind) -> dict[str, type]:
+    manager = plugins.get_plugin_manager()
     table: dict[str, type] = {}
     for implementation in getattr(manager.hook, kind.hook).get_hookimpls():
         try:
             returned = list(implementation.function() or [])
         except Exception as error:  # a plugin's hook that raises is reported and skipped, never fatal
-            mark_failed(implementation.plugin_name, f"{kind.hook} raised {type(error).__name__}: {error}")
+            plugins.mark_failed(implementation.plugin_name, f"{kind.hook} raised {type(error).__name__}: {error}")
             return _collect(kind)  # mark_failed cleared the tables: collect without that plugin
         for component in returned:
             _add(table, kind, component, implementation.plugin_name)
@@ -95,9 +117,7 @@ def _add(table: dict[str, type], kind: Kind, component: type, plugin_name: str) 
 
 def _built_in_first(plugin_name: str) -> tuple[bool, str]:
     """A third-party plugin reusing a built-in name is the one to blame, whatever the load order."""
-    from memdec_core.components.plugins import plugin_records
-
-    record = next((record for record in plugin_records(collect=False) if record.name == plugin_name), None)
+    record = next((record for record in plugins.records() if record.name == plugin_name), None)
     return (not (record and record.distribution == "memdec"), plugin_name)
 
 
@@ -116,4 +136,5 @@ def _kind_facts(cls: type) -> dict:
     return facts
 
 
-__all__ = ["KINDS", "components", "get", "names", "describe", "clear_cache", "collect_all", "Component"]
+__all__ = ["KINDS", "components", "get", "names", "describe", "collect_all", "plugin_records", "default_bases",
+           "default_methods", "Component"]

@@ -10,7 +10,7 @@ gets alone. The memory keeps its own state (a Memory Decoder's KV cache) in a ``
 the base's ``DynamicCache`` that also carries the memory's stepper: when beam search reorders
 or duplicates rows, both follow.
 
-A composite built by ``memdec_core.api.composite_model`` knows where its parts come from (a base
+A composite built by ``composite_model`` (names of a base and a memory) knows where its parts come from (a base
 name, a memory folder or name, a domain, the combiner's knobs): ``save_pretrained`` writes a
 folder of references only, and ``from_pretrained`` of that folder rebuilds it.
 """
@@ -27,14 +27,19 @@ import torch
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from memdec_core.components.combiner_files import resolve_combiner
+from memdec_core.engine.scoring import check_memory_matches
 from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.inputs.context import memory_context
 from memdec_core.inputs.models import LoadedModel, capture_last_ffn_input
-from memdec_core.interfaces import Combiner, MemoryModel, MemoryStepper
+from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MemoryStepper
 
 MODEL_TYPE = "memdec"
 ARTIFACT_TYPE = "memdec-composite"
-#: What a composite folder records of its parts (``api.composite_model``'s arguments).
-REFERENCE_KEYS = ("base", "memory", "domain", "combiner", "lam", "settings")
+#: What a composite folder records of its parts (``composite_model``'s arguments).
+REFERENCE_KEYS = ("base", "memory", "domain", "combiner", "lam", "component_settings")
+#: Folders written before the per-component settings took one name call them this.
+LEGACY_KEYS = {"settings": "component_settings"}
 
 
 class MemdecConfig(PretrainedConfig):
@@ -213,8 +218,6 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
 
         A combiner file named in its config runs only with ``trust_remote_code=True``, which
         ``AutoModelForCausalLM.from_pretrained`` passes on here (``check_parts``)."""
-        from memdec_core import api
-
         folder = Path(pretrained_model_name_or_path).expanduser()
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -222,9 +225,63 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             raise ArtifactError(f"not a memdec composite folder: {folder} ({error})") from error
         if config.get("model_type") != MODEL_TYPE:
             raise ArtifactError(f"{folder} holds a {config.get('model_type')!r} model, not a memdec composite")
-        parts = config.get("parts") or {}
+        parts = {LEGACY_KEYS.get(key, key): value for key, value in (config.get("parts") or {}).items()}
         check_parts(parts, folder, trusted=kwargs.get("trust_remote_code") is True)
-        return api.composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts})
+        return composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts})
+
+
+def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, domain: str | None = None,
+                    lam: float | None = None, combiner: Any = "linear",
+                    component_settings: dict[str, dict[str, Any]] | None = None,
+                    settings: EvalSettings | None = None) -> MemdecForCausalLM:
+    """Base + memory + combiner as one ``transformers`` causal LM (``MemdecForCausalLM``), ready
+    for ``generate()``, ``pipeline("text-generation")`` or lm-evaluation-harness; its
+    ``.tokenizer`` is the base's. ``lam`` fixes the linear combiner's λ (else ``component_settings``,
+    else its default; ``component_settings`` maps a component's name to its settings, as ``--set``).
+    ``settings`` are the windows a memory built on first use is built with. A composite built
+    from names saves as a folder of references (``save_pretrained``) that ``from_pretrained`` rebuilds.
+    """
+    component_settings = {name: dict(values) for name, values in (component_settings or {}).items()}
+    combiner_class = resolve_combiner(combiner)
+    if lam is not None:
+        if "lam" not in combiner_class.Config.__dataclass_fields__:
+            raise ConfigError(f"combiner {combiner_class.name!r} has no λ (lam) to set")
+        component_settings.setdefault(combiner_class.name or "", {})["lam"] = lam  # its Config checks the range
+    ctx, memory_component = memory_context(base, memory, domain, combiner_class, component_settings, settings)
+    if memory_component is None:
+        raise ConfigError("a composite model needs a memory (a memory model name or folder)")
+    prepare_memory(ctx, memory_component)
+    mixing = fixed_combiner(ctx.combiner)
+    parts = None
+    if isinstance(base, str) and isinstance(memory, str):
+        parts = {"base": base, "memory": memory, "domain": domain, "combiner": combiner_class.name,
+                 "lam": mixing.knobs().get("lam"), "component_settings": component_settings}
+    return MemdecForCausalLM.from_parts(ctx.base, memory_component, fixed_knobs(memory_component), mixing, parts=parts)
+
+
+def prepare_memory(ctx: EvalContext, memory: MemoryModel) -> None:
+    """Build or load ``memory`` for ``ctx``'s base (a memory object may come prepared already),
+    and check that it reads the base's tokens."""
+    if not getattr(memory, "tokenizer_fingerprint", None):
+        memory.prepare(ctx)
+    check_memory_matches(memory, ctx)
+
+
+def fixed_knobs(memory: MemoryModel) -> dict[str, Any]:
+    """The memory's own knobs where nothing is tuned (generation, a composite): its grid must be a
+    single setting."""
+    grid = memory.grid()
+    if len(grid) != 1:
+        names = ", ".join(sorted({key for point in grid for key in point}))
+        raise ConfigError(f"{memory.name} tunes {names} over {len(grid)} settings; generation needs one: "
+                          f"fix it with --set {memory.name}.KEY=VALUE (memdec list memory-models)")
+    return grid[0]
+
+
+def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:
+    """The combiner where nothing is tuned: its single grid point when fixed, else its default settings."""
+    grid = combiner_class.grid()
+    return combiner_class(grid[0] if len(grid) == 1 else combiner_class.Config())
 
 
 def check_parts(parts: dict[str, Any], folder: Path, trusted: bool) -> None:
@@ -239,8 +296,9 @@ def check_parts(parts: dict[str, Any], folder: Path, trusted: bool) -> None:
     if code and not trusted:
         raise ArtifactError(f"{folder}/config.json names the combiner file {code}, whose code would run on "
                             f"loading; refused: pass trust_remote_code=True to from_pretrained if you trust it")
-    settings = parts.get("settings") if isinstance(parts.get("settings"), dict) else {}
-    values = [value for knobs in settings.values() if isinstance(knobs, dict) for value in knobs.values()]
+    settings = parts.get("component_settings")
+    values = [value for knobs in (settings.values() if isinstance(settings, dict) else ())
+              if isinstance(knobs, dict) for value in knobs.values()]
     for reference in (parts.get("base"), parts.get("memory"), code, *values):
         if isinstance(reference, str):
             refuse_climbing(reference, f"what the composite {folder} may name")
@@ -254,7 +312,7 @@ def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def write_model_card(folder: Path, parts: dict[str, Any]) -> None:
     """The folder's README: model-card front matter and how to load it."""
-    from memdec_core.store.artifacts import write_readme
+    from memdec_core.inputs.model_cards import write_readme
 
     memory = parts.get("memory") or "none"
     write_readme(folder, f"memdec composite: {parts.get('base')} + {memory}", [

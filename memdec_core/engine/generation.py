@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from memdec_core.engine.composite import MemdecForCausalLM, fixed_combiner, fixed_knobs, prepare_memory
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.models import LoadedModel, autocast, model_device
 from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
@@ -47,26 +48,8 @@ def generation_settings(*, max_new_tokens: int = 64, do_sample: bool = False, nu
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-def fixed_knobs(memory: MemoryModel) -> dict[str, Any]:
-    """The memory's own knobs for generation: its grid must be a single setting."""
-    grid = memory.grid()
-    if len(grid) != 1:
-        names = ", ".join(sorted({key for point in grid for key in point}))
-        raise ConfigError(f"{memory.name} tunes {names} over {len(grid)} settings; generation needs one: "
-                          f"fix it with --set {memory.name}.KEY=VALUE (memdec list memory-models)")
-    return grid[0]
-
-
-def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:
-    """The combiner for generation: its single grid point when fixed, else its default settings."""
-    grid = combiner_class.grid()
-    return combiner_class(grid[0] if len(grid) == 1 else combiner_class.Config())
-
-
 def mixture_model(base: LoadedModel, memory: MemoryModel, knobs: dict[str, Any], combiner: Combiner):
     """Base + prepared memory (under ``knobs``) + combiner as one causal LM."""
-    from memdec_core.engine.composite import MemdecForCausalLM
-
     return MemdecForCausalLM.from_parts(base, memory, knobs, combiner)
 
 
@@ -186,16 +169,6 @@ def mixture_generator(base: LoadedModel, memory: MemoryModel, knobs: dict[str, A
     composite model, whose memory state is fresh for every call."""
     model = mixture_model(base, memory, knobs, combiner)
     return model_generator(model, base.tokenizer)
-
-
-def prepare_memory(ctx: EvalContext, memory: MemoryModel) -> None:
-    """Build or load ``memory`` for ``ctx``'s base (a memory object may come prepared already),
-    and check that it reads the base's tokens."""
-    from memdec_core.engine.scoring import check_memory_matches
-
-    if not getattr(memory, "tokenizer_fingerprint", None):
-        memory.prepare(ctx)
-    check_memory_matches(memory, ctx)
 
 
 def generate_texts(ctx: EvalContext, memory: MemoryModel | None, prompts: list[str], *, streamer_factory=None,

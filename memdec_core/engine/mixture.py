@@ -53,8 +53,6 @@ class MixtureMethod(Method):
         return ctx.create(MEMORY_KIND, use.name, config=use.config)
 
     def evaluate(self, ctx: "EvalContext") -> MethodResult:
-        from memdec_core.engine.scoring import evaluate_mixture
-
         memory = self.create_memory(ctx)
         memory.prepare(ctx)
         return evaluate_mixture(ctx, memory)
@@ -73,3 +71,48 @@ class Mixture(MixtureMethod):
 
     name = "mixture"
     Config = MixtureConfig
+
+
+def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
+    """Tune memory × combiner knobs on validation in one pass, then score test with the best.
+
+    ``memory`` is prepared already; its costs and facts go into the result, with the memory on
+    its own: its test perplexity (same pass) and its fidelity to what it imitates.
+    """
+    # Here, not at the top: registration hooks import this module (a base class), and must not load torch.
+    from memdec_core.engine.generation import mixture_generator
+    from memdec_core.engine.loglikelihood import mixture_loglikelihood
+    from memdec_core.engine.scoring import (
+        MemoryAlone,
+        call_component,
+        check_memory_matches,
+        format_knobs,
+        score_stream,
+        tune_on_validation,
+    )
+    from memdec_core.runtime.progress import log
+
+    check_memory_matches(memory, ctx)
+    edges: list[str] = []
+    settings, valid, best = tune_on_validation(ctx, memory, edges)
+    memory_knobs, combiner_config = settings[best]
+    knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
+    log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
+    alone = MemoryAlone()
+    test = score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [settings[best]], "test",
+                         f"test {ctx.base.short_name}", alone)[0]
+    grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
+                   for i, (mem, comb) in enumerate(settings)]
+
+    def scorer(stream, windows, description):
+        return score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
+
+    details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count}
+    if edges:
+        details["grid_edges"] = edges
+    generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
+    return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
+                        details=details, scorer=scorer, generator=generator,
+                        loglikelihood=mixture_loglikelihood(ctx, memory, memory_knobs, combiner_config),
+                        memory={**alone.facts(),
+                                **call_component(memory, "memory", memory.fidelity, ctx, memory_knobs)})

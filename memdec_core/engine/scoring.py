@@ -21,13 +21,11 @@ from memdec_core.engine.grids import extend, numeric_knobs
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.inputs.data import Window
 from memdec_core.inputs.models import autocast, capture_last_ffn_input, model_device
-from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, MemoryModel, MethodResult, Scorer
+from memdec_core.interfaces import Combiner, EvalContext, MemoryModel, Scorer
 from memdec_core.runtime.distributed import World, is_fully_sharded, sharding, sum_across
 from memdec_core.runtime.progress import log, progress_bar
 
-#: Re-exported: methods and plugins written before they moved to ``memdec_core.interfaces``.
-__all__ = ["EvalContext", "EvalSettings", "MethodResult", "Scorer", "ScoredBatch", "NLLTotal",
-           "evaluate_mixture", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
+__all__ = ["ScoredBatch", "NLLTotal", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
            "model_scorer", "format_knobs", "bits_per_byte", "scored_bytes"]
 
 
@@ -280,40 +278,6 @@ def _edge_note(ctx: EvalContext, memory: MemoryModel, extension, best_setting: t
     return note
 
 
-def evaluate_mixture(ctx: EvalContext, memory: MemoryModel) -> MethodResult:
-    """Tune memory × combiner knobs on validation in one pass, then score test with the best.
-
-    ``memory`` is prepared already; its costs and facts go into the result, with the memory on
-    its own: its test perplexity (same pass) and its fidelity to what it imitates.
-    """
-    check_memory_matches(memory, ctx)
-    edges: list[str] = []
-    settings, valid, best = tune_on_validation(ctx, memory, edges)
-    memory_knobs, combiner_config = settings[best]
-    knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
-    log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
-    alone = MemoryAlone()
-    test = _score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [settings[best]], "test",
-                         f"test {ctx.base.short_name}", alone)[0]
-    grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
-                   for i, (mem, comb) in enumerate(settings)]
-
-    def scorer(stream, windows, description):
-        return _score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
-
-    details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count}
-    if edges:
-        details["grid_edges"] = edges
-    from memdec_core.engine.generation import mixture_generator
-    from memdec_core.engine.loglikelihood import mixture_loglikelihood
-
-    generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
-    return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
-                        details=details, scorer=scorer, generator=generator,
-                        loglikelihood=mixture_loglikelihood(ctx, memory, memory_knobs, combiner_config),
-                        memory={**alone.facts(), **_call(memory, "memory", memory.fidelity, ctx, memory_knobs)})
-
-
 class MemoryAlone:
     """The memory on its own: NLL over the positions it names (a finite log-prob), and their share.
 
@@ -349,11 +313,11 @@ def check_memory_matches(memory: MemoryModel, ctx: EvalContext) -> None:
 
 
 def _score_mixture(ctx: EvalContext, memory: MemoryModel, split: str, settings: list) -> list[NLLTotal]:
-    return _score_stream(ctx, memory, ctx.corpus.streams[split], ctx.windows(split), settings, split,
+    return score_stream(ctx, memory, ctx.corpus.streams[split], ctx.windows(split), settings, split,
                          f"{split} {ctx.base.short_name}")
 
 
-def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
+def score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
                   settings: list, split: str, description: str, alone: MemoryAlone | None = None) -> list[NLLTotal]:
     """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass;
     and the memory alone under the first setting's knobs, into ``alone`` when given."""
@@ -363,7 +327,7 @@ def _score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, win
                                   capture_hidden=memory.needs_hidden, sharded=True, description=description)
     for number, batch in enumerate(batches):
         _check_finite(batch.logits, f"the base {ctx.base.model_id}", split)
-        state = _call(memory, "memory", memory.score, batch)
+        state = call_component(memory, "memory", memory.score, batch)
         if number == 0 and ctx.combiner.elementwise:
             check_elementwise_claim(combiners[0], memory, batch, settings[0][0])
         by_memory_knobs: dict[str, torch.Tensor] = {}
@@ -387,7 +351,7 @@ def _name(component) -> str:
     return component.name or type(component).__name__
 
 
-def _call(component, role: str, function, *args):
+def call_component(component, role: str, function, *args):
     """A plugin's code that raises is named in one line, not a traceback through memdec."""
     try:
         return function(*args)
@@ -417,11 +381,13 @@ def check_elementwise_claim(combiner: Combiner, memory: MemoryModel, batch: Scor
     report a perplexity of the unnormalised values)."""
     few = batch.head(rows)
     base = few.logprobs()
-    memory_rows = _call(memory, "memory", memory.logprobs, _call(memory, "memory", memory.score, few), few, knobs)
+    state = call_component(memory, "memory", memory.score, few)
+    memory_rows = call_component(memory, "memory", memory.logprobs, state, few, knobs)
     gold = few.targets[:, None]
     context = {"positions": few.positions, "split": "check"}
-    whole = _call(combiner, "combiner", combiner.combine, base, memory_rows, context).gather(1, gold)
-    columns = _call(combiner, "combiner", combiner.combine, base.gather(1, gold), memory_rows.gather(1, gold), context)
+    whole = call_component(combiner, "combiner", combiner.combine, base, memory_rows, context).gather(1, gold)
+    columns = call_component(combiner, "combiner", combiner.combine, base.gather(1, gold),
+                             memory_rows.gather(1, gold), context)
     if not torch.allclose(whole, columns, atol=1e-4, rtol=1e-4, equal_nan=True):
         raise ConfigError(f"combiner {_name(combiner)!r} declares elementwise = True, but its output at a token "
                           f"depends on the other tokens (off by {float((whole - columns).abs().max()):.3g}); "
@@ -430,8 +396,8 @@ def check_elementwise_claim(combiner: Combiner, memory: MemoryModel, batch: Scor
 
 def _memory_rows(memory, state, batch, knobs, elementwise: bool) -> torch.Tensor:
     if elementwise:
-        return _call(memory, "memory", memory.gold_logprobs, state, batch, knobs)[:, None]
-    return _call(memory, "memory", memory.logprobs, state, batch, knobs)
+        return call_component(memory, "memory", memory.gold_logprobs, state, batch, knobs)[:, None]
+    return call_component(memory, "memory", memory.logprobs, state, batch, knobs)
 
 
 def _gold_of(memory_rows: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
@@ -444,9 +410,9 @@ def _gold_of(memory_rows: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
 def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, split: str) -> torch.Tensor:
     context = {"positions": batch.positions, "split": split}
     if memory_rows.shape[1] == 1:  # elementwise: only the gold column is needed
-        return _call(combiner, "combiner", combiner.combine, batch.gold_logprobs()[:, None], memory_rows,
+        return call_component(combiner, "combiner", combiner.combine, batch.gold_logprobs()[:, None], memory_rows,
                      context)[:, 0]
-    mixed = _call(combiner, "combiner", combiner.combine, batch.logprobs(), memory_rows, context)
+    mixed = call_component(combiner, "combiner", combiner.combine, batch.logprobs(), memory_rows, context)
     total_mass = torch.logsumexp(mixed, dim=-1).abs().max()
     if total_mass > 1e-3:
         raise ConfigError(f"combiner {combiner.name!r} returned log-probs that do not sum to 1 "

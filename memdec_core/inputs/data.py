@@ -307,6 +307,10 @@ class TokenizedCorpus:
     def data_hash(self, split: str) -> str:
         return self.hashes[split]
 
+    def windows(self, split: str, context: int, stride: int) -> list[Window]:
+        """The sliding windows over ``split``'s stream (``make_windows``)."""
+        return make_windows(len(self.streams[split]), context, stride)
+
 
 def tokenize_corpus(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, *, context: int,
                     max_tokens: dict[str, int] | None = None) -> TokenizedCorpus:

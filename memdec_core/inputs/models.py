@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
+from memdec_core.inputs.model_cards import hub_id, looks_like_path
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
 BLOCK_PATHS = {
@@ -149,7 +150,7 @@ def resolve_model_location(name: str) -> tuple[str, str | None]:
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is not a model folder (no config.json)")
         return str(path), None
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelError(f"model path not found: {name}")
     if not _hub_model_available(name):
         from memdec_core.components import registry
@@ -177,11 +178,6 @@ def _hub_model_available(name: str) -> bool:
     except OSError:
         return False
     return True
-
-
-def _looks_like_path(name: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else that is not on disk was meant as a path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _from_pretrained(location: str, name: str, **kwargs):
@@ -268,7 +264,8 @@ def _gguf_as_hf_folder(folder: Path, gguf_file: str, cache_dir: Path | None) -> 
     target_file = folder / gguf_file
     stat = target_file.stat()
     key = hashlib.sha256(f"{target_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    from memdec_core.store.artifacts import atomic_directory, write_readme
+    from memdec_core.inputs.model_cards import write_readme
+    from memdec_core.store.artifacts import atomic_directory
     from memdec_core.store.cache_dir import cache_folder, entry_lock
 
     models = Path(cache_dir) / "models" if cache_dir is not None else cache_folder("models")
@@ -336,36 +333,6 @@ def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
         raise ModelError(f"saving {type(model).__name__} to {folder} wrote nothing (rank {world().rank})")
 
 
-def hub_id(name: str) -> str | None:
-    """``name`` when it names a model on the Hugging Face hub: neither a registered name nor a path."""
-    from memdec_core.components import registry
-
-    if name in registry.components("models") or _looks_like_path(name) or Path(name).expanduser().exists():
-        return None
-    return name
-
-
-def model_license(name: str) -> str | None:
-    """The ``license`` in the front matter of a model's own card, when a copy of it is at hand
-    (a registered or local folder's README.md, or the hub cache's); None otherwise."""
-    from memdec_core.components import registry
-    from memdec_core.store.artifacts import read_front_matter
-
-    if name in registry.components("models"):
-        card: Path | str | None = Path(registry.get("models", name)().path()) / "README.md"
-    elif hub_id(name):
-        from huggingface_hub import try_to_load_from_cache
-
-        card = try_to_load_from_cache(name, "README.md")
-    else:
-        path = Path(name).expanduser()
-        card = (path.parent if path.suffix == ".gguf" else path) / "README.md"
-    if not isinstance(card, (str, Path)) or not Path(card).is_file():
-        return None
-    stated = read_front_matter(Path(card).read_text(encoding="utf-8", errors="replace")).get("license")
-    return str(stated) if stated else None
-
-
 def base_reference(base: LoadedModel) -> dict:
     """How an artifact names its base so that another machine can find it: a registered name or a
     hub id (the same model everywhere), else its path (relative to the cache inside it); and the
@@ -390,7 +357,7 @@ def referenced_base(manifest: dict) -> tuple[str | None, str | None]:
     name = str(reference["name"])
     if reference.get("source") == "path":
         return str(resolve_reference(name)), reference.get("fingerprint")
-    if _looks_like_path(name):  # a registered name or hub id never does: this one was edited in
+    if looks_like_path(name):  # a registered name or hub id never does: this one was edited in
         raise ArtifactError(f"the manifest's {reference.get('source')} base {name!r} is a path, not a name; refused")
     return name, reference.get("fingerprint")
 

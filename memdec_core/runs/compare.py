@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from memdec_core.components import registry
-from memdec_core.errors import ConfigError, MemdecError, shorten
+from memdec_core.errors import ConfigError, MemdecError
+from memdec_core.inputs.context import prepare_context
+from memdec_core.inputs.data import load_corpus
 from memdec_core.runs.meta import call_config, context_entry, run_meta
+from memdec_core.runs.prepare import check_finite, methods_for_base, prepare_run, split_bits_per_byte
+from memdec_core.runs.runconfig import budget_from_fields
 from memdec_core.runtime.progress import log
+from memdec_core.runtime.renames import renamed_keywords
 from memdec_core.store.artifacts import cached_artifact, content_key, write_json
-
-#: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
-#: demo bases × six methods on finance) runs cold in under 10 minutes on 2 CPU cores. ``0`` for the
-#: token caps means the whole split; the library's ``compare`` applies no cap unless given one.
-QUICK_TRAIN_TOKENS = 32_768
-QUICK_EVAL_TOKENS = 4_096
 
 
 @dataclass
@@ -66,58 +65,29 @@ class CompareSettings:
         return {"budget_flops": self.budget_flops} if self.budget_flops else {}
 
 
-#: ``--budget`` for the paper's protocol: every method that trains gets the Memory Decoder's FLOPs.
-EQUAL_COMPUTE = "equal"
-
-
-def parse_budget(text: str) -> dict[str, Any]:
-    """``equal`` (the paper's protocol), ``0`` (each method's own schedule), ``65536``, ``64k``,
-    ``2M`` (training tokens) or ``3e12flops``, ``2.5TFLOPs`` (FLOPs) → CompareSettings fields."""
-    import re
-
-    if text.strip().lower() == EQUAL_COMPUTE:
-        return {"equal_compute": True}
-    # the number's digits split one way only: overlapping runs backtrack quadratically on long text
-    number = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[0-9]+)?"
-    match = re.fullmatch(rf"\s*({number})\s*([kmgtp]?)\s*(flops?|tokens?)?\s*", text.lower())
-    if not match:
-        raise ConfigError(f"budget {shorten(repr(text))} is not 'equal', 0, a number of tokens (65536, 64k, 2M) "
-                          f"or FLOPs (3e12flops, 2TFLOPs)")
-    number, prefix, unit = match.groups()
-    value = float(number) * 1000 ** "_kmgtp".index(prefix or "_")
-    if value == 0:
-        return {"equal_compute": False}
-    if unit and unit.startswith("flop"):
-        return {"budget_flops": value, "equal_compute": False}
-    if value != int(value):
-        raise ConfigError(f"a budget in tokens must be a whole number, got {shorten(repr(text))}")
-    return {"budget_tokens": int(value), "equal_compute": False}
-
-
+@renamed_keywords(method_settings="component_settings")
 def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (), *, settings=None,
-            combiner: Any = "linear", method_settings: dict[str, dict[str, Any]] | None = None,
+            combiner: Any = "linear", component_settings: dict[str, dict[str, Any]] | None = None,
             domain_settings: dict[str, Any] | None = None, measure: CompareSettings = CompareSettings(),
             config: dict | None = None, command: list[str] | None = None) -> dict:
     """Compare every base × method on ``domain``; returns ``{"domain", "results", "meta"}``.
 
     ``methods`` defaults to those that declare a place in the default comparison
-    (``Method.compare_rank``); ``method_settings`` maps any component's name to its settings.
+    (``Method.compare_rank``); ``component_settings`` maps any component's name to its settings
+    (``--set NAME.KEY=VALUE``); ``settings`` are the windows (EvalSettings).
     ``config`` and ``command`` (the CLI's resolved options and command line) go into the meta;
     from Python the call's own arguments are recorded.
     """
-    from memdec_core.api import default_methods, prepare_run
-    from memdec_core.inputs.data import load_corpus
-
-    names = list(methods) or default_methods()
-    component_settings = _with_budget(names, dict(method_settings or {}), measure.budget())
+    names = list(methods) or registry.default_methods()
     run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
-                      component_settings=component_settings, domain_settings=domain_settings)
+                      component_settings=_with_budget(names, dict(component_settings or {}), measure.budget()),
+                      domain_settings=domain_settings)
     general = load_corpus(measure.general) if measure.general else None
     results: list[dict] = []
     protocol = _Protocol(measure, run.methods)
     contexts: dict[str, dict] = {}
     config = config or call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
-                                   settings=run.settings, component_settings=method_settings,
+                                   settings=run.settings, component_settings=component_settings,
                                    options=_measure_options(measure))
 
     def report() -> dict:
@@ -137,8 +107,6 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
 
 def _measure_options(measure: CompareSettings) -> dict:
     """compare's own options in config-file form, for the meta of a call from Python."""
-    from memdec_core.runs.runconfig import budget_from_fields
-
     fields = {key: value for key, value in dataclasses.asdict(measure).items()
               if key in ("budget_tokens", "budget_flops", "equal_compute")}
     return {"budget": budget_from_fields(fields), "general_tokens": measure.general_tokens,
@@ -190,8 +158,6 @@ def _compare_base(run, base_name: str, general, measure: CompareSettings, protoc
                   results: list[dict], contexts: dict[str, dict]) -> None:
     """Every method's row on one base, appended to ``results`` as soon as it is measured (then
     put back in the run's order)."""
-    from memdec_core.api import methods_for_base, prepare_context
-
     ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
     contexts[ctx.base.model_id] = context_entry(ctx)
     methods = methods_for_base(ctx, run.methods)
@@ -233,8 +199,6 @@ def _check_budget_fits(ctx, methods, measure: CompareSettings) -> None:
 
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
-    from memdec_core.api import check_finite, split_bits_per_byte
-
     started = time.perf_counter()
     result = method.evaluate(ctx)
     check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
@@ -262,8 +226,6 @@ def _memory_facts(result) -> dict:
 
 
 def _finite(value: float | None, method: str, ctx) -> float | None:
-    from memdec_core.api import check_finite
-
     check_finite(value, f"{method} on {ctx.base.model_id} (general text)")
     return value
 

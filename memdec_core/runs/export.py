@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.inputs.models import save_model
 from memdec_core.store.artifacts import (
     artifact_reference,
@@ -23,7 +24,6 @@ from memdec_core.store.artifacts import (
     read_manifest_type,
     replacing_directory,
     write_manifest,
-    write_readme,
 )
 
 ARTIFACT_TYPE = "exported-model"
@@ -61,17 +61,17 @@ def _card_lines(folder: Path, manifest: dict) -> list[str]:
 
 
 def export_composite(base: str, memory: str, output: Path | str, *, domain: str | None = None,
-                     lam: float | None = None, settings: dict[str, dict[str, Any]] | None = None,
+                     lam: float | None = None, component_settings: dict[str, dict[str, Any]] | None = None,
                      force: bool = False) -> Path:
-    """Write the composite of ``base`` and ``memory`` (``api.composite_model``) to ``output`` as a
+    """Write the composite of ``base`` and ``memory`` (``composite_model``) to ``output`` as a
     folder of references that ``AutoModelForCausalLM.from_pretrained`` rebuilds (memdec installed)."""
-    from memdec_core import api
+    from memdec_core.engine.composite import composite_model  # torch: only when a composite is made
 
     output = Path(output).expanduser()
     _check_output(output, force)
     # A folder named relative to here would mean another folder wherever the composite is opened.
     base, memory = _absolute_if_folder(base), _absolute_if_folder(memory)
-    model = api.composite_model(base, memory, domain=domain, lam=lam, settings=settings)
+    model = composite_model(base, memory, domain=domain, lam=lam, component_settings=component_settings)
     with new_folder(output, force) as temporary:
         temporary.rmdir()  # save_pretrained writes this folder itself (atomically), then it moves into place
         model.save_pretrained(temporary)

@@ -43,6 +43,41 @@ MAX_VALUES = 10_000
 NAME_WIDTH = 24
 
 
+#: What ``memdec compare`` uses unless told otherwise: sized so that the embedded default (three
+#: demo bases × six methods on finance) runs cold in under 10 minutes on 2 CPU cores. ``0`` for the
+#: token caps means the whole split; the library's ``compare`` applies no cap unless given one.
+QUICK_TRAIN_TOKENS = 32_768
+QUICK_EVAL_TOKENS = 4_096
+
+
+#: ``--budget`` for the paper's protocol: every method that trains gets the Memory Decoder's FLOPs.
+EQUAL_COMPUTE = "equal"
+
+
+def parse_budget(text: str) -> dict[str, Any]:
+    """``equal`` (the paper's protocol), ``0`` (each method's own schedule), ``65536``, ``64k``,
+    ``2M`` (training tokens) or ``3e12flops``, ``2.5TFLOPs`` (FLOPs) → CompareSettings fields."""
+    import re
+
+    if text.strip().lower() == EQUAL_COMPUTE:
+        return {"equal_compute": True}
+    # the number's digits split one way only: overlapping runs backtrack quadratically on long text
+    number = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[0-9]+)?"
+    match = re.fullmatch(rf"\s*({number})\s*([kmgtp]?)\s*(flops?|tokens?)?\s*", text.lower())
+    if not match:
+        raise ConfigError(f"budget {shorten(repr(text))} is not 'equal', 0, a number of tokens (65536, 64k, 2M) "
+                          f"or FLOPs (3e12flops, 2TFLOPs)")
+    number, prefix, unit = match.groups()
+    value = float(number) * 1000 ** "_kmgtp".index(prefix or "_")
+    if value == 0:
+        return {"equal_compute": False}
+    if unit and unit.startswith("flop"):
+        return {"budget_flops": value, "equal_compute": False}
+    if value != int(value):
+        raise ConfigError(f"a budget in tokens must be a whole number, got {shorten(repr(text))}")
+    return {"budget_tokens": int(value), "equal_compute": False}
+
+
 @dataclass(frozen=True)
 class Key:
     """What one key of a config file must hold."""
@@ -78,8 +113,6 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
 
 
 def _budget(value: Any) -> bool:
-    from memdec_core.runs.compare import parse_budget
-
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return False
     try:
@@ -296,7 +329,6 @@ def window_settings(values: dict[str, Any]):
     """The EvalSettings of a config's window options, with the CLI's defaults: the quick caps of
     ``memdec compare`` (QUICK_TRAIN_TOKENS, QUICK_EVAL_TOKENS) where a cap is not given, 0 the whole split."""
     from memdec_core.interfaces import EvalSettings
-    from memdec_core.runs.compare import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS
 
     train = values.get("max_train_tokens", QUICK_TRAIN_TOKENS)
     evaluation = values.get("max_eval_tokens", QUICK_EVAL_TOKENS)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 from memdec_core.runtime.progress import log, progress_bar
+from memdec_core.runtime.renames import renamed_keywords
 
 SPEC_FOLDER = Path(__file__).parent / "task_specs"
 TASKS_DIR_VARIABLE = "MEMDEC_TASKS_DIR"
@@ -510,13 +511,14 @@ def _distance(a: Any, b: Any) -> float:
 # A run: every base × method, every task
 
 
+@renamed_keywords(method_settings="component_settings")
 def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | None = None,
                    bases: Iterable[str] = (), methods: Iterable[str] = ("base",), *,
                    max_examples: int | None = None, validation_examples: int = DEFAULT_VALIDATION_EXAMPLES,
-                   settings=None, combiner: Any = "linear", method_settings: dict | None = None,
+                   settings=None, combiner: Any = "linear", component_settings: dict | None = None,
                    command: list[str] | None = None, previous: dict | None = None,
                    on_row: Callable[[dict], None] | None = None) -> dict:
-    """Adapt every base with every method on ``domain`` as ``api.evaluate`` does, then score every
+    """Adapt every base with every method on ``domain`` as ``evaluate`` does, then score every
     task with each method's ``loglikelihood``: accuracy by DCPMI, the combiner's knobs tuned per
     task on its validation slice where it has one (else those chosen on perplexity).
 
@@ -529,20 +531,21 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
     an earlier run with the same domain, tasks and settings, gives back the rows it holds instead
     of scoring them again; one of other settings is refused.
     """
-    from memdec_core import api
+    from memdec_core.inputs.context import prepare_context
     from memdec_core.runs.meta import call_config, context_entry, run_meta
+    from memdec_core.runs.prepare import methods_for_base, prepare_run
 
     folder = resolve_tasks_dir(tasks_dir)
     seed = settings.seed if settings is not None else 0
     loaded = [load_task(name, folder, max_examples=max_examples, validation_examples=validation_examples,
                         seed=seed) for name in _unique(tasks)]  # every file checked before a model loads
-    run = api.prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
-                          component_settings=method_settings)
+    run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
+                      component_settings=component_settings)
     names = [method.name for method in run.methods]
     options = {"tasks": list(tasks), "tasks_dir": str(folder) if folder else None, "max_examples": max_examples,
                "validation_examples": validation_examples}
     config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner, settings=run.settings,
-                         component_settings=method_settings, options=options)
+                         component_settings=component_settings, options=options)
     done = _reusable_rows(previous, config)
     rows, contexts = [], {}
 
@@ -553,10 +556,10 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
                 "meta": meta, "complete": complete}
 
     for base_name in run.bases:
-        ctx = api.prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
         contexts[ctx.base.model_id] = context_entry(ctx)
         plans = [(task, _plans(task, ctx.base.tokenizer)) for task in loaded]
-        for method in api.methods_for_base(ctx, run.methods):
+        for method in methods_for_base(ctx, run.methods):
             row = done.get((ctx.base.model_id, method.name))
             if row is not None:
                 log(f"{method.name} on {ctx.base.short_name}: scored by an earlier run, kept")

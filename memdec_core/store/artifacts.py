@@ -141,49 +141,6 @@ def _load_manifest(folder: Path) -> dict:
     return manifest
 
 
-def write_readme(folder: Path, title: str, lines: list[str], *, tags: tuple[str, ...] = (),
-                 base: str | None = None, domain: str | None = None) -> None:
-    """A short model card so an artifact explains itself, here and on the Hugging Face hub.
-
-    Its YAML front matter is the hub's model-card metadata: ``library_name: memdec``, ``tags``
-    (the artifact's kinds and its ``domain``), and, for a ``base`` model that is a hub id, that
-    id as ``base_model`` and the base's own ``license`` when its card is at hand.
-    """
-    body = "\n".join(lines)
-    card = model_card_metadata(tags, base, domain)
-    (Path(folder) / "README.md").write_text(f"---\n{card}---\n\n# {title}\n\nMade by memdec {__version__}.\n\n"
-                                            f"{body}\n", encoding="utf-8")
-
-
-def model_card_metadata(tags: tuple[str, ...] = (), base: str | None = None, domain: str | None = None) -> str:
-    """The YAML of a model card's front matter (without its ``---`` lines)."""
-    import yaml
-
-    from memdec_core.inputs.models import hub_id, model_license
-
-    metadata: dict[str, Any] = {"library_name": "memdec",
-                                "tags": list(dict.fromkeys(["memdec", *tags, *([domain] if domain else [])]))}
-    if base and hub_id(base):
-        metadata["base_model"] = hub_id(base)
-    if base and model_license(base):
-        metadata["license"] = model_license(base)
-    return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
-
-
-def read_front_matter(text: str) -> dict:
-    """The YAML front matter of a model card (``{}`` when it has none or it does not parse)."""
-    import yaml
-
-    if not text.startswith("---\n"):
-        return {}
-    end = text.find("\n---", 4)
-    try:
-        metadata = yaml.safe_load(text[4:end]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    return metadata if isinstance(metadata, dict) else {}
-
-
 def artifact_reference(folder: Path | str) -> str:
     """How a manifest names another artifact: its path relative to the cache root when it lies
     inside the cache (so a cache that is moved, copied or uploaded keeps its links), else absolute."""

@@ -16,7 +16,7 @@ from memdec_decoder.settings import DecoderSettings
 
 
 def _context(domain, model: str, settings, plan: Plan):
-    from memdec_core.api import prepare_context
+    from memdec_core.inputs.context import prepare_context
     from memdec_decoder.memory_model import DecoderMemory
 
     check_requirements(DecoderMemory)
@@ -126,7 +126,7 @@ def _memory_windows(settings, memory):
 
 
 def _default_teacher() -> str:
-    from memdec_core.api import default_bases
+    from memdec_core.components.registry import default_bases
 
     return default_bases()[-1]
 
@@ -139,12 +139,8 @@ def _refuse_existing(output) -> None:
 def generate(base: str, memory, prompt: str, *, lam: float = 0.6, streamer_factory=None, **generation) -> str:
     """Continue ``prompt`` with ``base`` mixed with the memory folder ``memory`` (None: the base alone)
     by the linear combiner with weight ``lam``."""
-    from memdec_core import api
+    from memdec_core.runs.generate import generate as generate_text
 
-    return api.generate(base, prompt, memory=str(memory) if memory is not None else None,
-                        settings={"linear": {"lam": lam}}, streamer_factory=streamer_factory, **generation)
-
-
-def memory_settings() -> dict:
-    """The defaults of ``memdec train`` / ``--method memdec``."""
-    return dataclasses.asdict(DecoderSettings())
+    return generate_text(base, prompt, memory=str(memory) if memory is not None else None,
+                         component_settings={"linear": {"lam": lam}}, streamer_factory=streamer_factory,
+                         **generation)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import eval_settings, parse_assignments, set_option, window_options
+from memdec_core.command_kit import eval_settings, parse_assignments, set_option, window_options
 from memdec_decoder.recipe import RECIPES, described
 
 _domain = click.option("--domain", required=True,

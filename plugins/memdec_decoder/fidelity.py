@@ -6,38 +6,75 @@ exclude), and the memory runs on the same windows. Reported: top-1 agreement (th
 likely token is the kNN distribution's) and KL(p_kNN ‖ p_memory) in nats per position, the
 paper's training objective measured where it was not optimised ("Memory Decoder at Scale"
 reports 86.6 % and 0.18).
+
+The figures are measured once per memory, data, windows and retriever and kept in the cache
+(``fidelity/<key>.json``): a later evaluation of the same memory reads them back, without loading
+the teacher or opening its datastore again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from memdec_core.components import registry
+from memdec_core.components.identity import component_identity
 from memdec_core.engine.scoring import iter_scored_batches
+from memdec_core.inputs.models import compute_dtype, model_fingerprint
 from memdec_core.interfaces import EvalContext
+from memdec_core.store.artifacts import cached_artifact, content_key, write_json
 from memdec_decoder.memory import MemoryDecoder
+from memdec_decoder.pipeline import (
+    context_with_teacher,
+    decoder_identity,
+    run_bases,
+    teacher_and_init,
+    teacher_datastore,
+)
 from memdec_decoder.settings import DecoderSettings
-
-#: Fidelity per (memory folder, validation data, teacher windows): one memory serves every base.
-_MEASURED: dict[tuple, dict] = {}
 
 
 def target_fidelity(ctx: EvalContext, config: DecoderSettings, memory: MemoryDecoder) -> dict:
-    """``{"target_agreement", "target_kl", "fidelity_positions"}`` of ``memory`` on validation."""
-    from memdec_decoder.pipeline import teacher_context, teacher_datastore
+    """``{"target_agreement", "target_kl", "fidelity_positions"}`` of ``memory`` on validation,
+    measured on first use and cached."""
+    config = _with_teacher(config, memory)
+    teacher_name, _ = teacher_and_init(ctx.base, config, run_bases(ctx))
+    path = cached_artifact("fidelity", fidelity_key(ctx, config, teacher_name, memory) + ".json")
+    figures = _read(path)
+    if figures is None:
+        teacher_ctx = context_with_teacher(ctx, teacher_name)
+        figures = _measure(teacher_ctx, teacher_datastore(teacher_ctx, config), memory, int(memory.manifest["k"]),
+                           float(memory.manifest["temperature"]))
+        write_json(path, figures)
+    return figures
 
-    teacher_ctx = teacher_context(ctx, _with_teacher(config, memory))
-    key = (Path(memory.folder), teacher_ctx.corpus.data_hash("valid"), teacher_ctx.base.fingerprint,
-           teacher_ctx.context, teacher_ctx.stride)
-    if key not in _MEASURED:
-        store = teacher_datastore(teacher_ctx, config)
-        _MEASURED[key] = _measure(teacher_ctx, store, memory, int(memory.manifest["k"]),
-                                  float(memory.manifest["temperature"]))
-    return dict(_MEASURED[key])
+
+def fidelity_key(ctx: EvalContext, config: DecoderSettings, teacher_name: str, memory: MemoryDecoder) -> str:
+    """Everything the figures depend on, known without loading the teacher: the memory's files, the
+    teacher's (its windows follow from the settings and its config), the data, the retriever and
+    its search settings, the plugins' code and the precision the passes run in."""
+    retriever = ctx.create("retrievers", config.retriever)
+    teacher = ctx.base.fingerprint if teacher_name == ctx.base.model_id else model_fingerprint(teacher_name)
+    corpus, settings = ctx.corpus, ctx.settings
+    return content_key("fidelity", model_fingerprint(str(memory.folder)), teacher, ctx.base.tokenizer_fingerprint,
+                       corpus.data_hash("train"), corpus.data_hash("valid"), settings.context, settings.stride,
+                       settings.batch_size, retriever.name, component_identity(type(retriever)),
+                       dataclasses.asdict(retriever.config), decoder_identity(),
+                       component_identity(registry.get("memory-models", "knn-datastore")), compute_dtype())
+
+
+def _read(path: Path) -> dict | None:
+    """Figures measured before, or None (never measured, or unreadable: then measured again)."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return figures if isinstance(figures, dict) else None
 
 
 def _with_teacher(config: DecoderSettings, memory: MemoryDecoder) -> DecoderSettings:

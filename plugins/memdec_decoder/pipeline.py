@@ -56,6 +56,11 @@ def teacher_context(ctx: EvalContext, config: DecoderSettings) -> EvalContext:
     """``ctx`` with the teacher as its base (and the teacher's windows)."""
     ctx.require_corpus("training a memory")
     teacher_name, _ = teacher_and_init(ctx.base, config, run_bases(ctx))
+    return context_with_teacher(ctx, teacher_name)
+
+
+def context_with_teacher(ctx: EvalContext, teacher_name: str) -> EvalContext:
+    """``ctx`` with the model ``teacher_name`` (loaded unless it is the base) as its base, and its windows."""
     teacher = ctx.base if teacher_name == ctx.base.model_id else load_model(teacher_name)
     if teacher.tokenizer_fingerprint != ctx.base.tokenizer_fingerprint:
         raise ModelError(f"teacher {teacher_name} has another tokenizer than {ctx.base.model_id}")
@@ -70,7 +75,7 @@ def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
     settings = target_settings_for(teacher_ctx, store, config)
     folder = cached_artifact("targets", content_key("targets", store.manifest["data_hash"],
                                                      store.manifest["model_fingerprint"], store.folder.name,
-                                                     store.index_folder.name, _decoder_identity(),
+                                                     store.index_folder.name, decoder_identity(),
                                                      dataclasses.asdict(settings)))
     with shared_entry_lock(folder):  # the ranks of a run compute the shards together
         if folder.exists():
@@ -88,7 +93,7 @@ def teacher_targets_for(teacher_ctx: EvalContext):
     folder = cached_artifact("teacher-targets", content_key("teacher-targets", teacher.fingerprint,
                                                              corpus.data_hash("train"), teacher_ctx.context,
                                                              teacher_ctx.stride, DEFAULT_TOP, SHARD_SIZE,
-                                                             _decoder_identity()))
+                                                             decoder_identity()))
     with shared_entry_lock(folder):
         if folder.exists():
             log(f"reusing the teacher's distributions {folder}")
@@ -196,10 +201,10 @@ def _family(base: LoadedModel, bases: tuple[str, ...]) -> list[str]:
     return sorted(members, key=lambda name: (sizes[name], name))
 
 
-def _decoder_identity() -> dict:
-    from memdec_decoder.memory_model import DecoderMemory
-
-    return component_identity(DecoderMemory)
+def decoder_identity() -> dict:
+    """The plugin's version (or code) in every key of what it makes: the ``memory-decoder`` memory
+    model's identity, looked up by name (that component sits above this module)."""
+    return component_identity(registry.get("memory-models", "memory-decoder"))
 
 
 def memory_key(teacher_ctx: EvalContext, init_name: str, config: DecoderSettings) -> str:
@@ -209,7 +214,7 @@ def memory_key(teacher_ctx: EvalContext, init_name: str, config: DecoderSettings
     teacher = teacher_ctx.base
     return content_key("memory", teacher.fingerprint, model_fingerprint(init_name), teacher.tokenizer_fingerprint,
                        teacher_ctx.corpus.data_hash("train"), teacher_ctx.corpus.data_hash("valid"),
-                       teacher_ctx.context, teacher_ctx.stride, settings, _decoder_identity(),
+                       teacher_ctx.context, teacher_ctx.stride, settings, decoder_identity(),
                        retriever.name, component_identity(type(retriever)), retriever.build_settings())
 
 

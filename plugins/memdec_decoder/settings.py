@@ -1,9 +1,14 @@
-"""The settings of a Memory Decoder: of ``memdec train``, the ``memory-decoder`` memory and ``memdec``."""
+"""The settings of a Memory Decoder: of ``memdec train``, the ``memory-decoder`` memory and ``memdec``.
+
+``DecoderSettings`` declares every knob once, with its help; ``TrainSettings`` is the training
+loop's view of it (the knobs that shape the weights, once a recipe has filled those left at auto).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from memdec_core.errors import ConfigError
 from memdec_core.interfaces import setting
@@ -93,16 +98,70 @@ class DecoderSettings:
             raise ConfigError("the targets' temperature is still auto: apply a recipe first")
         return TargetSettings(k=self.k, temperature=temperature)
 
-    def train_settings(self):
+    def train_settings(self) -> "TrainSettings":
         """The training settings, once a recipe has filled those left at auto."""
         return self._train_settings({})
 
-    def _train_settings(self, filled: dict):
-        from memdec_decoder.train import TrainSettings
-
+    def _train_settings(self, filled: dict) -> "TrainSettings":
         names = {item.name for item in dataclasses.fields(TrainSettings)}
         values = {key: value for key, value in {**dataclasses.asdict(self), **filled}.items() if key in names}
         left = sorted(key for key, value in values.items() if value == AUTO and key != "vocabulary")
         if left:
             raise ConfigError(f"{', '.join(left)} still auto: apply a recipe first")
         return TrainSettings(**values)
+
+
+def _knob(name: str) -> Any:
+    """A field of ``TrainSettings`` that is ``DecoderSettings``' knob ``name``: the same help, and
+    the same default, or for a knob the recipe fills the ``whole`` recipe's value."""
+    knob = next(item for item in dataclasses.fields(DecoderSettings) if item.name == name)
+    default = getattr(RECIPES["whole"], name) if name in RECIPE_SETTINGS else knob.default
+    return dataclasses.field(default=default, metadata=knob.metadata)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a memory is trained: ``DecoderSettings``' knobs that shape the weights, every one a
+    number, and two of the loop's own. A resumed run must use the same settings; the manifest
+    records them (in this order) under ``train``."""
+
+    beta: float = _knob("beta")
+    distill: float = _knob("distill")
+    epochs: int = _knob("epochs")
+    min_steps: int = _knob("min_steps")
+    lr: float = _knob("lr")
+    schedule: str = _knob("schedule")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    batch_size: int = _knob("batch_size")
+    accumulate: int = _knob("accumulate")
+    clip: float = setting(1.0, "the gradients' norm is clipped to this before each optimizer step")
+    vocabulary: str = _knob("vocabulary")
+    init_layers: int = _knob("init_layers")
+    cut_norm: str = _knob("cut_norm")
+    from_scratch: bool = _knob("from_scratch")
+    max_steps: int = _knob("max_steps")
+    budget_tokens: int = _knob("budget_tokens")
+    budget_flops: float = _knob("budget_flops")
+    save_every: int = _knob("save_every")
+    seed: int = _knob("seed")
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill must be in [0, 1], got {self.distill}")
+        if self.init_layers < 0:
+            raise ConfigError(f"init_layers must be 0 (all blocks) or positive, got {self.init_layers}")
+        if self.cut_norm not in CUT_NORM_CHOICES:
+            raise ConfigError(f"cut_norm must be one of {', '.join(CUT_NORM_CHOICES)}, got {self.cut_norm!r}")
+        if self.vocabulary not in VOCABULARY_CHOICES:
+            raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARY_CHOICES)}, got {self.vocabulary!r}")
+        self.loop()
+
+    def loop(self):
+        """The shared training loop's settings (``memdec_core.engine.training.LoopSettings``)."""
+        from memdec_core.engine.training import LoopSettings
+
+        names = {item.name for item in dataclasses.fields(LoopSettings)}
+        values = {key: value for key, value in dataclasses.asdict(self).items() if key in names}
+        return LoopSettings(**values, max_tokens=self.budget_tokens, max_flops=self.budget_flops)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from memdec_core.errors import ArtifactError, ConfigError
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.runtime.distributed import barrier, sharding
 from memdec_core.runtime.progress import progress_bar
 from memdec_core.store.artifacts import (
@@ -30,7 +31,6 @@ from memdec_core.store.artifacts import (
     resolve_reference,
     start_or_resume,
     write_manifest,
-    write_readme,
 )
 from memdec_knn.api import Datastore, sparse_distribution
 

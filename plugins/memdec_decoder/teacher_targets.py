@@ -22,9 +22,10 @@ import torch
 from memdec_core.engine.scoring import iter_scored_batches
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.data import Window, make_windows
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.inputs.models import LoadedModel
 from memdec_core.runtime.distributed import barrier, sharding
-from memdec_core.store.artifacts import start_or_resume, write_manifest, write_readme
+from memdec_core.store.artifacts import start_or_resume, write_manifest
 from memdec_decoder.targets import TargetSet, shard_name, write_sparse_shard
 
 ARTIFACT_TYPE = "teacher-targets"

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from memdec_core.engine.scoring import NLLTotal, iter_scored_batches, reduce_totals
-from memdec_core.engine.training import LoopSettings, TrainBatch, Trainer, seeded
+from memdec_core.engine.training import TrainBatch, Trainer, seeded
 from memdec_core.errors import ArtifactError, ConfigError, DataError, ModelError
 from memdec_core.inputs.data import TokenizedCorpus, make_windows
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.inputs.models import BLOCK_PATHS, LoadedModel, decoder_blocks, default_device, load_model
 from memdec_core.runtime.distributed import barrier, from_main, sharding, sum_across
 from memdec_core.runtime.progress import log
@@ -35,59 +36,15 @@ from memdec_core.store.artifacts import (
     previous_version,
     start_or_resume,
     write_manifest,
-    write_readme,
 )
 from memdec_decoder.loss import memory_decoder_loss
 from memdec_decoder.memory import ARTIFACT_TYPE, MemoryDecoder, open_memory
-from memdec_decoder.settings import CUT_NORM_CHOICES, VOCABULARY_CHOICES
+from memdec_decoder.settings import TrainSettings
 from memdec_decoder.targets import TargetSet
 from memdec_decoder.vocab import Vocabulary, restrict_model
 
 #: ``vocabulary="auto"`` restricts the output layer for vocabularies larger than this.
 AUTO_RESTRICT_ABOVE = 32_768
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """How a memory is trained; a resumed run must use the same settings."""
-
-    beta: float = 0.5  # weight of the KL term; 1 − β weighs the cross-entropy on the gold token
-    distill: float = 0.0  # share of the KL term given to the teacher's own distribution (teacher_targets)
-    epochs: int = 3
-    min_steps: int = 0  # at least this many optimizer steps (more epochs over a small train split)
-    lr: float = 1e-3  # the paper: 1e-3 for GPT-2-sized memories, 1e-4 for Qwen
-    schedule: str = "linear"  # the learning rate over the steps (memdec_core.engine.training.SCHEDULES)
-    weight_decay: float = 0.0
-    batch_size: int = 8  # windows per forward pass
-    accumulate: int = 1  # forward passes per optimizer step
-    clip: float = 1.0
-    vocabulary: str = "auto"  # restricted to the datastore's values above 32k tokens
-    init_layers: int = 0  # keep only the first N blocks of the init model (0: all)
-    cut_norm: str = "final"  # a cut init's output norm: the whole model's final one, or the next block's input norm
-    from_scratch: bool = False  # the init model's architecture with fresh weights
-    max_steps: int = 0  # a budget in optimizer steps (0: the epochs decide)
-    budget_tokens: int = 0  # a budget in training tokens, replacing epochs (memdec compare --budget)
-    budget_flops: float = 0.0  # or a budget in training FLOPs (6 × the memory's parameters per token)
-    save_every: int = 100  # optimizer steps between checkpoints
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"β (beta) must be in [0, 1], got {self.beta}")
-        if not 0.0 <= self.distill <= 1.0:
-            raise ConfigError(f"distill must be in [0, 1], got {self.distill}")
-        if self.init_layers < 0:
-            raise ConfigError(f"init_layers must be 0 (all blocks) or positive, got {self.init_layers}")
-        if self.cut_norm not in CUT_NORM_CHOICES:
-            raise ConfigError(f"cut_norm must be one of {', '.join(CUT_NORM_CHOICES)}, got {self.cut_norm!r}")
-        if self.vocabulary not in VOCABULARY_CHOICES:
-            raise ConfigError(f"vocabulary must be one of {', '.join(VOCABULARY_CHOICES)}, got {self.vocabulary!r}")
-        self.loop()
-
-    def loop(self) -> LoopSettings:
-        names = {field.name for field in dataclasses.fields(LoopSettings)}
-        values = {key: value for key, value in dataclasses.asdict(self).items() if key in names}
-        return LoopSettings(**values, max_tokens=self.budget_tokens, max_flops=self.budget_flops)
 
 
 @dataclass

@@ -29,7 +29,8 @@ from memdec_core.errors import ConfigError, ModelError
 from memdec_core.inputs.models import LoadedModel, default_device, last_block_mlp, model_fingerprint
 from memdec_core.store.artifacts import artifact_reference, content_key
 from memdec_decoder.memory import MemoryDecoder
-from memdec_decoder.train import MemoryStart, TrainSettings
+from memdec_decoder.settings import TrainSettings
+from memdec_decoder.train import MemoryStart
 from memdec_decoder.vocab import Vocabulary, restrict_model
 
 EMBEDDING_CHOICES = ("strings", "model", "fresh")

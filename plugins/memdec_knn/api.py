@@ -19,7 +19,7 @@ from memdec_core.runtime.progress import log
 from memdec_core.store.artifacts import cached_artifact, content_key
 from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_knn.datastore import LAYER, Datastore, open_datastore
-from memdec_knn.memory import TEMPERATURE_GRID
+from memdec_knn.settings import TEMPERATURE_GRID
 
 __all__ = ["Datastore", "LAYER", "TEMPERATURE_GRID", "datastore_for", "open_datastore", "build_datastore",
            "check_datastore_matches", "sparse_distribution"]
@@ -59,12 +59,16 @@ def _build(ctx: EvalContext, folder: Path) -> Datastore:
 
 
 def datastore_key(ctx: EvalContext) -> str:
+    """The cache key of ``ctx.base``'s datastore over the train split, in ``ctx``'s windows; the
+    plugin's version (or code) is the ``knn-datastore`` memory model's, looked up by name (that
+    component sits above this module)."""
+    from memdec_core.components import registry
     from memdec_core.components.identity import component_identity
-    from memdec_knn.memory import KnnDatastore
 
     corpus = ctx.require_corpus("a kNN datastore")
     return content_key("datastore", ctx.base.fingerprint, ctx.base.tokenizer_fingerprint, corpus.data_hash("train"),
-                       ctx.context, ctx.stride, LAYER, component_identity(KnnDatastore))
+                       ctx.context, ctx.stride, LAYER,
+                       component_identity(registry.get("memory-models", "knn-datastore")))
 
 
 def check_datastore_matches(store: Datastore, ctx: EvalContext) -> None:
@@ -84,8 +88,8 @@ def build_datastore(domain, base: str, *, settings=None, output: Path | None = N
 
     With ``output``, write it to that new folder instead of the cache. Returns the folder.
     """
-    from memdec_core.api import prepare_context
     from memdec_core.components.plan import Plan
+    from memdec_core.inputs.context import prepare_context
     from memdec_core.interfaces import Use
 
     if output is not None and Path(output).exists():

@@ -25,6 +25,7 @@ import numpy as np
 
 from memdec_core.engine.scoring import iter_scored_batches
 from memdec_core.errors import ArtifactError
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.interfaces import Retriever
 from memdec_core.runtime.distributed import barrier, sharding, sum_across
 from memdec_core.store.artifacts import (
@@ -36,7 +37,6 @@ from memdec_core.store.artifacts import (
     start_or_resume,
     write_json,
     write_manifest,
-    write_readme,
 )
 from memdec_core.store.cache_dir import entry_lock
 from memdec_core.store.disk import disk_errors, require_space
@@ -89,7 +89,7 @@ class Datastore:
 
         key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
                           len(self), retriever.name, component_identity(type(retriever)), retriever.build_settings())
-        folder = _index_location(self.folder, f"{retriever.name}-{key}")
+        folder = _index_location(self, f"{retriever.name}-{key}")
         with entry_lock(folder):
             if not (folder / "memdec.json").is_file():
                 _build_index(self, retriever, folder)
@@ -101,12 +101,15 @@ class Datastore:
         return self
 
 
-def _index_location(store_folder: Path, name: str) -> Path:
-    """Inside the datastore; in the cache when the datastore's folder cannot be written."""
-    folder = store_folder / "indexes" / name
-    if folder.exists() or os.access(store_folder, os.W_OK):
+def _index_location(store: Datastore, name: str) -> Path:
+    """Inside the datastore; in the cache when the datastore's folder cannot be written. There the
+    name also holds the datastore's windows: ``name`` says its model, data and size, which two
+    datastores of other windows share, and one must not be searched through the other's index."""
+    folder = store.folder / "indexes" / name
+    if folder.exists() or os.access(store.folder, os.W_OK):
         return folder
-    return cached_artifact("indexes", name)
+    windows = content_key("datastore-windows", *(store.manifest.get(key) for key in ("context", "stride", "layer")))
+    return cached_artifact("indexes", f"{name}-{windows}")
 
 
 def _build_index(store: Datastore, retriever: Retriever, folder: Path) -> None:

@@ -7,7 +7,7 @@ memory's (``--set knn-lm.k=256``, ``--set knn-lm.retriever=NAME``).
 from __future__ import annotations
 
 from memdec_core.engine.mixture import MixtureMethod
-from memdec_knn.memory import KnnSettings
+from memdec_knn.settings import KnnSettings
 
 
 class KnnLM(MixtureMethod):

@@ -20,10 +20,11 @@ import torch
 from memdec_core.components.identity import component_identity
 from memdec_core.engine.generation import model_generator
 from memdec_core.engine.loglikelihood import base_loglikelihood
-from memdec_core.engine.scoring import EvalContext, MethodResult, model_scorer, perplexity
+from memdec_core.engine.scoring import model_scorer, perplexity
 from memdec_core.engine.training import LoopSettings, Trainer, next_token_cross_entropy, seeded
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.inputs.models import base_reference
-from memdec_core.interfaces import Costs
+from memdec_core.interfaces import Costs, EvalContext, MethodResult
 from memdec_core.runtime.distributed import barrier, from_main, sharding
 from memdec_core.runtime.progress import log
 from memdec_core.store.artifacts import (
@@ -35,7 +36,6 @@ from memdec_core.store.artifacts import (
     read_manifest,
     start_or_resume,
     write_manifest,
-    write_readme,
 )
 from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_peft.settings import FinetuneSettings

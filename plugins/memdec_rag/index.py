@@ -11,8 +11,9 @@ import numpy as np
 
 from memdec_core.components.identity import component_identity
 from memdec_core.errors import DataError
+from memdec_core.inputs.model_cards import write_readme
 from memdec_core.interfaces import Retriever
-from memdec_core.store.artifacts import atomic_directory, cached_artifact, content_key, write_manifest, write_readme
+from memdec_core.store.artifacts import atomic_directory, cached_artifact, content_key, write_manifest
 
 INDEX_TYPE = "passage-index"
 #: Indexes opened in this process, by cache folder.

@@ -1,0 +1,69 @@
+"""The EvalContext a method is given: a base model loaded, the corpus tokenised for it, the
+window, the combiner and the run's plan; and the memory a context mixes, opened by name or folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from memdec_core.components import registry
+from memdec_core.components.combiner_files import combiner_with_settings, resolve_combiner
+from memdec_core.components.plan import Plan
+from memdec_core.errors import ConfigError
+from memdec_core.inputs.data import Corpus, load_corpus, tokenize_corpus
+from memdec_core.inputs.models import LoadedModel, load_model
+from memdec_core.interfaces import Component, EvalContext, EvalSettings, MemoryModel
+from memdec_core.runtime.progress import log
+from memdec_core.store.artifacts import read_manifest_type
+
+if TYPE_CHECKING:
+    from memdec_core.interfaces import Combiner
+
+
+def prepare_context(corpus, base_name: "str | LoadedModel", settings: EvalSettings | None = None,
+                    combiner: Any = "linear", *, plan: Plan | None = None) -> EvalContext:
+    """Load ``base_name`` (or take a LoadedModel as it is) and tokenise ``corpus`` (a Corpus,
+    domain name, folder or None) for it."""
+    settings = settings or EvalSettings()
+    if corpus is not None and not isinstance(corpus, Corpus):
+        corpus = load_corpus(corpus)
+    if isinstance(base_name, LoadedModel):
+        base = base_name
+    else:
+        log(f"loading {base_name}")
+        base = load_model(base_name)
+    context, stride = settings.resolve_window(base)
+    tokenized = None if corpus is None else tokenize_corpus(
+        corpus, base.tokenizer, base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())
+    return EvalContext(base, tokenized, context, stride, settings, resolve_combiner(combiner), plan or Plan())
+
+
+def memory_context(base: "str | LoadedModel", memory: "str | MemoryModel | None", domain: str | None,
+                   combiner: Any, component_settings: dict[str, dict[str, Any]] | None,
+                   settings: EvalSettings | None) -> "tuple[EvalContext, MemoryModel | None]":
+    """The context for mixing ``base`` with ``memory`` at fixed knobs (generation, a composite), and
+    the memory component, not yet prepared. Every name and setting is checked first."""
+    if isinstance(settings, dict):  # what generate() and composite_model() called settings= before
+        raise ConfigError("settings= are the windows (an EvalSettings); per-component settings are "
+                          "component_settings={'NAME': {'KEY': value}}")
+    plan = Plan(component_settings)
+    memory_component = memory if isinstance(memory, MemoryModel) else open_memory(memory, plan) if memory else None
+    combiner_class: type[Combiner] = combiner_with_settings(resolve_combiner(combiner), plan)
+    used: list[Component] = [component for _, component in plan.resolve([memory_component])] \
+        if memory_component is not None and not isinstance(memory, MemoryModel) else []
+    plan.check_all_used(used, also=[combiner_class.name] + ([domain] if domain else []))
+    return prepare_context(domain, base, settings, combiner_class, plan=plan), memory_component
+
+
+def open_memory(spec: str, plan: Plan) -> MemoryModel:
+    """A memory model by name, or the one that opens a folder (its ``memdec.json`` type)."""
+    folder = Path(spec).expanduser()
+    if spec in registry.components("memory-models") or not (folder.is_dir() or "/" in spec):
+        return plan.create("memory-models", spec)
+    if not folder.is_dir():
+        raise ConfigError(f"memory folder not found: {folder}")
+    artifact_type = read_manifest_type(folder)
+    for name, cls in registry.components("memory-models").items():
+        if cls.artifact_type == artifact_type and cls.artifact_setting:
+            return plan.create("memory-models", name, **{cls.artifact_setting: str(folder)})
+    raise ConfigError(f"{folder} holds a {artifact_type!r} artifact, which no memory model opens")

@@ -246,3 +246,26 @@ def test_a_restricted_shallow_memory_trains_reloads_and_mixes(corpus_dir, tiny_l
     row = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["memdec"], settings=WINDOW,
                             method_settings={"memdec": {"path": str(folder)}})["results"][0]
     assert row["test_ppl"] > 1 and row["details"]["restricted"]
+
+
+def test_planning_a_memory_s_size_reads_no_weights(corpus_dir, tiny_gpt2, tiny_llama, monkeypatch):
+    """LoRA's automatic rank asks every method of the run how many parameters it adds, before any
+    method runs: the memory's init is counted on its skeleton (meta device), the same count as the
+    loaded model cut the same way, and no weights are read."""
+    from memdec_core.inputs.context import prepare_context
+    from memdec_core.inputs.models import load_model
+    from memdec_decoder import pipeline
+    from memdec_decoder.settings import DecoderSettings
+
+    ctx = prepare_context(str(corpus_dir), str(tiny_gpt2), EvalSettings(**SMALL_WINDOWS))
+    config = DecoderSettings(teacher=str(tiny_llama), init=str(tiny_llama), init_layers=1)
+    loaded = load_model(str(tiny_llama)).model
+    vocabulary = pipeline._planned_vocabulary(ctx, pipeline.with_recipe(ctx, config, str(tiny_llama), quiet=True))
+    expected = pipeline._memory_parameters(loaded, 1, vocabulary.size if vocabulary else None)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("planning loaded a model's weights")
+
+    monkeypatch.setattr(pipeline, "load_model", no_weights)
+    pipeline._skeleton_facts.cache_clear()
+    assert pipeline.planned_parameters(ctx, config) == expected < pipeline._count(loaded)

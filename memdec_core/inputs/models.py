@@ -180,6 +180,24 @@ def _hub_model_available(name: str) -> bool:
     return True
 
 
+def model_skeleton(name: str, cache_dir: Path | None = None):
+    """``(model, tokenizer)`` of ``name`` with the model built from its config on torch's meta
+    device: its parameters and blocks can be counted without reading (or holding) a weight."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    location, gguf_file = resolve_model_location(name)
+    if gguf_file:  # a GGUF file tells its shapes once dequantised (converted once, then cached)
+        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config), tokenizer
+
+
 def _from_pretrained(location: str, name: str, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,15 @@ from pathlib import Path
 from memdec_core.components import registry
 from memdec_core.components.identity import component_identity
 from memdec_core.errors import ConfigError, ModelError
-from memdec_core.inputs.models import LoadedModel, decoder_blocks, default_device, load_model, model_fingerprint
+from memdec_core.inputs.models import (
+    LoadedModel,
+    decoder_blocks,
+    default_device,
+    load_model,
+    model_fingerprint,
+    model_skeleton,
+    tokenizer_fingerprint,
+)
 from memdec_core.interfaces import EvalContext
 from memdec_core.runtime.progress import log
 from memdec_core.store.artifacts import cached_artifact, content_key
@@ -144,9 +152,9 @@ def check_init_layers(base: LoadedModel, init_name: str, n_blocks: int) -> None:
     """More blocks than the init has is refused before the datastore and targets are built."""
     if not n_blocks:
         return  # every block: nothing to count (and no model to load)
-    blocks = len(decoder_blocks(base.model)) if init_name == base.model_id else _loaded_facts(init_name)[2]
+    blocks = len(decoder_blocks(base.model)) if init_name == base.model_id else _skeleton_facts(init_name)[2]
     if blocks is None:
-        decoder_blocks(load_model(init_name).model)  # raises: the architecture's blocks are unknown
+        decoder_blocks(model_skeleton(init_name)[0])  # raises: the architecture's blocks are unknown
     if n_blocks > blocks:
         raise ConfigError(f"init_layers={n_blocks}, but the init model {init_name} has only {blocks} blocks")
 
@@ -229,7 +237,8 @@ def planned_parameters(ctx: EvalContext, config: DecoderSettings) -> int:
     vocabulary = _planned_vocabulary(ctx, config)
     if not config.init_layers and vocabulary is None:
         return _size_of(ctx.base, init)  # no weights loaded for a registered init
-    model = ctx.base if init == ctx.base.model_id else load_model(init)
+    # Counted on the init's skeleton: planning (LoRA's rank, before any method runs) reads no weights.
+    model = ctx.base.model if init == ctx.base.model_id else model_skeleton(init)[0]
     return _memory_parameters(model, config.init_layers, vocabulary.size if vocabulary else None)
 
 
@@ -241,10 +250,10 @@ def _planned_vocabulary(ctx: EvalContext, config: DecoderSettings):
     return choose_vocabulary(config.vocabulary, ctx.corpus.streams["train"], ctx.base.vocab_size)
 
 
-def _memory_parameters(init: LoadedModel, n_blocks: int, vocabulary_rows: int | None) -> int:
-    """Parameters of ``init`` cut to its first ``n_blocks`` (0: all) and to ``vocabulary_rows``
-    rows of its embedding and output layers (None: all; tied layers counted once)."""
-    model, total = init.model, _count(init.model)
+def _memory_parameters(model, n_blocks: int, vocabulary_rows: int | None) -> int:
+    """Parameters of the init ``model`` cut to its first ``n_blocks`` (0: all) and to
+    ``vocabulary_rows`` rows of its embedding and output layers (None: all; tied layers counted once)."""
+    total = _count(model)
     if n_blocks:
         dropped = list(decoder_blocks(model))[n_blocks:]
         total -= sum(parameter.numel() for block in dropped for parameter in block.parameters())
@@ -269,18 +278,18 @@ def _facts_of(model_name: str) -> tuple[str, int]:
         info = registry.get("models", model_name).info()
         if info.get("tokenizer_fingerprint") and info.get("parameters"):
             return info["tokenizer_fingerprint"], int(info["parameters"])
-    return _loaded_facts(model_name)[:2]
+    return _skeleton_facts(model_name)[:2]
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded_facts(model_name: str) -> tuple[str, int, int | None]:
+def _skeleton_facts(model_name: str) -> tuple[str, int, int | None]:
     """Tokenizer fingerprint, parameters and blocks (None: an architecture memdec cannot cut) of a
-    model loaded once per process for them."""
+    model, from its config and tokenizer: no weights are read."""
     from memdec_core.inputs.models import BLOCK_PATHS
 
-    model = load_model(model_name)
-    blocks = len(decoder_blocks(model.model)) if model.model.config.model_type in BLOCK_PATHS else None
-    return model.tokenizer_fingerprint, _count(model.model), blocks
+    model, tokenizer = model_skeleton(model_name)
+    blocks = len(decoder_blocks(model)) if model.config.model_type in BLOCK_PATHS else None
+    return tokenizer_fingerprint(tokenizer), _count(model), blocks
 
 
 def _count(model) -> int:

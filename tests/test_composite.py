@@ -166,3 +166,16 @@ def test_the_cache_repeats_and_selects_rows_with_the_memory(base, decoder_memory
         got = composite(input_ids=step, attention_mask=mask, cache=cache).logits[:, -1]
         full = composite(input_ids=torch.cat([input_ids[[1, 0]], step], 1), attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4)
+
+
+def test_the_public_import_registers_the_model_type():
+    """Saved cards say ``import memdec_core.composite``: that import alone lets transformers' Auto
+    classes open a composite folder (a fresh process: nothing else imported the engine)."""
+    import subprocess
+    import sys
+
+    code = ("import memdec_core.composite\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+            "config = AutoConfig.for_model('memdec')\nprint(AutoModelForCausalLM._model_mapping[type(config)].__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "MemdecForCausalLM"

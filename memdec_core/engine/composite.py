@@ -319,7 +319,7 @@ def write_model_card(folder: Path, parts: dict[str, Any]) -> None:
         f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
         f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
         f"not weights: its parts load from the memdec cache or their folders.", "",
-        "```python", "import memdec_core.engine.composite  # registers the model type",
+        "```python", "import memdec_core.composite  # registers the model type",
         "from transformers import AutoModelForCausalLM", "",
         'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
         'ids = model.tokenizer("The central bank", return_tensors="pt")',

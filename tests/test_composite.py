@@ -175,7 +175,8 @@ def test_the_public_import_registers_the_model_type():
     import sys
 
     code = ("import memdec_core.composite\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
-            "config = AutoConfig.for_model('memdec')\nprint(AutoModelForCausalLM._model_mapping[type(config)].__name__)")
+            "config = AutoConfig.for_model('memdec')\n"
+            "print(AutoModelForCausalLM._model_mapping[type(config)].__name__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "MemdecForCausalLM"

@@ -88,7 +88,7 @@ def _open_stream(domain: str, hub_source: dict):
         import datasets
     except ImportError:
         raise DataError(f"domain {domain!r} from the hub needs the datasets package "
-                        f"(pip install datasets) and network access to {dataset_id}") from None
+                        f"(pip install 'memdec[hub]') and network access to {dataset_id}") from None
     try:
         return datasets.load_dataset(dataset_id, hub_source.get("config"), streaming=True)
     except Exception as error:  # offline, gated or renamed: all end the same way for the user

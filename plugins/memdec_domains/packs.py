@@ -19,7 +19,7 @@ SOURCES = ("package", "hub")
 class PackConfig:
     source: str = setting("package", "package: the shipped sample; hub: the paper-scale dataset on the Hugging "
                                      "Face hub, streamed once into a local snapshot (needs network and "
-                                     "`pip install datasets`)")
+                                     "`pip install 'memdec[hub]'`)")
 
     def __post_init__(self):
         if self.source not in SOURCES:

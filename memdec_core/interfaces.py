@@ -396,6 +396,12 @@ class MemoryModel(Component):
     def prepare(self, ctx: EvalContext) -> None:
         """Build or load the memory for ``ctx.base`` and ``ctx.corpus`` (None without a domain)."""
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the prepared memory reads (a Memory Decoder is a causal LM with
+        positions of its own); generation keeps within it. None: any length."""
+        return None
+
     def grid(self) -> list[dict[str, Any]]:
         """The memory's own knob settings to try on validation (e.g. kNN temperatures)."""
         return [{}]

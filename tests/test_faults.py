@@ -72,7 +72,9 @@ def tmpfs(path: Path, size: str, read_only: bool = False, fill_from: Path | None
             subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=False)
+        # A failing test's traceback may still hold a file open on it: then detach it lazily.
+        if subprocess.run(["umount", str(path)], check=False, capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
 # ----------------------------------------------------------------------------------------------

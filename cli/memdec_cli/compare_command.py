@@ -25,6 +25,21 @@ def _parse_budget(ctx, param, value):
         raise click.BadParameter(str(error), ctx=ctx, param=param) from error
 
 
+def _check_plot(ctx, param, value):
+    """--plot checked when parsed: a figure matplotlib cannot write is bad usage (exit 2), found before
+    the run rather than after it; no matplotlib at all is a ConfigError (exit 1)."""
+    if value is None:
+        return None
+    from memdec_cli.plot import check_plot_path, check_plotting
+
+    check_plotting()
+    try:
+        check_plot_path(value)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from error
+    return value
+
+
 @click.command("compare")
 @config_option("compare")
 @click.option("--domain", help="A registered domain (memdec list domains) or a corpus folder. Required, here or in "
@@ -55,7 +70,7 @@ def _parse_budget(ctx, param, value):
               default="table", show_default=True, help="How results are printed on stdout.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot,
               help="Save a figure: test perplexity per method per base, and each mixture's validation curve of "
                    "the combiner's knob (needs matplotlib).")
 @click.pass_context
@@ -90,10 +105,6 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
 
     require_domain(ctx, domain)
     run = run_config(ctx)
-    if plot:  # before the long run, not after it
-        from memdec_cli.plot import check_plotting
-
-        check_plotting()
     try:
         report = compare(domain, bases, split_list(methods) if methods else (),
                          settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),

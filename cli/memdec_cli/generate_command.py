@@ -51,6 +51,8 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     --num-return-sequences) are printed when done, separated by a line of dashes.
     Knobs are fixed here: --lam for the combiner, --set NAME.KEY=VALUE for the memory's own
     (a kNN datastore tunes T over a grid in eval; pick one: --set knn-datastore.temperatures=10).
+    A prompt longer than the model's (or the memory's) positions keeps its last tokens, and
+    generation stops at the last position; stderr says so.
 
     \b
     Examples:
@@ -94,9 +96,14 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
 
 
 def _read_prompt(prompt: str) -> str:
-    """PROMPT, or standard input for `-` (a trailing newline is not part of the prompt)."""
+    """PROMPT, or standard input for `-` (a trailing newline is not part of the prompt). An empty
+    prompt is a usage error from either: a continuation of nothing is rarely what was meant."""
     if prompt != "-":
+        if not prompt.strip():
+            raise click.UsageError("the prompt is empty")
         return prompt
+    if sys.stdin is None or sys.stdin.closed:  # started with `<&-`: Python has no sys.stdin at all
+        raise click.UsageError("standard input is closed; pipe the prompt in, or give it as an argument")
     text = sys.stdin.read().removesuffix("\n")
     if not text.strip():
         raise click.UsageError("the prompt read from standard input is empty")

@@ -3,7 +3,9 @@ axis that shows the differences, the base as a reference line) and each mixture'
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from pathlib import Path
 
 from memdec_core.errors import ConfigError
@@ -28,6 +30,24 @@ def check_plotting() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ConfigError("--plot needs matplotlib: pip install 'memdec[plot]' (or pip install matplotlib)") from None
+
+
+def check_plot_path(path: Path) -> None:
+    """ConfigError unless matplotlib can write ``path``: a format it knows, named by the suffix, in a
+    folder that exists and is writable. Checked before the run, not after it."""
+    from matplotlib.backend_bases import FigureCanvasBase  # only once --plot is given: not at --help
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:  # no suffix either: the temporary file's ".tmp" would be taken for one
+        named = f"cannot write .{suffix} figures" if suffix else "needs a suffix that names the format"
+        raise ConfigError(f"{path.name}: matplotlib {named} (supported: "
+                          f"{', '.join('.' + name for name in sorted(formats))})")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"the folder {folder} is not writable")
 
 
 def curve_knob(tuning: list[dict]) -> str | None:
@@ -165,6 +185,11 @@ def plot_comparison(report: dict, path: Path | str) -> None:
     path = Path(path)
     figure = comparison_figure(report)
     temporary = path.with_name(f".{path.name}.tmp{path.suffix}")  # the suffix tells matplotlib the format
-    with matplotlib.rc_context(PAPER_STYLE):  # the font settings apply when the file is written
-        figure.savefig(temporary, dpi="figure" if path.suffix.lower() in VECTOR_SUFFIXES else RASTER_DPI)
-    temporary.replace(path)
+    try:
+        with matplotlib.rc_context(PAPER_STYLE):  # the font settings apply when the file is written
+            figure.savefig(temporary, dpi="figure" if path.suffix.lower() in VECTOR_SUFFIXES else RASTER_DPI)
+        temporary.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never a half-written figure beside the real one
+            temporary.unlink(missing_ok=True)
+        raise

@@ -63,6 +63,16 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def position_limit(base: LoadedModel, memory: MemoryModel | None = None) -> tuple[int, str] | None:
+    """The positions a sequence may fill, and whose limit that is: the base's, or the memory's when
+    it reads fewer (a Memory Decoder is a causal LM with positions of its own). None: no limit."""
+    limits = [(base.max_positions, base.short_name)]
+    if memory is not None:
+        limits.append((getattr(memory, "max_positions", None), memory.name))
+    known = [(positions, owner) for positions, owner in limits if positions]
+    return min(known) if known else None
+
+
 class MixtureCache(DynamicCache):
     """The base's KV cache, plus the memory's stepper, reordered together."""
 
@@ -141,6 +151,23 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.base_lm.get_input_embeddings()
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence both parts read (None: no limit)."""
+        limit = position_limit(self.loaded_base, self.memory)
+        return limit[0] if limit else None
+
+    def _check_positions(self, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
+        """Refuse a position past the base's or the memory's: the base would fail with an IndexError
+        deep inside, or a memory read positions it never learnt."""
+        limit = position_limit(self.loaded_base, self.memory)
+        if limit is None or attention_mask.shape[1] <= limit[0]:  # no position can be past it: no GPU sync
+            return
+        last = int(position_ids.max())
+        if last >= limit[0]:
+            raise ConfigError(f"position {last} is past {limit[1]}'s {limit[0]} positions; cut the prompt or "
+                              f"generate fewer tokens (memdec_core.api.generate does both)")
+
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: DynamicCache | None = None,
                 past_key_values: DynamicCache | None = None, use_cache: bool | None = None,
@@ -157,6 +184,7 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(input_ids.shape[0], seen + new, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -new:]
+        self._check_positions(attention_mask, position_ids)
         keep = new if not logits_to_keep or logits_to_keep > new else int(logits_to_keep)
         base_logprobs, hidden = self._base_logprobs(input_ids, attention_mask, position_ids, cache, keep)
         if cache is not None:

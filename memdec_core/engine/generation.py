@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from memdec_core.engine.composite import MemdecForCausalLM, fixed_combiner, fixed_knobs, prepare_memory
+from memdec_core.engine.composite import MemdecForCausalLM, fixed_combiner, fixed_knobs, position_limit, prepare_memory
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.models import LoadedModel, autocast, model_device
 from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
@@ -59,11 +59,15 @@ def generate_with_memory(base: LoadedModel, memory: MemoryModel | None, input_id
     """``generate`` on the base mixed with a prepared memory (or the base alone when it is None).
 
     ``input_ids`` may be a left-padded batch with its ``attention_mask``. Returns the sequences,
-    ``num_return_sequences`` rows per prompt.
+    ``num_return_sequences`` rows per prompt; they end early where base and memory run out of
+    positions (``fit_prompt`` cuts a prompt that leaves no room).
     """
     tokenizer = base.tokenizer
     eos = tokenizer.eos_token_id
     config = generation_settings(eos_token_id=eos, pad_token_id=_pad_id(tokenizer), **settings)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    config.max_new_tokens = fit_new_tokens(attention_mask, config.max_new_tokens, position_limit(base, memory))
     if streamer is not None and (config.num_beams > 1 or config.num_return_sequences > 1 or len(input_ids) > 1):
         raise ConfigError("only one sequence at a time can stream; the text is printed when it is done")
     if memory is not None and combiner is None:
@@ -71,6 +75,40 @@ def generate_with_memory(base: LoadedModel, memory: MemoryModel | None, input_id
     model = base.model if memory is None else mixture_model(base, memory, fixed_knobs(memory), combiner)
     return _generate(model, input_ids, config, [], streamer=streamer, attention_mask=attention_mask,
                      tokenizer=tokenizer if config.stop_strings else None).sequences
+
+
+def fit_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+               limit: tuple[int, str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts cut to their last tokens that leave room for ``max_new_tokens`` within
+    ``limit`` (positions, whose: ``position_limit``). A prompt keeps at least half the positions:
+    asking for more new tokens than fit must not cost it its end."""
+    if limit is None:
+        return input_ids, attention_mask
+    positions, owner = limit
+    keep = positions - min(max_new_tokens, positions // 2)
+    longest = int(attention_mask.sum(-1).max())
+    if longest <= keep:
+        return input_ids, attention_mask
+    log(f"the prompt has {longest:,} tokens; kept its last {keep:,}, so that new tokens fit in "
+        f"{owner}'s {positions:,} positions")
+    return input_ids[:, -keep:], attention_mask[:, -keep:]
+
+
+def fit_new_tokens(attention_mask: torch.Tensor, max_new_tokens: int, limit: tuple[int, str] | None) -> int:
+    """``max_new_tokens``, or fewer where the prompts and they would overrun ``limit``'s positions
+    (transformers fails with an IndexError past them, and every token generated is lost)."""
+    if limit is None:
+        return max_new_tokens
+    positions, owner = limit
+    longest = int(attention_mask.sum(-1).max())  # positions follow the mask: padding takes none
+    room = positions - longest
+    if room < 1:
+        raise ConfigError(f"the prompt has {longest:,} tokens, which fill {owner}'s {positions:,} positions; "
+                          f"cut it (memdec_core.api.generate keeps its end)")
+    if max_new_tokens > room:
+        log(f"generating at most {room:,} new tokens: with the prompt's {longest:,} they fill "
+            f"{owner}'s {positions:,} positions")
+    return min(max_new_tokens, room)
 
 
 def _pad_id(tokenizer) -> int | None:
@@ -181,7 +219,9 @@ def generate_texts(ctx: EvalContext, memory: MemoryModel | None, prompts: list[s
         log(f"generating with {memory.name} mixed by {combiner.name or type(combiner).__name__} "
             f"({', '.join(f'{k}={v}' for k, v in {**fixed_knobs(memory), **combiner.knobs()}.items())})")
     tokenizer = ctx.base.tokenizer
-    input_ids, attention_mask = left_padded(tokenizer, prompts)
+    max_new_tokens = generation_settings(**generation).max_new_tokens
+    input_ids, attention_mask = fit_prompt(*left_padded(tokenizer, prompts), max_new_tokens,
+                                           position_limit(ctx.base, memory))
     streamer = streamer_factory(tokenizer) if streamer_factory else None
     output = generate_with_memory(ctx.base, memory, input_ids, attention_mask=attention_mask, combiner=combiner,
                                   streamer=streamer, **generation)

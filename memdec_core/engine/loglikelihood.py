@@ -48,13 +48,19 @@ def model_loglikelihood(model, *, batch_size: int = 8, pad_id: int, max_length: 
 
 def base_loglikelihood(base: "LoadedModel", batch_size: int, model=None) -> LogLikelihood:
     """The LogLikelihood of ``base`` (or of ``model``, the base with adapted weights) with the
-    base's tokenizer and positions."""
+    base's tokenizer and positions (a composite's, which are fewer where its memory reads fewer)."""
     tokenizer = base.tokenizer
     eos = tokenizer.eos_token_id
     return model_loglikelihood(base.model if model is None else model, batch_size=batch_size,
                                pad_id=eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
                                start_id=eos if tokenizer.bos_token_id is None else tokenizer.bos_token_id,
-                               max_length=positions(base))
+                               max_length=_composite_positions(model) or positions(base))
+
+
+def _composite_positions(model) -> int | None:
+    from memdec_core.engine.composite import MemdecForCausalLM
+
+    return model.max_positions if isinstance(model, MemdecForCausalLM) else None
 
 
 def positions(base: "LoadedModel") -> int:

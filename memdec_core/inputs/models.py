@@ -189,6 +189,7 @@ def model_skeleton(name: str, cache_dir: Path | None = None):
     location, gguf_file = resolve_model_location(name)
     if gguf_file:  # a GGUF file tells its shapes once dequantised (converted once, then cached)
         location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    _check_tokenizer_files(location, name)
     try:
         config = AutoConfig.from_pretrained(location)
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -204,7 +205,8 @@ def _from_pretrained(location: str, name: str, **kwargs):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # memdec shows its own progress
-
+    if not kwargs.get("gguf_file"):  # a GGUF file carries its tokenizer inside
+        _check_tokenizer_files(location, name)
     try:
         with _held_logs() as held:  # transformers' load report reaches stderr only if memdec keeps the model
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
@@ -220,9 +222,42 @@ def _from_pretrained(location: str, name: str, **kwargs):
             raise
         raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
     _check_loaded_weights(model, info, name)
+    _check_tokenizer_fits(model, tokenizer, name)
     for handler, record in held:  # unexpected extra weights and the like stay warnings
         handler.handle(record)
     return model, tokenizer
+
+
+#: Files that hold a tokenizer's vocabulary, one of which a model folder needs: without them
+#: transformers falls back to an empty tokenizer, and every text scores as nothing.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tekken.json")
+TOKENIZER_PATTERNS = ("*.model", "*.tiktoken")  # SentencePiece (tokenizer.model, spiece.model), tiktoken
+
+
+def _check_tokenizer_files(location: str, name: str) -> None:
+    """Refuse a local folder with no tokenizer files: transformers would load an empty tokenizer."""
+    folder = Path(location)
+    if not folder.is_dir() or any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return
+    if any(next(folder.glob(pattern), None) for pattern in TOKENIZER_PATTERNS):
+        return
+    raise ModelError(f"cannot load model {name!r}: {folder} has no tokenizer files (tokenizer.json, vocab.json "
+                     f"and merges.txt, or a SentencePiece tokenizer.model); copy in the tokenizer it was trained with")
+
+
+def _check_tokenizer_fits(model, tokenizer, name: str) -> None:
+    """Refuse a tokenizer that is empty, or has ids past the model's embedding rows (each such id
+    would be an IndexError in the middle of a run)."""
+    vocab = tokenizer.get_vocab()
+    if len(vocab) <= len(set(tokenizer.all_special_tokens)):  # a hub repo without tokenizer files loads so
+        raise ModelError(f"cannot load model {name!r}: its tokenizer holds special tokens only "
+                         f"(are its tokenizer files missing?)")
+    ids = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    rows = min(layer.weight.shape[0] for layer in (model.get_input_embeddings(), model.get_output_embeddings())
+               if layer is not None)
+    if ids > rows:
+        raise ModelError(f"cannot load model {name!r}: its tokenizer has {ids:,} ids but the model only {rows:,} "
+                         f"embedding rows; use the tokenizer the model was trained with, or resize its embeddings")
 
 
 @contextlib.contextmanager

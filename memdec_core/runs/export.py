@@ -37,7 +37,7 @@ def export_adapted(folder: Path | str, output: Path | str, *, base: str | None =
     """
     folder, output = Path(folder).expanduser(), Path(output).expanduser()
     manifest = _adapted_manifest(folder)
-    _check_output(output, force, source=folder)
+    _check_output(output, force, sources=(folder,))
     model, tokenizer, base_name = _merged_model(folder, manifest, base)
     with new_folder(output, force) as temporary:
         save_model(model, temporary)
@@ -68,9 +68,9 @@ def export_composite(base: str, memory: str, output: Path | str, *, domain: str 
     from memdec_core.engine.composite import composite_model  # torch: only when a composite is made
 
     output = Path(output).expanduser()
-    _check_output(output, force)
     # A folder named relative to here would mean another folder wherever the composite is opened.
     base, memory = _absolute_if_folder(base), _absolute_if_folder(memory)
+    _check_output(output, force, sources=tuple(Path(spec) for spec in (base, memory) if Path(spec).is_absolute()))
     model = composite_model(base, memory, domain=domain, lam=lam, component_settings=component_settings)
     with new_folder(output, force) as temporary:
         temporary.rmdir()  # save_pretrained writes this folder itself (atomically), then it moves into place
@@ -147,14 +147,25 @@ def _load_base(name: str | None, fingerprint: str | None, folder: Path):
     return loaded
 
 
-def _check_output(output: Path, force: bool, source: Path | None = None) -> None:
-    """Refuse, before any work, an output that exists (unless ``force``) or that is the source itself."""
-    if source is not None and output.resolve() == source.resolve():
-        raise ConfigError(f"--output {output} is the folder being exported; choose another")
+def _check_output(output: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that exists (unless ``force``), or one whose replacement
+    would delete what the export reads or the folder it runs in (``_refuse_holding``)."""
+    for source in sources:
+        _refuse_holding(output, source, "the folder being exported" if len(sources) == 1 else "what is exported")
+    _refuse_holding(output, Path.cwd(), "the current folder")
     if output.exists() and not force:
         raise ConfigError(f"output folder already exists: {output} (pass --force to replace it)")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {output} is a file, not a folder")
+
+
+def _refuse_holding(output: Path, folder: Path, what: str) -> None:
+    """ConfigError when ``output`` is ``folder`` or holds it: the output is written beside itself and
+    swapped in, which would delete ``folder`` with the older output (or fail on the current folder)."""
+    output, folder = output.expanduser().resolve(), folder.expanduser().resolve()
+    if output == folder or output in folder.parents:
+        held = "is" if output == folder else f"holds {folder},"
+        raise ConfigError(f"--output {output} {held} {what}; choose another")
 
 
 @contextlib.contextmanager

@@ -197,7 +197,9 @@ def write_json(path: Path, data: Any) -> None:
             temporary.write_text(text)
             os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        # On a read-only disk even removing a file that was never made fails: the refusal is the news.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise
 
 
@@ -241,11 +243,25 @@ def replacing_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+    _swap_in(temporary, target)
+
+
+def _swap_in(temporary: Path, target: Path) -> None:
+    """``temporary`` becomes ``target``, the older version deleted. A swap the OS refuses (a full
+    disk, a folder in use) leaves the older version at ``target`` and removes ``temporary``."""
     old = target.parent / f".{target.name}.old"
     shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(temporary, target)
+    try:
+        with disk_errors(target):
+            if target.exists():
+                os.replace(target, old)
+            os.replace(temporary, target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            with contextlib.suppress(OSError):  # failing that, previous_version still finds it
+                os.replace(old, target)
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -28,7 +28,15 @@ from typing import Iterator
 
 from memdec_core.errors import ConfigError, DiskError
 from memdec_core.runtime.distributed import alone, barrier, sharding, world
-from memdec_core.store.disk import disk_errors, is_refusal, pid_alive, refusal, temporary_pid
+from memdec_core.store.disk import (
+    cache_root,
+    disk_errors,
+    is_refusal,
+    nearest_existing,
+    pid_alive,
+    refusal,
+    temporary_pid,
+)
 
 CACHE_MARKER = "CACHEDIR.TAG"
 #: The line that makes a ``CACHEDIR.TAG`` memdec's (other tools write the same file name).
@@ -52,11 +60,6 @@ LEGACY_PROBE = 50
 QUIET_WAIT_SECONDS = 1.0
 
 
-def cache_root() -> Path:
-    """``MEMDEC_CACHE``, or ``~/.cache/memdec`` (a path only: nothing is checked or created)."""
-    return Path(os.environ.get("MEMDEC_CACHE") or Path.home() / ".cache" / "memdec").expanduser()
-
-
 def cache_folder(kind: str) -> Path:
     """The cache's ``kind`` folder (it may not exist yet), in a cache that is memdec's: a new or
     empty one is tagged now; a folder holding other things is refused (ConfigError)."""
@@ -73,8 +76,7 @@ def open_cache(root: Path | None = None, *, create: bool = False) -> Path:
     root = Path(root) if root is not None else cache_root()
     if is_memdec_cache(root):
         return root
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"the cache {root} is not a folder; set MEMDEC_CACHE to a folder")
+    _refuse_a_file(root)
     if _is_empty(root):
         if create:
             _tag(root)
@@ -84,6 +86,14 @@ def open_cache(root: Path | None = None, *, create: bool = False) -> Path:
         return root
     raise ConfigError(f"{root} is not a memdec cache (no {CACHE_MARKER} from memdec, no memdec artifacts); "
                       f"set MEMDEC_CACHE to a new or empty folder. Nothing was read, written or removed")
+
+
+def _refuse_a_file(root: Path) -> None:
+    """ConfigError when ``root`` is a file, or lies under one (``MEMDEC_CACHE=notes.txt/cache``)."""
+    blocker = nearest_existing(root)
+    if blocker.exists() and not blocker.is_dir():
+        inside = "" if blocker == root else f" ({blocker} is a file)"
+        raise ConfigError(f"the cache {root} is not a folder{inside}; set MEMDEC_CACHE to a folder")
 
 
 def is_memdec_cache(root: Path) -> bool:

@@ -63,6 +63,10 @@ class DecoderMemory(MemoryModel):
 
         return DecoderStepper(self._loaded())
 
+    @property
+    def max_positions(self) -> int | None:
+        return self.memory.max_positions if self.memory is not None else None
+
     def costs(self) -> Costs:
         from memdec_core.store.artifacts import folder_bytes
 

@@ -1,5 +1,13 @@
 """Model loading, tokenizer fingerprints and last_ffn_input capture."""
 
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
 from conftest import save_tiny_model
@@ -57,9 +65,73 @@ def test_missing_paths_are_clear_errors(tmp_path):
 
 
 def test_unknown_hub_name_fails_fast_offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UnknownComponentError, match="unknown model 'no-such-model-xyz'.*hub"):
+    """huggingface_hub's offline switch (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE when the process
+    started) is obeyed without opening a socket: memdec once probed huggingface.co:443 itself,
+    reading HF_HUB_OFFLINE only."""
+    import socket
+
+    from huggingface_hub import constants
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a socket was opened in offline mode")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what TRANSFORMERS_OFFLINE=1 at start-up gives
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(UnknownComponentError, match="unknown model 'no-such-model-xyz'.*HF_HUB_OFFLINE is set"):
         load_model("no-such-model-xyz")
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """A hub mirror that has no model at all, and notes what it was asked."""
+
+    asked: list = []
+
+    def do_HEAD(self):
+        self.asked.append(self.path)
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def _resolve_in_a_fresh_process(name: str, endpoint: str, tmp_path) -> str:
+    """The error of resolve_model_location(name) in a process started with HF_ENDPOINT=endpoint
+    (huggingface_hub reads its settings when imported)."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    code = ("from memdec_core.inputs.models import resolve_model_location\n"
+            "try:\n    resolve_model_location(%r)\nexcept Exception as error:\n    print(error)" % name)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+
+
+def test_the_hub_asked_is_hf_endpoint_and_a_closed_one_fails_at_once(tmp_path):
+    """HF_ENDPOINT (a mirror) is the hub memdec asks, not huggingface.co; a mirror that cannot be
+    reached is named in one line, without waiting out a long timeout."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirror = f"http://127.0.0.1:{server.server_address[1]}"
+        message = _resolve_in_a_fresh_process("some-org/no-such-model", mirror, tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "/some-org/no-such-model/resolve/main/config.json" in _Hub.asked, _Hub.asked
+    assert f"{mirror} has no such model" in message, message
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    message = _resolve_in_a_fresh_process("some-org/no-such-model", closed, tmp_path)
+    assert f"the hub ({closed}) is unreachable" in message and "HF_HUB_OFFLINE=1" in message, message
+    assert len(message.strip().splitlines()) == 1 and time.monotonic() - started < 30
 
 
 def test_a_copied_model_keeps_its_fingerprint_and_new_weights_change_it(tiny_llama, tmp_path):

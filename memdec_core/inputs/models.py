@@ -152,32 +152,58 @@ def resolve_model_location(name: str) -> tuple[str, str | None]:
         return str(path), None
     if looks_like_path(name):
         raise ModelError(f"model path not found: {name}")
-    if not _hub_model_available(name):
-        from memdec_core.components import registry
-
-        raise UnknownComponentError("model", name, registry.names("models"),
-                                    hint="not a local path, and the hub is unreachable")
+    _check_hub_model(name)
     return name, None
 
 
-def _hub_model_available(name: str) -> bool:
-    """True when a hub id can be loaded: in the local HF cache, or the hub answers.
+#: Seconds to wait for the hub's answer about a model: an unreachable hub fails at once or after this.
+HUB_PROBE_TIMEOUT = 3.0
 
-    Checked up front because an unreachable hub makes transformers retry for most of a minute.
-    """
-    import socket
 
-    from huggingface_hub import try_to_load_from_cache
+def _check_hub_model(name: str) -> None:
+    """Refuse a hub id that cannot be loaded, in one line: not in the local HF cache and the hub
+    (huggingface_hub's ``HF_ENDPOINT``, through any proxy it is given) is offline, unreachable or
+    without it. Checked up front because an unreachable hub makes transformers retry for most of
+    a minute."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return True
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
-        return False
+    local = "pass a local model folder or a registered name"
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+        url = hf_hub_url(name, "config.json")
+    except HFValidationError:
+        raise _unknown_model(name, f"neither a local path nor a hub id; {local}") from None
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub's own switch: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+        raise _unknown_model(name, f"not in the local Hugging Face cache, and HF_HUB_OFFLINE is set; {local}, "
+                                   f"or unset HF_HUB_OFFLINE")
+    not_there = f"not a local path, and {constants.ENDPOINT} has no such model; {local}"
+    try:
+        get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT)
+    except GatedRepoError:
+        return  # it exists; transformers explains the access it needs
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        raise _unknown_model(name, not_there) from None
+    except Exception as error:  # no answer (DNS, refused, timeout, proxy, server error): the hub is unreachable
+        if getattr(getattr(error, "response", None), "status_code", None) == 404:  # a mirror's plain "not found"
+            raise _unknown_model(name, not_there) from None
+        cause = f"{type(error).__name__}: {_first_line(error)[:120]}"
+        raise _unknown_model(name, f"not a local path, and the hub ({constants.ENDPOINT}) is unreachable ({cause}); "
+                                   f"{local}, or set HF_ENDPOINT to a reachable mirror (HF_HUB_OFFLINE=1 uses the "
+                                   f"local cache only, without trying)") from None
+
+
+def _unknown_model(name: str, hint: str) -> UnknownComponentError:
+    from memdec_core.components import registry
+
+    return UnknownComponentError("model", name, registry.names("models"), hint=hint)
 
 
 def model_skeleton(name: str, cache_dir: Path | None = None):

@@ -12,7 +12,7 @@ import torch
 from conftest import SMALL_WINDOWS, invoke, one_line_error
 
 from memdec_core.api import prepare_context
-from memdec_core.inputs.model_cards import model_card_metadata, read_front_matter
+from memdec_core.inputs.model_cards import model_card_data, read_front_matter, write_readme
 from memdec_core.inputs.models import base_reference, referenced_base
 from memdec_core.interfaces import EvalSettings
 from memdec_core.store.artifacts import MANIFEST, artifact_reference, cache_root, resolve_reference
@@ -92,10 +92,35 @@ def test_cards_name_a_hub_base_and_its_license(monkeypatch, tmp_path):
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: apache-2.0\n---\n# Qwen\n")
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: str(card))
-    metadata = read_front_matter(f"---\n{model_card_metadata(('lora',), 'Qwen/Qwen2.5-0.5B', 'law')}---\n")
+    metadata = model_card_data(('lora',), 'Qwen/Qwen2.5-0.5B', 'law').to_dict()
     assert metadata == {"library_name": "memdec", "tags": ["memdec", "lora", "law"],
                         "base_model": "Qwen/Qwen2.5-0.5B", "license": "apache-2.0"}
     assert models.hub_id(str(tmp_path)) is None and models.hub_id("memdec-demo-s") is None
+
+
+def test_a_card_with_awkward_values_reads_back_as_written(monkeypatch, tmp_path):
+    """Quotes, colons, unicode, a leading dash and '---' in the body: the hub's own parser
+    (ModelCard.load) and memdec's reader get back exactly the values written."""
+    from huggingface_hub import ModelCard
+
+    licence = "other: 'custom' \"v2\" — ✓"
+    base_card = tmp_path / "base-README.md"
+    base_card.write_text(f"---\nlicense: {json.dumps(licence)}\n---\n# base\n", encoding="utf-8")
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: str(base_card))
+    tags = ("lora", 'key: "value"', "- not a list item", "naïve ünïcödé 日本")
+    domain = "fin: 'q' # not a comment"
+    title = 'A "title": with colons — ü'
+    write_readme(tmp_path / "card", title, ["line: one", "---", "# a heading"], tags=tags, base="org/mödel-1",
+                 domain=domain)
+    path = tmp_path / "card" / "README.md"
+    text = path.read_text(encoding="utf-8")
+    expected = {"library_name": "memdec", "tags": ["memdec", *tags, domain], "base_model": "org/mödel-1",
+                "license": licence}
+    assert read_front_matter(text) == expected
+    assert ModelCard.load(path).data.to_dict() == expected
+    assert f"# {title}\n" in text and "\n---\n# a heading\n" in text
+    for broken in ("no front matter", "---\n[a, list]\n---\n", "---\nkey: [unclosed\n---\n", "---\n1: x\n---\n"):
+        assert read_front_matter(broken) == {}, broken
 
 
 def test_references_are_relative_to_the_cache_and_old_absolute_ones_still_read(memory_chain, tmp_path):

@@ -2,13 +2,12 @@
 and what memdec reads of a base model's own card and name (its hub id, its licence).
 
 A card's YAML front matter is the hub's model-card metadata: ``library_name: memdec``, tags, and
-for a base on the hub its id and licence.
+for a base on the hub its id and licence. huggingface_hub's ``ModelCard`` writes and reads it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from memdec_core import __version__
 from memdec_core.components import registry
@@ -18,41 +17,41 @@ def write_readme(folder: Path, title: str, lines: list[str], *, tags: tuple[str,
                  base: str | None = None, domain: str | None = None) -> None:
     """A short model card so an artifact explains itself, here and on the Hugging Face hub.
 
-    Its YAML front matter is the hub's model-card metadata: ``library_name: memdec``, ``tags``
-    (the artifact's kinds and its ``domain``), and, for a ``base`` model that is a hub id, that
-    id as ``base_model`` and the base's own ``license`` when its card is at hand.
+    Its YAML front matter is the hub's model-card metadata (:func:`model_card_data`), written by
+    huggingface_hub's ``ModelCard`` so the hub reads back exactly what memdec meant.
     """
+    from huggingface_hub import ModelCard
+
+    metadata = model_card_data(tags, base, domain).to_yaml()
     body = "\n".join(lines)
-    card = model_card_metadata(tags, base, domain)
-    (Path(folder) / "README.md").write_text(f"---\n{card}---\n\n# {title}\n\nMade by memdec {__version__}.\n\n"
-                                            f"{body}\n", encoding="utf-8")
+    ModelCard(f"---\n{metadata}\n---\n\n# {title}\n\nMade by memdec {__version__}.\n\n{body}\n").save(
+        Path(folder) / "README.md")
 
 
-def model_card_metadata(tags: tuple[str, ...] = (), base: str | None = None, domain: str | None = None) -> str:
-    """The YAML of a model card's front matter (without its ``---`` lines)."""
-    import yaml
+def model_card_data(tags: tuple[str, ...] = (), base: str | None = None, domain: str | None = None):
+    """A card's front matter as huggingface_hub's ``ModelCardData``: ``library_name: memdec``,
+    ``tags`` (the artifact's kinds and its ``domain``), and, for a ``base`` model that is a hub
+    id, that id as ``base_model`` and the base's own ``license`` when its card is at hand."""
+    from huggingface_hub import ModelCardData
 
-    metadata: dict[str, Any] = {"library_name": "memdec",
-                                "tags": list(dict.fromkeys(["memdec", *tags, *([domain] if domain else [])]))}
-    if base and hub_id(base):
-        metadata["base_model"] = hub_id(base)
-    if base and model_license(base):
-        metadata["license"] = model_license(base)
-    return yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    return ModelCardData(library_name="memdec",
+                         tags=list(dict.fromkeys(["memdec", *tags, *([domain] if domain else [])])),
+                         base_model=hub_id(base) if base else None,
+                         license=model_license(base) if base else None)
 
 
 def read_front_matter(text: str) -> dict:
-    """The YAML front matter of a model card (``{}`` when it has none or it does not parse)."""
+    """The front matter of a model card as huggingface_hub reads it (``{}`` when it has none or it
+    does not parse)."""
     import yaml
+    from huggingface_hub import ModelCard
 
-    if not text.startswith("---\n"):
-        return {}
-    end = text.find("\n---", 4)
+    if not text.lstrip().startswith("---"):
+        return {}  # no metadata block (ModelCard would log a warning for it)
     try:
-        metadata = yaml.safe_load(text[4:end]) if end > 0 else None
-    except yaml.YAMLError:
+        return ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    except (yaml.YAMLError, ValueError, TypeError):  # broken YAML, or a block that is not a mapping
         return {}
-    return metadata if isinstance(metadata, dict) else {}
 
 
 def hub_id(name: str) -> str | None:

@@ -176,6 +176,47 @@ def test_each_step_uses_the_learning_rate_of_its_schedule(tmp_path, schedule, fa
         LoopSettings(schedule="warm")
 
 
+#: The factors memdec computed by hand before it took transformers' schedules (issue 31).
+HAND_WRITTEN = {"linear": lambda progress: max(0.0, 1.0 - progress),
+                "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))),
+                "constant": lambda progress: 1.0}
+
+
+@pytest.mark.parametrize("schedule", HAND_WRITTEN)
+def test_transformers_schedules_give_the_hand_written_learning_rates(tmp_path, schedule):
+    """At every step of runs of 1 to 400 steps, transformers' schedule gives the learning rate the
+    hand-written one gave: the same bits for cosine and constant; for linear within one unit in the
+    last place of a double (transformers computes (T - s) / T, memdec computed 1 - s / T), far below
+    what an fp32 update can tell apart. A checkpoint's scheduler state written by the old LambdaLR
+    resumes."""
+    stream = np.random.default_rng(0).integers(0, 16, 400)
+    lr = 0.1
+    for total in (*range(1, 40), 97, 400):
+        trainer = Trainer(Linear(), stream, 32, LoopSettings(epochs=10**4, max_steps=total, lr=lr, batch_size=1,
+                                                             schedule=schedule), tmp_path,
+                          loss=lambda model, batch: 0.0, validate=lambda model: (1.0, {}))
+        used = []
+        for _ in range(total + 1):
+            used.append(trainer.optimizer.param_groups[0]["lr"])
+            trainer.optimizer.step()  # no gradients: nothing changes but the step count
+            trainer.scheduler.step()
+        expected = [lr * HAND_WRITTEN[schedule](step / total) for step in range(total + 1)]
+        if schedule == "linear":
+            assert max(abs(a - b) for a, b in zip(used, expected)) <= lr * 2.0 ** -51, total
+        else:
+            assert used == expected, total
+    old = torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(Linear().parameters(), lr=lr),
+                                            lambda step: HAND_WRITTEN[schedule](step / 400))
+    for _ in range(123):
+        old.optimizer.step()
+        old.step()
+    trainer.scheduler.load_state_dict(old.state_dict())  # as Trainer.restore reads a checkpoint
+    assert trainer.scheduler.get_last_lr() == old.get_last_lr() and trainer.scheduler.last_epoch == 123
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr * HAND_WRITTEN[schedule](124 / 400), rel=1e-14)
+
+
 def test_a_flops_budget_counts_six_n_for_full_training_and_about_four_n_for_adapters(tiny_llama, tmp_path):
     from peft import LoraConfig, get_peft_model
 

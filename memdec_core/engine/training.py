@@ -3,7 +3,7 @@
 The train split is cut into consecutive chunks of ``context`` positions (every position is
 trained once per epoch); chunks are shuffled per epoch with a seeded order, so a resumed run
 sees exactly the batches the interrupted one would have. AdamW, the learning rate decayed to
-zero linearly (or along a half cosine, or held constant) without warmup, gradient clipping and
+zero linearly (or along a half cosine, or held constant) without warmup (transformers' schedules), gradient clipping and
 accumulation. After every epoch the caller's ``validate`` scores the model, the best epoch is
 kept, and training stops early after ``patience`` epochs without improvement.
 
@@ -51,23 +51,10 @@ from memdec_core.runtime.distributed import (
 from memdec_core.runtime.progress import log, progress_bar
 from memdec_core.store.artifacts import replacing_directory
 
-
-def linear_decay(progress: float) -> float:
-    return max(0.0, 1.0 - progress)
-
-
-def cosine_decay(progress: float) -> float:
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def constant(progress: float) -> float:
-    return 1.0
-
-
-#: The learning rate's factor at a share ``progress`` of the optimizer steps (no warmup: a memory
-#: starts from a trained model's blocks, and DAPT/LoRA from a trained model).
-SCHEDULES: dict[str, Callable[[float], float]] = {"linear": linear_decay, "cosine": cosine_decay,
-                                                  "constant": constant}
+#: The learning rate over the optimizer steps, by transformers' schedule names: decayed to zero
+#: linearly or along a half cosine, or held constant. No warmup: a memory starts from a trained
+#: model's blocks, and DAPT/LoRA from a trained model.
+SCHEDULES = ("linear", "cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -209,8 +196,10 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-        factor = SCHEDULES[settings.schedule]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: factor(step / self.total_steps))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(settings.schedule, self.optimizer, num_warmup_steps=0,
+                                       num_training_steps=self.total_steps)
         self.state = {"global_step": 0, "epoch": 0, "best_valid_ppl": None, "best_epoch": None, "history": [],
                       "train_seconds": 0.0, "train_tokens": 0, "stopped_early": False,
                       "flops_per_token": self.flops_per_token}

@@ -152,7 +152,10 @@ def sum_gradients(parameters: Sequence, extra: Sequence[float] = ()) -> list[flo
     flat collective (a rank that had no work contributes zeros); returns ``extra`` summed too.
 
     What DDP does at the end of a step, without its forward wrapper: memdec's losses call a
-    model's decoder and output layer separately, which DDP's wrapper would not see.
+    model's decoder and output layer separately, which DDP's wrapper would not see. DDP around a
+    module whose forward computes the loss was measured against it (benchmarks/allreduce_bench.py):
+    the same weights bit for bit, and no faster on 2 gloo ranks, where this sum is a few percent
+    of a step (benchmarks/RESULTS.md).
     """
     if sharding().size == 1:
         return list(extra)

@@ -6,6 +6,7 @@ Everything is built in-process from configs and generated text: no downloads.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -72,6 +73,36 @@ def one_line_error(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0]
+
+
+def checkpoint_step(work: Path) -> int:
+    """The optimizer step that the training checkpoint an interrupted run left in ``work`` holds."""
+    state = Path(work) / "checkpoint" / "trainer_state.json"
+    assert state.is_file(), f"no training checkpoint in {work}"
+    return json.loads(state.read_text())["global_step"]
+
+
+def record_steps(monkeypatch) -> list[tuple[int, int]]:
+    """From now on, each optimizer step any training takes, as (the step it starts from, the run's total)."""
+    from memdec_core.engine import training
+
+    real, taken = training.Trainer._step, []
+
+    def step(self, starts):
+        taken.append((self.state["global_step"], self.total_steps))
+        return real(self, starts)
+
+    monkeypatch.setattr(training.Trainer, "_step", step)
+    return taken
+
+
+def assert_only_the_rest(taken: list[tuple[int, int]], done: int) -> None:
+    """A rerun that resumed from a checkpoint of ``done`` steps took exactly the steps after it
+    (a rerun from scratch would start at 0 and take them all)."""
+    assert taken, "the rerun took no optimizer step"
+    total = taken[0][1]
+    assert 0 < done < total, (done, total)
+    assert [start for start, _ in taken] == list(range(done, total))
 
 
 @pytest.fixture(scope="session")

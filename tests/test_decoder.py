@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import QUICK_MEMORY as QUICK
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step, record_steps
 
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.interfaces import EvalSettings
@@ -111,6 +111,8 @@ def test_a_memory_refuses_a_base_with_another_tokenizer(trained_memory):
 
 
 def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path, monkeypatch):
+    """The rerun starts from the checkpoint the interruption left (3 steps) and takes only the
+    steps after it, to the weights of an uninterrupted run."""
     settings = dict(QUICK, save_every=1)
     reference = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
                                       output=tmp_path / "reference", settings=WINDOW, **settings))
@@ -131,9 +133,14 @@ def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path
         api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=tmp_path / "resumed",
                   settings=WINDOW, **dict(settings, lr=1e-2))
     monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    done = checkpoint_step(tmp_path / ".resumed.partial")
+    assert done == 3
+    taken = record_steps(monkeypatch)
     resumed = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
                                     output=tmp_path / "resumed", settings=WINDOW, **settings))
     assert not (tmp_path / ".resumed.partial").exists()
+    assert_only_the_rest(taken, done)
+    assert resumed.manifest["train_steps"] == reference.manifest["train_steps"] == taken[0][1]
     for (name, expected), (_, got) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
 

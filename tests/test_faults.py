@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step
 
 from memdec_core import api
 from memdec_core.components.plugins import register_plugin, unregister_plugin
@@ -162,25 +162,31 @@ def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_
 
 
 KILL_DATASTORE = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_knn import datastore
 datastore.COMMIT_EVERY = 1
 real = datastore.RowFile.write
-count = [0]
+count, rows_written = [0], []
 def write(self, first_row, rows):
     real(self, first_row, rows)
     if self.path.name == "vals.npy":
         count[0] += 1
+        rows_written.extend(range(first_row, first_row + len(rows)))
         if count[0] == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
 datastore.RowFile.write = write
 from memdec_knn.api import build_datastore
 from memdec_core.interfaces import EvalSettings
 build_datastore(sys.argv[1], sys.argv[2], settings=EvalSettings(context=64, stride=32, batch_size=2))
+print(json.dumps(rows_written))
 """
 
 
 def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_gpt2):
+    """Killed after 5 batches, the rerun computes only the rows of the windows after the last
+    progress record (4 batches of 2 windows), to the bytes of an uninterrupted build."""
+    from memdec_core.api import prepare_context
+    from memdec_core.inputs.data import make_windows
     from memdec_knn.api import build_datastore
 
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
@@ -188,11 +194,15 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     work = next((tmp_path / "cache" / "datastores").glob(".*.partial"))
-    assert json.loads((work / "progress.json").read_text())["windows"] > 0
+    recorded = json.loads((work / "progress.json").read_text())["windows"]
+    assert recorded == 4 * 2  # the record after the 4th batch; the 5th batch's rows were written, not recorded
     resumed = subprocess.run([sys.executable, "-c", KILL_DATASTORE, str(corpus_dir), str(tiny_gpt2), "0"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not work.exists()
+    train = prepare_context(str(corpus_dir), str(tiny_gpt2), EvalSettings(context=64)).corpus.streams["train"]
+    first_row = make_windows(len(train), 64, 32)[recorded].score_from
+    assert json.loads(resumed.stdout) == list(range(first_row, len(train) - 1))  # the rest, each row once
     folder = work.parent / work.name[1:-len(".partial")]
     fresh = Path(build_datastore(str(corpus_dir), str(tiny_gpt2), output=tmp_path / "fresh",
                                  settings=EvalSettings(context=64, stride=32, batch_size=2)))
@@ -201,25 +211,27 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
 
 
 KILL_TRAINING = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_core.engine import training
 real = training.Trainer._step
-count = [0]
+taken = []
 def step(self, starts):
-    count[0] += 1
-    if count[0] == int(sys.argv[4]):
+    if len(taken) + 1 == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
+    taken.append((self.state["global_step"], self.total_steps))
     return real(self, starts)
 training.Trainer._step = step
 from memdec_decoder import api
 from memdec_core.interfaces import EvalSettings
 api.train(sys.argv[1], teacher=sys.argv[2], init=sys.argv[2], output=sys.argv[3], epochs=2, batch_size=2, k=8,
           temperature=1.0, lr=3e-3, save_every=1, settings=EvalSettings(context=64, stride=32))
+print(json.dumps(taken))
 """
 
 
 def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path, corpus_dir, tiny_gpt2):
-    """The tiny GPT-2 has dropout 0.1: bit-identical weights need the RNG state in the checkpoint."""
+    """The tiny GPT-2 has dropout 0.1: bit-identical weights need the RNG state in the checkpoint.
+    Killed in its 5th step, the rerun starts from the checkpoint of 4 and takes only the rest."""
     from safetensors.numpy import load_file
 
     from memdec_decoder import api as decoder
@@ -232,8 +244,10 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
 
     killed = train(tmp_path / "resumed", 5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_step(tmp_path / ".resumed.partial") == 4
     resumed = train(tmp_path / "resumed", 0)
     assert resumed.returncode == 0, resumed.stderr
+    assert_only_the_rest(json.loads(resumed.stdout), 4)
     # The same run uninterrupted, in another process and another cache: the same bits.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MEMDEC_CACHE", str(tmp_path / "other-cache"))

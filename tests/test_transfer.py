@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_WINDOWS, invoke, one_line_error
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step, invoke, one_line_error, record_steps
 
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.inputs.models import load_model
@@ -122,6 +122,8 @@ def test_a_transferred_memory_serves_the_new_family(trained_memory, other_family
 
 def test_an_interrupted_transfer_resumes_to_the_same_bits(trained_memory, other_family, corpus_dir, tmp_path,
                                                           monkeypatch):
+    """The rerun starts from the checkpoint of 2 steps and takes only the steps after it, to the
+    bits of an uninterrupted transfer."""
     common = dict(fraction=0.5, settings=WINDOW, save_every=1, **TARGETS)
     reference = open_memory(api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "reference",
                                          **common))
@@ -138,8 +140,13 @@ def test_an_interrupted_transfer_resumes_to_the_same_bits(trained_memory, other_
         api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "resumed", **common)
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "checkpoint").is_dir()
     monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    done = checkpoint_step(tmp_path / ".resumed.partial")
+    assert done == 2
+    taken = record_steps(monkeypatch)
     resumed = open_memory(api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "resumed",
                                        **common))
+    assert_only_the_rest(taken, done)
+    assert resumed.manifest["train_steps"] == reference.manifest["train_steps"] == taken[0][1]
     for (name, expected), (_, got) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 

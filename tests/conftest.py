@@ -119,7 +119,8 @@ def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
 @pytest.fixture
 def fake_gpu_faiss(monkeypatch):
     """faiss's GPU API played by its CPU indexes, so the faiss-gpu retriever's plumbing (placement,
-    writing the CPU copy, reloading, nprobe) runs on a machine without a GPU. Returns the calls
+    writing the CPU copy, reloading, nprobe) runs on a machine without a GPU. Nothing runs on a GPU:
+    a test using it checks memdec's placement logic, never faiss's GPU results. Returns the calls
     that moved an index to a "GPU": (gpu number, useFloat16)."""
     import faiss
 

@@ -363,17 +363,73 @@ def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt
 # Two runs sharing one cache
 
 
-def test_two_runs_started_together_share_the_cache(tmp_path, corpus_dir, tiny_llama):
+#: ``memdec ARGS`` recording what this process built and which locks it waited for, in
+#: ``MEETING/PID.json``. The process that builds the datastore holds its lock until the other
+#: has been seen waiting for it (or two minutes pass), so the two runs always meet there.
+RACE = """
+import json, os, sys, time
+from pathlib import Path
+from memdec_core.engine import training
+from memdec_core.runtime import progress
+from memdec_core.store import cache_dir
+from memdec_decoder import targets
+from memdec_knn import datastore
+
+meeting = Path(sys.argv[1])
+cache_dir.QUIET_WAIT_SECONDS = 0  # every wait for a held lock is logged (read when a lock is taken)
+record = {"built": [], "waited": []}
+real_log = progress.log
+def log(message):
+    if message.startswith("waiting for another memdec process to finish"):
+        record["waited"].append(message)
+        if "datastores" in message:
+            (meeting / f"waiting-{os.getpid()}").touch()
+    real_log(message)
+progress.log = log
+def counted(module, name, what, before=lambda: None):
+    real = getattr(module, name)
+    def call(*args, **kwargs):
+        if what not in record["built"]:
+            record["built"].append(what)
+        before()
+        return real(*args, **kwargs)
+    setattr(module, name, call)
+def meet():
+    deadline = time.monotonic() + 120
+    while not list(meeting.glob("waiting-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+counted(datastore, "_write_keys_and_values", "datastore", meet)
+counted(targets, "_write_shard", "targets")
+counted(training.Trainer, "run", "memory")
+from memdec_cli.main import main
+try:
+    main(sys.argv[2:])
+finally:
+    (meeting / f"{os.getpid()}.json").write_text(json.dumps(record))
+"""
+
+
+def test_two_runs_started_together_wait_for_each_other_and_build_once(tmp_path, corpus_dir, tiny_llama):
+    """Two evals sharing a cache: the datastore, the kNN targets and the memory are each built by
+    one run only, the run that did not build the datastore waited for its lock and reused it, and
+    both print the same numbers. (Without the locks both would build everything.)"""
     args = ["eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "base,knn-lm,memdec", "--context", 64,
             "--set", "knn-lm.k=8", "--set", "memdec.k=8", "--set", "memdec.epochs=1", "--set", "memdec.temperature=1",
             "--format", "json"]
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meeting), *map(str, args)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     first, second = (json.loads(out)["results"] for out, _ in outputs)
     assert [row["test_ppl"] for row in first] == [row["test_ppl"] for row in second]
+    records = [json.loads((meeting / f"{run.pid}.json").read_text()) for run in runs]
+    # each artifact built by one run only (which run builds the targets and the memory is a race)
+    assert sorted(records[0]["built"] + records[1]["built"]) == ["datastore", "memory", "targets"], records
+    waiter, = (record for record in records if "datastore" not in record["built"])
+    assert any("datastores" in message for message in waiter["waited"]), records
     cache = tmp_path / "cache"
     assert not leftovers(cache) and not list(cache.rglob("*.partial"))
 

@@ -266,7 +266,8 @@ def test_an_on_disk_index_gives_the_neighbours_of_the_in_memory_one_and_opens_wh
 
 
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "OPQ4,IVF16,Flat"])  # auto puts OPQ before large stores' lists
-def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(factory, monkeypatch, capfd):
+def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(factory, monkeypatch, capfd,
+                                                                                         tmp_path):
     from faiss.contrib import big_batch_search
 
     from memdec_knn import index as index_module
@@ -276,7 +277,7 @@ def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_ne
     keys = (rng.normal(size=(32, 8))[rng.integers(0, 32, 5000)] + 0.5 * rng.normal(size=(5000, 8))).astype(np.float32)
     queries = keys[:3000]
     retriever = FaissRetriever(factory=factory, nprobe=4, on_disk=True, batched_search=True)
-    retriever.build(keys, Path(__import__("tempfile").mkdtemp()))
+    retriever.build(keys, tmp_path)  # pytest's folder: nothing is left in the system's temporary folder
     calls = []
     real = big_batch_search.big_batch_search
     monkeypatch.setattr(big_batch_search, "big_batch_search", lambda *args, **kw: calls.append(1) or real(*args, **kw))

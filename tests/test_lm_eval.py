@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Before lm-eval imports `datasets`, which reads these once: a local task never reaches the hub.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
 from memdec_core import api  # noqa: E402
@@ -28,11 +25,19 @@ TASK = "memdec_tiny_mc"
 
 @pytest.fixture(autouse=True)
 def local_tasks(monkeypatch, tmp_path_factory):
-    """The task's data_files are read from the working directory; datasets caches under tmp."""
+    """The task's data_files are read from the working directory; datasets caches under tmp; and
+    nothing reaches the hub, for this module's tests only: datasets and huggingface_hub read the
+    offline switches once, at import, so their copies are set as well as the environment (which
+    the subprocesses inherit)."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.chdir(TASKS)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def brute_force(model, tokenizer):

@@ -108,6 +108,22 @@ def test_bad_model_args_are_one_line(tiny_llama, trained_memory):
         MemdecLM(base=str(tiny_llama))
 
 
+def test_a_bad_model_args_key_through_the_command_line_is_one_line_and_exit_status_1(tiny_llama, trained_memory,
+                                                                                     tmp_path):
+    """``memdec-lm-eval``'s documented promise, through its own command line (lm-eval parses the
+    model_args and builds the model): a memdec error is one ``Error:`` line and exit status 1."""
+    command = [sys.executable, "-m", "memdec_core.lm_eval_model", "--model", "memdec",
+               "--model_args", f"base={tiny_llama},memory={trained_memory},lamda=0.5", "--tasks", TASK,
+               "--include_path", ".", "--batch_size", "4", "--output_path", str(tmp_path)]
+    done = subprocess.run(command, cwd=TASKS, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")})
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [done.stderr.strip().splitlines()[-1]] and "Traceback" not in done.stderr, done.stderr
+    assert "unknown model_args key 'lamda'; did you mean 'lam'" in errors[0]
+    assert not list(tmp_path.rglob("results_*.json"))
+
+
 def test_a_local_task_with_a_missing_field_or_file_is_one_line(tmp_path, monkeypatch, capsys):
     task = (TASKS / "tiny_mc.yaml").read_text()
     (tmp_path / "no_choice.yaml").write_text(task.replace(f"task: {TASK}", "task: no_choice")

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -548,6 +549,38 @@ def test_a_memory_that_gives_nan_is_named(nan_memory, corpus_dir, tiny_gpt2):
     with pytest.raises(ResultError, match="memory 'nan-memory' .*NaN log-probs on the valid split"):
         api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["mixture"], settings=WINDOW,
                      method_settings={"mixture": {"memory": "nan-memory"}})
+
+
+@pytest.fixture
+def nan_base(tmp_path, tiny_gpt2):
+    """The tiny GPT-2 with one NaN row in its output layer (tied to the embeddings, so the token's
+    input row too): every position's logits hold a NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[7] = float("nan")
+    folder = tmp_path / "nan-gpt2"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_gpt2) / name).is_file():
+            shutil.copy(Path(tiny_gpt2) / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("method, message", [
+    ("base", r"base on {base}: the test perplexity is nan"),
+    ("knn-lm", r"the base {base} gave NaN on the valid split"),
+])
+def test_a_base_that_gives_nan_is_refused_in_one_line(nan_base, corpus_dir, tmp_path, method, message):
+    """README: "A NaN or infinite result is an error naming the component (... base) and the split,
+    never a number in a table": the base's own row and a mixture over it."""
+    result = cli("eval", "--domain", corpus_dir, "--base", nan_base, "--method", method, "--context", 64,
+                 *(["--set", "knn-lm.k=8"] if method == "knn-lm" else []), "--format", "json",
+                 cache=tmp_path / "cache")
+    assert re.search(message.format(base=re.escape(str(nan_base))), one_line(result))
+    assert result.stdout == ""  # no table, no row
 
 
 COMBINER_FILES = {

@@ -276,3 +276,42 @@ def test_planning_a_memory_s_size_reads_no_weights(corpus_dir, tiny_gpt2, tiny_l
     monkeypatch.setattr(pipeline, "load_model", no_weights)
     pipeline._skeleton_facts.cache_clear()
     assert pipeline.planned_parameters(ctx, config) == expected < pipeline._count(loaded)
+
+
+def wide_family(folder, size: int):
+    """The tiny tokenizer padded with never-used tokens to ``size`` ids (it tokenises the text as
+    before), and a tiny Llama of that vocabulary."""
+    import json
+
+    from memdec_core.testing import save_tiny_model, save_tokenizer
+
+    tokenizer = save_tokenizer(folder / f"tokenizer-{size}")
+    spec = json.loads((tokenizer / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    used = 1 + max([*vocab.values(), *(token["id"] for token in spec["added_tokens"])])
+    vocab.update({f"unused-{number}": used + number for number in range(size - used)})
+    (tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+    return save_tiny_model(folder / f"llama-{size}", tokenizer, "llama")
+
+
+@pytest.mark.parametrize("size, restricted", [(32_768, False), (32_769, True)])
+def test_auto_vocabulary_restricts_the_memory_above_32k_tokens(tmp_path, size, restricted):
+    """docs/components.md: vocabulary 'auto' is "restricted above 32k tokens" (32,768): a memory
+    of a 32,769-token family keeps only the tokens that follow a train position (and one slot for
+    the rest), one of 32,768 tokens keeps its whole output layer."""
+    from memdec_core.api import prepare_context
+    from memdec_core.testing import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", sizes=(12, 3, 3))
+    model = wide_family(tmp_path, size)
+    memory = open_memory(api.train(str(corpus), teacher=str(model), init=str(model), output=tmp_path / "memory",
+                                   settings=WINDOW, vocabulary="auto", epochs=1, max_steps=2, batch_size=4, k=8,
+                                   temperature=1.0))
+    rows = memory.model.get_output_embeddings().weight.shape[0]
+    assert memory.manifest["full_vocab_size"] == size and memory.manifest["restricted"] is restricted
+    if restricted:
+        train = prepare_context(str(corpus), str(model), WINDOW).corpus.streams["train"]
+        followers = len(np.unique(train[1:]))
+        assert memory.manifest["vocabulary_size"] == followers and rows == followers + 1 < 100
+    else:
+        assert memory.manifest["vocabulary_size"] == rows == size

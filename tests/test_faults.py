@@ -262,25 +262,28 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
 
 
 KILL_TARGETS = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_decoder import settings, targets
 settings.DecoderSettings.target_settings = lambda self, tuned=None: targets.TargetSettings(
     k=self.k, temperature=tuned or self.temperature, shard_size=700, search_batch=64)
-real, count = targets._write_shard, [0]
+real, written = targets._write_shard, []
 def write_shard(*args):
-    count[0] += 1
-    if count[0] == int(sys.argv[4]):
+    if len(written) + 1 == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
+    written.append(args[1].name)
     return real(*args)
 targets._write_shard = write_shard
 from memdec_decoder import api
 from memdec_core.interfaces import EvalSettings
-print(api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
-                        settings=EvalSettings(context=64, stride=32)))
+api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
+                  settings=EvalSettings(context=64, stride=32))
+print(json.dumps(written))
 """
 
 
 def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_llama):
+    """Killed while writing its 3rd shard, the rerun writes only the shards after the two on disk,
+    to the bytes of an uninterrupted build."""
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
 
     def build(output, kill_at):
@@ -289,9 +292,11 @@ def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, 
 
     killed = build(tmp_path / "resumed", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert len(list((tmp_path / ".resumed.partial").glob("shard-*"))) == 2
-    assert build(tmp_path / "resumed", 0).returncode == 0
-    assert build(tmp_path / "fresh", 0).returncode == 0
+    done = sorted(path.name for path in (tmp_path / ".resumed.partial").glob("shard-*"))
+    assert done == ["shard-00000", "shard-00001"]
+    resumed, fresh = build(tmp_path / "resumed", 0), build(tmp_path / "fresh", 0)
+    assert resumed.returncode == fresh.returncode == 0, resumed.stderr + fresh.stderr
+    assert json.loads(resumed.stdout) == json.loads(fresh.stdout)[2:]  # only the shards after the two on disk
     shards = sorted(path.relative_to(tmp_path / "fresh") for path in (tmp_path / "fresh").rglob("*.npy"))
     assert len(shards) > 6
     for shard in shards:

@@ -371,7 +371,7 @@ def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt
 
 #: ``memdec ARGS`` recording what this process built and which locks it waited for, in
 #: ``MEETING/PID.json``. The process that builds the datastore holds its lock until the other
-#: has been seen waiting for it (or two minutes pass), so the two runs always meet there.
+#: has been seen waiting for it (or five minutes pass), so the two runs always meet there.
 RACE = """
 import json, os, sys, time
 from pathlib import Path
@@ -401,8 +401,8 @@ def counted(module, name, what, before=lambda: None):
         return real(*args, **kwargs)
     setattr(module, name, call)
 def meet():
-    deadline = time.monotonic() + 120
-    while not list(meeting.glob("waiting-*")) and time.monotonic() < deadline:
+    started = time.monotonic()
+    while not list(meeting.glob("waiting-*")) and time.monotonic() < started + 300:
         time.sleep(0.05)
 counted(datastore, "_write_keys_and_values", "datastore", meet)
 counted(targets, "_write_shard", "targets")
@@ -440,15 +440,23 @@ def test_two_runs_started_together_wait_for_each_other_and_build_once(tmp_path, 
     assert not leftovers(cache) and not list(cache.rglob("*.partial"))
 
 
-def test_two_trainings_onto_one_output_both_end_with_the_memory(tmp_path, corpus_dir, tiny_llama):
+def test_two_trainings_onto_one_output_both_end_with_the_memory_trained_once(tmp_path, corpus_dir, tiny_llama):
+    """Both runs print the memory's folder; the datastore, the targets and the memory were each
+    built by one of them, and the other waited for the datastore's lock."""
     args = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 1, "--k", 8,
             "--knn-temperature", 1, "--train-batch", 2, "--output", tmp_path / "memory", "--context", 64]
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meeting), *map(str, args)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert [out.strip() for out, _ in outputs] == [str(tmp_path / "memory")] * 2
+    records = [json.loads((meeting / f"{run.pid}.json").read_text()) for run in runs]
+    assert sorted(records[0]["built"] + records[1]["built"]) == ["datastore", "memory", "targets"], records
+    waiter, = (record for record in records if "datastore" not in record["built"])
+    assert any("datastores" in message for message in waiter["waited"]), records
 
 
 # ----------------------------------------------------------------------------------------------

@@ -315,7 +315,9 @@ def brute_force_knn_lm_perplexity(model, train: np.ndarray, test: np.ndarray, k:
     """kNN-LM written out: keys the hidden state at every train position p (fp16, as the datastore
     keeps them), values the token p + 1; every test position's exact k nearest keys by squared L2,
     weights softmax(−d/T) summed per token, λ·p_kNN + (1−λ)·p_LM of the gold token. The windows are
-    those of the run, each scoring its own positions once. Returns (perplexity, tokens scored)."""
+    those of the run, each scoring its own positions once. Nothing is excluded: the queries are
+    test positions and the keys train ones (self-exclusion is the kNN targets', over the train
+    split). Returns (perplexity, tokens scored)."""
     keys, values = [], []
     for window in make_windows(len(train), CONTEXT, STRIDE):
         hidden, _ = plain_forward(model, train[window.start:window.end])

@@ -6,6 +6,7 @@ Everything is built in-process from configs and generated text: no downloads.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -74,6 +75,36 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+def checkpoint_step(work: Path) -> int:
+    """The optimizer step that the training checkpoint an interrupted run left in ``work`` holds."""
+    state = Path(work) / "checkpoint" / "trainer_state.json"
+    assert state.is_file(), f"no training checkpoint in {work}"
+    return json.loads(state.read_text())["global_step"]
+
+
+def record_steps(monkeypatch) -> list[tuple[int, int]]:
+    """From now on, each optimizer step any training takes, as (the step it starts from, the run's total)."""
+    from memdec_core.engine import training
+
+    real, taken = training.Trainer._step, []
+
+    def step(self, starts):
+        taken.append((self.state["global_step"], self.total_steps))
+        return real(self, starts)
+
+    monkeypatch.setattr(training.Trainer, "_step", step)
+    return taken
+
+
+def assert_only_the_rest(taken: list[tuple[int, int]], done: int) -> None:
+    """A rerun that resumed from a checkpoint of ``done`` steps took exactly the steps after it
+    (a rerun from scratch would start at 0 and take them all)."""
+    assert taken, "the rerun took no optimizer step"
+    total = taken[0][1]
+    assert 0 < done < total, (done, total)
+    assert [start for start, _ in taken] == list(range(done, total))
+
+
 @pytest.fixture(scope="session")
 def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
     """A Memory Decoder trained on the tiny corpus with the tiny Llama as teacher and init."""
@@ -88,7 +119,8 @@ def trained_memory(tmp_path_factory, corpus_dir, tiny_llama):
 @pytest.fixture
 def fake_gpu_faiss(monkeypatch):
     """faiss's GPU API played by its CPU indexes, so the faiss-gpu retriever's plumbing (placement,
-    writing the CPU copy, reloading, nprobe) runs on a machine without a GPU. Returns the calls
+    writing the CPU copy, reloading, nprobe) runs on a machine without a GPU. Nothing runs on a GPU:
+    a test using it checks memdec's placement logic, never faiss's GPU results. Returns the calls
     that moved an index to a "GPU": (gpu number, useFloat16)."""
     import faiss
 

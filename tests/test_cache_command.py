@@ -10,7 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from memdec_cli.main import build_cli
+from memdec_core import __version__
 from memdec_core.store import cache as cache_lib
+from memdec_core.store.artifacts import FORMAT_VERSION
+from memdec_decoder.memory import ARTIFACT_TYPE as MEMORY_TYPE
+from memdec_knn.datastore import ARTIFACT_TYPE as DATASTORE_TYPE
+from memdec_knn.datastore import INDEX_TYPE
 
 DATASTORE, MEMORY, LORA = "3f2a9c41d0e5b7a8c9d1", "7b1e0c2d3f4a5b6c7d8e", "9c8d7e6f5a4b3c2d1e0f"
 RESULT = "5e4d3c2b1a0f9e8d7c6b"
@@ -27,7 +32,7 @@ def dead_pid() -> int:
             return pid
         except PermissionError:
             continue
-    pytest.skip("found no unused pid")
+    pytest.skip("found no unused pid", allow_module_level=True)  # called at import: skips the module
 
 
 DEAD = dead_pid()
@@ -68,9 +73,15 @@ class FakeCache:
         return path
 
 
+#: A base model named by a long path: its "made by" is cut to the column's width.
+LONG_BASE = "/data/checkpoints/" + "x" * 80
+
+
 def manifest(artifact_type: str, days_ago: float, **fields) -> dict:
-    return {"type": artifact_type, "memdec_version": "0.1.0", "created": iso(days_ago),
-            "command": "memdec eval --domain finance --method base,knn-lm", **fields}
+    """``memdec.json`` as ``store.artifacts.write_manifest`` writes it, of a type memdec writes
+    (the writers' own constants), ``days_ago`` old."""
+    return {"type": artifact_type, "format_version": FORMAT_VERSION, "memdec_version": __version__,
+            "created": iso(days_ago), "command": "memdec eval --domain finance --method base,knn-lm", **fields}
 
 
 @pytest.fixture
@@ -78,18 +89,17 @@ def cache(tmp_path, monkeypatch) -> FakeCache:
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps tables at 80 columns otherwise
     fake = FakeCache(tmp_path / "cache")
-    fake.write("datastores", DATASTORE, "memdec.json", manifest("knn-datastore", 10, base_model="memdec-demo-l"))
+    fake.write("datastores", DATASTORE, "memdec.json", manifest(DATASTORE_TYPE, 10, base_model="memdec-demo-l"))
     fake.write("datastores", DATASTORE, "keys.npy", "k" * 1500)
     fake.write("datastores", DATASTORE, "indexes/faiss-0a1b2c/memdec.json",
-               manifest("knn-index", 10, retriever="faiss"))
+               manifest(INDEX_TYPE, 10, retriever="faiss"))
     fake.write("datastores", DATASTORE, "indexes/faiss-0a1b2c/index.faiss", "i" * 700)
-    fake.write("memories", MEMORY, "memdec.json", manifest("memory-decoder", 3, teacher="memdec-demo-l",
+    fake.write("memories", MEMORY, "memdec.json", manifest(MEMORY_TYPE, 3, teacher="memdec-demo-l",
                                                            init="memdec-demo-s"))
     fake.write("memories", MEMORY, "model.safetensors", "m" * 300)
     fake.write("lora", LORA, "memdec.json", manifest("lora", 1 / 24, base_model="memdec-demo-m"))
     fake.write("lora", LORA, "adapter_model.safetensors", "a" * 200)
-    fake.write("dapt", DAPT, "memdec.json", {"type": "dapt", "created": iso(2),
-                                            "command": "memdec compare " + "x" * 80})
+    fake.write("dapt", DAPT, "memdec.json", manifest("dapt", 2, base_model=LONG_BASE))  # peft: the kind is the type
     fake.write("results", RESULT, "row.json", {"base": "memdec-demo-l", "method": "knn-lm", "test_ppl": 12.5})
     fake.write("models", MODEL, "config.json", {"model_type": "llama"})
     fake.write("models", MODEL, "model.safetensors", "w" * 400)
@@ -136,10 +146,10 @@ def test_ls_json_shows_kind_type_size_maker_and_status(cache):
         DATASTORE: "complete", MEMORY: "complete", LORA: "complete", DAPT: "complete", RESULT: "complete",
         MODEL: "complete", FINGERPRINT: "complete", CORRUPT: "stale", STALE_TMP: "stale",
         LIVE_TMP: "in progress", PARTIAL: "partial"}
-    assert entries[DATASTORE]["type"] == "knn-datastore" and entries[DATASTORE]["made_by"] == "memdec-demo-l"
+    assert entries[DATASTORE]["type"] == DATASTORE_TYPE and entries[DATASTORE]["made_by"] == "memdec-demo-l"
     assert entries[DATASTORE]["kind"] == "datastores" and entries[DATASTORE]["path"].endswith(DATASTORE)
     assert entries[MEMORY]["made_by"] == "memdec-demo-l → memdec-demo-s"
-    assert entries[DAPT]["made_by"].startswith("memdec compare xxx") and len(entries[DAPT]["made_by"]) == 60
+    assert entries[DAPT]["made_by"] == LONG_BASE[:59] + "…"
     assert entries[RESULT]["type"] == "compare-row" and entries[RESULT]["made_by"] == "memdec-demo-l / knn-lm"
     assert entries[MODEL]["type"] == "converted-model" and "smollm2-135m-q8_0" in entries[MODEL]["made_by"]
     assert entries[FINGERPRINT]["type"] == "fingerprint"
@@ -154,7 +164,7 @@ def test_ls_table_and_kind_filter(cache):
     result = invoke("cache", "ls")
     assert result.exit_code == 0 and result.stderr == ""
     for text in (DATASTORE, STALE_TMP, LIVE_TMP, PARTIAL, "in progress", "stale", "partial", "complete",
-                 "knn-datastore", cache_lib.human_bytes(cache.sizes[DATASTORE]), "memdec-demo-l", "11 entries"):
+                 f" {DATASTORE_TYPE} ", cache_lib.human_bytes(cache.sizes[DATASTORE]), "memdec-demo-l", "11 entries"):
         assert text in result.stdout, text
     assert set(listed("--kind", "lora")) == {LORA, PARTIAL}
     assert set(listed("--kind", "passage-indexes")) == set()  # a known kind that is absent: empty
@@ -294,6 +304,9 @@ def test_library_helpers():
     assert [cache_lib.human_bytes(n) for n in (0, 999, 1500, 2_500_000, 3 * 10**9)] == [
         "0 B", "999 B", "1.5 kB", "2.5 MB", "3.0 GB"]
     assert cache_lib.pid_alive(os.getpid()) and not cache_lib.pid_alive(DEAD)
+    # a manifest naming no model or retriever (a plugin's artifact) is described by its command
+    command = "memdec compare " + "x" * 80
+    assert cache_lib.made_by({"type": "x", "command": command}) == command[:59] + "…"
     with pytest.raises(cache_lib.ConfigError):
         cache_lib.select_entries([])  # nothing selected never means everything
 

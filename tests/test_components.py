@@ -28,6 +28,9 @@ def evaluate(corpus_dir, model, methods, settings, **options):
 
 
 def test_mixture_with_the_knn_memory_equals_knn_lm(corpus_dir, tiny_gpt2):
+    """The route only: knn-lm is the mixture path with its memory fixed, so this checks that the
+    settings reach the same memory both ways. Whether the number is kNN-LM's is
+    test_knn.py's brute-force test."""
     knn = {"k": 16, "temperatures": (3.0, 10.0)}
     rows = evaluate(corpus_dir, tiny_gpt2, ["knn-lm", "mixture"],
                     {"knn-lm": knn, "mixture": {"memory": "knn-datastore"}, "knn-datastore": knn})

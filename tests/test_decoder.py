@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import QUICK_MEMORY as QUICK
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step, record_steps
 
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.interfaces import EvalSettings
@@ -111,6 +111,8 @@ def test_a_memory_refuses_a_base_with_another_tokenizer(trained_memory):
 
 
 def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path, monkeypatch):
+    """The rerun starts from the checkpoint the interruption left (3 steps) and takes only the
+    steps after it, to the weights of an uninterrupted run."""
     settings = dict(QUICK, save_every=1)
     reference = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
                                       output=tmp_path / "reference", settings=WINDOW, **settings))
@@ -131,9 +133,14 @@ def test_training_resumes_after_an_interruption(corpus_dir, tiny_llama, tmp_path
         api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama), output=tmp_path / "resumed",
                   settings=WINDOW, **dict(settings, lr=1e-2))
     monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    done = checkpoint_step(tmp_path / ".resumed.partial")
+    assert done == 3
+    taken = record_steps(monkeypatch)
     resumed = open_memory(api.train(str(corpus_dir), teacher=str(tiny_llama), init=str(tiny_llama),
                                     output=tmp_path / "resumed", settings=WINDOW, **settings))
     assert not (tmp_path / ".resumed.partial").exists()
+    assert_only_the_rest(taken, done)
+    assert resumed.manifest["train_steps"] == reference.manifest["train_steps"] == taken[0][1]
     for (name, expected), (_, got) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -269,3 +276,42 @@ def test_planning_a_memory_s_size_reads_no_weights(corpus_dir, tiny_gpt2, tiny_l
     monkeypatch.setattr(pipeline, "load_model", no_weights)
     pipeline._skeleton_facts.cache_clear()
     assert pipeline.planned_parameters(ctx, config) == expected < pipeline._count(loaded)
+
+
+def wide_family(folder, size: int):
+    """The tiny tokenizer padded with never-used tokens to ``size`` ids (it tokenises the text as
+    before), and a tiny Llama of that vocabulary."""
+    import json
+
+    from memdec_core.testing import save_tiny_model, save_tokenizer
+
+    tokenizer = save_tokenizer(folder / f"tokenizer-{size}")
+    spec = json.loads((tokenizer / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    used = 1 + max([*vocab.values(), *(token["id"] for token in spec["added_tokens"])])
+    vocab.update({f"unused-{number}": used + number for number in range(size - used)})
+    (tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+    return save_tiny_model(folder / f"llama-{size}", tokenizer, "llama")
+
+
+@pytest.mark.parametrize("size, restricted", [(32_768, False), (32_769, True)])
+def test_auto_vocabulary_restricts_the_memory_above_32k_tokens(tmp_path, size, restricted):
+    """docs/components.md: vocabulary 'auto' is "restricted above 32k tokens" (32,768): a memory
+    of a 32,769-token family keeps only the tokens that follow a train position (and one slot for
+    the rest), one of 32,768 tokens keeps its whole output layer."""
+    from memdec_core.api import prepare_context
+    from memdec_core.testing import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", sizes=(12, 3, 3))
+    model = wide_family(tmp_path, size)
+    memory = open_memory(api.train(str(corpus), teacher=str(model), init=str(model), output=tmp_path / "memory",
+                                   settings=WINDOW, vocabulary="auto", epochs=1, max_steps=2, batch_size=4, k=8,
+                                   temperature=1.0))
+    rows = memory.model.get_output_embeddings().weight.shape[0]
+    assert memory.manifest["full_vocab_size"] == size and memory.manifest["restricted"] is restricted
+    if restricted:
+        train = prepare_context(str(corpus), str(model), WINDOW).corpus.streams["train"]
+        followers = len(np.unique(train[1:]))
+        assert memory.manifest["vocabulary_size"] == followers and rows == followers + 1 < 100
+    else:
+        assert memory.manifest["vocabulary_size"] == rows == size

@@ -123,7 +123,8 @@ def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_an
     """Each rank computes every other batch of windows (written at their rows) and every other
     shard of targets: the same bytes as one process (a buffered writer once wrote stale zeros over
     the other rank's rows of the small vals.npy). A 2-process build killed midway resumes in one
-    process, from the windows both ranks had finished, to the same bytes."""
+    process, from the windows both ranks had finished (computing only the batches after them), to
+    the same bytes."""
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir(), (tmp_path / "killed").mkdir()
     single = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "one" / "targets", tmp_path / "one" / "cache")
     assert single.returncode == 0, single.stderr[-3000:]
@@ -142,9 +143,12 @@ def test_two_processes_build_the_datastore_and_targets_of_one_and_resume_with_an
     killed = run_build(2, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache, kill_after=4)
     assert killed.returncode != 0
     work = next((killed_cache / "datastores").glob(".*.partial"))
-    assert json.loads((work / "progress.json").read_text())["windows"] >= 2 * 2 * 4  # two rounds of 2 ranks × 4
+    recorded = json.loads((work / "progress.json").read_text())["windows"]
+    assert recorded >= 2 * 2 * 4  # two rounds of 2 ranks × 4
     resumed = run_build(1, corpus_dir, tiny_gpt2, tmp_path / "killed" / "targets", killed_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rerun = json.loads((tmp_path / "killed" / "targets.rank0.json").read_text())
+    assert rerun["batches"] == one["batches"] - recorded // 4  # only the batches after the record, not all
     assert built_files(killed_cache, tmp_path / "killed" / "targets") == reference
 
 

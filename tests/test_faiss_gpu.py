@@ -1,7 +1,10 @@
-"""The faiss-gpu retriever: refused in one line without a GPU build of faiss, and (with faiss's GPU
-API played by CPU indexes, conftest's fake_gpu_faiss) the same results and files as the CPU
-retriever; and every faiss result comes back nearest first, as self-exclusion and the mixtures
-assume."""
+"""The faiss-gpu retriever's own logic: refused in one line without a GPU build of faiss; which GPU
+it places the index on, with which cloner options, what it writes and reloads; and every faiss
+result comes back nearest first, as self-exclusion and the mixtures assume.
+
+faiss's GPU API is played by CPU indexes here (conftest's ``fake_gpu_faiss``): these tests check
+memdec's placement and file handling, not what faiss computes on a GPU — that needs a GPU build of
+faiss on a GPU, which this suite does not have."""
 
 import numpy as np
 import pytest
@@ -25,7 +28,11 @@ def test_without_a_gpu_build_of_faiss_it_says_what_to_install():
         FaissGpuRetriever()
 
 
-def test_gpu_index_gives_the_cpu_index_results_and_files(fake_gpu_faiss, keys, tmp_path):
+def test_the_index_is_moved_to_gpu_0_with_fp16_tables_written_as_the_cpu_file_and_reloaded(fake_gpu_faiss, keys,
+                                                                                          tmp_path):
+    """Placement and files: the index is trained and filled after one move to GPU 0 with fp16
+    lookup tables, the file written is the CPU retriever's, and a reload searches through the same
+    wrapper. (The "GPU" is a CPU clone: equal results only show the wrapper changes nothing.)"""
     settings = dict(factory="IVF16,PQ8", nprobe=4, train_size=1_000)
     cpu, gpu = FaissRetriever(**settings), FaissGpuRetriever(**settings)
     (tmp_path / "cpu").mkdir(), (tmp_path / "gpu").mkdir()
@@ -44,6 +51,7 @@ def test_gpu_index_gives_the_cpu_index_results_and_files(fake_gpu_faiss, keys, t
 
 
 def test_gpu_number_follows_the_device_and_the_rank(fake_gpu_faiss, monkeypatch):
+    """Which GPU the retriever asks faiss for (faiss's GPU count is faked to 1)."""
     from memdec_core.runtime import distributed
 
     monkeypatch.setenv("MEMDEC_DEVICE", "cuda:3")

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step
 
 from memdec_core import api
 from memdec_core.components.plugins import register_plugin, unregister_plugin
@@ -162,25 +163,31 @@ def test_a_compare_that_fails_keeps_what_it_measured(tmp_path, corpus_dir, tiny_
 
 
 KILL_DATASTORE = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_knn import datastore
 datastore.COMMIT_EVERY = 1
 real = datastore.RowFile.write
-count = [0]
+count, rows_written = [0], []
 def write(self, first_row, rows):
     real(self, first_row, rows)
     if self.path.name == "vals.npy":
         count[0] += 1
+        rows_written.extend(range(first_row, first_row + len(rows)))
         if count[0] == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)
 datastore.RowFile.write = write
 from memdec_knn.api import build_datastore
 from memdec_core.interfaces import EvalSettings
 build_datastore(sys.argv[1], sys.argv[2], settings=EvalSettings(context=64, stride=32, batch_size=2))
+print(json.dumps(rows_written))
 """
 
 
 def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_gpt2):
+    """Killed after 5 batches, the rerun computes only the rows of the windows after the last
+    progress record (4 batches of 2 windows), to the bytes of an uninterrupted build."""
+    from memdec_core.api import prepare_context
+    from memdec_core.inputs.data import make_windows
     from memdec_knn.api import build_datastore
 
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
@@ -188,11 +195,15 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     work = next((tmp_path / "cache" / "datastores").glob(".*.partial"))
-    assert json.loads((work / "progress.json").read_text())["windows"] > 0
+    recorded = json.loads((work / "progress.json").read_text())["windows"]
+    assert recorded == 4 * 2  # the record after the 4th batch; the 5th batch's rows were written, not recorded
     resumed = subprocess.run([sys.executable, "-c", KILL_DATASTORE, str(corpus_dir), str(tiny_gpt2), "0"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert not work.exists()
+    train = prepare_context(str(corpus_dir), str(tiny_gpt2), EvalSettings(context=64)).corpus.streams["train"]
+    first_row = make_windows(len(train), 64, 32)[recorded].score_from
+    assert json.loads(resumed.stdout) == list(range(first_row, len(train) - 1))  # the rest, each row once
     folder = work.parent / work.name[1:-len(".partial")]
     fresh = Path(build_datastore(str(corpus_dir), str(tiny_gpt2), output=tmp_path / "fresh",
                                  settings=EvalSettings(context=64, stride=32, batch_size=2)))
@@ -201,25 +212,27 @@ def test_a_killed_datastore_build_resumes_to_the_same_bytes(tmp_path, corpus_dir
 
 
 KILL_TRAINING = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_core.engine import training
 real = training.Trainer._step
-count = [0]
+taken = []
 def step(self, starts):
-    count[0] += 1
-    if count[0] == int(sys.argv[4]):
+    if len(taken) + 1 == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
+    taken.append((self.state["global_step"], self.total_steps))
     return real(self, starts)
 training.Trainer._step = step
 from memdec_decoder import api
 from memdec_core.interfaces import EvalSettings
 api.train(sys.argv[1], teacher=sys.argv[2], init=sys.argv[2], output=sys.argv[3], epochs=2, batch_size=2, k=8,
           temperature=1.0, lr=3e-3, save_every=1, settings=EvalSettings(context=64, stride=32))
+print(json.dumps(taken))
 """
 
 
 def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path, corpus_dir, tiny_gpt2):
-    """The tiny GPT-2 has dropout 0.1: bit-identical weights need the RNG state in the checkpoint."""
+    """The tiny GPT-2 has dropout 0.1: bit-identical weights need the RNG state in the checkpoint.
+    Killed in its 5th step, the rerun starts from the checkpoint of 4 and takes only the rest."""
     from safetensors.numpy import load_file
 
     from memdec_decoder import api as decoder
@@ -232,8 +245,10 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
 
     killed = train(tmp_path / "resumed", 5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint_step(tmp_path / ".resumed.partial") == 4
     resumed = train(tmp_path / "resumed", 0)
     assert resumed.returncode == 0, resumed.stderr
+    assert_only_the_rest(json.loads(resumed.stdout), 4)
     # The same run uninterrupted, in another process and another cache: the same bits.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MEMDEC_CACHE", str(tmp_path / "other-cache"))
@@ -247,25 +262,28 @@ def test_a_killed_training_resumes_to_the_same_weights_dropout_included(tmp_path
 
 
 KILL_TARGETS = """
-import os, signal, sys
+import json, os, signal, sys
 from memdec_decoder import settings, targets
 settings.DecoderSettings.target_settings = lambda self, tuned=None: targets.TargetSettings(
     k=self.k, temperature=tuned or self.temperature, shard_size=700, search_batch=64)
-real, count = targets._write_shard, [0]
+real, written = targets._write_shard, []
 def write_shard(*args):
-    count[0] += 1
-    if count[0] == int(sys.argv[4]):
+    if len(written) + 1 == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)
+    written.append(args[1].name)
     return real(*args)
 targets._write_shard = write_shard
 from memdec_decoder import api
 from memdec_core.interfaces import EvalSettings
-print(api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
-                        settings=EvalSettings(context=64, stride=32)))
+api.build_targets(sys.argv[1], sys.argv[2], k=8, temperature=1.0, output=sys.argv[3],
+                  settings=EvalSettings(context=64, stride=32))
+print(json.dumps(written))
 """
 
 
 def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, tiny_llama):
+    """Killed while writing its 3rd shard, the rerun writes only the shards after the two on disk,
+    to the bytes of an uninterrupted build."""
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
 
     def build(output, kill_at):
@@ -274,9 +292,11 @@ def test_a_killed_targets_build_resumes_to_the_same_bytes(tmp_path, corpus_dir, 
 
     killed = build(tmp_path / "resumed", 3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert len(list((tmp_path / ".resumed.partial").glob("shard-*"))) == 2
-    assert build(tmp_path / "resumed", 0).returncode == 0
-    assert build(tmp_path / "fresh", 0).returncode == 0
+    done = sorted(path.name for path in (tmp_path / ".resumed.partial").glob("shard-*"))
+    assert done == ["shard-00000", "shard-00001"]
+    resumed, fresh = build(tmp_path / "resumed", 0), build(tmp_path / "fresh", 0)
+    assert resumed.returncode == fresh.returncode == 0, resumed.stderr + fresh.stderr
+    assert json.loads(resumed.stdout) == json.loads(fresh.stdout)[2:]  # only the shards after the two on disk
     shards = sorted(path.relative_to(tmp_path / "fresh") for path in (tmp_path / "fresh").rglob("*.npy"))
     assert len(shards) > 6
     for shard in shards:
@@ -349,30 +369,94 @@ def test_resuming_with_another_teacher_is_refused(tmp_path, corpus_dir, tiny_gpt
 # Two runs sharing one cache
 
 
-def test_two_runs_started_together_share_the_cache(tmp_path, corpus_dir, tiny_llama):
+#: ``memdec ARGS`` recording what this process built and which locks it waited for, in
+#: ``MEETING/PID.json``. The process that builds the datastore holds its lock until the other
+#: has been seen waiting for it (or five minutes pass), so the two runs always meet there.
+RACE = """
+import json, os, sys, time
+from pathlib import Path
+from memdec_core.engine import training
+from memdec_core.runtime import progress
+from memdec_core.store import cache_dir
+from memdec_decoder import targets
+from memdec_knn import datastore
+
+meeting = Path(sys.argv[1])
+cache_dir.QUIET_WAIT_SECONDS = 0  # every wait for a held lock is logged (read when a lock is taken)
+record = {"built": [], "waited": []}
+real_log = progress.log
+def log(message):
+    if message.startswith("waiting for another memdec process to finish"):
+        record["waited"].append(message)
+        if "datastores" in message:
+            (meeting / f"waiting-{os.getpid()}").touch()
+    real_log(message)
+progress.log = log
+def counted(module, name, what, before=lambda: None):
+    real = getattr(module, name)
+    def call(*args, **kwargs):
+        if what not in record["built"]:
+            record["built"].append(what)
+        before()
+        return real(*args, **kwargs)
+    setattr(module, name, call)
+def meet():
+    started = time.monotonic()
+    while not list(meeting.glob("waiting-*")) and time.monotonic() < started + 300:
+        time.sleep(0.05)
+counted(datastore, "_write_keys_and_values", "datastore", meet)
+counted(targets, "_write_shard", "targets")
+counted(training.Trainer, "run", "memory")
+from memdec_cli.main import main
+try:
+    main(sys.argv[2:])
+finally:
+    (meeting / f"{os.getpid()}.json").write_text(json.dumps(record))
+"""
+
+
+def test_two_runs_started_together_wait_for_each_other_and_build_once(tmp_path, corpus_dir, tiny_llama):
+    """Two evals sharing a cache: the datastore, the kNN targets and the memory are each built by
+    one run only, the run that did not build the datastore waited for its lock and reused it, and
+    both print the same numbers. (Without the locks both would build everything.)"""
     args = ["eval", "--domain", corpus_dir, "--base", tiny_llama, "--method", "base,knn-lm,memdec", "--context", 64,
             "--set", "knn-lm.k=8", "--set", "memdec.k=8", "--set", "memdec.epochs=1", "--set", "memdec.temperature=1",
             "--format", "json"]
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meeting), *map(str, args)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     first, second = (json.loads(out)["results"] for out, _ in outputs)
     assert [row["test_ppl"] for row in first] == [row["test_ppl"] for row in second]
+    records = [json.loads((meeting / f"{run.pid}.json").read_text()) for run in runs]
+    # each artifact built by one run only (which run builds the targets and the memory is a race)
+    assert sorted(records[0]["built"] + records[1]["built"]) == ["datastore", "memory", "targets"], records
+    waiter, = (record for record in records if "datastore" not in record["built"])
+    assert any("datastores" in message for message in waiter["waited"]), records
     cache = tmp_path / "cache"
     assert not leftovers(cache) and not list(cache.rglob("*.partial"))
 
 
-def test_two_trainings_onto_one_output_both_end_with_the_memory(tmp_path, corpus_dir, tiny_llama):
+def test_two_trainings_onto_one_output_both_end_with_the_memory_trained_once(tmp_path, corpus_dir, tiny_llama):
+    """Both runs print the memory's folder; the datastore, the targets and the memory were each
+    built by one of them, and the other waited for the datastore's lock."""
     args = ["train", "--domain", corpus_dir, "--teacher", tiny_llama, "--init", tiny_llama, "--epochs", 1, "--k", 8,
             "--knn-temperature", 1, "--train-batch", 2, "--output", tmp_path / "memory", "--context", 64]
     env = {**os.environ, "MEMDEC_CACHE": str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, "-m", "memdec_cli.main", *map(str, args)], env=env,
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meeting), *map(str, args)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert [out.strip() for out, _ in outputs] == [str(tmp_path / "memory")] * 2
+    records = [json.loads((meeting / f"{run.pid}.json").read_text()) for run in runs]
+    assert sorted(records[0]["built"] + records[1]["built"]) == ["datastore", "memory", "targets"], records
+    waiter, = (record for record in records if "datastore" not in record["built"])
+    assert any("datastores" in message for message in waiter["waited"]), records
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,6 +562,38 @@ def test_a_memory_that_gives_nan_is_named(nan_memory, corpus_dir, tiny_gpt2):
     with pytest.raises(ResultError, match="memory 'nan-memory' .*NaN log-probs on the valid split"):
         api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["mixture"], settings=WINDOW,
                      method_settings={"mixture": {"memory": "nan-memory"}})
+
+
+@pytest.fixture
+def nan_base(tmp_path, tiny_gpt2):
+    """The tiny GPT-2 with one NaN row in its output layer (tied to the embeddings, so the token's
+    input row too): every position's logits hold a NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[7] = float("nan")
+    folder = tmp_path / "nan-gpt2"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tiny_gpt2) / name).is_file():
+            shutil.copy(Path(tiny_gpt2) / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("method, message", [
+    ("base", r"base on {base}: the test perplexity is nan"),
+    ("knn-lm", r"the base {base} gave NaN on the valid split"),
+])
+def test_a_base_that_gives_nan_is_refused_in_one_line(nan_base, corpus_dir, tmp_path, method, message):
+    """README: "A NaN or infinite result is an error naming the component (... base) and the split,
+    never a number in a table": the base's own row and a mixture over it."""
+    result = cli("eval", "--domain", corpus_dir, "--base", nan_base, "--method", method, "--context", 64,
+                 *(["--set", "knn-lm.k=8"] if method == "knn-lm" else []), "--format", "json",
+                 cache=tmp_path / "cache")
+    assert re.search(message.format(base=re.escape(str(nan_base))), one_line(result))
+    assert result.stdout == ""  # no table, no row
 
 
 COMBINER_FILES = {

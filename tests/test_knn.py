@@ -266,7 +266,8 @@ def test_an_on_disk_index_gives_the_neighbours_of_the_in_memory_one_and_opens_wh
 
 
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "OPQ4,IVF16,Flat"])  # auto puts OPQ before large stores' lists
-def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(factory, monkeypatch, capfd):
+def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_neighbours(factory, monkeypatch, capfd,
+                                                                                         tmp_path):
     from faiss.contrib import big_batch_search
 
     from memdec_knn import index as index_module
@@ -276,7 +277,7 @@ def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_ne
     keys = (rng.normal(size=(32, 8))[rng.integers(0, 32, 5000)] + 0.5 * rng.normal(size=(5000, 8))).astype(np.float32)
     queries = keys[:3000]
     retriever = FaissRetriever(factory=factory, nprobe=4, on_disk=True, batched_search=True)
-    retriever.build(keys, Path(__import__("tempfile").mkdtemp()))
+    retriever.build(keys, tmp_path)  # pytest's folder: nothing is left in the system's temporary folder
     calls = []
     real = big_batch_search.big_batch_search
     monkeypatch.setattr(big_batch_search, "big_batch_search", lambda *args, **kw: calls.append(1) or real(*args, **kw))
@@ -296,3 +297,64 @@ def test_many_queries_of_an_ivf_index_take_the_batched_path_and_find_the_same_ne
     monkeypatch.setattr(index_module, "BATCHED_SEARCH_MIN_QUERIES", 1)
     few = retriever.search_many(queries[:4], 20)  # 4 queries × nprobe 4 ≤ 16 lists: faiss's bucket sort refuses
     assert not calls and (few[1] == retriever.search(queries[:4], 20)[1]).all()
+
+
+def plain_forward(model, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One window through the model alone, without memdec's scoring: the last GPT-2 block's ln_2
+    output (its MLP input, the kNN key) and the log-probs, in float64."""
+    seen = {}
+    handle = model.transformer.h[-1].ln_2.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens[None].astype(np.int64))).logits[0]
+    handle.remove()
+    return seen["out"][0].double().numpy(), torch.log_softmax(logits.double(), dim=-1).numpy()
+
+
+def brute_force_knn_lm_perplexity(model, train: np.ndarray, test: np.ndarray, k: int, temperature: float,
+                                  lam: float) -> tuple[float, int]:
+    """kNN-LM written out: keys the hidden state at every train position p (fp16, as the datastore
+    keeps them), values the token p + 1; every test position's exact k nearest keys by squared L2,
+    weights softmax(−d/T) summed per token, λ·p_kNN + (1−λ)·p_LM of the gold token. The windows are
+    those of the run, each scoring its own positions once. Nothing is excluded: the queries are
+    test positions and the keys train ones (self-exclusion is the kNN targets', over the train
+    split). Returns (perplexity, tokens scored)."""
+    keys, values = [], []
+    for window in make_windows(len(train), CONTEXT, STRIDE):
+        hidden, _ = plain_forward(model, train[window.start:window.end])
+        scored = np.arange(window.score_from, window.end - 1)
+        keys.append(hidden[scored - window.start])
+        values.append(train[scored + 1])
+    keys = np.concatenate(keys).astype(np.float16).astype(np.float64)
+    values = np.concatenate(values)
+    nll = []
+    for window in make_windows(len(test), CONTEXT, STRIDE):
+        hidden, logprobs = plain_forward(model, test[window.start:window.end])
+        for position in range(window.score_from, window.end - 1):
+            column, gold = position - window.start, test[position + 1]
+            distances = ((keys - hidden[column]) ** 2).sum(axis=1)
+            nearest = np.argsort(distances, kind="stable")[:k]
+            weights = np.exp(-(distances[nearest] - distances[nearest].min()) / temperature)
+            p_knn = weights[values[nearest] == gold].sum() / weights.sum()
+            nll.append(-np.log(lam * p_knn + (1 - lam) * np.exp(logprobs[column, gold])))
+    return float(np.exp(np.mean(nll))), len(nll)
+
+
+def test_knn_lm_perplexity_equals_a_brute_force_knn_lm(ctx, corpus_dir, tiny_gpt2, tmp_path, monkeypatch):
+    """memdec's knn-lm row (the cached datastore, faiss, the sparse distribution, the linear
+    combiner, the sliding windows) against kNN-LM written out with numpy over a plain forward of
+    the tiny GPT-2, at the same k, T and λ."""
+    from memdec_combiners.linear import Linear
+    from memdec_core import api
+
+    k, temperature, lam = 8, 10.0, 0.3
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "cache"))
+    row, = api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=ctx.settings,
+                        component_settings={"knn-lm": {"k": k, "temperatures": (temperature,)}},
+                        combiner=Linear(lam=lam))["results"]
+    assert row["knobs"] == {"temperature": temperature, "lam": lam}
+    train, test = ctx.corpus.streams["train"], ctx.corpus.streams["test"]
+    expected, scored = brute_force_knn_lm_perplexity(ctx.base.model, train, test, k, temperature, lam)
+    assert row["details"]["test_tokens"] == scored
+    assert row["test_ppl"] == pytest.approx(expected, rel=1e-5)
+    base_alone, _ = brute_force_knn_lm_perplexity(ctx.base.model, train[:2], test, 1, temperature, 0.0)
+    assert abs(expected - base_alone) > 0.01 * base_alone  # the memory moves the number: the check has teeth

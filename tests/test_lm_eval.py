@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# Before lm-eval imports `datasets`, which reads these once: a local task never reaches the hub.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 
 from memdec_core import api  # noqa: E402
@@ -28,11 +25,19 @@ TASK = "memdec_tiny_mc"
 
 @pytest.fixture(autouse=True)
 def local_tasks(monkeypatch, tmp_path_factory):
-    """The task's data_files are read from the working directory; datasets caches under tmp."""
+    """The task's data_files are read from the working directory; datasets caches under tmp; and
+    nothing reaches the hub, for this module's tests only: datasets and huggingface_hub read the
+    offline switches once, at import, so their copies are set as well as the environment (which
+    the subprocesses inherit)."""
     import datasets
+    import huggingface_hub.constants
 
     monkeypatch.chdir(TASKS)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.getbasetemp() / "hf-datasets")
+    for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+        monkeypatch.setattr(datasets.config, name, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def brute_force(model, tokenizer):
@@ -101,6 +106,22 @@ def test_bad_model_args_are_one_line(tiny_llama, trained_memory):
         MemdecLM(base=str(tiny_llama), memory=str(trained_memory), lam=1.5)
     with pytest.raises(ConfigError, match="needs --model_args base=MODEL,memory="):
         MemdecLM(base=str(tiny_llama))
+
+
+def test_a_bad_model_args_key_through_the_command_line_is_one_line_and_exit_status_1(tiny_llama, trained_memory,
+                                                                                     tmp_path):
+    """``memdec-lm-eval``'s documented promise, through its own command line (lm-eval parses the
+    model_args and builds the model): a memdec error is one ``Error:`` line and exit status 1."""
+    command = [sys.executable, "-m", "memdec_core.lm_eval_model", "--model", "memdec",
+               "--model_args", f"base={tiny_llama},memory={trained_memory},lamda=0.5", "--tasks", TASK,
+               "--include_path", ".", "--batch_size", "4", "--output_path", str(tmp_path)]
+    done = subprocess.run(command, cwd=TASKS, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-datasets")})
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [done.stderr.strip().splitlines()[-1]] and "Traceback" not in done.stderr, done.stderr
+    assert "unknown model_args key 'lamda'; did you mean 'lam'" in errors[0]
+    assert not list(tmp_path.rglob("results_*.json"))
 
 
 def test_a_local_task_with_a_missing_field_or_file_is_one_line(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_WINDOWS
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step, record_steps
 
 from memdec_core import api
 from memdec_core.engine.training import LoopSettings, Trainer
@@ -95,6 +95,8 @@ def test_the_loop_stops_early_and_keeps_the_best_epoch(tmp_path):
 
 
 def test_an_interrupted_lora_run_resumes_to_the_same_adapter(corpus_dir, tiny_llama, monkeypatch, tmp_path):
+    """Interrupted two steps into epoch 2, the rerun starts from epoch 1's checkpoint and takes only
+    the steps after it, to the adapter of an uninterrupted run."""
     from pathlib import Path
 
     from memdec_core.api import prepare_context
@@ -117,12 +119,16 @@ def test_an_interrupted_lora_run_resumes_to_the_same_adapter(corpus_dir, tiny_ll
     monkeypatch.setattr(training.Trainer, "_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         Lora(**settings).evaluate(ctx)
-    assert list((tmp_path / "interrupted" / "lora").glob(".*.partial/checkpoint"))
+    work, = (tmp_path / "interrupted" / "lora").glob(".*.partial")
     monkeypatch.setattr(training.Trainer, "_step", real_step)
+    done = checkpoint_step(work)
+    taken = record_steps(monkeypatch)
     resumed = Lora(**settings).evaluate(ctx)
+    assert_only_the_rest(taken, done)
     history = read_manifest(Path(resumed.details["artifact"]), "lora")["history"]
     expected = read_manifest(Path(reference.details["artifact"]), "lora")["history"]
-    assert history[0] == expected[0] and len(history) == len(expected) == 2  # epoch 1 came from the checkpoint
+    assert done == expected[0]["step"] and taken[0][1] == expected[-1]["step"]  # epoch 1 came from the checkpoint
+    assert history[0] == expected[0] and len(history) == len(expected) == 2
     assert resumed.test_ppl == pytest.approx(reference.test_ppl, rel=1e-6)
     assert not list((tmp_path / "interrupted" / "lora").glob(".*.partial"))
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_WINDOWS, invoke, one_line_error
+from conftest import SMALL_WINDOWS, assert_only_the_rest, checkpoint_step, invoke, one_line_error, record_steps
 
 from memdec_core.errors import ArtifactError, ConfigError, ModelError
 from memdec_core.inputs.models import load_model
@@ -122,6 +122,8 @@ def test_a_transferred_memory_serves_the_new_family(trained_memory, other_family
 
 def test_an_interrupted_transfer_resumes_to_the_same_bits(trained_memory, other_family, corpus_dir, tmp_path,
                                                           monkeypatch):
+    """The rerun starts from the checkpoint of 2 steps and takes only the steps after it, to the
+    bits of an uninterrupted transfer."""
     common = dict(fraction=0.5, settings=WINDOW, save_every=1, **TARGETS)
     reference = open_memory(api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "reference",
                                          **common))
@@ -138,8 +140,13 @@ def test_an_interrupted_transfer_resumes_to_the_same_bits(trained_memory, other_
         api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "resumed", **common)
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "checkpoint").is_dir()
     monkeypatch.setattr(train_module.Trainer, "_step", real_step)
+    done = checkpoint_step(tmp_path / ".resumed.partial")
+    assert done == 2
+    taken = record_steps(monkeypatch)
     resumed = open_memory(api.transfer(trained_memory, str(other_family), str(corpus_dir), tmp_path / "resumed",
                                        **common))
+    assert_only_the_rest(taken, done)
+    assert resumed.manifest["train_steps"] == reference.manifest["train_steps"] == taken[0][1]
     for (name, expected), (_, got) in zip(reference.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, msg=name)
 
@@ -179,3 +186,42 @@ def test_transfers_that_cannot_work_are_refused_before_any_work(trained_memory, 
         usage = invoke("transfer", "--memory", trained_memory, "--teacher", other_family, "--domain", corpus_dir,
                        "--output", tmp_path / "cli", "--fraction", fraction)
         assert usage.exit_code == 2 and "--fraction" in usage.output
+
+
+@pytest.mark.parametrize("embeddings", ["model", "fresh"])
+def test_transfer_with_model_or_fresh_embeddings_from_the_command_line(trained_memory, other_family, corpus_dir,
+                                                                       tmp_path, embeddings):
+    """``memdec transfer --embeddings model|fresh`` end to end: the new memory starts from the
+    teacher's rows (projected) or fresh ones, no row matched by text, says so in its manifest, and
+    serves the new family in ``memdec eval``."""
+    moved = invoke("transfer", "--memory", trained_memory, "--teacher", other_family, "--domain", corpus_dir,
+                   "--output", tmp_path / "moved", "--fraction", 0.2, "--embeddings", embeddings, "--k", 16,
+                   "--knn-temperature", 1, "--context", 64, "--stride", 32)
+    assert moved.exit_code == 0, moved.output
+    assert moved.stdout.strip() == str(tmp_path / "moved")
+    memory = open_memory(tmp_path / "moved")
+    facts = memory.manifest["transfer"]
+    assert facts["embeddings"] == embeddings and facts["matched_tokens"] == 0
+    assert facts["embeddings_model"] == (load_model(str(other_family)).model_id if embeddings == "model" else None)
+    assert memory.model.get_input_embeddings().weight.shape[0] == load_model(str(other_family)).vocab_size
+    result = invoke("eval", "--domain", corpus_dir, "--base", other_family, "--method", "memdec",
+                    "--set", f"memdec.path={tmp_path / 'moved'}", "--format", "json", "--context", 64, "--stride", 32)
+    assert result.exit_code == 0, result.output
+    assert math.isfinite(json.loads(result.stdout)["results"][0]["test_ppl"])
+
+
+def test_model_embeddings_start_from_the_teachers_rows_and_fresh_ones_do_not(trained_memory, other_family):
+    """The rows each choice starts from: 'model' the teacher's own input rows moved to the memory's
+    mean and scale (equal widths: centred, they are proportional), 'fresh' random rows unrelated
+    to them."""
+    def centred(rows):
+        rows = rows.detach().float()
+        return (rows - rows.mean(0)).flatten()
+
+    memory, family = open_memory(trained_memory), load_model(str(other_family))
+    teacher_rows = centred(family.model.get_input_embeddings().weight)
+    for embeddings, related in (("model", True), ("fresh", False)):
+        start = transferred_start(memory, family, embeddings=embeddings)
+        rows = centred(start.build(None).get_input_embeddings().weight)
+        correlation = float(torch.corrcoef(torch.stack([rows, teacher_rows]))[0, 1])
+        assert (correlation > 0.999) if related else (abs(correlation) < 0.1), (embeddings, correlation)

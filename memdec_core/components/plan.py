@@ -33,7 +33,7 @@ class Plan:
             return cls(config, **extra)
         values = {}
         for source in (*cls.shares_settings_with, name):
-            values.update(cls.settings_from_text(self.component_settings.get(source, {})))
+            values.update(cls.settings_from_text(self.component_settings.get(source, {}), given_as=source))
         return cls(**{**values, **extra})
 
     def resolve(self, roots: Iterable[Component]) -> list[tuple[str, Component]]:

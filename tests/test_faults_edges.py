@@ -1,0 +1,67 @@
+"""The rough edges of issue 31: a knob given NaN, a knob given twice, ``cache rm`` beside a running
+job or given a path, duplicate bases and methods, a GGUF file of garbage, a corpus folder with a
+symlink loop or a file given as ``--domain``, the LoRA export's FutureWarning. Each is one clear
+line, or the run a user meant, never a traceback or a blame on the wrong part."""
+
+import dataclasses
+
+import pytest
+from conftest import SMALL_WINDOWS, invoke, one_line_error
+
+from memdec_core.components import registry
+from memdec_core.errors import ConfigError
+
+WINDOWS = ("--context", SMALL_WINDOWS["context"], "--stride", SMALL_WINDOWS["stride"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A knob that is NaN, infinite or out of range is refused up front, naming the knob
+
+
+def float_settings():
+    """(kind, component name, setting) for every setting a registered component declares a float
+    (a float default, a tuple of floats, or a type that names float such as ``float | str``)."""
+    found = []
+    for kind in registry.KINDS:
+        for name, cls in sorted(registry.components(kind).items()):
+            for item in dataclasses.fields(cls.Config):
+                default = cls.Config.__dataclass_fields__[item.name].default
+                if isinstance(default, (float, tuple)) or "float" in str(item.type):
+                    found.append((kind, name, item.name))
+    return found
+
+
+def test_the_components_declare_float_settings():
+    """Guards the test below against passing on an empty list."""
+    names = {f"{name}.{key}" for _, name, key in float_settings()}
+    assert {"knn-datastore.temperatures", "linear.lam", "memdec.lr", "memdec.beta"} <= names
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_every_float_setting_refuses_a_number_that_is_not_finite(text):
+    """Every float knob of every component: ``--set NAME.KEY=nan`` (or inf) is a ConfigError naming
+    NAME.KEY at the one place settings are read, not a NaN blamed on a memory later."""
+    for kind, name, key in float_settings():
+        cls = registry.get(kind, name)
+        with pytest.raises(ConfigError, match=f"{name}.{key} must be a finite number"):
+            cls.settings_from_text({key: text})
+        with pytest.raises(ConfigError, match=f"{name}.{key} must be a finite number"):
+            cls(**{key: float(text)})  # from Python too
+
+
+def test_a_knob_outside_its_declared_bounds_is_refused_naming_it():
+    linear = registry.get("combiners", "linear")
+    with pytest.raises(ConfigError, match=r"linear.lam must be in \[0, 1\], got 1.5"):
+        linear.settings_from_text({"lam": "1.5"})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "3,nan"])
+def test_nan_temperatures_are_one_line_before_any_work(value, corpus_dir, tiny_gpt2, monkeypatch):
+    """The issue's ``--set knn-datastore.temperatures=nan``: refused before the datastore is built,
+    under the name the user gave (knn-lm takes knn-datastore's settings)."""
+    from memdec_core.runs import prepare
+
+    monkeypatch.setattr(prepare, "load_corpus", lambda *a, **k: pytest.fail("the corpus was loaded"))
+    line = one_line_error(invoke("eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "knn-lm",
+                                 "--set", f"knn-datastore.temperatures={value}", *WINDOWS))
+    assert "knn-datastore.temperatures must be a finite number" in line, line

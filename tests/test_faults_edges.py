@@ -65,3 +65,34 @@ def test_nan_temperatures_are_one_line_before_any_work(value, corpus_dir, tiny_g
     line = one_line_error(invoke("eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "knn-lm",
                                  "--set", f"knn-datastore.temperatures={value}", *WINDOWS))
     assert "knn-datastore.temperatures must be a finite number" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# --lam and --set linear.lam: one knob given twice
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+def test_lam_and_a_set_of_another_lam_are_one_error(command, corpus_dir, tiny_gpt2):
+    """``--set linear.lam=0.2 --lam 0.3`` ran 0.2 silently."""
+    line = one_line_error(invoke(command, "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base",
+                                 "--set", "linear.lam=0.2", "--lam", "0.3", *WINDOWS))
+    assert "linear.lam is given twice: --lam=0.3 and linear.lam=0.2" in line, line
+
+
+def test_lam_and_a_set_of_the_same_lam_are_fine(corpus_dir, tiny_gpt2):
+    result = invoke("eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base",
+                    "--set", "linear.lam=0.30", "--lam", "0.3", *WINDOWS)
+    assert result.exit_code == 0, result.output
+
+
+def test_generate_s_lam_and_a_set_of_another_are_one_error(tiny_gpt2):
+    line = one_line_error(invoke("generate", "--base", tiny_gpt2, "--memory", "knn-datastore", "--lam", "0.3",
+                                 "--set", "linear.lam=0.2", "the bank"))
+    assert "linear.lam is given twice" in line, line
+
+
+def test_the_composite_refuses_lam_and_another_lam_in_its_settings(tiny_gpt2):
+    from memdec_core.engine.composite import composite_model
+
+    with pytest.raises(ConfigError, match="linear.lam is given twice: lam=0.3 and linear.lam=0.2"):
+        composite_model(str(tiny_gpt2), "knn-datastore", lam=0.3, component_settings={"linear": {"lam": "0.2"}})

@@ -96,3 +96,25 @@ def test_the_composite_refuses_lam_and_another_lam_in_its_settings(tiny_gpt2):
 
     with pytest.raises(ConfigError, match="linear.lam is given twice: lam=0.3 and linear.lam=0.2"):
         composite_model(str(tiny_gpt2), "knn-datastore", lam=0.3, component_settings={"linear": {"lam": "0.2"}})
+
+
+# ----------------------------------------------------------------------------------------------
+# A base or method given twice is measured once, with a note
+
+
+def test_repeated_bases_and_methods_are_measured_once_with_a_note(corpus_dir, tiny_gpt2, monkeypatch):
+    """``--base M --base M --method base,base`` computed (and printed) every row twice; a base
+    named by another spelling of its folder is the same base."""
+    import json
+    import os
+
+    monkeypatch.setenv("MEMDEC_NO_PROGRESS", "0")  # the note is a log line
+    monkeypatch.chdir(tiny_gpt2.parent)
+    result = invoke("eval", "--domain", corpus_dir, "--base", tiny_gpt2, "--base", os.path.join(".", tiny_gpt2.name),
+                    "--method", "base,base", "--method", "base", "--format", "json", *WINDOWS)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(row["base"], row["method"]) for row in rows] == [(str(tiny_gpt2), "base")]
+    said = " ".join(result.stderr.split())
+    assert "methods given more than once are measured once: base" in said, said
+    assert f"bases given more than once are measured once: ./{tiny_gpt2.name}" in said, said

@@ -118,3 +118,54 @@ def test_repeated_bases_and_methods_are_measured_once_with_a_note(corpus_dir, ti
     said = " ".join(result.stderr.split())
     assert "methods given more than once are measured once: base" in said, said
     assert f"bases given more than once are measured once: ./{tiny_gpt2.name}" in said, said
+
+
+# ----------------------------------------------------------------------------------------------
+# A GGUF file of garbage after its magic
+
+
+def gguf_header(tmp_path, tokens: int = 50):
+    """A GGUF file as llama.cpp's gguf package writes it: strings, arrays of strings and numbers."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"tok{i}é" for i in range(tokens)])
+    writer.add_token_types([1] * tokens)
+    writer.add_float32("llama.rope.freq_base", 10000.0)
+    writer.add_tensor("token_embd.weight", np.zeros((tokens, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_file_with_garbage_after_its_magic_is_one_line(tmp_path, corpus_dir):
+    """It said "'utf-8' codec can't decode byte 0xff in position 0"."""
+    import struct
+
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 1, 1, 4) + b"\xff\xfe\x80\x81" + bytes(64))
+    line = one_line_error(invoke("eval", "--domain", corpus_dir, "--base", path, "--method", "base", *WINDOWS))
+    assert f"{path} is not a valid GGUF file: a metadata key at byte 24 is not UTF-8 text" in line, line
+
+
+def test_gguf_headers_valid_and_cut_short(tmp_path):
+    from memdec_core.errors import ModelError
+    from memdec_core.inputs.gguf import check_gguf_file
+
+    path = gguf_header(tmp_path)
+    check_gguf_file(path)  # a real header passes
+    whole = path.read_bytes()
+    for cut, reason in ((40, r"ends before the 5 items counted at byte 16 \(cut short"), (20, "ends inside its header"),
+                        (3, "does not start with the GGUF magic")):
+        broken = tmp_path / f"cut-{cut}.gguf"
+        broken.write_bytes(whole[:cut])
+        with pytest.raises(ModelError, match=f"is not a valid GGUF file: it {reason}"):
+            check_gguf_file(broken)
+    path.write_bytes(whole[:4] + (7).to_bytes(4, "little") + whole[8:])
+    with pytest.raises(ModelError, match="version 7, where GGUF files are v2 or v3"):
+        check_gguf_file(path)

@@ -346,3 +346,14 @@ def test_a_job_that_starts_after_the_listing_keeps_its_work_folder(cache):
         removal = cache_lib.remove_entries(chosen)
     assert removal.removed == [] and [entry.key for entry, _ in removal.skipped] == [PARTIAL]
     assert PARTIAL in remaining(cache)
+
+
+@pytest.mark.parametrize("given", ["/tmp", "./datastores", "cache/datastores", "~/x", "entry"])
+def test_rm_of_a_path_says_keys_are_expected_and_removes_nothing(cache, given):
+    """``cache rm PATH`` said "too short a prefix" (or listed every key as a did-you-mean)."""
+    path = cache.root / "datastores" / DATASTORE
+    line = one_line_error(invoke("cache", "rm", str(path) if given == "entry" else given))
+    assert "is a path; memdec cache rm takes the keys that memdec cache ls lists" in line, line
+    if given == "entry":
+        assert line.endswith(f"that path is the entry datastores/{DATASTORE}"), line
+    assert remaining(cache) == set(cache.sizes)

@@ -352,6 +352,8 @@ def _resolve_key(entries: Sequence[CacheEntry], key: str) -> CacheEntry:
         return exact[0]
     if exact:
         raise ConfigError(f"cache key {key!r} is ambiguous: {_names(exact)}; give KIND/KEY or --kind")
+    if _is_a_path(key, entries):
+        raise _a_path_given(entries, key)
     if len(key.rpartition("/")[2]) < MIN_PREFIX:
         raise ConfigError(f"cache key {key!r} is no entry's key, and too short a prefix "
                           f"(at least {MIN_PREFIX} characters); see memdec cache ls")
@@ -361,6 +363,24 @@ def _resolve_key(entries: Sequence[CacheEntry], key: str) -> CacheEntry:
     if len(matches) > 1:
         raise ConfigError(f"cache key {key!r} is ambiguous: {_names(matches)}; give more characters")
     return matches[0]
+
+
+def _is_a_path(key: str, entries: Sequence[CacheEntry]) -> bool:
+    """Whether ``key`` is a file system path rather than a key: ``/``, ``~``, ``./`` or ``../`` in
+    front, more than one ``/``, or ``FOLDER/NAME`` where FOLDER is no kind of the cache."""
+    if key.startswith(("/", "~", "./", "../")) or key.count("/") > 1 or (os.sep != "/" and os.sep in key):
+        return True
+    folder, slash, _ = key.partition("/")
+    return bool(slash) and folder not in KNOWN_KINDS | {entry.kind for entry in entries}
+
+
+def _a_path_given(entries: Sequence[CacheEntry], key: str) -> ConfigError:
+    """The error for a path given as a key; it names the entry when the path is one of the cache's."""
+    where = os.path.realpath(os.path.expanduser(key))
+    named = next((entry for entry in entries if os.path.realpath(entry.path) == where), None)
+    that = f"; that path is the entry {named.name}" if named else ""
+    return ConfigError(f"{key!r} is a path; memdec cache rm takes the keys that memdec cache ls lists "
+                       f"(KEY, a unique prefix of {MIN_PREFIX}+ characters, or KIND/KEY){that}")
 
 
 def _unknown_key(entries: Sequence[CacheEntry], key: str, limit: int = 10) -> Exception:

@@ -169,3 +169,63 @@ def test_gguf_headers_valid_and_cut_short(tmp_path):
     path.write_bytes(whole[:4] + (7).to_bytes(4, "little") + whole[8:])
     with pytest.raises(ModelError, match="version 7, where GGUF files are v2 or v3"):
         check_gguf_file(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# --domain: a symlink loop, a file, a name too long for a path
+
+
+@pytest.fixture
+def two_splits(tmp_path, corpus_dir):
+    """A corpus folder with train and valid files, its test split left to each test."""
+    import shutil
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split in ("train", "valid"):
+        shutil.copy(corpus_dir / f"{split}.txt", folder)
+    return folder
+
+
+def test_a_split_that_is_a_symlink_loop_names_the_loop(two_splits):
+    """It said "has no test split"."""
+    from memdec_core.errors import DataError
+    from memdec_core.inputs.data import load_corpus
+
+    (two_splits / "test.txt").symlink_to("other.txt")
+    (two_splits / "other.txt").symlink_to("test.txt")
+    with pytest.raises(DataError, match=f"{two_splits / 'test.txt'} is a symbolic link loop: "
+                                        f"{two_splits / 'test.txt'} → other.txt → test.txt$"):
+        load_corpus(str(two_splits))
+
+
+def test_a_split_that_links_to_nothing_says_so(two_splits):
+    from memdec_core.errors import DataError
+    from memdec_core.inputs.data import load_corpus
+
+    (two_splits / "test.jsonl").symlink_to("gone.jsonl")
+    with pytest.raises(DataError, match="test.jsonl is a symbolic link to gone.jsonl, which does not exist"):
+        load_corpus(str(two_splits))
+
+
+def test_a_corpus_folder_that_is_a_symlink_loop_names_the_loop(tmp_path):
+    from memdec_core.errors import DataError
+    from memdec_core.inputs.data import load_corpus
+
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(DataError, match=f"the corpus folder {tmp_path / 'loop'} is a symbolic link loop"):
+        load_corpus(str(tmp_path / "loop"))
+
+
+def test_a_file_given_as_the_domain_says_what_a_domain_is(corpus_dir):
+    """It said "corpus folder not found" of a file that is there."""
+    line = one_line_error(invoke("eval", "--domain", corpus_dir / "train.txt", "--method", "base", *WINDOWS))
+    assert f"{corpus_dir / 'train.txt'} is a file, not a corpus folder; a domain is a registered domain" in line
+    assert "folder holding train, valid and test files (.jsonl, .jsonl.gz, .txt, .txt.gz)" in line
+
+
+@pytest.mark.parametrize("prefix", ["", "/tmp/"])
+def test_a_domain_too_long_for_a_path_is_one_short_line(prefix):
+    """A 5,000-character --domain was an ``OSError: File name too long`` traceback from is_dir()."""
+    line = one_line_error(invoke("eval", "--domain", prefix + "x" * 5000, "--method", "base", *WINDOWS))
+    assert "5,00" in line and "characters)" in line and len(line) < 400, line

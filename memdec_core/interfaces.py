@@ -89,8 +89,11 @@ class Component:
     def __init__(self, config: Any = None, **overrides: Any):
         if config is None:
             config = self._build_config(overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+        else:  # a config built elsewhere is held to the same numbers
+            given = {item.name: getattr(config, item.name) for item in dataclasses.fields(config)}
+            self.check_settings({**given, **overrides})
+            if overrides:
+                config = dataclasses.replace(config, **overrides)
         self.config = config
 
     @classmethod

@@ -236,3 +236,11 @@ def test_a_domain_too_long_for_a_path_is_one_short_line(prefix):
     """A 5,000-character --domain was an ``OSError: File name too long`` traceback from is_dir()."""
     line = one_line_error(invoke("eval", "--domain", prefix + "x" * 5000, "--method", "base", *WINDOWS))
     assert "5,00" in line and "characters)" in line and len(line) < 400, line
+
+
+def test_a_config_built_in_python_is_held_to_the_same_numbers():
+    knn = registry.get("memory-models", "knn-datastore")
+    with pytest.raises(ConfigError, match="knn-datastore.temperatures must be a finite number"):
+        knn(knn.Config(temperatures=(1.0, float("nan"))))
+    with pytest.raises(ConfigError, match="knn-datastore.temperatures must be a finite number"):
+        knn(knn.Config(), temperatures=(float("inf"),))

@@ -17,6 +17,7 @@ the modules a plugin's registration hooks import.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -88,8 +89,11 @@ class Component:
     def __init__(self, config: Any = None, **overrides: Any):
         if config is None:
             config = self._build_config(overrides)
-        elif overrides:
-            config = dataclasses.replace(config, **overrides)
+        else:  # a config built elsewhere is held to the same numbers
+            given = {item.name: getattr(config, item.name) for item in dataclasses.fields(config)}
+            self.check_settings({**given, **overrides})
+            if overrides:
+                config = dataclasses.replace(config, **overrides)
         self.config = config
 
     @classmethod
@@ -99,25 +103,43 @@ class Component:
         if unknown:
             raise ConfigError(f"{cls.name}: unknown setting(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(known)) or 'none'})")
-        return cls.Config(**values)
+        return cls.Config(**cls.check_settings(values))
 
     def uses(self) -> list[Use]:
         """The components this one uses, by name (from its settings); resolved before a run."""
         return []
 
     @classmethod
-    def settings_from_text(cls, values: dict[str, Any]) -> dict[str, Any]:
+    def settings_from_text(cls, values: dict[str, Any], given_as: str | None = None) -> dict[str, Any]:
         """Convert ``key=value`` strings from the command line to the types of ``Config``'s fields
-        (values that are not strings pass through)."""
+        (values that are not strings pass through), checked by ``check_settings``. ``given_as``: the
+        name they were given under, for errors (a component whose settings this one shares)."""
+        name = given_as or cls.name
         fields = {item.name: item for item in dataclasses.fields(cls.Config)}
         converted = {}
         for key, text in values.items():
             if key not in fields:
-                raise ConfigError(f"{cls.name}: unknown setting {key!r} "
+                raise ConfigError(f"{name}: unknown setting {key!r} "
                                   f"(known: {', '.join(sorted(fields)) or 'none'})")
-            converted[key] = (_from_text(text, _default_of(fields[key]), f"{cls.name}.{key}")
+            converted[key] = (_from_text(text, _default_of(fields[key]), f"{name}.{key}")
                               if isinstance(text, str) else text)
-        return converted
+        return cls.check_settings(converted, given_as)
+
+    @classmethod
+    def check_settings(cls, values: dict[str, Any], given_as: str | None = None) -> dict[str, Any]:
+        """Refuse a number setting that is NaN or infinite, or outside its ``knob_bounds``, naming it.
+
+        Every setting from the command line or from Python passes here before its component is
+        built, so a component's own checks never see NaN (``min(t) <= 0`` is false for it, and a
+        NaN knob would surface as NaN log-probs an hour later). Infinity is kept only for a
+        setting whose default is infinite. Returns ``values``.
+        """
+        fields = {item.name: item for item in dataclasses.fields(cls.Config)}
+        bounds = getattr(cls, "knob_bounds", {})
+        for key, value in values.items():
+            if key in fields:
+                _check_number(f"{given_as or cls.name}.{key}", value, fields[key], bounds.get(key))
+        return values
 
     @classmethod
     def settings_help(cls) -> dict[str, str]:
@@ -552,6 +574,38 @@ def _from_text(text: str, default: Any, label: str) -> Any:
         kind = "a comma-separated list of numbers" if isinstance(default, tuple) else type(default).__name__
         raise ConfigError(f"{label} must be {kind}, got {text!r}") from None
     return text
+
+
+def _check_number(label: str, value: Any, item: dataclasses.Field, bounds: tuple[float, float] | None) -> None:
+    """ConfigError when ``value`` (a number, a tuple of numbers, or text for a setting declared a
+    float, such as ``lr: float | str = "auto"``) holds a number that is not finite or not in ``bounds``."""
+    default = _default_of(item)
+    infinite_allowed = _is_number(default) and math.isinf(default)
+    for part in value if isinstance(value, (tuple, list)) else (value,):
+        number = _number_in(part, declares_float="float" in str(item.type))
+        if number is None:
+            continue
+        if isinstance(number, float) and (math.isnan(number) or (math.isinf(number) and not infinite_allowed)):
+            raise ConfigError(f"{label} must be a finite number, got {value!r}")
+        if bounds is not None and not bounds[0] <= number <= bounds[1]:
+            raise ConfigError(f"{label} must be in [{bounds[0]:g}, {bounds[1]:g}], got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number_in(value: Any, declares_float: bool) -> float | int | None:
+    """``value`` when it is a number (an int stays one: it is finite, and may be too large for a
+    float), or text that a float setting parses later, as a float; else None."""
+    if _is_number(value):
+        return value
+    if isinstance(value, str) and declares_float:
+        try:
+            return float(value)
+        except ValueError:
+            return None  # "auto" and the like: the component's own parser judges them
+    return None
 
 
 def check_name(name: str) -> str:

@@ -200,6 +200,18 @@ def test_an_exported_model_loads_with_plain_transformers_and_gives_the_same_logi
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_lora_export_warns_of_nothing(adapted, tmp_path):
+    """Every LoRA export printed transformers' FutureWarning that ``is_gradient_checkpointing`` is
+    deprecated: ``PeftModel.from_pretrained`` reads it. The export merges through peft's LoRA tuner."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        result = invoke("export", adapted["lora"], "--output", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    assert "FutureWarning" not in result.stderr
+
+
 def test_export_refuses_what_it_cannot_write_or_read(adapted, memory_chain, tiny_gpt2, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()

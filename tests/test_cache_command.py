@@ -318,3 +318,55 @@ def test_cache_commands_do_not_import_torch_or_faiss(args, cache):
     result = run_counting_heavy_imports(*args)
     assert "HEAVY []" in result.stderr, result.stderr
     assert "Error" not in result.stderr and result.stdout
+
+
+@pytest.fixture
+def running_job(cache):
+    """The lock a job building ``lora/<LORA>x`` holds (``entry_lock``) while it works in ``PARTIAL``."""
+    from filelock import FileLock
+
+    from memdec_core.store.cache_dir import lock_file
+
+    lock = FileLock(str(lock_file(cache.root / "lora" / f"{LORA}x")))
+    with lock:
+        yield lock
+
+
+def test_rm_partial_skips_the_work_folder_of_a_running_job_and_says_so(cache, running_job):
+    """``cache rm --partial`` deleted the .partial folder of a training that was still running."""
+    assert listed()[PARTIAL]["status"] == "in progress"
+    dry = invoke("cache", "rm", "--partial", "--dry-run")
+    assert dry.exit_code == 0 and f"would skip lora/{PARTIAL}: a running job is writing it" in dry.stdout
+    result = invoke("cache", "rm", "--partial")
+    assert result.exit_code == 0, result.output
+    assert f"skipped lora/{PARTIAL}: a running job is writing it" in result.stdout
+    assert "running job" in one_line_error(invoke("cache", "rm", PARTIAL))
+    assert PARTIAL in remaining(cache)
+    running_job.release()  # the job ended (killed): its folder is a resumable one again
+    assert listed()[PARTIAL]["status"] == "partial"
+    assert invoke("cache", "rm", "--partial").exit_code == 0 and PARTIAL not in remaining(cache)
+
+
+def test_a_job_that_starts_after_the_listing_keeps_its_work_folder(cache):
+    """The lock is taken again when deleting: a job that started since ``ls`` is not robbed."""
+    from filelock import FileLock
+
+    from memdec_core.store.cache_dir import lock_file
+
+    chosen = cache_lib.select_entries(cache_lib.cache_entries(), partial=True)
+    assert [entry.key for entry in chosen] == [PARTIAL]
+    with FileLock(str(lock_file(cache.root / "lora" / f"{LORA}x"))):
+        removal = cache_lib.remove_entries(chosen)
+    assert removal.removed == [] and [entry.key for entry, _ in removal.skipped] == [PARTIAL]
+    assert PARTIAL in remaining(cache)
+
+
+@pytest.mark.parametrize("given", ["/tmp", "./datastores", "cache/datastores", "~/x", "entry"])
+def test_rm_of_a_path_says_keys_are_expected_and_removes_nothing(cache, given):
+    """``cache rm PATH`` said "too short a prefix" (or listed every key as a did-you-mean)."""
+    path = cache.root / "datastores" / DATASTORE
+    line = one_line_error(invoke("cache", "rm", str(path) if given == "entry" else given))
+    assert "is a path; memdec cache rm takes the keys that memdec cache ls lists" in line, line
+    if given == "entry":
+        assert line.endswith(f"that path is the entry datastores/{DATASTORE}"), line
+    assert remaining(cache) == set(cache.sizes)

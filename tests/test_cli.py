@@ -110,7 +110,7 @@ def test_eval_with_a_fixed_lambda_and_a_user_combiner_file(corpus_dir, tiny_gpt2
     (["--method", "knn-lm", "--set", "faiss.nprobe=x"], "faiss.nprobe must be int"),
     (["--method", "mixture"], "mixture needs a memory: --set mixture.memory=NAME"),
     (["--method", "mixture", "--set", "mixture.memory=knn-datastor"], "did you mean 'knn-datastore'"),
-    (["--method", "knn-lm", "--set", "linear.lam=2"], "λ (lam) must be in [0, 1]"),
+    (["--method", "knn-lm", "--set", "linear.lam=2"], "linear.lam must be in [0, 1]"),
     (["--combiner", "lineer"], "did you mean 'linear'"),
 ])
 def test_bad_input_is_one_line_and_exit_1(corpus_dir, tiny_gpt2, extra, message):

@@ -37,7 +37,7 @@ def test_memory_zeros_stay_finite():
 
 @pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
 def test_lambda_outside_unit_interval(lam):
-    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\]|lam must be a finite number"):
         Linear(lam=lam)
 
 

@@ -140,7 +140,7 @@ def test_a_saved_composite_is_rebuilt_from_its_references(tmp_path, tiny_llama, 
 
 
 def test_bad_parts_are_one_line_errors(tmp_path, tiny_llama, trained_memory, base, decoder_memory):
-    with pytest.raises(ConfigError, match="λ"):
+    with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\]"):
         api.composite_model(str(tiny_llama), str(trained_memory), lam=1.5)
     stranger = DecoderMemory(path=str(trained_memory))
     stranger.prepare(prepare_context(None, base))

@@ -135,7 +135,7 @@ def test_a_knn_memory_generates_from_the_base_hidden_states(base, prompt, corpus
 
 
 def test_generation_settings_are_checked(trained_memory):
-    with pytest.raises(ConfigError, match="λ"):
+    with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\]"):
         Linear(lam=1.5)
     with pytest.raises(ConfigError, match="add --sample"):
         generation_settings(temperature=0.5)

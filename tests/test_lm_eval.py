@@ -102,7 +102,7 @@ def test_the_memdec_model_type_runs_from_lm_evals_command_line(tiny_llama, train
 def test_bad_model_args_are_one_line(tiny_llama, trained_memory):
     with pytest.raises(ConfigError, match="unknown model_args key 'lamda'; did you mean 'lam'"):
         MemdecLM(base=str(tiny_llama), memory=str(trained_memory), lamda=0.5)
-    with pytest.raises(ConfigError, match=r"λ \(lam\) must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\], got 1.5"):
         MemdecLM(base=str(tiny_llama), memory=str(trained_memory), lam=1.5)
     with pytest.raises(ConfigError, match="needs --model_args base=MODEL,memory="):
         MemdecLM(base=str(tiny_llama))

@@ -104,7 +104,7 @@ def _age(ctx, param, value):
               help="Only entries created longer ago than AGE: 30m, 12h, 7d, 2w.")
 @click.option("--stale", is_flag=True, help="Only stale left-overs of killed jobs (never a running job's).")
 @click.option("--partial", is_flag=True, help="Only .partial work folders of interrupted jobs (a rerun would resume "
-                                             "them; do not remove one while its job runs).")
+                                             "them); one whose job still runs is skipped.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 def rm(keys: tuple[str, ...], kind: str | None, older_than: dt.timedelta | None, stale: bool, partial: bool,
        dry_run: bool):
@@ -131,19 +131,30 @@ def rm(keys: tuple[str, ...], kind: str | None, older_than: dt.timedelta | None,
         click.echo("Nothing to remove.")
         return
     if dry_run:
-        for entry in chosen:
-            click.echo(f"would remove {_describe(entry)}")
-        freed = cache_lib.human_bytes(sum(entry.bytes for entry in chosen))
-        click.echo(f"Would free {freed} ({_count(len(chosen))}); nothing removed (--dry-run).")
+        _dry_run(chosen)
         return
     removal = cache_lib.remove_entries(chosen)
     for entry in removal.removed:
         click.echo(f"removed {_describe(entry)}")
+    for entry, reason in removal.skipped:
+        click.echo(f"skipped {entry.name}: {reason}")
     click.echo(f"Freed {cache_lib.human_bytes(removal.freed)} ({_count(len(removal.removed))}).")
     if removal.failed:
         entry, reason = removal.failed[0]
         more = f" (and {len(removal.failed) - 1} more)" if len(removal.failed) > 1 else ""
         raise ArtifactError(f"could not remove {entry.name}: {reason}{more}")
+
+
+def _dry_run(chosen: list[cache_lib.CacheEntry]) -> None:
+    """What ``rm`` would do: a running job's work folder is skipped, as ``remove_entries`` would."""
+    running = [entry for entry in chosen if entry.status == cache_lib.IN_PROGRESS]
+    going = [entry for entry in chosen if entry.status != cache_lib.IN_PROGRESS]
+    for entry in going:
+        click.echo(f"would remove {_describe(entry)}")
+    for entry in running:
+        click.echo(f"would skip {entry.name}: {entry.made_by}")
+    freed = cache_lib.human_bytes(sum(entry.bytes for entry in going))
+    click.echo(f"Would free {freed} ({_count(len(going))}); nothing removed (--dry-run).")
 
 
 def _describe(entry: cache_lib.CacheEntry) -> str:

@@ -108,7 +108,7 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
     try:
         report = compare(domain, bases, split_list(methods) if methods else (),
                          settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                         combiner=_combiner(combiner, lam),
+                         combiner=_combiner(combiner, lam, run.settings),
                          component_settings=run.settings,
                          measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
                                                  reuse_results=not fresh, **budget),

@@ -64,22 +64,25 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
     run = run_config(ctx)
     report = api.evaluate(domain, bases, split_list(methods),
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                          combiner=_combiner(combiner, lam), component_settings=run.settings, config=run.meta,
-                          command=sys.argv)
+                          combiner=_combiner(combiner, lam, run.settings), component_settings=run.settings,
+                          config=run.meta, command=sys.argv)
     print_evaluation(report, output_format)
     if output:
         write_report(output, report)
 
 
-def _combiner(spec: str, lam: float | None):
-    """The combiner spec, or an instance with λ fixed when --lam is given."""
+def _combiner(spec: str, lam: float | None, component_settings: dict[str, dict]):
+    """The combiner spec, or an instance with λ fixed when --lam is given (a --set of that λ must agree)."""
     if lam is None:
         return spec
     from memdec_core.components.combiner_files import resolve_combiner
+    from memdec_core.components.plan import set_by_shorthand
     from memdec_core.errors import ConfigError
 
     combiner_class = resolve_combiner(spec)
     try:
-        return combiner_class(lam=lam)
+        instance = combiner_class(lam=lam)
     except ConfigError as error:
         raise ConfigError(f"--lam does not apply to combiner {spec!r}: {error}") from error
+    set_by_shorthand(component_settings, combiner_class, "lam", lam, "--lam")
+    return instance

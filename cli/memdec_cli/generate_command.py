@@ -71,7 +71,7 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     component_settings = parse_assignments(assignments)
     combiner_class = resolve_combiner(combiner)
     if any(name == "lam" for name in combiner_class.Config.__dataclass_fields__):
-        component_settings.setdefault(combiner_class.name or "", {}).setdefault("lam", lam)
+        component_settings = _with_lam(component_settings, combiner_class, lam)
 
     class _Streamer(TextStreamer):
         def on_finalized_text(self, text, stream_end=False):
@@ -93,6 +93,19 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
                          streamer_factory=started.factory, **generation)
     if not streams:
         click.echo("\n----\n".join(prompt + text for text in texts))
+
+
+def _with_lam(component_settings: dict, combiner_class, lam: float) -> dict:
+    """--lam for the combiner: given on the command line, a --set of that λ must agree with it;
+    left at its default, a --set of it wins."""
+    from click.core import ParameterSource
+
+    from memdec_core.components.plan import set_by_shorthand
+
+    if click.get_current_context().get_parameter_source("lam") is ParameterSource.DEFAULT:
+        component_settings.setdefault(combiner_class.name or "", {}).setdefault("lam", lam)
+        return component_settings
+    return set_by_shorthand(component_settings, combiner_class, "lam", lam, "--lam")
 
 
 def _read_prompt(prompt: str) -> str:

@@ -73,10 +73,12 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
 
     if resume and output is None:
         raise click.UsageError("--resume needs --output, the report to resume")
+    component_settings = parse_assignments(assignments)
     report = evaluate_tasks(domain, split_list(task_list), tasks_dir, bases, split_list(methods),
                             max_examples=max_examples, validation_examples=validation_examples,
                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                            combiner=_combiner(combiner, lam), component_settings=parse_assignments(assignments),
+                            combiner=_combiner(combiner, lam, component_settings),
+                            component_settings=component_settings,
                             command=list(sys.argv), previous=_earlier_report(output) if resume else None,
                             on_row=(lambda partial: write_report(output, partial)) if output else None)
     print_tasks(report, output_format)

@@ -33,7 +33,7 @@ class Plan:
             return cls(config, **extra)
         values = {}
         for source in (*cls.shares_settings_with, name):
-            values.update(cls.settings_from_text(self.component_settings.get(source, {})))
+            values.update(cls.settings_from_text(self.component_settings.get(source, {}), given_as=source))
         return cls(**{**values, **extra})
 
     def resolve(self, roots: Iterable[Component]) -> list[tuple[str, Component]]:
@@ -71,6 +71,22 @@ class Plan:
         if unused:
             raise ConfigError(f"settings given for {', '.join(unused)}, which this run does not use "
                               f"(it uses: {', '.join(sorted(names))})")
+
+
+def set_by_shorthand(component_settings: dict[str, dict[str, Any]], cls: type[Component], key: str, value: Any,
+                     given_as: str) -> dict[str, dict[str, Any]]:
+    """A copy of ``component_settings`` with ``cls``'s setting ``key`` set to ``value``, which the
+    option ``given_as`` gave (``--lam`` for the combiner's λ). The same setting given by name as
+    well (``--set linear.lam=0.2``) must agree with it: two values are refused rather than one of
+    them silently winning."""
+    name = cls.name or ""
+    settings = {component: dict(values) for component, values in component_settings.items()}
+    given = settings.setdefault(name, {})
+    if key in given and cls.settings_from_text({key: given[key]})[key] != value:
+        raise ConfigError(f"{name}.{key} is given twice: {given_as}={value} and {name}.{key}={given[key]}; "
+                          f"give it once")
+    given[key] = value
+    return settings
 
 
 def kind_of(component: Component) -> str:

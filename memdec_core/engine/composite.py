@@ -28,6 +28,7 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memdec_core.components.combiner_files import resolve_combiner
+from memdec_core.components.plan import set_by_shorthand
 from memdec_core.engine.scoring import check_memory_matches
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.inputs.context import memory_context
@@ -274,7 +275,7 @@ def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, d
     if lam is not None:
         if "lam" not in combiner_class.Config.__dataclass_fields__:
             raise ConfigError(f"combiner {combiner_class.name!r} has no λ (lam) to set")
-        component_settings.setdefault(combiner_class.name or "", {})["lam"] = lam  # its Config checks the range
+        component_settings = set_by_shorthand(component_settings, combiner_class, "lam", lam, "lam")
     ctx, memory_component = memory_context(base, memory, domain, combiner_class, component_settings, settings)
     if memory_component is None:
         raise ConfigError("a composite model needs a memory (a memory model name or folder)")

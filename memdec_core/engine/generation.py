@@ -9,6 +9,7 @@ penalty) act on the mixture, and a padded batch generates what each prompt gener
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -28,13 +29,13 @@ def generation_settings(*, max_new_tokens: int = 64, do_sample: bool = False, nu
     """A checked GenerationConfig (every bad value is one ConfigError before anything runs)."""
     if max_new_tokens < 1 or num_beams < 1 or num_return_sequences < 1:
         raise ConfigError("max_new_tokens, num_beams and num_return_sequences must be at least 1")
-    if not temperature > 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"need temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1 "
+    if not 0 < temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:  # NaN fails every comparison
+        raise ConfigError(f"need a finite temperature > 0, top_k ≥ 0 and 0 < top_p ≤ 1 "
                           f"(got {temperature}, {top_k}, {top_p})")
     if not do_sample and (temperature != 1.0 or top_k or top_p < 1.0):
         raise ConfigError("temperature, top-k and top-p apply to sampling; add --sample")
-    if not repetition_penalty > 0:
-        raise ConfigError(f"the repetition penalty must be positive (1: none), got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        raise ConfigError(f"the repetition penalty must be a positive number (1: none), got {repetition_penalty}")
     if not do_sample and num_return_sequences > num_beams:
         raise ConfigError(f"{num_return_sequences} return sequences need sampling (--sample) or at least as "
                           f"many beams (--num-beams {num_return_sequences})")

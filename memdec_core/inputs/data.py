@@ -11,9 +11,11 @@ state predicts token ``p + 1``.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,24 +51,79 @@ def _text_hash(documents: list[str]) -> str:
     return digest.hexdigest()[:20]
 
 
+#: What a domain is, for errors about something that is not one.
+WHAT_A_DOMAIN_IS = ("a domain is a registered domain (memdec list domains) or a folder holding train, valid and "
+                    "test files (" + ", ".join(SUFFIXES) + ")")
+#: The longest name a file system takes for one file or folder (NAME_MAX on Linux and macOS).
+LONGEST_NAME = 255
+
+
 def load_corpus(domain: str, **domain_settings) -> Corpus:
     """A registered domain by name (with its settings, e.g. ``source="hub"``), or a corpus folder."""
     from memdec_core.components import registry
 
     path = Path(domain).expanduser()
-    if domain not in registry.components("domains") and (path.is_dir() or _looks_like_path(domain)):
+    if domain not in registry.components("domains") and (_is_folder(path) or _looks_like_path(domain)):
         if domain_settings:
             raise ConfigError(f"domain settings ({', '.join(domain_settings)}) apply to registered "
                               f"domains, not to the folder {domain}")
-        if not path.is_dir():
-            raise DataError(f"corpus folder not found: {domain}")
+        if not _is_folder(path):
+            raise DataError(_not_a_folder(domain, path))
         return load_corpus_folder(path)
+    if any(len(part) > LONGEST_NAME for part in path.parts):  # no domain's name, and no path's either
+        raise DataError(f"domain {domain[:40]!r}… ({len(domain):,} characters) is too long for a folder name; "
+                        f"{WHAT_A_DOMAIN_IS}")
     component = registry.get("domains", domain)(**domain_settings)
     return Corpus(domain, {split: component.documents(split) for split in SPLITS})
 
 
+def _is_folder(path: Path) -> bool:
+    """``path.is_dir()``, False where the OS refuses to look (a name too long for it)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def _looks_like_path(text: str) -> bool:
-    return "/" in text or text.startswith((".", "~")) or Path(text).exists()
+    if "/" in text or text.startswith((".", "~")):
+        return True
+    try:
+        return Path(text).exists()
+    except OSError:
+        return False
+
+
+def _not_a_folder(domain: str, path: Path) -> str:
+    """Why ``domain``, which names a path, is no corpus folder: a file, a link loop, missing..."""
+    shown = domain if len(domain) <= 200 else f"{domain[:40]!r}… ({len(domain):,} characters)"
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"the corpus folder {shown} is a symbolic link loop: {_link_chain(path)}"
+        if error.errno == errno.ENAMETOOLONG:
+            return f"the corpus folder {shown} is not a path the OS takes (a name is too long); {WHAT_A_DOMAIN_IS}"
+        if error.errno != errno.ENOENT:
+            return f"cannot read the corpus folder {shown}: {error.strerror or error}"
+        return f"corpus folder not found: {shown}"
+    return f"{shown} is a file, not a corpus folder; {WHAT_A_DOMAIN_IS}"
+
+
+def _link_chain(path: Path, limit: int = 40) -> str:
+    """``test.txt → b.txt → test.txt``: the symbolic links from ``path`` until one comes back."""
+    steps, seen, current = [str(path)], {os.path.abspath(path)}, Path(path)
+    for _ in range(limit):
+        try:
+            target = os.readlink(current)
+        except OSError:  # not a link: the loop is in a folder above it
+            break
+        current = Path(os.path.abspath(current.parent / target))
+        steps.append(target)
+        if str(current) in seen:
+            break
+        seen.add(str(current))
+    return " → ".join(steps)
 
 
 def load_corpus_folder(folder: Path) -> Corpus:
@@ -76,6 +133,9 @@ def load_corpus_folder(folder: Path) -> Corpus:
 def read_split(folder: Path, split: str) -> list[str]:
     candidates = [folder / f"{split}{suffix}" for suffix in SUFFIXES]
     found = [path for path in candidates if path.is_file()]
+    for path in candidates:
+        if not found and path.is_symlink():  # is_file() is False for a link that leads nowhere
+            _check_link(path)
     if not found:
         raise DataError(f"corpus folder {folder} has no {split} split "
                         f"(expected one of: {', '.join(p.name for p in candidates)})")
@@ -83,6 +143,17 @@ def read_split(folder: Path, split: str) -> list[str]:
         raise DataError(f"corpus folder {folder} has several {split} files: "
                         f"{', '.join(p.name for p in found)}; keep one")
     return read_documents(found[0])
+
+
+def _check_link(path: Path) -> None:
+    """DataError for a split file that is a symbolic link in a loop, or to nothing."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DataError(f"{path} is a symbolic link loop: {_link_chain(path)}") from None
+        raise DataError(f"{path} is a symbolic link to {os.readlink(path)}, which "
+                        f"{'does not exist' if error.errno == errno.ENOENT else 'cannot be read'}") from None
 
 
 def read_documents(path: Path) -> list[str]:
@@ -228,7 +299,6 @@ def _read_stream(path: Path) -> np.ndarray | None:
 
 def _write_stream(path: Path, stream: np.ndarray) -> None:
     """Write ``stream`` beside ``path`` and rename it into place (never a half-written file)."""
-    import os
     import uuid
 
     from memdec_core.store.disk import disk_errors, require_space

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
+from memdec_core.inputs.gguf import check_gguf_file
 from memdec_core.inputs.model_cards import hub_id, looks_like_path
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
@@ -145,6 +146,7 @@ def resolve_model_location(name: str) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
+        check_gguf_file(path)  # garbage after the magic: one line here, not the reader's UnicodeDecodeError
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / "config.json").exists():

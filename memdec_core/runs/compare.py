@@ -82,6 +82,7 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
                       component_settings=_with_budget(names, dict(component_settings or {}), measure.budget()),
                       domain_settings=domain_settings)
+    names = [method.name for method in run.methods]  # each once
     general = load_corpus(measure.general) if measure.general else None
     results: list[dict] = []
     protocol = _Protocol(measure, run.methods)

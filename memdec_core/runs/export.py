@@ -113,12 +113,31 @@ def _merged_model(folder: Path, manifest: dict, base: str | None):
     if not _is_adapter(folder):
         model = _reading(folder, lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
         return model, _reading(folder, lambda: AutoTokenizer.from_pretrained(folder)), base_name
-    from peft import PeftModel
-
     loaded = _load_base(base_name, fingerprint, folder)
-    merged = _reading(folder, lambda: PeftModel.from_pretrained(loaded.model, folder).merge_and_unload())
+    merged = _reading(folder, lambda: _merge_lora(loaded.model, folder))
     tokenizer = _reading(folder, lambda: AutoTokenizer.from_pretrained(folder)) if has_tokenizer else loaded.tokenizer
     return merged, tokenizer, base_name
+
+
+def _merge_lora(model, folder: Path):
+    """``model`` with the LoRA adapter of ``folder`` merged into its weights.
+
+    Through peft's LoRA tuner (``LoraModel``), not ``PeftModel.from_pretrained``: PeftModel's
+    constructor reads the model's ``is_gradient_checkpointing``, which transformers 5 deprecates
+    for ``is_activation_checkpointing``, so every export printed its FutureWarning. The tuner is
+    what PeftModel wraps; the weights it loads are checked to be all of the adapter's."""
+    from peft import LoraConfig, LoraModel, PeftConfig, load_peft_weights, set_peft_model_state_dict
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if not isinstance(config, LoraConfig):
+        raise ArtifactError(f"{folder} holds a {config.peft_type} adapter; memdec merges LoRA adapters")
+    tuner = LoraModel(model, config, "default")
+    result = set_peft_model_state_dict(tuner.model, load_peft_weights(str(folder)))
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"{folder}'s adapter does not fit its base: missing {missing[:2]}, "
+                            f"unexpected {list(result.unexpected_keys)[:2]}")
+    return tuner.merge_and_unload()
 
 
 def _reading(folder: Path, load):

@@ -7,7 +7,8 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from memdec_core.components import registry
 from memdec_core.components.combiner_files import combiner_with_settings, resolve_combiner
@@ -16,6 +17,7 @@ from memdec_core.errors import ConfigError, ResultError
 from memdec_core.inputs.data import Corpus, load_corpus
 from memdec_core.inputs.models import resolve_model_location
 from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, Method, MethodResult
+from memdec_core.runtime.progress import log
 
 
 @dataclass
@@ -36,7 +38,7 @@ def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, se
     """Resolve every name of a run and check every setting (``component_settings``: each component's,
     as ``--set NAME.KEY=VALUE`` gives them), then load the corpus."""
     plan = Plan(component_settings)
-    names = list(methods)
+    names = once_each(methods, "method")
     if not names:
         raise ConfigError("give at least one method")
     instances = [plan.create("methods", name) for name in names]
@@ -44,11 +46,40 @@ def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, se
     used = [component for _, component in plan.resolve(instances)]
     plan.check_all_used(used, also=[combiner_class.name, domain])
     bases = list(bases) or registry.default_bases()
-    for base_name in bases:  # a typo in the last base should not surface after an hour of work
-        resolve_model_location(base_name)
+    # Every base is resolved now: a typo in the last base should not surface after an hour of work.
+    locations = {base_name: _where(base_name) for base_name in bases}
+    bases = once_each(bases, "base", same=locations.get)
     plan.bases = tuple(bases)
     corpus = load_corpus(domain, **_domain_settings(domain, plan, domain_settings))
     return Run(corpus, bases, instances, combiner_class, plan, settings or EvalSettings())
+
+
+def once_each(names: Iterable[str], what: str, same: Callable[[str], Any] = lambda name: name) -> list[str]:
+    """``names`` in the order given, each once (``same(name)``: what makes two names one, such as a
+    model's folder); the repeats dropped are said in one line.
+
+    A repeated base or method would be measured again for the same numbers (from the same cache
+    entries) in a second row, at the cost of a second run: given twice, it is meant once (a long
+    ``--method`` list, a base named by its folder and by its registered name), so the repeat is
+    dropped with a note rather than failing a run that is otherwise right.
+    """
+    kept, seen, dropped = [], set(), []
+    for name in names:
+        if same(name) in seen:
+            dropped.append(name)
+            continue
+        seen.add(same(name))
+        kept.append(name)
+    if dropped:
+        log(f"{what}s given more than once are measured once: {', '.join(dict.fromkeys(dropped))}")
+    return kept
+
+
+def _where(base_name: str) -> tuple[str, str | None]:
+    """What a base name points at: a folder (its absolute path) or hub id, and a GGUF file's name."""
+    location, gguf_file = resolve_model_location(base_name)
+    folder = Path(location)
+    return (str(folder.resolve()) if folder.is_dir() else location), gguf_file
 
 
 def _domain_settings(domain: str, plan: Plan, given: dict[str, Any] | None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ This module only reads and deletes files: it imports neither torch nor faiss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -26,10 +27,20 @@ from typing import Iterable, Sequence
 
 from memdec_core.errors import ArtifactError, ConfigError, UnknownComponentError
 from memdec_core.store.artifacts import MANIFEST
-from memdec_core.store.cache_dir import INFRASTRUCTURE, KEYED, KNOWN_KINDS, MANIFEST_KINDS, open_cache
+from memdec_core.store.cache_dir import (
+    INFRASTRUCTURE,
+    KEYED,
+    KNOWN_KINDS,
+    MANIFEST_KINDS,
+    claimed_if_idle,
+    entry_busy,
+    open_cache,
+)
 from memdec_core.store.disk import TEMPORARY_NAME, human_bytes, pid_alive  # noqa: F401 (human_bytes: re-exported for the CLI)
 
 COMPLETE, PARTIAL, IN_PROGRESS, STALE = "complete", "partial", "in progress", "stale"
+#: Why a ``.partial`` folder is left alone: the job building its entry holds the entry's lock.
+RUNNING_JOB = "a running job is writing it (it holds the entry's lock)"
 
 
 #: What a finished ``hub/`` snapshot holds beside its splits (``memdec_domains.hub`` writes it last).
@@ -72,10 +83,12 @@ class CacheEntry:
 
 @dataclasses.dataclass
 class Removal:
-    """What ``remove_entries`` did: the entries removed, those it could not remove (and why)."""
+    """What ``remove_entries`` did: the entries removed, those it could not remove (and why), and
+    those it left alone because a running job is writing them (and why)."""
 
     removed: list[CacheEntry] = dataclasses.field(default_factory=list)
     failed: list[tuple[CacheEntry, str]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[CacheEntry, str]] = dataclasses.field(default_factory=list)
 
     @property
     def freed(self) -> int:
@@ -152,9 +165,13 @@ def describe_entry(kind: str, path: Path) -> CacheEntry:
         alive = pid_alive(pid)
         return CacheEntry(kind, path.name, path, None, size, mtime,
                           f"process {pid} ({'running' if alive else 'gone'})", IN_PROGRESS if alive else STALE, pid)
-    if _PARTIAL.match(path.name):
+    partial = _PARTIAL.match(path.name)
+    if partial:
         manifest = _read_object(path / MANIFEST) if path.is_dir() else None
-        return CacheEntry(kind, path.name, path, (manifest or {}).get("type"), size, _created(manifest, mtime),
+        created, artifact_type = _created(manifest, mtime), (manifest or {}).get("type")
+        if entry_busy(path.parent / partial["target"], path.parent.parent):  # its job runs: never stale, never gone
+            return CacheEntry(kind, path.name, path, artifact_type, size, created, RUNNING_JOB, IN_PROGRESS)
+        return CacheEntry(kind, path.name, path, artifact_type, size, created,
                           made_by(manifest) if manifest else "interrupted job (a rerun resumes it)", PARTIAL)
     artifact_type, description, status, created = _contents(kind, path, mtime)
     return CacheEntry(kind, path.name, path, artifact_type, size, created, description, status)
@@ -297,9 +314,10 @@ def select_entries(entries: Sequence[CacheEntry], keys: Sequence[str] = (), *, k
 
     ``keys`` are keys, unique key prefixes (at least 6 characters) or ``kind/key`` names; an unknown,
     too short or ambiguous one raises ConfigError, as does naming an entry a live process is writing.
-    ``stale`` picks stale left-overs, ``partial`` resumable work folders. Without either, entries
-    chosen by ``kind`` or ``older_than`` alone are complete or stale ones: a resumable ``.partial``
-    folder goes only when asked for, and a live job's folder never.
+    ``stale`` picks stale left-overs, ``partial`` resumable work folders (and those a running job is
+    writing, which ``remove_entries`` skips, saying so). Without either, entries chosen by ``kind``
+    or ``older_than`` alone are complete or stale ones: a resumable ``.partial`` folder goes only
+    when asked for, and a live job's folder never.
     """
     if not (keys or kind or older_than is not None or stale or partial):
         raise ConfigError("nothing selected: give KEYs, a kind, an age, stale or partial (never everything at once)")
@@ -309,7 +327,7 @@ def select_entries(entries: Sequence[CacheEntry], keys: Sequence[str] = (), *, k
     statuses = {status for status, wanted in ((STALE, stale), (PARTIAL, partial)) if wanted}
     if not statuses:
         statuses = {COMPLETE, STALE, PARTIAL} if keys else {COMPLETE, STALE}
-    chosen = [entry for entry in pool if entry.status in statuses]
+    chosen = [entry for entry in pool if entry.status in statuses or (partial and is_work_folder(entry))]
     if older_than is not None:
         limit = (now or dt.datetime.now(dt.timezone.utc)) - older_than
         chosen = [entry for entry in chosen if entry.created <= limit]
@@ -322,8 +340,8 @@ def resolve_keys(entries: Sequence[CacheEntry], keys: Sequence[str]) -> list[Cac
     for key in keys:
         entry = _resolve_key(entries, key)
         if entry.status == IN_PROGRESS:
-            raise ConfigError(f"{entry.name} is being written by process {entry.pid}, which is running; "
-                              f"nothing removed")
+            writer = f"process {entry.pid}, which is running" if entry.pid is not None else "a running job"
+            raise ConfigError(f"{entry.name} is being written by {writer}; nothing removed")
         chosen.setdefault(entry.name, entry)
     return list(chosen.values())
 
@@ -334,6 +352,8 @@ def _resolve_key(entries: Sequence[CacheEntry], key: str) -> CacheEntry:
         return exact[0]
     if exact:
         raise ConfigError(f"cache key {key!r} is ambiguous: {_names(exact)}; give KIND/KEY or --kind")
+    if _is_a_path(key, entries):
+        raise _a_path_given(entries, key)
     if len(key.rpartition("/")[2]) < MIN_PREFIX:
         raise ConfigError(f"cache key {key!r} is no entry's key, and too short a prefix "
                           f"(at least {MIN_PREFIX} characters); see memdec cache ls")
@@ -343,6 +363,24 @@ def _resolve_key(entries: Sequence[CacheEntry], key: str) -> CacheEntry:
     if len(matches) > 1:
         raise ConfigError(f"cache key {key!r} is ambiguous: {_names(matches)}; give more characters")
     return matches[0]
+
+
+def _is_a_path(key: str, entries: Sequence[CacheEntry]) -> bool:
+    """Whether ``key`` is a file system path rather than a key: ``/``, ``~``, ``./`` or ``../`` in
+    front, more than one ``/``, or ``FOLDER/NAME`` where FOLDER is no kind of the cache."""
+    if key.startswith(("/", "~", "./", "../")) or key.count("/") > 1 or (os.sep != "/" and os.sep in key):
+        return True
+    folder, slash, _ = key.partition("/")
+    return bool(slash) and folder not in KNOWN_KINDS | {entry.kind for entry in entries}
+
+
+def _a_path_given(entries: Sequence[CacheEntry], key: str) -> ConfigError:
+    """The error for a path given as a key; it names the entry when the path is one of the cache's."""
+    where = os.path.realpath(os.path.expanduser(key))
+    named = next((entry for entry in entries if os.path.realpath(entry.path) == where), None)
+    that = f"; that path is the entry {named.name}" if named else ""
+    return ConfigError(f"{key!r} is a path; memdec cache rm takes the keys that memdec cache ls lists "
+                       f"(KEY, a unique prefix of {MIN_PREFIX}+ characters, or KIND/KEY){that}")
 
 
 def _unknown_key(entries: Sequence[CacheEntry], key: str, limit: int = 10) -> Exception:
@@ -367,7 +405,8 @@ def remove_entries(entries: Iterable[CacheEntry], root: Path | None = None) -> R
 
     The cache and every entry are checked again first: anything memdec did not write raises
     ConfigError before anything is deleted. An entry that cannot be deleted (a read-only cache) is
-    reported in ``failed``, not raised; one that a job started writing since it was listed is left alone.
+    reported in ``failed``, not raised; one that a job started writing since it was listed is left
+    alone, as is a ``.partial`` work folder whose job runs (it holds the entry's lock): ``skipped``.
     """
     root = open_cache(root)
     entries = list(entries)
@@ -380,13 +419,31 @@ def remove_entries(entries: Iterable[CacheEntry], root: Path | None = None) -> R
         if entry.pid is not None and pid_alive(entry.pid):
             removal.failed.append((entry, f"process {entry.pid} is writing it"))
             continue
-        try:
-            _delete(entry.path)
-        except OSError as error:
-            removal.failed.append((entry, error.strerror or str(error)))
-        else:
-            removal.removed.append(entry)
+        with _unless_a_job_writes(entry, root) as idle:
+            if not idle:
+                removal.skipped.append((entry, RUNNING_JOB))
+                continue
+            try:
+                _delete(entry.path)
+            except OSError as error:
+                removal.failed.append((entry, error.strerror or str(error)))
+            else:
+                removal.removed.append(entry)
     return removal
+
+
+def _unless_a_job_writes(entry: CacheEntry, root: Path):
+    """For a work folder, its entry's lock (``claimed_if_idle``): it goes only while the lock is
+    ours, so no job can start writing it meanwhile. Any other entry: True."""
+    partial = _PARTIAL.match(entry.path.name)
+    if not partial:
+        return contextlib.nullcontext(True)
+    return claimed_if_idle(entry.path.parent / partial["target"], root)
+
+
+def is_work_folder(entry: CacheEntry) -> bool:
+    """Whether ``entry`` is a ``.partial`` work folder (resumable, or a running job's)."""
+    return bool(_PARTIAL.match(entry.key))
 
 
 def _delete(path: Path) -> None:

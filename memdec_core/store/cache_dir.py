@@ -176,8 +176,49 @@ def lock_file(target: Path) -> Path:
     """Where ``target``'s lock lives: one folder of lock files, so artifacts hold only their own files."""
     folder = cache_folder("locks")
     folder.mkdir(parents=True, exist_ok=True)
+    return folder / _lock_name(target)
+
+
+def _lock_name(target: Path) -> str:
     digest = hashlib.sha256(str(Path(target).expanduser().resolve()).encode()).hexdigest()[:24]
-    return folder / f"{Path(target).name}-{digest}.lock"
+    return f"{Path(target).name}-{digest}.lock"
+
+
+def entry_busy(target: Path, root: Path) -> bool:
+    """Whether a process holds the lock of ``target`` (an entry of the cache ``root``) now: a job is
+    building it, in its ``.partial`` work folder. Nothing waits, and no lock file is created."""
+    with contextlib.suppress(FileNotFoundError):
+        with claimed_if_idle(target, root, create=False) as idle:
+            return not idle
+    return False
+
+
+@contextlib.contextmanager
+def claimed_if_idle(target: Path, root: Path, *, create: bool = True) -> Iterator[bool]:
+    """Take ``target``'s lock (an entry of the cache ``root``) if no other process holds it, and hold
+    it for the block: yields True, and no job can start building ``target`` meanwhile. Yields
+    False, at once, while a job holds it. A lock that cannot be taken because the cache is
+    read-only yields True: no job can be writing there. ``create=False``: a missing lock file
+    raises FileNotFoundError rather than being made."""
+    from filelock import FileLock, Timeout
+
+    path = Path(root) / "locks" / _lock_name(target)
+    if not create and not path.exists():
+        raise FileNotFoundError(path)
+    lock = FileLock(str(path))
+    try:
+        path.parent.mkdir(exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    except OSError:
+        yield True
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def remove_stale(target: Path) -> None:

@@ -292,7 +292,7 @@ class _Probes:
         self.general = None
         if general is not None:
             stream = cached_stream(ctx.base.tokenizer, general.documents["test"], general.hashes["test"],
-                                   "tokenizing general")[:measure.general_tokens]
+                                   "tokenizing general", cap=measure.general_tokens)
             self.general = (stream, make_windows(len(stream), ctx.context, ctx.stride))
         latency = ctx.corpus.streams["test"][:measure.latency_tokens]
         self.latency_slice = (latency, make_windows(len(latency), ctx.context, ctx.stride))

@@ -13,6 +13,7 @@ from memdec_core.inputs.data import (
     tokenize_documents,
     tokenize_head,
 )
+from memdec_core.interfaces import EvalSettings
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,122 @@ def test_caps_and_whole_splits_share_no_cache_entry(demo_tokenizer, finance, mon
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "whole-first"))
     assert np.array_equal(cached_stream(demo_tokenizer, documents, text_hash), whole)
     assert np.array_equal(cached_stream(demo_tokenizer, documents, text_hash, cap=1_000), whole[:1_000])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bases of different tokenizers: the caps are read as the same text for every base (issue 31)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory):
+    """A tiny GPT-2 with another tokenizer (a 500-token BPE where the shared fixture's has 300)."""
+    from memdec_core.testing import save_tiny_model, save_tokenizer
+
+    tokenizer = save_tokenizer(tmp_path_factory.mktemp("other-tokenizer"), vocab_size=500)
+    return save_tiny_model(tmp_path_factory.mktemp("other-gpt2"), tokenizer, "gpt2")
+
+
+CAPS = dict(context=64, stride=32, max_train_tokens=2_000, max_eval_tokens=300)
+
+
+def test_bases_of_one_tokenizer_keep_the_token_caps(corpus_dir, tiny_gpt2, tiny_llama):
+    """Guards the runs of one tokenizer: two bases sharing it still get their first N tokens,
+    the ids of tokenising each split whole and cutting it, and the report says so."""
+    from memdec_core.runs.prepare import TOKEN_CAPS, prepare_run
+
+    run = prepare_run(str(corpus_dir), [str(tiny_gpt2), str(tiny_llama)], ["base"], settings=EvalSettings(**CAPS))
+    assert run.caps == TOKEN_CAPS and run.caps_facts() == {"applied_as": TOKEN_CAPS}
+    corpus = load_corpus(str(corpus_dir))
+    for base in run.bases:
+        ctx = run.context(base)
+        for split, cap in (("train", 2_000), ("valid", 300), ("test", 300)):
+            assert np.array_equal(ctx.corpus.streams[split],
+                                  reference(ctx.base.tokenizer, corpus.documents[split], cap)), (base, split)
+
+
+def test_bases_of_different_tokenizers_score_the_same_text(corpus_dir, tiny_gpt2, other_tokenizer_model):
+    """Guards issue 31: with the default kind of caps, two tokenizers were scored on different
+    text, so their bits per byte did not compare; now every base scores the same whole documents."""
+    from memdec_core import api
+    from memdec_core.engine.scoring import scored_bytes
+
+    report = api.evaluate(str(corpus_dir), [str(tiny_gpt2), str(other_tokenizer_model)], ["base"],
+                          settings=EvalSettings(**CAPS))
+    caps = report["meta"].get("token_caps", {})
+    assert caps.get("applied_as") == "text"
+    corpus = load_corpus(str(corpus_dir))
+    kept = corpus.documents["test"][:caps["documents"]["test"]]
+    assert caps["bytes"]["test"] == sum(len(document.encode()) for document in kept) <= 300 * caps["bytes_per_token"]
+
+    from memdec_core.runs.prepare import prepare_run
+
+    run = prepare_run(str(corpus_dir), [str(tiny_gpt2), str(other_tokenizer_model)], ["base"],
+                      settings=EvalSettings(**CAPS))
+    texts, lengths = [], []
+    for base in run.bases:
+        ctx = run.context(base)
+        tokenizer, stream = ctx.base.tokenizer, ctx.corpus.streams["test"]
+        texts.append(tokenizer.decode(stream.tolist()).split(tokenizer.eos_token)[1:])
+        lengths.append(scored_bytes(tokenizer, stream))
+    assert texts[0] == texts[1] == kept  # the same documents, each whole
+    assert lengths[0] == lengths[1]
+    tokens = [row["test_tokens"] for row in report["results"]]
+    assert tokens[0] != tokens[1]  # one text, two tokenizers: two token counts
+
+
+def test_text_caps_keep_whole_documents_within_the_budget():
+    """Guards the cut: whole documents while they fit; a first document longer than the budget
+    keeps its head, cut between words and never inside a character."""
+    from memdec_core.inputs.data import documents_within
+
+    documents = ["aaaa bbbb", "cc", "dddd eeee ffff"]
+    assert documents_within(documents, 11) == ["aaaa bbbb", "cc"]
+    assert documents_within(documents, 12) == ["aaaa bbbb", "cc"]
+    assert documents_within(documents, 6) == ["aaaa"]
+    assert documents_within(["été est là"], 8) == ["été"]  # its first 8 bytes, "été es", cut at the space
+    assert documents_within(["€€€"], 4) == ["€"]  # 3 bytes a character: none cut in two
+
+
+def test_the_default_comparison_keeps_token_caps():
+    """Guards the default table: the demo family shares one tokenizer, so ``memdec compare``'s
+    default caps stay token caps (the same ids, so the same numbers)."""
+    from memdec_core.components import registry
+    from memdec_core.runs.prepare import TOKEN_CAPS, caps_for, count_tokenizations
+    from memdec_core.runs.runconfig import window_settings
+
+    assert caps_for(count_tokenizations(registry.default_bases()), window_settings({})) == TOKEN_CAPS
+
+
+def test_compare_cuts_the_general_text_alike_for_different_tokenizers(corpus_dir, tiny_gpt2, other_tokenizer_model):
+    """Guards general_bpb: compare's general tokens (a cap of its own) are read as the same text
+    for bases of different tokenizers, and the table says how the caps were applied."""
+    from memdec_cli.render import comparison_notes
+    from memdec_core.runs.compare import CompareSettings, compare
+
+    report = compare(str(corpus_dir), [str(tiny_gpt2), str(other_tokenizer_model)], ["base"],
+                     settings=EvalSettings(**CAPS),
+                     measure=CompareSettings(general=str(corpus_dir), general_tokens=300, latency_tokens=64,
+                                             latency_seconds=0, generation_tokens=0))
+    caps = report["meta"]["token_caps"]
+    general = caps["general_test"]
+    kept = load_corpus(str(corpus_dir)).documents["test"][:general["documents"]]
+    assert caps["applied_as"] == "text" and general["bytes"] <= 300 * caps["bytes_per_token"]
+    assert general["bytes"] == sum(len(document.encode()) for document in kept)
+    assert all(row["general_bpb"] is not None for row in report["results"])
+    assert any(note.startswith("token caps: the bases have different tokenizers") for note in comparison_notes(report))
+
+
+def test_a_resumed_tasks_run_refuses_rows_whose_caps_read_other_text():
+    """Guards --resume: rows scored on the text caps of bases of different tokenizers are not
+    mixed with rows of token caps (a base of another tokenizer added or dropped between runs)."""
+    from memdec_core.errors import ConfigError
+    from memdec_core.runs.tasks import _reusable_rows
+
+    config = {"values": {"domain": "finance", "bases": ["a"], "methods": ["base"], "settings": {}}}
+    row = {"base": "a", "method": "base"}
+    earlier = {"results": [row], "meta": {"config": config, "token_caps": {"applied_as": "text"}}}
+    assert _reusable_rows(earlier, config, "text") == {("a", "base"): row}
+    with pytest.raises(ConfigError, match="token caps as text, this run as tokens"):
+        _reusable_rows(earlier, config, "tokens")
+    before_caps_were_recorded = {"results": [row], "meta": {"config": config}}
+    assert _reusable_rows(before_caps_were_recorded, config, "tokens") == {("a", "base"): row}

@@ -5,9 +5,11 @@ plain text (documents separated by a blank line) or JSONL (one ``{"text": ...}``
 optionally gzipped. Each split becomes one token stream: documents joined by the tokenizer's
 end-of-text token, tokenised once per text and tokenizer (in chunks of documents) and kept in
 the cache as an ``.npy`` file that later runs memory-map. A token cap keeps a stream's first N
-tokens and tokenises only the documents (or the head of a document) those need. Windows cut a
-stream so that every predicted token has exactly one global position: position ``p`` is the input
-token whose hidden state predicts token ``p + 1``.
+tokens and tokenises only the documents (or the head of a document) those need. Where the bases
+of a run have different tokenizers, the caps are read as text instead (``cut_corpus``): whole
+documents up to a byte budget, the same text for every tokenizer. Windows cut a stream so that
+every predicted token has exactly one global position: position ``p`` is the input token whose
+hidden state predicts token ``p + 1``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from memdec_core.errors import ConfigError, DataError
-from memdec_core.interfaces import SPLITS
+from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 
@@ -437,6 +439,37 @@ def check_window_settings(context: int, stride: int) -> None:
         raise ConfigError(f"context must be at least 2 tokens, got {context}")
     if not 0 < stride <= context:
         raise ConfigError(f"stride must be between 1 and context ({context}), got {stride}")
+
+
+def cut_corpus(corpus: Corpus, max_tokens: dict[str, int | None]) -> Corpus:
+    """``corpus`` with each capped split cut to whole documents within ``cap × BYTES_PER_TOKEN``
+    bytes (``documents_within``): one text for every tokenizer, where token caps would cut each
+    tokenizer's stream at another place. Splits without a cap are kept whole."""
+    documents = {split: documents_within(docs, max_tokens[split] * BYTES_PER_TOKEN) if max_tokens.get(split) else docs
+                 for split, docs in corpus.documents.items()}
+    return Corpus(corpus.name, documents)
+
+
+def documents_within(documents: list[str], budget: int) -> list[str]:
+    """The documents in order, whole, while their UTF-8 bytes stay within ``budget``; where the
+    first alone passes it, its head within the budget, cut between words."""
+    kept, used = [], 0
+    for document in documents:
+        size = len(document.encode())
+        if used + size > budget:
+            break
+        kept.append(document)
+        used += size
+    if kept or not documents:
+        return kept
+    head = documents[0].encode()[:budget].decode("utf-8", errors="ignore")  # no character cut in two
+    cut = max(head.rfind(space) for space in (" ", "\n", "\t"))
+    return [head[:cut].rstrip() if cut > 0 else head]
+
+
+def text_bytes(documents: list[str]) -> int:
+    """The UTF-8 bytes of a split's documents (the separators count none, as in bits per byte)."""
+    return sum(len(document.encode()) for document in documents)
 
 
 @dataclass

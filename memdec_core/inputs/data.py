@@ -237,7 +237,7 @@ def head_ids(tokenizer, document: str, need: int) -> tuple[list[int], bool]:
     cut at a whitespace, then a head twice as long is tokenised, and the first ``need`` ids are
     taken once both heads agree on them (else both grow). Two cuts that far apart giving the same
     ids leave only a tokenizer whose early tokens depend on text thousands of characters later to
-    differ from the whole document, which no BPE, WordPiece or Unigram tokenizer does.
+    differ from the whole document; one that splits text at whitespace before merging never does.
     """
     length = max(MIN_BATCH_CHARS, need * 8)
     while True:

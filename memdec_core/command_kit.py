@@ -37,7 +37,7 @@ import functools
 
 import click
 
-from memdec_core.interfaces import EvalSettings
+from memdec_core.interfaces import BYTES_PER_TOKEN, EvalSettings
 from memdec_core.runs.runconfig import QUICK_EVAL_TOKENS, QUICK_TRAIN_TOKENS, window_settings
 
 
@@ -59,10 +59,14 @@ def window_options(command=None, *, train_default: int = QUICK_TRAIN_TOKENS, eva
         click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Windows per forward pass."),
         click.option("--max-train-tokens", type=click.IntRange(min=0), default=train_default, show_default=True,
-                     callback=_token_cap, help="Use only the first N tokens of the train split; 0: the whole split."),
+                     callback=_token_cap, help="Use only the first N tokens of the train split; 0: the whole split. "
+                                               f"Bases of different tokenizers: the same whole documents within "
+                                               f"{BYTES_PER_TOKEN}×N bytes for each."),
         click.option("--max-eval-tokens", type=click.IntRange(min=0), default=eval_default, show_default=True,
                      callback=_token_cap,
-                     help="Use only the first N tokens of the valid and test splits; 0: the whole splits."),
+                     help="Use only the first N tokens of the valid and test splits; 0: the whole splits. "
+                          f"Bases of different tokenizers: the same whole documents within {BYTES_PER_TOKEN}×N "
+                          "bytes for each."),
     ]
 
     def decorate(function):

@@ -256,6 +256,10 @@ class EvalSettings:
 
 
 PAPER_CONTEXT = 1024
+#: A token cap read as text, where the bases of a run have different tokenizers: this many UTF-8
+#: bytes of whole documents per token (``memdec_core.inputs.data.cut_corpus``). The demo family's
+#: tokenizer has 4.3 on the finance pack (1,663,213 bytes in 388,704 tokens).
+BYTES_PER_TOKEN = 4
 
 
 @dataclass

@@ -62,8 +62,10 @@ def format_bpb(value) -> str:
 
 def mixed_tokenizers(report: dict) -> bool:
     """Whether the report's bases have different tokenizers (then perplexities do not compare across them)."""
-    contexts = report.get("meta", {}).get("contexts", {}).values()
-    return len({entry.get("tokenizer") for entry in contexts} - {None}) > 1
+    meta = report.get("meta", {})
+    if (meta.get("token_caps") or {}).get("applied_as") == "text":  # the run found their tokenizations differ
+        return True
+    return len({entry.get("tokenizer") for entry in meta.get("contexts", {}).values()} - {None}) > 1
 
 
 def compare_columns(report: dict) -> list[str]:
@@ -80,6 +82,9 @@ def print_evaluation(report: dict, output_format: str) -> None:
         _print_markdown(EVAL_COLUMNS, evaluation_rows(report))
     else:
         print_table(f"{report['domain']}: perplexity on the test split", EVAL_COLUMNS, evaluation_rows(report))
+    note = caps_note(report.get("meta") or {}) if output_format != "json" else None
+    if note:
+        print("\n" + note)
 
 
 def _print_markdown(columns: list[str], rows: list[list[str]]) -> None:
@@ -193,6 +198,17 @@ def protocol_note(meta: dict) -> str | None:
     return f"training compute: {protocol}"
 
 
+def caps_note(meta: dict) -> str | None:
+    """One line saying that the token caps were read as text (bases of different tokenizers), and how much."""
+    caps = meta.get("token_caps") or {}
+    if caps.get("applied_as") != "text":
+        return None
+    kept = ", ".join(f"{split} {caps['documents'][split]} documents ({caps['bytes'][split]:,} bytes)"
+                     for split in caps.get("bytes", {}))
+    return (f"token caps: the bases have different tokenizers, so each cap of N tokens kept the same whole documents "
+            f"within {caps.get('bytes_per_token')}×N bytes for every base: {kept}")
+
+
 def memory_note(report: dict) -> str | None:
     """Which teacher the Memory Decoder learned from and which model it started from, as its rows record."""
     described = []
@@ -219,7 +235,8 @@ def grid_notes(report: dict) -> list[str]:
 
 
 def comparison_notes(report: dict) -> list[str]:
-    notes = [protocol_note(report.get("meta") or {}), memory_note(report), *grid_notes(report)]
+    notes = [protocol_note(report.get("meta") or {}), caps_note(report.get("meta") or {}), memory_note(report),
+             *grid_notes(report)]
     return [note for note in notes if note]
 
 

@@ -4,9 +4,12 @@ A corpus is a registered Domain or a folder holding ``train``, ``valid`` and ``t
 plain text (documents separated by a blank line) or JSONL (one ``{"text": ...}`` per line),
 optionally gzipped. Each split becomes one token stream: documents joined by the tokenizer's
 end-of-text token, tokenised once per text and tokenizer (in chunks of documents) and kept in
-the cache as an ``.npy`` file that later runs memory-map. Windows cut a stream so that every
-predicted token has exactly one global position: position ``p`` is the input token whose hidden
-state predicts token ``p + 1``.
+the cache as an ``.npy`` file that later runs memory-map. A token cap keeps a stream's first N
+tokens and tokenises only the documents (or the head of a document) those need. Where the bases
+of a run have different tokenizers, the caps are read as text instead (``cut_corpus``): whole
+documents up to a byte budget, the same text for every tokenizer. Windows cut a stream so that
+every predicted token has exactly one global position: position ``p`` is the input token whose
+hidden state predicts token ``p + 1``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from memdec_core.errors import ConfigError, DataError
-from memdec_core.interfaces import SPLITS
+from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 
@@ -230,11 +233,102 @@ def tokenize_documents(tokenizer, documents: list[str], advance=None) -> np.ndar
         batch = documents[first:first + TOKENIZE_CHUNK]
         # verbose=False: long documents are expected here; windows are cut later.
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
-        pieces = [piece for ids in encoded for piece in (([separator], ids) if separator is not None else (ids,))]
-        chunks.append(np.fromiter((token for piece in pieces for token in piece), dtype=np.int32))
+        chunks.append(_joined(encoded, separator))
         if advance is not None:
             advance(len(batch))
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+
+
+def _joined(encoded: list[list[int]], separator: int | None) -> np.ndarray:
+    """The documents' ids as one int32 array, each document after the separator (if any)."""
+    pieces = [piece for ids in encoded for piece in (([separator], ids) if separator is not None else (ids,))]
+    return np.fromiter((token for piece in pieces for token in piece), dtype=np.int32)
+
+
+def tokenize_head(tokenizer, documents: list[str], cap: int, advance=None) -> tuple[np.ndarray, bool]:
+    """``tokenize_documents(tokenizer, documents)[:cap]``, tokenising documents in order only until
+    ``cap`` tokens exist; and whether every document was tokenised whole: then, and only then, the
+    stream given is the whole split's, not cut (its first ``cap`` tokens are the capped stream).
+
+    Documents go to the tokenizer in batches sized by the characters still needed; a document far
+    longer than that has only its head tokenised (``head_ids``). ``advance(n)`` counts tokens.
+    """
+    separator = _separator(tokenizer)
+    chunks = []
+    have, position, whole = 0, 0, True
+    chars, tokens = 0, 0  # consumed so far: their ratio sizes the next batch
+    while position < len(documents) and have < cap:
+        need = cap - have - (separator is not None)  # the document's own tokens still needed
+        per_token = chars / tokens if tokens else FIRST_CHARS_PER_TOKEN
+        wanted = max(MIN_BATCH_CHARS, int(need * per_token * BATCH_MARGIN))
+        if len(documents[position]) > max(LONG_DOCUMENT_CHARS, 2 * wanted):
+            ids, complete = head_ids(tokenizer, documents[position], max(need, 0))
+            batch, encoded, whole = documents[position:position + 1], [ids], whole and complete
+        else:
+            batch = _batch(documents, position, wanted)
+            encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        chunks.append(_joined(encoded, separator))
+        added = len(chunks[-1])
+        chars, tokens, have = chars + sum(map(len, batch)), tokens + added, have + added
+        position += len(batch)
+        if advance is not None:
+            advance(min(added, max(cap - have + added, 0)))
+    stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+    whole = whole and position == len(documents)
+    return (stream if whole else stream[:cap]), whole
+
+
+#: Sizing the batches of ``tokenize_head``: characters per token assumed before any is measured
+#: (low, so that the first batch rather falls short than tokenises far past the cap), the slack
+#: over the measured ratio, and the fewest characters worth a call of the tokenizer.
+FIRST_CHARS_PER_TOKEN = 2.0
+BATCH_MARGIN = 1.2
+MIN_BATCH_CHARS = 16_384
+#: A document longer than this (and than twice what a cap still needs) has only its head tokenised.
+LONG_DOCUMENT_CHARS = 65_536
+
+
+def _batch(documents: list[str], first: int, wanted_chars: int) -> list[str]:
+    """Documents from ``first`` on, until they hold ``wanted_chars`` characters (at least one;
+    at most TOKENIZE_CHUNK; never a long one, which ``head_ids`` takes alone)."""
+    end, chars = first, 0
+    while end < len(documents) and chars < wanted_chars and end - first < TOKENIZE_CHUNK:
+        if end > first and len(documents[end]) > LONG_DOCUMENT_CHARS:
+            break
+        chars += len(documents[end])
+        end += 1
+    return documents[first:end]
+
+
+def head_ids(tokenizer, document: str, need: int) -> tuple[list[int], bool]:
+    """The first ``need`` token ids of ``document`` tokenised whole, from the tokenisation of its
+    head only; and whether the whole document was tokenised (then every id is given).
+
+    A tokenizer may merge across the cut, so a head's last tokens are not trusted: the head is
+    cut at a whitespace, then a head twice as long is tokenised, and the first ``need`` ids are
+    taken once both heads agree on them (else both grow). Two cuts that far apart giving the same
+    ids leave only a tokenizer whose early tokens depend on text thousands of characters later to
+    differ from the whole document; one that splits text at whitespace before merging never does.
+    """
+    length = max(MIN_BATCH_CHARS, need * 8)
+    while True:
+        if length >= len(document):
+            return tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"], True
+        short = _encode_head(tokenizer, document, length)
+        if len(short) > need:
+            long = _encode_head(tokenizer, document, 2 * length)
+            if long[:need] == short[:need]:
+                return long[:need], False
+        length *= 2
+
+
+def _encode_head(tokenizer, document: str, length: int) -> list[int]:
+    """The ids of ``document``'s first ``length`` characters, cut back to the last whitespace."""
+    if length >= len(document):
+        return tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"]
+    cut = max(document.rfind(space, 0, length) for space in (" ", "\n", "\t"))
+    head = document[:cut] if cut > length // 2 else document[:length]
+    return tokenizer(head, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _separator(tokenizer) -> int | None:
@@ -250,16 +344,22 @@ def tokenization_key(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def cached_stream(tokenizer, documents: list[str], text_hash: str, description: str = "tokenizing") -> np.ndarray:
+def cached_stream(tokenizer, documents: list[str], text_hash: str, description: str = "tokenizing",
+                  cap: int | None = None) -> np.ndarray:
     """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped
     from the cache, else tokenised once and written there. Where the cache cannot be written (a
-    read-only or full disk), the stream is tokenised in memory for this run."""
+    read-only or full disk), the stream is tokenised in memory for this run.
+
+    With ``cap``, its first ``cap`` tokens (``capped_stream``): the same ids, without tokenising
+    the documents past the cap.
+    """
+    if cap:
+        return capped_stream(tokenizer, documents, text_hash, cap, description)
     from memdec_core.errors import DiskError
     from memdec_core.runtime.progress import log
-    from memdec_core.store.artifacts import cached_artifact, content_key
     from memdec_core.store.cache_dir import entry_lock
 
-    path = cached_artifact("tokens", content_key("tokens", text_hash, tokenization_key(tokenizer)) + ".npy")
+    path = _stream_path(tokenizer, text_hash)
     try:
         with entry_lock(path):
             stream = _read_stream(path)
@@ -272,6 +372,57 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
         return tokenize_with_progress(tokenizer, documents, description)
 
 
+def capped_stream(tokenizer, documents: list[str], text_hash: str, cap: int,
+                  description: str = "tokenizing") -> np.ndarray:
+    """``cached_stream(...)[:cap]``, tokenising only the documents the cap needs (``tokenize_head``).
+
+    The whole split's stream, where the cache holds it, is read and cut. Otherwise the head is
+    kept under a key of its own that names the cap, so that it never stands for the whole split
+    (nor the whole split for it); a cap that takes every document whole writes the whole split's
+    entry instead, which any cap then reads.
+    """
+    from memdec_core.errors import DiskError
+    from memdec_core.runtime.progress import log
+    from memdec_core.store.cache_dir import entry_lock
+
+    whole_path, head_path = _stream_path(tokenizer, text_hash), _stream_path(tokenizer, text_hash, cap)
+    try:
+        with entry_lock(whole_path):
+            stream = _read_stream(whole_path)
+        if stream is not None:
+            return stream[:cap]
+        with entry_lock(head_path):
+            stream = _read_stream(head_path, expected=cap)
+            if stream is not None:
+                return stream
+            stream, whole = tokenize_head_with_progress(tokenizer, documents, cap, description)
+            if whole:  # every document was tokenised: this is the whole split's stream
+                with entry_lock(whole_path):
+                    _write_stream(whole_path, stream)
+                return _read_stream(whole_path)[:cap]
+            _write_stream(head_path, stream)
+            return _read_stream(head_path, expected=cap)
+    except DiskError as error:
+        log(f"token streams are not cached ({error}); tokenizing in memory")
+        return tokenize_head_with_progress(tokenizer, documents, cap, description)[0][:cap]
+
+
+def _stream_path(tokenizer, text_hash: str, cap: int | None = None) -> Path:
+    """Where the cache keeps a split's stream, or (``cap``) its first ``cap`` tokens only."""
+    from memdec_core.store.artifacts import cached_artifact, content_key
+
+    parts = ("tokens", text_hash, tokenization_key(tokenizer)) + (({"first": cap},) if cap else ())
+    return cached_artifact("tokens", content_key(*parts) + ".npy")
+
+
+def tokenize_head_with_progress(tokenizer, documents: list[str], cap: int,
+                                description: str) -> tuple[np.ndarray, bool]:
+    from memdec_core.runtime.progress import progress_bar
+
+    with progress_bar(description, cap, "tokens") as advance:
+        return tokenize_head(tokenizer, documents, cap, advance)
+
+
 def tokenize_with_progress(tokenizer, documents: list[str], description: str) -> np.ndarray:
     from memdec_core.runtime.progress import progress_bar
 
@@ -279,16 +430,16 @@ def tokenize_with_progress(tokenizer, documents: list[str], description: str) ->
         return tokenize_documents(tokenizer, documents, advance)
 
 
-def _read_stream(path: Path) -> np.ndarray | None:
+def _read_stream(path: Path, expected: int | None = None) -> np.ndarray | None:
     """The cached stream, memory-mapped; None when there is none or it is damaged (it is removed:
-    it is rebuilt from the text)."""
+    it is rebuilt from the text). A head holds exactly ``expected`` tokens."""
     from memdec_core.runtime.progress import log
 
     if not path.is_file():
         return None
     try:
         stream = np.load(path, mmap_mode="r", allow_pickle=False)
-        if stream.dtype == np.int32 and stream.ndim == 1:
+        if stream.dtype == np.int32 and stream.ndim == 1 and expected in (None, len(stream)):
             return stream
     except (OSError, ValueError):
         pass
@@ -360,6 +511,37 @@ def check_window_settings(context: int, stride: int) -> None:
         raise ConfigError(f"stride must be between 1 and context ({context}), got {stride}")
 
 
+def cut_corpus(corpus: Corpus, max_tokens: dict[str, int | None]) -> Corpus:
+    """``corpus`` with each capped split cut to whole documents within ``cap × BYTES_PER_TOKEN``
+    bytes (``documents_within``): one text for every tokenizer, where token caps would cut each
+    tokenizer's stream at another place. Splits without a cap are kept whole."""
+    documents = {split: documents_within(docs, max_tokens[split] * BYTES_PER_TOKEN) if max_tokens.get(split) else docs
+                 for split, docs in corpus.documents.items()}
+    return Corpus(corpus.name, documents)
+
+
+def documents_within(documents: list[str], budget: int) -> list[str]:
+    """The documents in order, whole, while their UTF-8 bytes stay within ``budget``; where the
+    first alone passes it, its head within the budget, cut between words."""
+    kept, used = [], 0
+    for document in documents:
+        size = len(document.encode())
+        if used + size > budget:
+            break
+        kept.append(document)
+        used += size
+    if kept or not documents:
+        return kept
+    head = documents[0].encode()[:budget].decode("utf-8", errors="ignore")  # no character cut in two
+    cut = max(head.rfind(space) for space in (" ", "\n", "\t"))
+    return [head[:cut].rstrip() if cut > 0 else head]
+
+
+def text_bytes(documents: list[str]) -> int:
+    """The UTF-8 bytes of a split's documents (the separators count none, as in bits per byte)."""
+    return sum(len(document.encode()) for document in documents)
+
+
 @dataclass
 class TokenizedCorpus:
     """Token streams per split, for one tokenizer."""
@@ -388,9 +570,8 @@ def tokenize_corpus(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, *, co
     max_tokens = max_tokens or {}
     streams = {}
     for split in SPLITS:
-        stream = cached_stream(tokenizer, corpus.documents[split], corpus.hashes[split], f"tokenizing {split}")
-        if max_tokens.get(split):
-            stream = stream[: max_tokens[split]]
+        stream = cached_stream(tokenizer, corpus.documents[split], corpus.hashes[split], f"tokenizing {split}",
+                               cap=max_tokens.get(split))
         if len(stream) < context:
             raise DataError(f"corpus {corpus.name!r}: the {split} split has {len(stream)} tokens, "
                             f"shorter than one window of {context}; use a smaller --context or more text")

@@ -227,6 +227,20 @@ def model_skeleton(name: str, cache_dir: Path | None = None):
         return AutoModelForCausalLM.from_config(config), tokenizer
 
 
+def load_tokenizer(name: str, cache_dir: Path | None = None):
+    """The tokenizer ``load_model(name)`` would give, without reading the weights."""
+    from transformers import AutoTokenizer
+
+    location, gguf_file = resolve_model_location(name)
+    if gguf_file:  # a GGUF file carries its tokenizer inside (converted once, then cached)
+        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    _check_tokenizer_files(location, name)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from error
+
+
 def _from_pretrained(location: str, name: str, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

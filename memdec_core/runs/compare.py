@@ -18,8 +18,7 @@ from typing import Any, Iterable
 
 from memdec_core.components import registry
 from memdec_core.errors import ConfigError, MemdecError
-from memdec_core.inputs.context import prepare_context
-from memdec_core.inputs.data import load_corpus
+from memdec_core.inputs.data import cut_corpus, load_corpus, text_bytes
 from memdec_core.runs.meta import call_config, context_entry, run_meta
 from memdec_core.runs.prepare import check_finite, methods_for_base, prepare_run, split_bits_per_byte
 from memdec_core.runs.runconfig import budget_from_fields
@@ -84,6 +83,8 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
                       domain_settings=domain_settings)
     names = [method.name for method in run.methods]  # each once
     general = load_corpus(measure.general) if measure.general else None
+    if general is not None and run.tokenizations > 1:  # the general text too is the same for every base
+        general = cut_corpus(general, {"test": measure.general_tokens})
     results: list[dict] = []
     protocol = _Protocol(measure, run.methods)
     contexts: dict[str, dict] = {}
@@ -94,7 +95,8 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     def report() -> dict:
         meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
                         contexts=contexts, config=config, command=command,
-                        extra={"measure": dataclasses.asdict(measure), **protocol.facts()})
+                        extra={"measure": dataclasses.asdict(measure), **protocol.facts(),
+                               "token_caps": _caps_facts(run, general)})
         return {"domain": run.corpus.name, "results": list(results), "meta": meta}
 
     try:
@@ -104,6 +106,15 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
         error.partial_report = report()
         raise
     return report()
+
+
+def _caps_facts(run, general) -> dict:
+    """``meta["token_caps"]``, with the general test text kept as text (bases of different tokenizers)."""
+    facts = run.caps_facts()
+    if run.tokenizations > 1 and general is not None:
+        facts["general_test"] = {"bytes": text_bytes(general.documents["test"]),
+                                 "documents": len(general.documents["test"])}
+    return facts
 
 
 def _measure_options(measure: CompareSettings) -> dict:
@@ -159,11 +170,11 @@ def _compare_base(run, base_name: str, general, measure: CompareSettings, protoc
                   results: list[dict], contexts: dict[str, dict]) -> None:
     """Every method's row on one base, appended to ``results`` as soon as it is measured (then
     put back in the run's order)."""
-    ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+    ctx = run.context(base_name)
     contexts[ctx.base.model_id] = context_entry(ctx)
     methods = methods_for_base(ctx, run.methods)
     _check_budget_fits(ctx, methods, measure)
-    probes = _Probes(ctx, general, measure)
+    probes = _Probes(ctx, general, measure, None if run.tokenizations > 1 else measure.general_tokens)
     first, reference_row = len(results), None
     for method in protocol.order(methods):
         method = protocol.apply(base_name, method, reference_row)
@@ -276,9 +287,10 @@ def _with_budget(names: list[str], overrides: dict, budget: dict) -> dict:
 
 class _Probes:
     """The general-text stream, the latency slice and prompt for one base, and the base's own
-    scorer and generator (the reference every ratio divides by)."""
+    scorer and generator (the reference every ratio divides by). The general stream is its test
+    split's first ``general_cap`` tokens, or (None) the whole split given, already cut as text."""
 
-    def __init__(self, ctx, general, measure: CompareSettings):
+    def __init__(self, ctx, general, measure: CompareSettings, general_cap: int | None):
         import torch
 
         from memdec_core.engine.generation import model_generator
@@ -293,7 +305,7 @@ class _Probes:
         self.general = None
         if general is not None:
             stream = cached_stream(ctx.base.tokenizer, general.documents["test"], general.hashes["test"],
-                                   "tokenizing general")[:measure.general_tokens]
+                                   "tokenizing general", cap=general_cap)
             self.general = (stream, make_windows(len(stream), ctx.context, ctx.stride))
         latency = ctx.corpus.streams["test"][:measure.latency_tokens]
         self.latency_slice = (latency, make_windows(len(latency), ctx.context, ctx.stride))

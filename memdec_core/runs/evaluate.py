@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from memdec_core.inputs.context import prepare_context
 from memdec_core.interfaces import EvalSettings
 from memdec_core.runs.meta import call_config, context_entry, run_meta
 from memdec_core.runs.prepare import combiner_label, evaluate_one, methods_for_base, prepare_run
@@ -32,7 +31,7 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
     names = [method.name for method in run.methods]
     results, contexts = [], {}
     for base_name in run.bases:
-        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        ctx = run.context(base_name)
         contexts[ctx.base.model_id] = context_entry(ctx)  # the window each base was actually scored with
         for method in methods_for_base(ctx, run.methods):
             results.append(evaluate_one(ctx, method))
@@ -41,6 +40,6 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
         config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
                              settings=run.settings, component_settings=given)
     meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
-                    contexts=contexts, config=config, command=command)
+                    contexts=contexts, config=config, command=command, extra={"token_caps": run.caps_facts()})
     return {"domain": run.corpus.name, "results": results,
             "settings": dataclasses.asdict(run.settings), "combiner": combiner_label(run.combiner), "meta": meta}

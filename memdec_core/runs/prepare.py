@@ -14,15 +14,26 @@ from memdec_core.components import registry
 from memdec_core.components.combiner_files import combiner_with_settings, resolve_combiner
 from memdec_core.components.plan import Plan
 from memdec_core.errors import ConfigError, ResultError
-from memdec_core.inputs.data import Corpus, load_corpus
+from memdec_core.inputs.context import prepare_context
+from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes
 from memdec_core.inputs.models import resolve_model_location
-from memdec_core.interfaces import Combiner, EvalContext, EvalSettings, Method, MethodResult
+from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS, Combiner, EvalContext, EvalSettings, Method, MethodResult
 from memdec_core.runtime.progress import log
+
+#: How a run applies its token caps (``Run.caps``): each base's first N tokens (its bases share one
+#: tokenizer), the same whole documents for every base (bases of different tokenizers), or none.
+TOKEN_CAPS, TEXT_CAPS, NO_CAPS = "tokens", "text", "none"
 
 
 @dataclass
 class Run:
-    """What a run of ``evaluate`` or ``compare`` is made of, resolved and checked before any work."""
+    """What a run of ``evaluate`` or ``compare`` is made of, resolved and checked before any work.
+
+    Under ``caps == TEXT_CAPS`` the corpus is already cut to the caps' text (``cut_corpus``), and
+    the bases' streams are not cut again by tokens (``context``). ``tokenizations``: how many
+    different tokenizers the bases have (text that a command caps itself is cut as text when
+    that is more than one, as ``compare`` does with its general text).
+    """
 
     corpus: Corpus
     bases: list[str]
@@ -30,6 +41,24 @@ class Run:
     combiner: type[Combiner]
     plan: Plan
     settings: EvalSettings
+    caps: str = TOKEN_CAPS
+    tokenizations: int = 1
+
+    def context(self, base_name: str) -> EvalContext:
+        """The EvalContext of one base of the run: the base loaded, the corpus tokenised for it."""
+        settings = self.settings
+        if self.caps == TEXT_CAPS:
+            settings = dataclasses.replace(settings, max_train_tokens=None, max_eval_tokens=None)
+        return prepare_context(self.corpus, base_name, settings, self.combiner, plan=self.plan)
+
+    def caps_facts(self) -> dict[str, Any]:
+        """``meta["token_caps"]``: how the caps were applied, and under text caps the text they kept."""
+        facts: dict[str, Any] = {"applied_as": self.caps}
+        if self.caps == TEXT_CAPS:
+            facts.update(why="the bases have different tokenizers", bytes_per_token=BYTES_PER_TOKEN,
+                         bytes={split: text_bytes(self.corpus.documents[split]) for split in SPLITS},
+                         documents={split: len(self.corpus.documents[split]) for split in SPLITS})
+        return facts
 
 
 def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, settings: EvalSettings | None = None,
@@ -51,7 +80,39 @@ def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, se
     bases = once_each(bases, "base", same=locations.get)
     plan.bases = tuple(bases)
     corpus = load_corpus(domain, **_domain_settings(domain, plan, domain_settings))
-    return Run(corpus, bases, instances, combiner_class, plan, settings or EvalSettings())
+    settings = settings or EvalSettings()
+    tokenizations = count_tokenizations(bases)
+    caps = caps_for(tokenizations, settings)
+    if caps == TEXT_CAPS:
+        corpus = cut_corpus(corpus, settings.max_tokens())
+        log(f"the bases have different tokenizers: the token caps are read as text, the same whole documents "
+            f"for every base ({_budget_text(corpus)})")
+    return Run(corpus, bases, instances, combiner_class, plan, settings, caps, tokenizations)
+
+
+def caps_for(tokenizations: int, settings: EvalSettings) -> str:
+    """How a run's token caps apply: as tokens where its bases share one tokenizer (the numbers
+    of a run of one base), as the same text where they do not (a cap of N tokens is then whole
+    documents within N × BYTES_PER_TOKEN bytes), so that bits per byte compare one text."""
+    if not any(settings.max_tokens().values()):
+        return NO_CAPS
+    return TEXT_CAPS if tokenizations > 1 else TOKEN_CAPS
+
+
+def count_tokenizations(bases: list[str]) -> int:
+    """How many different tokenizations the bases' tokenizers make (their tokenizers are loaded,
+    not their weights): bases that share one tokenize every text alike."""
+    if len(set(bases)) < 2:
+        return 1
+    from memdec_core.inputs.data import tokenization_key
+    from memdec_core.inputs.models import load_tokenizer
+
+    return len({tokenization_key(load_tokenizer(name)) for name in dict.fromkeys(bases)})
+
+
+def _budget_text(corpus: Corpus) -> str:
+    return ", ".join(f"{split} {len(corpus.documents[split])} documents, {text_bytes(corpus.documents[split]):,} bytes"
+                     for split in SPLITS)
 
 
 def once_each(names: Iterable[str], what: str, same: Callable[[str], Any] = lambda name: name) -> list[str]:

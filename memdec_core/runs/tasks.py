@@ -531,7 +531,6 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
     an earlier run with the same domain, tasks and settings, gives back the rows it holds instead
     of scoring them again; one of other settings is refused.
     """
-    from memdec_core.inputs.context import prepare_context
     from memdec_core.runs.meta import call_config, context_entry, run_meta
     from memdec_core.runs.prepare import methods_for_base, prepare_run
 
@@ -546,17 +545,18 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
                "validation_examples": validation_examples}
     config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner, settings=run.settings,
                          component_settings=component_settings, options=options)
-    done = _reusable_rows(previous, config)
+    done = _reusable_rows(previous, config, run.caps)
     rows, contexts = [], {}
 
     def report(complete: bool) -> dict:
         meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
-                        contexts=contexts, config=config, command=command, extra={"scoring": "dcpmi"})
+                        contexts=contexts, config=config, command=command,
+                        extra={"scoring": "dcpmi", "token_caps": run.caps_facts()})
         return {"domain": run.corpus.name, "tasks": [task.summary() for task in loaded], "results": list(rows),
                 "meta": meta, "complete": complete}
 
     for base_name in run.bases:
-        ctx = prepare_context(run.corpus, base_name, run.settings, run.combiner, plan=run.plan)
+        ctx = run.context(base_name)
         contexts[ctx.base.model_id] = context_entry(ctx)
         plans = [(task, _plans(task, ctx.base.tokenizer)) for task in loaded]
         for method in methods_for_base(ctx, run.methods):
@@ -569,8 +569,9 @@ def evaluate_tasks(domain: str, tasks: Sequence[str], tasks_dir: str | Path | No
     return report(complete=True)
 
 
-def _reusable_rows(previous: dict | None, config: dict) -> dict[tuple[str, str], dict]:
-    """The rows of an earlier report of this run, keyed by (base, method); another run's are refused."""
+def _reusable_rows(previous: dict | None, config: dict, caps: str) -> dict[tuple[str, str], dict]:
+    """The rows of an earlier report of this run, keyed by (base, method); another run's are refused,
+    and so is one whose caps read other text (``caps``: a base of another tokenizer was added or dropped)."""
     if not previous:
         return {}
 
@@ -590,6 +591,13 @@ def _reusable_rows(previous: dict | None, config: dict) -> dict[tuple[str, str],
     if not isinstance(earlier, dict) or comparable(earlier) != comparable(config["values"]):
         raise ConfigError("the earlier report was made with other settings (domain, tasks, windows or method "
                           "settings); give another --output, or run without --resume")
+    from memdec_core.runs.prepare import TEXT_CAPS
+
+    earlier_caps = (previous.get("meta", {}).get("token_caps") or {}).get("applied_as")
+    if (earlier_caps == TEXT_CAPS) != (caps == TEXT_CAPS):
+        raise ConfigError(f"the earlier report applied the token caps as {earlier_caps or 'tokens'}, this run as "
+                          f"{caps} (bases of different tokenizers read the caps as text); give another --output, "
+                          f"or run without --resume")
     return {(row["base"], row["method"]): row for row in rows}
 
 

@@ -385,6 +385,9 @@ class MemoryModel(Component):
     #: setting ``artifact_setting`` (``memdec generate --memory FOLDER``).
     artifact_type: ClassVar[str | None] = None
     artifact_setting: ClassVar[str | None] = None
+    #: True when a folder without ``memdec.json`` that holds a transformers model (``config.json``)
+    #: opens as this memory too, given to ``artifact_setting``: a memory made by other code.
+    opens_plain_models: ClassVar[bool] = False
     #: The range each numeric knob may take, ``{"temperature": (0, inf)}``: when the best value on
     #: validation sits at an edge of the grid, memdec tries values beyond it, inside this range
     #: (a knob not listed is taken to be positive and log-spaced).

@@ -1,0 +1,223 @@
+"""A memory as one plain causal LM over its family's full vocabulary: what other code mixes.
+
+The official MemoryDecoder code (``evaluate_joint.py``) and lmdeploy's Memory Decoder support read
+the memory's logits as if row ``i`` were token ``i`` of the base. A full-vocabulary memory already
+is that, and is written as it is. A restricted memory (vocab.py) is not: its rows are the kept
+tokens, then one shared slot. Exported, token ``t`` gets back row ``t``: a kept token its own
+weights, every other token the shared slot's (the input embedding it always had), plus an output
+bias so low that its probability is exactly 0 in float32 after the softmax, as in memdec.
+
+transformers' Llama and Qwen2 classes have no output bias, and no config switch adds one. The
+export writes such a memory as ``Ernie4_5_MoeForCausalLM`` with every layer dense and
+``use_bias``: the same blocks (RMSNorm, rotary attention, SwiGLU), an output layer with a bias,
+and present in transformers 4.54 onwards. Its rotary embedding pairs channels (2i, 2i+1) where
+Llama pairs (i, i + d/2), so the rows of q and k are reordered within each head (attention scores
+are unchanged); the biases Llama lacks are zeros.
+
+The config carries ``rope_theta`` beside transformers 5's ``rope_parameters`` (4.x reads only the
+former, and would otherwise use its default base), and the tokenizer names a class 4.x has.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from memdec_core.errors import ArtifactError
+from memdec_decoder.memory import MemoryDecoder
+
+#: Architectures whose blocks Ernie 4.5's dense layers compute exactly (restricted memories only).
+BIASED_FORMS = ("llama", "qwen2")
+#: How far below the best kept logit a missing token's logit is put, at least: exp(−200) is 0 in float32.
+UNDERFLOW_MARGIN = 200.0
+#: Tokenizer classes of transformers 5 that 4.x lacks, and the 4.x class that reads the same tokenizer.json.
+TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def write_portable(memory: MemoryDecoder, output: Path) -> dict:
+    """Write ``memory`` into the (empty) folder ``output``; returns what the model card says of it."""
+    if memory.vocabulary is None:
+        _save_as_is(memory, output)
+        architecture = memory.model.config.architectures[0] if memory.model.config.architectures else None
+        bias = None
+    else:
+        architecture, bias = _save_full_vocabulary(memory, output), True
+    _make_config_portable(output / "config.json")
+    _save_tokenizer(memory, output)
+    return {"architecture": architecture, "full_vocab_size": memory.full_vocab_size, "output_bias": bias}
+
+
+def _save_as_is(memory: MemoryDecoder, output: Path) -> None:
+    from memdec_core.inputs.models import save_model
+
+    save_model(memory.model, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# A restricted memory over the full vocabulary
+
+
+def full_vocabulary_rows(memory: MemoryDecoder) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(input embedding, output weight or None when tied, output bias)`` over the full vocabulary."""
+    vocabulary = memory.vocabulary
+    rows = vocabulary.to_restricted  # a kept token's own row, every other token the shared slot
+    model = memory.model
+    embedding = model.get_input_embeddings().weight.detach().float()
+    output = model.get_output_embeddings()
+    tied = output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    weight = output.weight.detach().float()
+    bias = torch.zeros(vocabulary.full_size, dtype=torch.float32)
+    if output.bias is not None:
+        bias = output.bias.detach().float()[rows].clone()
+    outside = rows == vocabulary.other
+    bias[outside] = -_logit_gap(memory, weight)
+    return embedding[rows].clone(), None if tied else weight[rows].clone(), bias
+
+
+def _logit_gap(memory: MemoryDecoder, weight: torch.Tensor) -> float:
+    """A bias under which no input lets a missing token come within ``UNDERFLOW_MARGIN`` of a kept one.
+
+    The output layer reads the final RMSNorm: ``g ⊙ x / rms(x)``, whose norm is at most
+    ``max|g| · sqrt(d)``; two rows ``a``, ``b`` differ by at most ``(|a| + |b|)`` times that.
+    """
+    norm = memory.model.get_decoder().norm.weight.detach().float()
+    largest_input = float(norm.abs().max()) * math.sqrt(norm.numel())
+    largest_row = float(weight.norm(dim=1).max())
+    output = memory.model.get_output_embeddings()
+    spread = float(output.bias.detach().abs().max()) * 2 if output.bias is not None else 0.0
+    return 2 * largest_row * largest_input + spread + UNDERFLOW_MARGIN
+
+
+def _save_full_vocabulary(memory: MemoryDecoder, output: Path) -> str:
+    from safetensors.torch import save_file
+
+    config = memory.model.config.get_text_config()
+    if config.model_type not in BIASED_FORMS:
+        raise ArtifactError(f"memory {memory.folder} is a restricted {config.model_type!r} model; memdec writes "
+                            f"restricted memories over the full vocabulary for {', '.join(BIASED_FORMS)} only")
+    embedding, weight, bias = full_vocabulary_rows(memory)
+    tensors = _ernie_tensors(memory.model, config)
+    tensors["model.embed_tokens.weight"] = embedding
+    if weight is not None:
+        tensors["lm_head.weight"] = weight
+    tensors["lm_head.bias"] = bias
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(output / "model.safetensors"),
+              metadata={"format": "pt"})
+    (output / "config.json").write_text(json.dumps(_ernie_config(memory, config, tied=weight is None), indent=2))
+    return "Ernie4_5_MoeForCausalLM"
+
+
+def _ernie_tensors(model, config) -> dict[str, torch.Tensor]:
+    """The blocks' weights under Ernie 4.5's names, q and k reordered for its rotary layout."""
+    head_dim = _head_dim(config)
+    order = interleaved_order(head_dim)
+    tensors: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(model.get_decoder().layers):
+        prefix = f"model.layers.{index}."
+        attention, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(attention, name)
+            weight = linear.weight.detach().float()
+            bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(weight.shape[0])
+            if name in ("q_proj", "k_proj"):
+                weight, bias = _per_head(weight, order, head_dim), _per_head(bias, order, head_dim)
+            tensors[f"{prefix}self_attn.{name}.weight"] = weight.clone()
+            tensors[f"{prefix}self_attn.{name}.bias"] = bias.clone()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(mlp, name)
+            weight = linear.weight.detach().float()
+            tensors[f"{prefix}mlp.{name}.weight"] = weight.clone()
+            tensors[f"{prefix}mlp.{name}.bias"] = (linear.bias.detach().float() if linear.bias is not None
+                                                   else torch.zeros(weight.shape[0])).clone()
+        tensors[f"{prefix}input_layernorm.weight"] = layer.input_layernorm.weight.detach().float().clone()
+        tensors[f"{prefix}post_attention_layernorm.weight"] = \
+            layer.post_attention_layernorm.weight.detach().float().clone()
+    tensors["model.norm.weight"] = model.get_decoder().norm.weight.detach().float().clone()
+    return tensors
+
+
+def interleaved_order(head_dim: int) -> torch.Tensor:
+    """Channel ``order[j]`` of a Llama head is channel ``j`` of an interleaved-rotary head:
+    Llama rotates (i, i + d/2) together, Ernie (2i, 2i + 1)."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+
+
+def _per_head(tensor: torch.Tensor, order: torch.Tensor, head_dim: int) -> torch.Tensor:
+    shape = tensor.shape
+    heads = tensor.reshape(shape[0] // head_dim, head_dim, *shape[1:])
+    return heads[:, order].reshape(shape)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _ernie_config(memory: MemoryDecoder, config, *, tied: bool) -> dict:
+    rope = _rope_theta(config)
+    tokenizer = _tokenizer(memory)
+    layers = config.num_hidden_layers
+    return {
+        "architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe",
+        "vocab_size": memory.full_vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": _head_dim(config), "hidden_act": config.hidden_act,
+        "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": tied, "use_bias": True, "use_cache": True,
+        "rope_theta": rope, "rope_parameters": {"rope_theta": rope, "rope_type": "default"},
+        # every layer dense: the first MoE layer would come after the last layer
+        "moe_layer_start_index": layers, "moe_layer_end_index": layers - 1, "moe_layer_interval": 1,
+        "moe_num_experts": 1, "moe_k": 1, "moe_num_shared_experts": 0,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "dtype": "float32",
+    }
+
+
+def _rope_theta(config) -> float:
+    """The rotary base, refusing scaled variants (Ernie's dense form is checked for plain rotary only)."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ArtifactError(f"a restricted memory with {kind!r} rotary scaling has no portable form in memdec")
+    return float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files that transformers 4.x reads as 5.x does
+
+
+def _make_config_portable(path: Path) -> None:
+    """``rope_theta`` at the top as well (4.x ignores ``rope_parameters``) and ``torch_dtype``."""
+    config = json.loads(path.read_text())
+    for holder in [config, *(value for value in config.values() if isinstance(value, dict) and
+                             "rope_parameters" in value)]:
+        rope = holder.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in holder:
+            holder["rope_theta"] = rope["rope_theta"]
+            if rope.get("rope_type", "default") != "default":
+                holder["rope_scaling"] = {key: value for key, value in rope.items() if key != "rope_theta"}
+    if "dtype" in config and "torch_dtype" not in config:
+        config["torch_dtype"] = config["dtype"]
+    path.write_text(json.dumps(config, indent=2))
+
+
+def _tokenizer(memory: MemoryDecoder):
+    from transformers import AutoTokenizer
+
+    if not hasattr(memory, "_portable_tokenizer"):
+        memory._portable_tokenizer = AutoTokenizer.from_pretrained(memory.folder)
+    return memory._portable_tokenizer
+
+
+def _save_tokenizer(memory: MemoryDecoder, output: Path) -> None:
+    _tokenizer(memory).save_pretrained(output)
+    path = output / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = TOKENIZER_CLASSES_4X.get(config.get("tokenizer_class"),
+                                                         config.get("tokenizer_class"))
+    path.write_text(json.dumps(config, indent=2))

@@ -399,6 +399,15 @@ class MemoryModel(Component):
     def prepare(self, ctx: EvalContext) -> None:
         """Build or load the memory for ``ctx.base`` and ``ctx.corpus`` (None without a domain)."""
 
+    @classmethod
+    def export_portable(cls, folder: Path, output: Path, lam: float | None) -> list[str]:
+        """Write the memory of ``folder`` into the empty folder ``output`` as files that code other
+        than memdec mixes (``memdec export --memory FOLDER``); returns the model card's lines
+        (``lam``: the weight the card suggests, None when it must be tuned). A memory that is no
+        model by itself (a datastore) has no portable form: it exports as a composite with a base."""
+        raise ConfigError(f"a {cls.name} memory has no portable form of its own; export it with a base: "
+                          f"memdec export --base BASE --memory {folder} --output DIR")
+
     @property
     def max_positions(self) -> int | None:
         """The longest sequence the prepared memory reads (a Memory Decoder is a causal LM with

@@ -46,6 +46,12 @@ class DecoderMemory(MemoryModel):
         self.memory.warn_if_plain()
         self.tokenizer_fingerprint = self.memory.tokenizer_fingerprint
 
+    @classmethod
+    def export_portable(cls, folder, output, lam):
+        from memdec_decoder.portable import export_portable
+
+        return export_portable(folder, output, lam)
+
     def _loaded(self) -> "MemoryDecoder":
         if self.memory is None:
             raise ConfigError("memory-decoder: prepare() was not called")

@@ -221,3 +221,75 @@ def _save_tokenizer(memory: MemoryDecoder, output: Path) -> None:
     config["tokenizer_class"] = TOKENIZER_CLASSES_4X.get(config.get("tokenizer_class"),
                                                          config.get("tokenizer_class"))
     path.write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole export and its model card
+
+
+def export_portable(folder: Path, output: Path, lam: float | None) -> list[str]:
+    """Write the memory of ``folder`` to ``output`` (files, ``memdec.json``); the card's lines."""
+    from memdec_core.store.artifacts import write_manifest
+    from memdec_decoder.memory import ARTIFACT_TYPE, open_memory
+
+    memory = open_memory(folder)
+    facts = write_portable(memory, output)
+    kept = {key: value for key, value in memory.manifest.items()
+            if key not in ("type", "format_version", "memdec_version", "created", "command", "restricted")}
+    write_manifest(output, ARTIFACT_TYPE, **{**kept, "restricted": False, "portable": True,
+                                             "exported_from": str(folder), "export": facts})
+    return card_lines(memory, facts, lam)
+
+
+def card_lines(memory: MemoryDecoder, facts: dict, lam: float | None) -> list[str]:
+    """How to mix the memory: in memdec, in plain transformers, in the official code and in lmdeploy."""
+    manifest = memory.manifest
+    weight = f"{lam:g}" if lam is not None else "LAMBDA"
+    tuned = (f"λ = {lam:g} (the memory's weight, given at export)" if lam is not None else
+             "λ: tune it per base on validation (`memdec eval --memory THIS_FOLDER --base BASE` prints it in "
+             "`knobs.lam`), the paper's values lie between 0.2 and 0.6")
+    restricted = ("" if facts["output_bias"] is None else
+                  f" It was trained with a restricted output layer; tokens outside it have an output bias that "
+                  f"gives them probability exactly 0 in float32, so the mixture equals memdec's. It is stored as "
+                  f"`{facts['architecture']}` (every layer dense), whose output layer has a bias: transformers ≥ 4.54.")
+    return [
+        f"A Memory Decoder: a causal LM over the full vocabulary ({facts['full_vocab_size']:,} tokens) of its "
+        f"family, mixed with any base of the same tokenizer as (1 − λ)·p_base + λ·p_memory.{restricted}",
+        "",
+        f"- teacher: `{manifest.get('teacher')}`; family: the bases of tokenizer fingerprint "
+        f"`{memory.tokenizer_fingerprint}` (memdec checks it); data hash `{manifest.get('data_hash')}`",
+        f"- {tuned}",
+        "",
+        "## In memdec",
+        "",
+        "```",
+        f"memdec eval --domain DOMAIN --base BASE --memory THIS_FOLDER{' --lam ' + weight if lam else ''}",
+        'memdec generate --base BASE --memory THIS_FOLDER "A prompt"',
+        "```",
+        "",
+        "## In plain transformers (4.4x or 5.x)",
+        "",
+        "```python",
+        "import torch",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)  # torch_dtype= on 4.x",
+        "memory = AutoModelForCausalLM.from_pretrained(THIS_FOLDER, dtype=torch.float32)",
+        "ids = AutoTokenizer.from_pretrained(BASE)(text, return_tensors='pt').input_ids",
+        "vocab = memory.config.vocab_size  # the base's padded rows beyond it have no tokens",
+        "p_base = torch.log_softmax(base(ids).logits[..., :vocab].float(), -1)",
+        "p_memory = torch.log_softmax(memory(ids).logits.float(), -1)",
+        f"lam = {weight}",
+        "mixed = torch.logaddexp(p_base + torch.log1p(torch.tensor(-lam)), p_memory + torch.log(torch.tensor(lam)))",
+        "```",
+        "",
+        "## In the official MemoryDecoder code",
+        "",
+        f"`python -m evaluate_joint --do_test --model_name_or_path BASE --knn_generator_path THIS_FOLDER "
+        f"--lmbda {weight} --dataset_name DATASET ...` (its `interpolate` is the mixture above).",
+        "",
+        "## In lmdeploy",
+        "",
+        "lmdeploy's Memory Decoder support (InternLM/lmdeploy PR #4767) takes the memory as "
+        f"`memory_model_path=THIS_FOLDER` with the weight λ = {weight}; the memory already covers the full "
+        "vocabulary, so `align_logits_to_base` only pads it to the base's padded rows.",
+    ]

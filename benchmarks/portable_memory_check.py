@@ -83,7 +83,8 @@ def domain_windows(base: str, domain: str, context: int, count: int) -> list[lis
 
     loaded = load_model(base)
     corpus = tokenize_corpus(load_corpus(domain), loaded.tokenizer, loaded.tokenizer_fingerprint,
-                             context=context, max_tokens={"train": 2, "valid": 2, "test": context * count + 1})
+                             context=context, max_tokens={"train": context + 1, "valid": context + 1,
+                                                         "test": context * count + 1})
     stream = [int(token) for token in corpus.streams["test"]]
     return [stream[start:start + context] for start in range(0, len(stream) - context + 1, context)][:count]
 

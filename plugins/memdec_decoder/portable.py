@@ -8,11 +8,14 @@ weights, every other token the shared slot's (the input embedding it always had)
 bias so low that its probability is exactly 0 in float32 after the softmax, as in memdec.
 
 transformers' Llama and Qwen2 classes have no output bias, and no config switch adds one. The
-export writes such a memory as ``Ernie4_5_MoeForCausalLM`` with every layer dense and
-``use_bias``: the same blocks (RMSNorm, rotary attention, SwiGLU), an output layer with a bias,
-and present in transformers 4.54 onwards. Its rotary embedding pairs channels (2i, 2i+1) where
+export writes such a memory as ``Ernie4_5_MoeForCausalLM`` with ``use_bias``: the same blocks
+(RMSNorm, rotary attention, SwiGLU), an output layer with a bias, present in transformers 4.54
+onwards. Each layer's MLP is the single expert of a router that can only pick it (softmax over
+one expert: weight 1.0 exactly); 4.x builds no Ernie 4.5 model without a router, and 5.x reads
+the per-expert names of 4.x checkpoints. Its rotary embedding pairs channels (2i, 2i+1) where
 Llama pairs (i, i + d/2), so the rows of q and k are reordered within each head (attention scores
-are unchanged); the biases Llama lacks are zeros.
+are unchanged); the attention biases Llama lacks are zeros, and the experts' (which 5.x does not
+have) too.
 
 The config carries ``rope_theta`` beside transformers 5's ``rope_parameters`` (4.x reads only the
 former, and would otherwise use its default base), and the tokenizer names a class 4.x has.
@@ -126,12 +129,16 @@ def _ernie_tensors(model, config) -> dict[str, torch.Tensor]:
                 weight, bias = _per_head(weight, order, head_dim), _per_head(bias, order, head_dim)
             tensors[f"{prefix}self_attn.{name}.weight"] = weight.clone()
             tensors[f"{prefix}self_attn.{name}.bias"] = bias.clone()
+        if any(getattr(mlp, name).bias is not None for name in ("gate_proj", "up_proj", "down_proj")):
+            raise ArtifactError("a restricted memory whose MLP has biases has no portable form in memdec")
+        # The MLP as the one expert of a router that always picks it, with weight exactly 1:
+        # transformers 4.x refuses an Ernie 4.5 model without any router, and 5.x's experts have no bias.
+        tensors[f"{prefix}mlp.gate.weight"] = torch.zeros(1, config.hidden_size)
+        tensors[f"{prefix}mlp.moe_statics.e_score_correction_bias"] = torch.zeros(1, 1)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            linear = getattr(mlp, name)
-            weight = linear.weight.detach().float()
-            tensors[f"{prefix}mlp.{name}.weight"] = weight.clone()
-            tensors[f"{prefix}mlp.{name}.bias"] = (linear.bias.detach().float() if linear.bias is not None
-                                                   else torch.zeros(weight.shape[0])).clone()
+            weight = getattr(mlp, name).weight.detach().float()
+            tensors[f"{prefix}mlp.experts.0.{name}.weight"] = weight.clone()
+            tensors[f"{prefix}mlp.experts.0.{name}.bias"] = torch.zeros(weight.shape[0])  # 4.x has them
         tensors[f"{prefix}input_layernorm.weight"] = layer.input_layernorm.weight.detach().float().clone()
         tensors[f"{prefix}post_attention_layernorm.weight"] = \
             layer.post_attention_layernorm.weight.detach().float().clone()
@@ -169,9 +176,10 @@ def _ernie_config(memory: MemoryDecoder, config, *, tied: bool) -> dict:
         "max_position_embeddings": config.max_position_embeddings, "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": tied, "use_bias": True, "use_cache": True,
         "rope_theta": rope, "rope_parameters": {"rope_theta": rope, "rope_type": "default"},
-        # every layer dense: the first MoE layer would come after the last layer
-        "moe_layer_start_index": layers, "moe_layer_end_index": layers - 1, "moe_layer_interval": 1,
+        # every layer's MLP is the one expert of its layer (see _ernie_tensors)
+        "moe_layer_start_index": 0, "moe_layer_end_index": layers - 1, "moe_layer_interval": 1,
         "moe_num_experts": 1, "moe_k": 1, "moe_num_shared_experts": 0,
+        "moe_intermediate_size": config.intermediate_size,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "dtype": "float32",
     }

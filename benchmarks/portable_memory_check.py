@@ -10,7 +10,9 @@ file; prints the mixture's perplexity as JSON.
 
 ``compare`` (memdec's Python) writes the windows, scores the same windows with memdec's own
 mixture of the *original* memory (restricted or not), runs ``mix`` with the given Python on the
-export, and prints both numbers and their relative difference.
+export, and prints both numbers and their relative difference; with ``--official REPOSITORY`` it
+also runs that checkout's ``evaluate_joint.py`` (as it is, in the same Python: it needs datasets
+4.0.0, accelerate, loguru and faiss there) on the same windows.
 
     python benchmarks/portable_memory_check.py compare --base memdec-demo-m --memory MEMORY \\
         --export EXPORTED --domain finance --python /tmp/tf455/bin/python --lam 0.4
@@ -89,6 +91,63 @@ def domain_windows(base: str, domain: str, context: int, count: int) -> list[lis
     return [stream[start:start + context] for start in range(0, len(stream) - context + 1, context)][:count]
 
 
+#: Written by ``--python``: the windows as the official code's preprocessed dataset (load_from_disk).
+DATASET_PROGRAM = """
+import json, sys
+from datasets import Dataset, DatasetDict
+windows = json.load(open(sys.argv[1]))
+DatasetDict({"test": Dataset.from_dict({"input_ids": windows, "labels": windows,
+                                        "attention_mask": [[1] * len(w) for w in windows]})}).save_to_disk(sys.argv[2])
+"""
+
+
+def official(python: str, repository: str, base: str, export: str, windows_file, folder, lam: float) -> dict:
+    """The official ``evaluate_joint.py`` (a local checkout of LUMIA-Group/MemoryDecoder, run as it is)
+    on the same windows: its "lm perplexity" and "joint perplexity" lines."""
+    import os
+    import re
+    from pathlib import Path
+
+    dataset = Path(folder) / "dataset"
+    subprocess.run([python, "-c", DATASET_PROGRAM, str(windows_file), str(dataset)], check=True, capture_output=True)
+    environment = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+                   "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([python, "-m", "evaluate_joint", "--do_test", "--model_name_or_path", base,
+                          "--dataset_name", str(dataset), "--dataset_split_name", "test",
+                          "--per_device_eval_batch_size", "4", "--output_dir", str(Path(folder) / "out"),
+                          "--lmbda", str(lam), "--knn_generator_path", export, "--report_to", "none"],
+                         cwd=repository, env=environment, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"evaluate_joint.py failed:\n{run.stderr[-3000:]}")
+    found = dict(re.findall(r"^(lm|joint) perplexity: ([0-9.eE+-]+)$", run.stdout, re.MULTILINE))
+    return {"lm_ppl": float(found["lm"]), "joint_ppl": float(found["joint"])}
+
+
+def outside_base(location: str, folder) -> str:
+    """The base as transformers 4.x reads it: a folder written by transformers 5 (a GGUF conversion in
+    memdec's cache) names its RoPE base only in ``rope_parameters``, which 4.x ignores (it would use
+    its default base), and may name a tokenizer class 4.x lacks. A copy with links to the weights
+    and both fixed; a folder that needs neither is used as it is."""
+    import shutil
+    from pathlib import Path
+
+    from memdec_decoder.portable import make_config_portable, make_tokenizer_portable
+
+    source, copy = Path(location), Path(folder) / "base"
+    if not source.is_dir():
+        return location
+    copy.mkdir()
+    for file in source.iterdir():
+        if file.name in ("config.json", "tokenizer_config.json"):
+            shutil.copy(file, copy / file.name)
+        else:
+            (copy / file.name).symlink_to(file.resolve())
+    make_config_portable(copy / "config.json")
+    if (copy / "tokenizer_config.json").is_file():
+        make_tokenizer_portable(copy / "tokenizer_config.json")
+    return str(copy)
+
+
 def compare(args) -> dict:
     import tempfile
     from pathlib import Path
@@ -99,15 +158,19 @@ def compare(args) -> dict:
         path.write_text(json.dumps(windows))
         from memdec_core.inputs.models import resolve_model_location
 
-        base_location = resolve_model_location(args.base)[0]
+        base_location = outside_base(resolve_model_location(args.base)[0], folder)
         outside = subprocess.run([args.python, __file__, "mix", "--base", base_location, "--memory", args.export,
                                   "--windows", str(path), "--lam", str(args.lam)],
                                  check=True, capture_output=True, text=True)
-    theirs = json.loads(outside.stdout.strip().splitlines()[-1])
-    ours = memdec_mixture(args.base, args.memory, windows, args.lam)
-    return {"base": args.base, "memory": args.memory, "export": args.export, "lam": args.lam,
-            "tokens": theirs["tokens"], "memdec_ppl": ours, "outside_ppl": theirs["ppl"],
-            "relative_difference": abs(theirs["ppl"] - ours) / ours, "outside": theirs}
+        theirs = json.loads(outside.stdout.strip().splitlines()[-1])
+        ours = memdec_mixture(args.base, args.memory, windows, args.lam)
+        report = {"base": args.base, "memory": args.memory, "export": args.export, "lam": args.lam,
+                  "tokens": theirs["tokens"], "memdec_ppl": ours, "outside_ppl": theirs["ppl"],
+                  "relative_difference": abs(theirs["ppl"] - ours) / ours, "outside": theirs}
+        if args.official:
+            found = official(args.python, args.official, base_location, args.export, path, folder, args.lam)
+            report["official"] = {**found, "relative_difference": abs(found["joint_ppl"] - ours) / ours}
+    return report
 
 
 def main() -> None:
@@ -127,6 +190,8 @@ def main() -> None:
     comparing.add_argument("--lam", type=float, default=0.4)
     comparing.add_argument("--context", type=int, default=256)
     comparing.add_argument("--windows", type=int, default=8)
+    comparing.add_argument("--official", default=None, metavar="REPOSITORY",
+                           help="also run evaluate_joint.py of this checkout of LUMIA-Group/MemoryDecoder")
     args = parser.parse_args()
     if args.command == "mix":
         print(json.dumps(mix(args.base, args.memory, args.windows, args.lam)))

@@ -48,7 +48,7 @@ def write_portable(memory: MemoryDecoder, output: Path) -> dict:
         bias = None
     else:
         architecture, bias = _save_full_vocabulary(memory, output), True
-    _make_config_portable(output / "config.json")
+    make_config_portable(output / "config.json")
     _save_tokenizer(memory, output)
     return {"architecture": architecture, "full_vocab_size": memory.full_vocab_size, "output_bias": bias}
 
@@ -199,7 +199,7 @@ def _rope_theta(config) -> float:
 # Files that transformers 4.x reads as 5.x does
 
 
-def _make_config_portable(path: Path) -> None:
+def make_config_portable(path: Path) -> None:
     """``rope_theta`` at the top as well (4.x ignores ``rope_parameters``) and ``torch_dtype``."""
     config = json.loads(path.read_text())
     for holder in [config, *(value for value in config.values() if isinstance(value, dict) and
@@ -224,7 +224,11 @@ def _tokenizer(memory: MemoryDecoder):
 
 def _save_tokenizer(memory: MemoryDecoder, output: Path) -> None:
     _tokenizer(memory).save_pretrained(output)
-    path = output / "tokenizer_config.json"
+    make_tokenizer_portable(output / "tokenizer_config.json")
+
+
+def make_tokenizer_portable(path: Path) -> None:
+    """A tokenizer class of transformers 5 that 4.x lacks becomes the 4.x class that reads its files."""
     config = json.loads(path.read_text())
     config["tokenizer_class"] = TOKENIZER_CLASSES_4X.get(config.get("tokenizer_class"),
                                                          config.get("tokenizer_class"))

@@ -9,8 +9,8 @@ bias so low that its probability is exactly 0 in float32 after the softmax, as i
 
 transformers' Llama and Qwen2 classes have no output bias, and no config switch adds one. The
 export writes such a memory as ``Ernie4_5_MoeForCausalLM`` with ``use_bias``: the same blocks
-(RMSNorm, rotary attention, SwiGLU), an output layer with a bias, present in transformers 4.54
-onwards. Each layer's MLP is the single expert of a router that can only pick it (softmax over
+(RMSNorm, rotary attention, SwiGLU), an output layer with a bias (checked: transformers 4.55.4
+and 5.25 load it). Each layer's MLP is the single expert of a router that can only pick it (softmax over
 one expert: weight 1.0 exactly); 4.x builds no Ernie 4.5 model without a router, and 5.x reads
 the per-expert names of 4.x checkpoints. Its rotary embedding pairs channels (2i, 2i+1) where
 Llama pairs (i, i + d/2), so the rows of q and k are reordered within each head (attention scores
@@ -32,7 +32,7 @@ import torch
 from memdec_core.errors import ArtifactError
 from memdec_decoder.memory import MemoryDecoder
 
-#: Architectures whose blocks Ernie 4.5's dense layers compute exactly (restricted memories only).
+#: Architectures whose blocks Ernie 4.5's compute exactly (restricted memories only).
 BIASED_FORMS = ("llama", "qwen2")
 #: How far below the best kept logit a missing token's logit is put, at least: exp(−200) is 0 in float32.
 UNDERFLOW_MARGIN = 200.0
@@ -186,7 +186,7 @@ def _ernie_config(memory: MemoryDecoder, config, *, tied: bool) -> dict:
 
 
 def _rope_theta(config) -> float:
-    """The rotary base, refusing scaled variants (Ernie's dense form is checked for plain rotary only)."""
+    """The rotary base, refusing scaled variants (the Ernie form is checked for plain rotary only)."""
     parameters = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -259,11 +259,12 @@ def card_lines(memory: MemoryDecoder, facts: dict, lam: float | None) -> list[st
     weight = f"{lam:g}" if lam is not None else "LAMBDA"
     tuned = (f"λ = {lam:g} (the memory's weight, given at export)" if lam is not None else
              "λ: tune it per base on validation (`memdec eval --memory THIS_FOLDER --base BASE` prints it in "
-             "`knobs.lam`), the paper's values lie between 0.2 and 0.6")
+             "`knobs.lam`)")
     restricted = ("" if facts["output_bias"] is None else
                   f" It was trained with a restricted output layer; tokens outside it have an output bias that "
                   f"gives them probability exactly 0 in float32, so the mixture equals memdec's. It is stored as "
-                  f"`{facts['architecture']}` (every layer dense), whose output layer has a bias: transformers ≥ 4.54.")
+                  f"`{facts['architecture']}` (each MLP the one expert of its layer), whose output layer has a bias: "
+                  f"checked to load in transformers 4.55.4 and 5.25.")
     return [
         f"A Memory Decoder: a causal LM over the full vocabulary ({facts['full_vocab_size']:,} tokens) of its "
         f"family, mixed with any base of the same tokenizer as (1 − λ)·p_base + λ·p_memory.{restricted}",

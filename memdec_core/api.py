@@ -24,7 +24,7 @@ from memdec_core.inputs.context import prepare_context
 from memdec_core.runs.compare import compare
 from memdec_core.runs.evaluate import evaluate
 from memdec_core.runs.generate import generate
-from memdec_core.runs.prepare import methods_for_base, prepare_run
+from memdec_core.runs.prepare import methods_for_base, prepare_run, with_memory
 
 if TYPE_CHECKING:
     from memdec_core.engine.composite import MemdecForCausalLM
@@ -40,4 +40,4 @@ def composite_model(base, memory, **options) -> "MemdecForCausalLM":
 
 
 __all__ = ["evaluate", "compare", "generate", "composite_model", "prepare_context", "prepare_run", "default_bases",
-           "default_methods", "methods_for_base"]
+           "default_methods", "methods_for_base", "with_memory"]

@@ -112,4 +112,22 @@ def parse_assignments(assignments: tuple[str, ...]) -> dict[str, dict[str, str]]
     return parsed
 
 
-__all__ = ["eval_settings", "parse_assignments", "set_option", "window_options"]
+def removed_option(name: str, replacement: str, *, flag: bool = False):
+    """``name``, an option removed from a command, kept hidden for one release so that giving it
+    names its replacement instead of click's "no such option" (a guess at a neighbour's name).
+
+    ``replacement`` may hold ``{value}``, the value given: ``removed_option("--factory",
+    "--set faiss.factory={value}")`` answers ``--factory IVF1024,PQ32`` with
+    ``--factory was removed; use --set faiss.factory=IVF1024,PQ32``. A ``flag`` takes no value.
+    """
+
+    def refuse(ctx, param, value):
+        if value is None or value is False:
+            return None
+        raise click.UsageError(f"{name} was removed; use {replacement.format(value=value)}", ctx=ctx)
+
+    return click.option(name, hidden=True, expose_value=False, is_flag=flag, default=False if flag else None,
+                        callback=refuse, help=f"Removed: {replacement.format(value='VALUE')}.")
+
+
+__all__ = ["eval_settings", "parse_assignments", "removed_option", "set_option", "window_options"]

@@ -411,6 +411,9 @@ class MemoryModel(Component):
     #: setting ``artifact_setting`` (``memdec generate --memory FOLDER``).
     artifact_type: ClassVar[str | None] = None
     artifact_setting: ClassVar[str | None] = None
+    #: True when a folder without ``memdec.json`` that holds a transformers model (``config.json``)
+    #: opens as this memory too, given to ``artifact_setting``: a memory made by other code.
+    opens_plain_models: ClassVar[bool] = False
     #: The range each numeric knob may take, ``{"temperature": (0, inf)}``: when the best value on
     #: validation sits at an edge of the grid, memdec tries values beyond it, inside this range
     #: (a knob not listed is taken to be positive and log-spaced).
@@ -421,6 +424,15 @@ class MemoryModel(Component):
     @abstractmethod
     def prepare(self, ctx: EvalContext) -> None:
         """Build or load the memory for ``ctx.base`` and ``ctx.corpus`` (None without a domain)."""
+
+    @classmethod
+    def export_portable(cls, folder: Path, output: Path, lam: float | None) -> list[str]:
+        """Write the memory of ``folder`` into the empty folder ``output`` as files that code other
+        than memdec mixes (``memdec export --memory FOLDER``); returns the model card's lines
+        (``lam``: the weight the card suggests, None when it must be tuned). A memory that is no
+        model by itself (a datastore) has no portable form: it exports as a composite with a base."""
+        raise ConfigError(f"a {cls.name} memory has no portable form of its own; export it with a base: "
+                          f"memdec export --base BASE --memory {folder} --output DIR")
 
     @property
     def max_positions(self) -> int | None:

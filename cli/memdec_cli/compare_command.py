@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import config_option, require_domain, run_config, split_list, write_report
+from memdec_cli.options import config_option, memory_option, require_domain, run_config, split_list, write_report
 from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.errors import ConfigError, MemdecError
 from memdec_core.runs.compare import CompareSettings
@@ -48,6 +48,7 @@ def _check_plot(ctx, param, value):
 @click.option("--method", "methods", multiple=True,
               help="Methods, comma-separated or repeated. Default: every installed method that declares a place "
                    "in the default comparison (memdec list methods).")
+@memory_option
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
@@ -74,9 +75,9 @@ def _check_plot(ctx, param, value):
               help="Save a figure: test perplexity per method per base, and each mixture's validation curve of "
                    "the combiner's knob (needs matplotlib).")
 @click.pass_context
-def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, budget, general_tokens, latency_tokens,
-                    fresh, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
-                    output, plot):
+def compare_command(ctx, config_file, domain, bases, methods, memory, combiner, lam, budget, general_tokens,
+                    latency_tokens, fresh, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens,
+                    output_format, output, plot):
     """Adapt every base model to a domain with every method and compare them head to head.
 
     For each base × method: domain test perplexity (knobs tuned on validation only), general
@@ -102,14 +103,16 @@ def compare_command(ctx, config_file, domain, bases, methods, combiner, lam, bud
     """
     from memdec_cli.render import print_comparison
     from memdec_core.runs.compare import compare
+    from memdec_core.runs.prepare import with_memory
 
     require_domain(ctx, domain)
     run = run_config(ctx)
+    methods, component_settings = with_memory(memory, split_list(methods) if methods else (), run.settings)
     try:
-        report = compare(domain, bases, split_list(methods) if methods else (),
+        report = compare(domain, bases, methods,
                          settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                         combiner=_combiner(combiner, lam, run.settings),
-                         component_settings=run.settings,
+                         combiner=_combiner(combiner, lam, component_settings),
+                         component_settings=component_settings,
                          measure=CompareSettings(general_tokens=general_tokens, latency_tokens=latency_tokens,
                                                  reuse_results=not fresh, **budget),
                          config=run.meta, command=list(sys.argv))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.options import config_option, require_domain, run_config, split_list, write_report
+from memdec_cli.options import config_option, memory_option, require_domain, run_config, split_list, write_report
 from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.runs.runconfig import FORMATS
 
@@ -22,6 +22,7 @@ from memdec_core.runs.runconfig import FORMATS
                    "or a hub id. Repeatable. Default: the offline demo family.")
 @click.option("--method", "methods", multiple=True, default=("base",), show_default=True,
               help="Methods to run, comma-separated or repeated (memdec list methods).")
+@memory_option
 @click.option("--combiner", default="linear", show_default=True,
               help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None,
@@ -33,8 +34,8 @@ from memdec_core.runs.runconfig import FORMATS
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.pass_context
-def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assignments, context, stride, batch_size,
-                 max_train_tokens, max_eval_tokens, output_format, output):
+def eval_command(ctx, config_file, domain, bases, methods, memory, combiner, lam, assignments, context, stride,
+                 batch_size, max_train_tokens, max_eval_tokens, output_format, output):
     """Test perplexity of every base × method on a domain; knobs are tuned on the validation split.
 
     Artifacts a method needs (a kNN-LM datastore, ...) are built on first use and cached by
@@ -52,7 +53,7 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
     Examples:
       memdec eval --domain ./my-corpus --base HuggingFaceTB/SmolLM2-135M \\
                   --method base,knn-lm --set knn-lm.k=256 --format json
-      memdec eval --domain finance --method base,memdec --set memdec.path=finance-memory
+      memdec eval --domain finance --memory finance-memory      # base and memdec, the memory from a folder
       memdec eval --domain finance --method mixture --set mixture.memory=knn-datastore --set faiss.nprobe=64
       memdec eval --domain biomed --set biomed.source=hub --base Qwen/Qwen2.5-0.5B --method base,knn-lm
       memdec eval --config finance-knn.yaml --max-eval-tokens 0
@@ -62,10 +63,11 @@ def eval_command(ctx, config_file, domain, bases, methods, combiner, lam, assign
 
     require_domain(ctx, domain)
     run = run_config(ctx)
-    report = api.evaluate(domain, bases, split_list(methods),
+    methods, component_settings = api.with_memory(memory, split_list(methods), run.settings)
+    report = api.evaluate(domain, bases, methods,
                           settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
-                          combiner=_combiner(combiner, lam, run.settings), component_settings=run.settings,
-                          config=run.meta, command=sys.argv)
+                          combiner=_combiner(combiner, lam, component_settings),
+                          component_settings=component_settings, config=run.meta, command=sys.argv)
     print_evaluation(report, output_format)
     if output:
         write_report(output, report)

@@ -14,6 +14,14 @@ import click
 from memdec_core.command_kit import parse_assignments
 from memdec_core.errors import ConfigError
 
+#: ``--memory NAME|FOLDER`` of eval, compare and tasks, as on generate, export and transfer.
+memory_option = click.option(
+    "--memory", default=None, metavar="NAME|FOLDER",
+    help="The memory the run's mixing methods use: a folder (a memory from `memdec train` or any transformers "
+         "causal LM of the base's tokenizer, a datastore) or a memory model's name; the same as --set "
+         "memdec.path=FOLDER / mixture.memory=NAME (give one). With --method base alone, the memory's method "
+         "(memdec, knn-lm or mixture) is added.")
+
 
 def split_list(values: tuple[str, ...]) -> list[str]:
     """Repeated and comma-separated values, in order: ("base,knn-lm", "x") → [base, knn-lm, x]."""

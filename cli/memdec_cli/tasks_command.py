@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from memdec_cli.eval_command import _combiner
-from memdec_cli.options import split_list, write_report
+from memdec_cli.options import memory_option, split_list, write_report
 from memdec_core.command_kit import eval_settings, parse_assignments, set_option, window_options
 from memdec_core.errors import ArtifactError
 from memdec_core.runs.tasks import DEFAULT_VALIDATION_EXAMPLES, TASKS_DIR_VARIABLE, task_names
@@ -23,6 +23,7 @@ FORMATS = ("table", "json", "markdown")
 @click.option("--base", "bases", multiple=True, help="Base model (repeatable). Default: the offline demo family.")
 @click.option("--method", "methods", multiple=True, default=("base",), show_default=True,
               help="Methods, comma-separated or repeated (memdec list methods).")
+@memory_option
 @click.option("--tasks", "task_list", multiple=True, required=True,
               help=f"Tasks, comma-separated or repeated: a shipped task ({', '.join(task_names())}) or a spec file "
                    f"of your own (path/to/task.yaml, docs/tasks.md).")
@@ -46,9 +47,9 @@ FORMATS = ("table", "json", "markdown")
                    "false until the last).")
 @click.option("--resume", is_flag=True, help="Keep the rows --output already holds from an interrupted run of the "
                                              "same settings, and score only the rest.")
-def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, validation_examples, combiner, lam,
-                  assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format, output,
-                  resume):
+def tasks_command(domain, bases, methods, memory, task_list, tasks_dir, max_examples, validation_examples, combiner,
+                  lam, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens, output_format,
+                  output, resume):
     """Zero-shot classification accuracy of every base × method adapted to a domain, scored by DCPMI.
 
     Each method adapts to --domain exactly as in `memdec eval` (artifacts cached, knobs tuned on the
@@ -69,12 +70,13 @@ def tasks_command(domain, bases, methods, task_list, tasks_dir, max_examples, va
                    --tasks sst2,mr,cr,rotten_tomatoes,hyp,rte,agn --format markdown
       memdec tasks --domain ./my-corpus --base Qwen/Qwen2.5-0.5B --method base,knn-lm --tasks ./my-task.yaml
     """
+    from memdec_core.runs.prepare import with_memory
     from memdec_core.runs.tasks import evaluate_tasks
 
     if resume and output is None:
         raise click.UsageError("--resume needs --output, the report to resume")
-    component_settings = parse_assignments(assignments)
-    report = evaluate_tasks(domain, split_list(task_list), tasks_dir, bases, split_list(methods),
+    methods, component_settings = with_memory(memory, split_list(methods), parse_assignments(assignments))
+    report = evaluate_tasks(domain, split_list(task_list), tasks_dir, bases, methods,
                             max_examples=max_examples, validation_examples=validation_examples,
                             settings=eval_settings(context, stride, batch_size, max_train_tokens, max_eval_tokens),
                             combiner=_combiner(combiner, lam, component_settings),

@@ -14,7 +14,7 @@ from memdec_core.inputs.data import Corpus, load_corpus, tokenize_corpus
 from memdec_core.inputs.models import LoadedModel, load_model
 from memdec_core.interfaces import Component, EvalContext, EvalSettings, MemoryModel
 from memdec_core.runtime.progress import log
-from memdec_core.store.artifacts import read_manifest_type
+from memdec_core.store.artifacts import MANIFEST, read_manifest_type
 
 if TYPE_CHECKING:
     from memdec_core.interfaces import Combiner
@@ -57,13 +57,29 @@ def memory_context(base: "str | LoadedModel", memory: "str | MemoryModel | None"
 
 def open_memory(spec: str, plan: Plan) -> MemoryModel:
     """A memory model by name, or the one that opens a folder (its ``memdec.json`` type)."""
+    name, values = memory_opener(spec)
+    return plan.create("memory-models", name, **values)
+
+
+def memory_opener(spec: str) -> tuple[str, dict[str, str]]:
+    """``(memory model, its settings)`` that a memory name or folder stands for: ``("knn-datastore", {})``
+    for a name, ``("memory-decoder", {"path": "/abs/folder"})`` for a folder (by its ``memdec.json``
+    type; a plain transformers folder opens with a memory that ``opens_plain_models``)."""
     folder = Path(spec).expanduser()
-    if spec in registry.components("memory-models") or not (folder.is_dir() or "/" in spec):
-        return plan.create("memory-models", spec)
+    memories = registry.components("memory-models")
+    if spec in memories:
+        return spec, {}
+    if not (folder.is_dir() or "/" in spec):
+        registry.get("memory-models", spec)  # an unknown name: the error names the closest ones
     if not folder.is_dir():
         raise ConfigError(f"memory folder not found: {folder}")
+    if not (folder / MANIFEST).is_file() and (folder / "config.json").is_file():
+        openers = [(name, cls) for name, cls in memories.items() if cls.opens_plain_models and cls.artifact_setting]
+        if openers:
+            name, cls = openers[0]
+            return name, {cls.artifact_setting: str(folder.resolve())}
     artifact_type = read_manifest_type(folder)
-    for name, cls in registry.components("memory-models").items():
+    for name, cls in memories.items():
         if cls.artifact_type == artifact_type and cls.artifact_setting:
-            return plan.create("memory-models", name, **{cls.artifact_setting: str(folder)})
+            return name, {cls.artifact_setting: str(folder.resolve())}
     raise ConfigError(f"{folder} holds a {artifact_type!r} artifact, which no memory model opens")

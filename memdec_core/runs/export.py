@@ -1,10 +1,13 @@
-"""Exports for the hub: an adapted model as one standalone folder, a composite as its references.
+"""Exports for the hub: an adapted model as one standalone folder, a memory as one portable model,
+a composite as its references.
 
 ``export_adapted`` takes an artifact whose manifest names its base and whose folder holds either
 a PEFT adapter (LoRA: merged into the base with ``merge_and_unload``) or whole weights (DAPT),
 and writes a plain Hugging Face model folder — weights, config, tokenizer, a model card and a
 ``memdec.json`` — that ``AutoModelForCausalLM.from_pretrained`` loads without memdec.
-``export_composite`` writes a composite model's folder of references (``save_pretrained``).
+``export_memory`` writes a memory as a plain model that other code mixes with a base (the memory
+plugin's ``export_portable``); ``export_composite`` writes a composite model's folder of
+references (``save_pretrained``).
 Both write atomically: an interrupted export leaves nothing at ``output``.
 """
 
@@ -75,6 +78,27 @@ def export_composite(base: str, memory: str, output: Path | str, *, domain: str 
     with new_folder(output, force) as temporary:
         temporary.rmdir()  # save_pretrained writes this folder itself (atomically), then it moves into place
         model.save_pretrained(temporary)
+    return output
+
+
+def export_memory(memory: str, output: Path | str, *, lam: float | None = None, force: bool = False) -> Path:
+    """Write the memory folder ``memory`` to ``output`` as a portable memory: a plain causal LM of its
+    family's full vocabulary (``MemoryModel.export_portable``), with a model card that says how to
+    mix it in memdec, in plain transformers and in other Memory Decoder code."""
+    from memdec_core.components import registry
+    from memdec_core.inputs.context import memory_opener
+
+    output = Path(output).expanduser()
+    name, values = memory_opener(memory)
+    cls = registry.get("memory-models", name)
+    if not values or cls.artifact_setting not in values:
+        raise ConfigError(f"--memory {memory} is a memory model's name; a portable memory is exported from its "
+                          f"folder (memdec train --output DIR, or a cached one: memdec cache ls)")
+    folder = Path(values[cls.artifact_setting])
+    _check_output(output, force, sources=(folder,))
+    with new_folder(output, force) as temporary:
+        lines = cls.export_portable(folder, temporary, lam)
+        write_readme(temporary, f"A portable {name} memory", lines, tags=(name, "memory-decoder", "portable"))
     return output
 
 

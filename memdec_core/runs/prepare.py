@@ -193,3 +193,60 @@ def check_finite(value: float | None, what: str) -> None:
 def combiner_label(combiner_class: type[Combiner]) -> str:
     """How reports name a combiner: its registered name, or its class's for one from a file."""
     return combiner_class.name or combiner_class.__name__
+
+
+def with_memory(memory: str | None, methods: Iterable[str],
+                component_settings: dict[str, dict[str, Any]] | None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``(methods, component_settings)`` of a run given ``--memory NAME_OR_FOLDER``: the settings
+    that hand the memory to every method of the run that mixes it (``memdec.path=DIR`` for a memory
+    folder, ``mixture.memory=NAME``), the memory's own method added when the run's only method is
+    ``base``. Naming the memory here and in a setting as well is refused: which one wins would be a guess."""
+    from memdec_core.inputs.context import memory_opener
+
+    methods, settings = list(methods), {name: dict(values) for name, values in (component_settings or {}).items()}
+    if not memory:
+        return methods, settings
+    methods = methods or registry.default_methods()  # compare's default comparison
+    name, opened = memory_opener(memory)
+    takers = [method for method in methods if _mixes(method, name)]
+    if not takers:
+        if methods != ["base"]:
+            raise ConfigError(f"--memory {memory} (a {name}): none of the methods {', '.join(methods)} mixes it; "
+                              f"add {_method_for(name)}")
+        takers = [_method_for(name)]
+        methods = methods + takers
+    for method in takers:
+        if registry.get("methods", method).memory:  # a fixed memory takes its settings under the method's name
+            _assign(settings, method, opened, memory)
+        else:
+            _assign(settings, method, {"memory": name}, memory)
+            _assign(settings, name, opened, memory)
+    return methods, settings
+
+
+def _mixes(method: str, memory: str) -> bool:
+    from memdec_core.engine.mixture import MixtureMethod
+
+    cls = registry.get("methods", method)
+    return issubclass(cls, MixtureMethod) and cls.memory in (None, memory)
+
+
+def _method_for(memory: str) -> str:
+    """The method that mixes ``memory``: the one that fixes it (``memdec`` for ``memory-decoder``), else ``mixture``."""
+    from memdec_core.engine.mixture import MixtureMethod
+
+    classes = registry.components("methods")
+    fixed = [name for name, cls in classes.items() if issubclass(cls, MixtureMethod) and cls.memory == memory]
+    general = [name for name, cls in classes.items() if issubclass(cls, MixtureMethod) and not cls.memory]
+    if not (fixed or general):
+        raise ConfigError(f"no installed method mixes the memory {memory}")
+    return (fixed or general)[0]
+
+
+def _assign(settings: dict[str, dict[str, Any]], name: str, values: dict[str, Any], memory: str) -> None:
+    for key, value in values.items():
+        given = settings.get(name, {}).get(key)
+        if given is not None:
+            raise ConfigError(f"the memory is named twice: --memory {memory} and --set {name}.{key}={given}; "
+                              f"give one of them")
+        settings.setdefault(name, {})[key] = value

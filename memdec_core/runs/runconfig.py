@@ -126,6 +126,7 @@ _COMMON = {
     "domain": Key("a domain name or a corpus folder", _text),
     "bases": Key("a list of base model names", _texts),
     "methods": Key("a list of method names", _texts),
+    "memory": Key("a memory model name or a memory folder", _text, nullable=True),
     "combiner": Key("a combiner name or path/to/file.py:Name", _text),
     "lam": Key("a number from 0 to 1", _fraction, nullable=True),
     "context": Key("an integer of at least 2", _integer(2), nullable=True),

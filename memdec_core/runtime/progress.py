@@ -51,3 +51,12 @@ def log(message: str) -> None:
     """A status line for humans on stderr."""
     if progress_enabled():
         stderr.print(f"[dim]memdec:[/dim] {message}", highlight=False)
+
+
+def warn(message: str) -> None:
+    """A line the user should read even with progress off (what memdec cannot vouch for); once per
+    launch of several processes."""
+    from memdec_core.runtime.distributed import world
+
+    if world().main:
+        stderr.print(f"memdec: warning: {message}", highlight=False, markup=False, soft_wrap=True)

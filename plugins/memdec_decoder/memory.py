@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from memdec_core.errors import ArtifactError, ConfigError, ModelError
+from memdec_core.errors import ArtifactError, ConfigError, MemdecError, ModelError
 from memdec_core.inputs.models import autocast, default_device, model_device
-from memdec_core.store.artifacts import read_manifest
+from memdec_core.store.artifacts import MANIFEST, read_manifest
 from memdec_decoder.vocab import Vocabulary
 
 ARTIFACT_TYPE = "memory-decoder"
+_WARNED: set[Path] = set()  # plain memories warned about, once per process
 
 
 class MemoryDecoder:
@@ -49,12 +50,21 @@ class MemoryDecoder:
         config = self.model.config.get_text_config()
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+    def warn_if_plain(self) -> None:
+        """One line for a memory made by other code: memdec cannot say what it learnt from."""
+        from memdec_core.runtime.progress import warn
+
+        if self.manifest.get("plain") and self.folder not in _WARNED:
+            _WARNED.add(self.folder)
+            warn(f"memory {self.folder} has no {MANIFEST} (made by other code): its teacher, data and training "
+                 f"are unknown, so it is mixed as it is and its fidelity to a teacher is not measured")
+
     def check_compatible(self, base, context: int | None = None) -> None:
         """A memory mixes only with a base of the same tokenizer, over windows it can read."""
         if base.tokenizer_fingerprint != self.tokenizer_fingerprint:
-            raise ModelError(f"memory {self.folder} was trained with another tokenizer "
-                             f"(teacher {self.manifest.get('teacher')}) than {base.model_id}; "
-                             f"a Memory Decoder mixes only with bases of its own tokenizer")
+            teacher = f" (teacher {self.manifest['teacher']})" if self.manifest.get("teacher") else ""
+            raise ModelError(f"memory {self.folder} was trained with another tokenizer{teacher} than "
+                             f"{base.model_id}; a Memory Decoder mixes only with bases of its own tokenizer")
         if base.vocab_size < self.full_vocab_size:
             raise ModelError(f"memory {self.folder} predicts {self.full_vocab_size} tokens but "
                              f"{base.model_id} has only {base.vocab_size}")
@@ -118,7 +128,8 @@ class MemoryDecoder:
 
 
 def open_memory(folder) -> MemoryDecoder:
-    """Load a memory folder written by ``memdec train``, checking its parts."""
+    """Load a memory folder written by ``memdec train``, checking its parts (or a plain transformers
+    folder of a memory made elsewhere: ``open_plain_memory``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -126,6 +137,8 @@ def open_memory(folder) -> MemoryDecoder:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ArtifactError(f"memory folder not found: {folder}")
+    if not (folder / MANIFEST).is_file() and (folder / "config.json").is_file():
+        return open_plain_memory(folder)
     manifest = read_manifest(folder, ARTIFACT_TYPE)
     vocabulary = Vocabulary.load(folder, manifest["full_vocab_size"]) if manifest.get("restricted") else None
     try:
@@ -137,6 +150,22 @@ def open_memory(folder) -> MemoryDecoder:
     if rows != expected:
         raise ArtifactError(f"memory {folder}: the output layer has {rows} rows, the manifest expects {expected}")
     return MemoryDecoder(model, folder, manifest, vocabulary)
+
+
+def open_plain_memory(folder: Path) -> MemoryDecoder:
+    """A memory made by other code: a transformers causal LM folder with its tokenizer and no
+    ``memdec.json`` (the official MemoryDecoder's ``save_pretrained``, a hub checkpoint). Its
+    tokenizer fingerprint is measured from its own tokenizer files; what it was trained on is unknown."""
+    from memdec_core.inputs.models import load_model
+    try:
+        loaded = load_model(str(folder))
+    except MemdecError as error:
+        raise ArtifactError(f"{folder} has no {MANIFEST} and does not load as a transformers causal LM with its "
+                            f"tokenizer: {error}") from error
+    rows = loaded.model.get_output_embeddings().weight.shape[0]
+    manifest = {"type": ARTIFACT_TYPE, "plain": True, "tokenizer_fingerprint": loaded.tokenizer_fingerprint,
+                "full_vocab_size": rows, "restricted": False}
+    return MemoryDecoder(loaded.model.to(default_device()), folder, manifest, None)
 
 
 class DecoderStepper:

@@ -26,6 +26,7 @@ class DecoderMemory(MemoryModel):
     Config = DecoderSettings
     artifact_type = "memory-decoder"
     artifact_setting = "path"
+    opens_plain_models = True  # a memory trained by the official code: save_pretrained, no memdec.json
     requires = ("knn", "combiners")  # the teacher's datastore; the linear kNN-LM that picks T
 
     def __init__(self, config=None, **overrides):
@@ -42,7 +43,14 @@ class DecoderMemory(MemoryModel):
 
         self.memory = memory_for(ctx, self.config)
         self.memory.check_compatible(ctx.base, ctx.context)
+        self.memory.warn_if_plain()
         self.tokenizer_fingerprint = self.memory.tokenizer_fingerprint
+
+    @classmethod
+    def export_portable(cls, folder, output, lam):
+        from memdec_decoder.portable import export_portable
+
+        return export_portable(folder, output, lam)
 
     def _loaded(self) -> "MemoryDecoder":
         if self.memory is None:
@@ -89,7 +97,10 @@ class DecoderMemory(MemoryModel):
     def fidelity(self, ctx: "EvalContext", knobs: dict) -> dict:
         from memdec_decoder.fidelity import target_fidelity
 
-        return target_fidelity(ctx, self.config, self._loaded()) if ctx.corpus is not None else {}
+        memory = self._loaded()
+        if ctx.corpus is None or memory.manifest.get("plain"):  # a memory made elsewhere names no teacher
+            return {}
+        return target_fidelity(ctx, self.config, memory)
 
     def planned_parameters(self, ctx: "EvalContext") -> int | None:
         from memdec_decoder.pipeline import planned_parameters

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memdec_core.command_kit import eval_settings, parse_assignments, set_option, window_options
+from memdec_core.command_kit import eval_settings, parse_assignments, removed_option, set_option, window_options
 
 
 @click.group()
@@ -24,6 +24,10 @@ def datastore():
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Write the datastore to this new folder instead of the cache.")
 @window_options
+# Removed in 0.1.0 (the retriever's settings moved under --set); the hint goes in the next release.
+@removed_option("--factory", "--set faiss.factory={value}")
+@removed_option("--nprobe", "--set faiss.nprobe={value}")
+@removed_option("--train-size", "--set faiss.train_size={value}")
 def build(domain, base, retriever, assignments, output, context, stride, batch_size, max_train_tokens,
           max_eval_tokens):
     """Run BASE over the train split and store (last_ffn_input → next token) for every position,

@@ -56,10 +56,10 @@ PROFILES = {
                  "max_train_tokens": 8192, "max_eval_tokens": 1024, "general_tokens": 256,
                  "component_settings": {"memdec": {"teacher": "memdec-demo-l", "init": "memdec-demo-s"}}},
         "measure": {"latency_tokens": 128, "generation_tokens": 8, "latency_seconds": 0.0},
-        "stages": {"teacher": "memdec-demo-l", "init": "memdec-demo-s", "train_tokens": 32768, "eval_tokens": 4096,
+        "stages": {"teacher": "memdec-demo-l", "init": "memdec-demo-s", "train_tokens": 32768, "eval_tokens": 0,
                    "context": 512, "max_steps": 40, "prompts": 8, "new_tokens": 64, "store_keys": 8192},
-        "budgets": {"install": 40, "checks": 40, "faiss": 40, "compare-fp32": 130, "compare-auto": 130,
-                    "stages": 90},
+        "budgets": {"install": 40, "checks": 40, "faiss": 40, "compare-fp32": 150, "compare-auto": 150,
+                    "stages": 80},
         "budget": 480,
     },
     "dry-run": {
@@ -72,9 +72,10 @@ PROFILES = {
         "measure": {"latency_tokens": 16, "generation_tokens": 0, "latency_seconds": 0.0},
         "stages": {"teacher": "memdec-demo-s", "init": "memdec-demo-s", "train_tokens": 512, "eval_tokens": 128,
                    "context": 64, "max_steps": 2, "prompts": 2, "new_tokens": 4, "store_keys": 512},
-        "budgets": {"install": 60, "checks": 60, "faiss": 60, "compare-fp32": 120, "compare-auto": 120,
-                    "stages": 120},
-        "budget": 480,
+        # a CPU shared with others: budgets wide enough for a loaded machine (the mechanism is what is tested)
+        "budgets": {"install": 60, "checks": 120, "faiss": 120, "compare-fp32": 300, "compare-auto": 300,
+                    "stages": 300},
+        "budget": 1200,
     },
 }
 STEPS = ["install", "checks", "faiss", "compare-fp32", "compare-auto", "stages"]
@@ -263,6 +264,7 @@ def install(plan: dict, timeout: float) -> tuple[dict, str, str]:
     for module, pin in WHEEL_PINS.items():
         packages[pin.split("==")[0]] = install_one(module, pin, plan, deadline)
     packages["faiss-gpu"] = faiss_gpu_status()
+    packages["memdec"] = register_memdec(plan, deadline)
     failed = [name for name, entry in packages.items() if entry["status"] == "not installed"]
     return {"install": {"wheels": str(WHEELS.relative_to(ROOT)), "site": plan["site"], "packages": packages}}, \
         "ok", ("not installed: " + ", ".join(failed)) if failed else ""
@@ -286,6 +288,42 @@ def install_one(module: str, pin: str, plan: dict, deadline: float) -> dict:
     if done.returncode:
         return {"status": "not installed", "detail": (done.stderr.strip().splitlines() or ["pip failed"])[-1]}
     return {"status": "installed" if plan["profile"] != "dry-run" else "would install", "detail": wheel.name}
+
+
+def register_memdec(plan: dict, deadline: float) -> dict:
+    """memdec's plugins are found through its entry points, so the tree must be installed: editable,
+    offline (the device has setuptools and wheel); where pip cannot, the tree's entry points are
+    declared in a dist-info folder on the children's path (what the editable install would add)."""
+    probe = "from importlib import metadata; print(' '.join(e.name for e in metadata.entry_points(group='memdec')))"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(plan)).stdout
+    if "knn" in found.split():
+        return {"status": "present", "detail": f"plugins {found.strip()}"}
+    if plan["profile"] == "dry-run":
+        return {"status": "not installed", "detail": "the dry run installs nothing into this environment"}
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation", "-e",
+               str(ROOT)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
+        if done.returncode == 0:
+            return {"status": "installed", "detail": "pip install --no-index --no-deps --no-build-isolation -e ."}
+        why = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+    except subprocess.TimeoutExpired:
+        why = "pip ran past the step's budget"
+    declare_entry_points(Path(plan["site"]))
+    return {"status": "declared", "detail": f"pip -e failed ({why}); the tree's entry points declared in "
+                                            f"{plan['site']}"}
+
+
+def declare_entry_points(site: Path) -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    info = site / f"memdec-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: memdec\nVersion: {project['version']}\n")
+    groups = [f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
+              for group, entries in project["entry-points"].items()]
+    (info / "entry_points.txt").write_text("\n".join(groups))
 
 
 def module_version(module: str) -> str | None:
@@ -445,8 +483,9 @@ def markdown(report: dict) -> str:
                   f"{r['relative']:.2e} |" if r["reference"] else f"| {r['base']} | {r['method']} | - | "
                   f"{r['measured']:.4f} | - |" for r in comparison["rows"]]
     lines += ["", "| stage | tokens | seconds | tokens/s | peak GPU MiB | note |", "|---|---|---|---|---|---|"]
-    lines += [f"| {t['stage']} | {t.get('tokens', '-')} | {t.get('seconds', '-')} | {t.get('tokens_per_s', '-')} | "
-              f"{t.get('peak_gpu_mib', '-')} | {t.get('reason', t.get('what', ''))} |" for t in report["timings"]]
+    lines += ["| " + " | ".join(str(t.get(key) if t.get(key) is not None else "-") for key in
+                                ("stage", "tokens", "seconds", "tokens_per_s", "peak_gpu_mib"))
+              + f" | {t.get('reason', t.get('what', ''))} |" for t in report["timings"]]
     lines += ["", "| check | status | detail |", "|---|---|---|"]
     lines += [f"| {c['name']} | {c['status']} | {c['detail']} |" for c in report["checks"]]
     return "\n".join(lines) + "\n"
@@ -632,9 +671,13 @@ def run_cli(arguments: list[str]) -> str:
 
     from memdec_cli.main import build_cli
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        build_cli().main(["--device", os.environ["MEMDEC_DEVICE"], *arguments], standalone_mode=False)
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        code = build_cli().main(["--device", os.environ["MEMDEC_DEVICE"], *arguments], standalone_mode=False)
+    sys.stderr.write(errors.getvalue())
+    if isinstance(code, int) and code:
+        said = (errors.getvalue().strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"memdec {' '.join(arguments[:2])} exited with {code}: {said}")
     return printed.getvalue()
 
 
@@ -688,8 +731,8 @@ def stage_forward(stages, common, memory, result) -> dict:
     settings = EvalSettings(context=stages["context"], max_eval_tokens=stages["eval_tokens"])
     report = api.evaluate(common[1], bases=[stages["teacher"]], methods=["base"], settings=settings)
     row = report["results"][0]
-    tokens = row["test_tokens"] + row.get("valid_tokens", row["test_tokens"])
-    return {"tokens": tokens, "seconds": row["seconds"], "what": "eval's base row: validation and test scored"}
+    return {"tokens": row["test_tokens"], "seconds": row["seconds"],
+            "what": "`api.evaluate`'s base row: the test split scored (its seconds, to 0.01 s)"}
 
 
 def stage_datastore(stages, common, memory, result) -> dict:

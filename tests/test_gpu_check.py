@@ -29,7 +29,7 @@ def run_script(out: Path, *arguments: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "plugins"), str(ROOT / "cli")]))
     env.pop("OUT", None)
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *arguments], env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "gpu_check.md").read_text().startswith("# memdec GPU check (dry-run)")
     return json.loads((out / "gpu_check.json").read_text())

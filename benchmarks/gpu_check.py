@@ -58,7 +58,7 @@ PROFILES = {
         "measure": {"latency_tokens": 128, "generation_tokens": 8, "latency_seconds": 0.0},
         "stages": {"teacher": "memdec-demo-l", "init": "memdec-demo-s", "train_tokens": 32768, "eval_tokens": 0,
                    "context": 512, "max_steps": 40, "prompts": 8, "new_tokens": 64, "store_keys": 8192},
-        "budgets": {"install": 40, "checks": 40, "faiss": 40, "compare-fp32": 150, "compare-auto": 150,
+        "budgets": {"install": 60, "checks": 30, "faiss": 40, "compare-fp32": 150, "compare-auto": 150,
                     "stages": 80},
         "budget": 480,
     },
@@ -286,7 +286,7 @@ def install_one(module: str, pin: str, plan: dict, deadline: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": "not installed", "detail": "pip ran past the step's budget"}
     if done.returncode:
-        return {"status": "not installed", "detail": (done.stderr.strip().splitlines() or ["pip failed"])[-1]}
+        return {"status": "not installed", "detail": error_line(done.stderr)}
     return {"status": "installed" if plan["profile"] != "dry-run" else "would install", "detail": wheel.name}
 
 
@@ -306,7 +306,7 @@ def register_memdec(plan: dict, deadline: float) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()))
         if done.returncode == 0:
             return {"status": "installed", "detail": "pip install --no-index --no-deps --no-build-isolation -e ."}
-        why = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        why = error_line(done.stderr)
     except subprocess.TimeoutExpired:
         why = "pip ran past the step's budget"
     declare_entry_points(Path(plan["site"]))
@@ -324,6 +324,13 @@ def declare_entry_points(site: Path) -> None:
     groups = [f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in entries.items())
               for group, entries in project["entry-points"].items()]
     (info / "entry_points.txt").write_text("\n".join(groups))
+
+
+def error_line(stderr: str) -> str:
+    """pip's own error line (its last lines are hints)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.lower().startswith("error")]
+    return (errors or lines or ["pip failed"])[-1][:300]
 
 
 def module_version(module: str) -> str | None:

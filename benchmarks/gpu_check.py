@@ -54,7 +54,9 @@ PROFILES = {
         "caps": {"domain": "finance", "bases": ["memdec-demo-s", "memdec-demo-m", "memdec-demo-l"],
                  "methods": ["base", "dapt", "lora", "knn-lm", "rag", "memdec"], "context": 512,
                  "max_train_tokens": 8192, "max_eval_tokens": 1024, "general_tokens": 256,
-                 "component_settings": {"memdec": {"teacher": "memdec-demo-l", "init": "memdec-demo-s"}}},
+                 # 4 windows a step: -l's share of the memory's FLOPs (2,633 tokens) holds one step of DAPT and LoRA
+                 "component_settings": {"memdec": {"teacher": "memdec-demo-l", "init": "memdec-demo-s"},
+                                        "dapt": {"batch_size": 4}, "lora": {"batch_size": 4}}},
         "measure": {"latency_tokens": 128, "generation_tokens": 8, "latency_seconds": 0.0},
         "stages": {"teacher": "memdec-demo-l", "init": "memdec-demo-s", "train_tokens": 32768, "eval_tokens": 0,
                    "context": 512, "max_steps": 40, "prompts": 8, "new_tokens": 64, "store_keys": 8192},
@@ -545,7 +547,7 @@ def run_child(name: str, plan: dict, result_file: Path) -> int:
      "stages": step_stages}[name](name, profile, plan, result, save)
     failed = [check["name"] for check in result["checks"] if check["status"] == "fail"]
     if failed:
-        result.update(status="fail", reason="failed: " + ", ".join(failed))
+        result.update(status="fail", reason=f"{result['reason']} failed: {', '.join(failed)}".strip())
     save()
     return 0
 
@@ -692,6 +694,7 @@ def step_compare(name, profile, plan, result, save) -> None:
     """`compare` on every base × method, one base at a time (the memory's teacher and init fixed, so
     this is the family's run), in fp32 or under --dtype auto."""
     from memdec_core import api
+    from memdec_core.errors import MemdecError
     from memdec_core.interfaces import EvalSettings
     from memdec_core.runs.compare import CompareSettings
 
@@ -703,8 +706,13 @@ def step_compare(name, profile, plan, result, save) -> None:
     result["rows"] = []
     peak_reset()
     for base in caps["bases"]:
-        report = api.compare(caps["domain"], bases=[base], methods=caps["methods"], settings=settings,
-                             component_settings=caps["component_settings"], measure=measure)
+        try:
+            report = api.compare(caps["domain"], bases=[base], methods=caps["methods"], settings=settings,
+                                 component_settings=caps["component_settings"], measure=measure)
+        except MemdecError as error:  # one line, and the other bases are still measured
+            result.update(status="fail", reason=f"{result['reason']} {base}: {error}".strip())
+            save()
+            continue
         result["precision"] = report["meta"]["precision"]
         result["rows"] += [{"base": row["base"], "method": row["method"], "test_ppl": row["test_ppl"],
                             "seconds": row["seconds"]} for row in report["results"]]

@@ -97,3 +97,12 @@ def test_packed_wheel_is_restored_file_for_file(gpu_check, tmp_path):
     restored = gpu_check.restore_wheel(tmp_path / (wheel.name + ".tar.xz"), tmp_path / "restored")
     with zipfile.ZipFile(restored) as archive:
         assert {name: archive.read(name) for name in archive.namelist()} == files
+
+
+def test_the_stored_references_are_of_the_profiles_caps(gpu_check):
+    """A GPU run compares nothing if the caps were changed without measuring the reference again."""
+    stored = json.loads(gpu_check.REFERENCE.read_text())["profiles"]
+    for name, profile in gpu_check.PROFILES.items():
+        assert stored[name]["caps"] == profile["caps"], f"{name}: run gpu_check.py --write-reference again"
+        bases, methods = profile["caps"]["bases"], profile["caps"]["methods"]
+        assert set(stored[name]["test_ppl"]) == {f"{base}/{method}" for base in bases for method in methods}

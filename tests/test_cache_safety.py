@@ -99,6 +99,15 @@ def test_an_empty_folder_becomes_a_cache(tmp_path, monkeypatch):
     assert cache_dir.is_memdec_cache(tmp_path)
 
 
+def test_a_cache_another_process_is_tagging_this_moment_is_new(tmp_path, monkeypatch):
+    """Two runs started together on a new cache: the one that looks while the other's tag is being
+    written (a temporary file, renamed into place) must tag it too, not refuse it as foreign."""
+    monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path))
+    (tmp_path / f"{cache_dir.TAG_TEMPORARY}4242").write_text("Signature: 8a47")  # the other's, half written
+    cached_artifact("results", KEY)
+    assert cache_dir.is_memdec_cache(tmp_path)
+
+
 def test_an_earlier_memdecs_cache_is_recognised_and_tagged(tmp_path, monkeypatch):
     root = tmp_path / "old-cache"
     (root / "memories" / KEY).mkdir(parents=True)

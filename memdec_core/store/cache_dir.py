@@ -39,6 +39,7 @@ from memdec_core.store.disk import (
 )
 
 CACHE_MARKER = "CACHEDIR.TAG"
+TAG_TEMPORARY = f".{CACHE_MARKER}.tmp-"  # a tag being written, atomically renamed into place
 #: The line that makes a ``CACHEDIR.TAG`` memdec's (other tools write the same file name).
 MARKER_LINE = "# This file is a cache directory tag created by memdec."
 MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n" + MARKER_LINE + "\n"
@@ -138,9 +139,12 @@ def _is_memdec_manifest(path: Path) -> bool:
 
 
 def _is_empty(root: Path) -> bool:
+    """Whether ``root`` is missing or holds nothing but tags being written: another process that
+    is creating the same cache has a half-written tag in it for a moment, and the cache is no less
+    new for it (both tag it; the tag is written atomically)."""
     try:
         with os.scandir(root) as entries:
-            return next(entries, None) is None
+            return all(entry.name.startswith(TAG_TEMPORARY) for entry in entries)
     except FileNotFoundError:
         return True
 
@@ -148,7 +152,7 @@ def _is_empty(root: Path) -> bool:
 def _tag(root: Path) -> None:
     """Write the tag atomically (a reader never sees half of it)."""
     marker = root / CACHE_MARKER
-    temporary = root / f".{CACHE_MARKER}.tmp-{os.getpid()}"
+    temporary = root / f"{TAG_TEMPORARY}{os.getpid()}"
     with disk_errors(marker):
         root.mkdir(parents=True, exist_ok=True)
         try:

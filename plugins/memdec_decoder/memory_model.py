@@ -89,7 +89,9 @@ class DecoderMemory(MemoryModel):
     def fidelity(self, ctx: "EvalContext", knobs: dict) -> dict:
         from memdec_decoder.fidelity import target_fidelity
 
-        return target_fidelity(ctx, self.config, self._loaded()) if ctx.corpus is not None else {}
+        if ctx.corpus is None or not self.config.fidelity:
+            return {}
+        return target_fidelity(ctx, self.config, self._loaded())
 
     def planned_parameters(self, ctx: "EvalContext") -> int | None:
         from memdec_decoder.pipeline import planned_parameters

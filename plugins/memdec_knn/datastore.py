@@ -1,8 +1,9 @@
 """The kNN-LM datastore: key = hidden state at position p, value = token p + 1.
 
 On disk: ``keys.npy`` (fp16, memory-mapped), ``vals.npy`` (int32) and ``memdec.json``; beside
-them ``indexes/<retriever>-<key>/``, one search index per retriever and build settings (built
-on first use, written atomically). Row p is the global position p of the train stream: the
+them ``indexes/<retriever>-<key>/``, one search index per retriever and build settings as they
+resolve for the store (``factory=auto`` and the factory it picks are one index), built on first
+use, written atomically. Row p is the global position p of the train stream: the
 windows score consecutive positions, so rows are appended in order (and checked to be).
 
 A build works in ``.NAME.partial`` with ordinary buffered writes (a full disk is an error, not a
@@ -28,6 +29,7 @@ from memdec_core.errors import ArtifactError
 from memdec_core.inputs.model_cards import write_readme
 from memdec_core.interfaces import Retriever
 from memdec_core.runtime.distributed import barrier, sharding, sum_across
+from memdec_core.runtime.timings import timed
 from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
@@ -83,13 +85,10 @@ class Datastore:
             raise ArtifactError(f"datastore {self.folder}: vals.npy holds token ids outside [0, {vocab_size}) "
                                 f"(min {int(self.vals.min())}, max {int(self.vals.max())}); delete it to rebuild it")
 
+    @timed("index")
     def with_index(self, retriever: Retriever) -> "Datastore":
         """This datastore searched by ``retriever``: its index opened, or built on first use."""
-        from memdec_core.components.identity import component_identity
-
-        key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
-                          len(self), retriever.name, component_identity(type(retriever)), retriever.build_settings())
-        folder = _index_location(self, f"{retriever.name}-{key}")
+        folder = self._index_folder(retriever)
         with entry_lock(folder):
             if not (folder / "memdec.json").is_file():
                 _build_index(self, retriever, folder)
@@ -99,6 +98,22 @@ class Datastore:
         retriever.load(self.keys, folder)
         self.retriever, self.index_folder, self.index_manifest = retriever, folder, manifest
         return self
+
+    def _index_folder(self, retriever: Retriever) -> Path:
+        """Where ``retriever``'s index of this store is: named by its settings as they resolve for
+        this store (``factory=auto`` and ``factory=Flat`` are one index, built once); an index an
+        earlier memdec named by the settings as given is used where it exists."""
+        resolved = self._index_name(retriever, retriever.index_settings(len(self), self.manifest.get("dim")))
+        given = self._index_name(retriever, retriever.build_settings())
+        folders = [_index_location(self, name) for name in dict.fromkeys((resolved, given))]
+        return next((folder for folder in folders if (folder / "memdec.json").is_file()), folders[0])
+
+    def _index_name(self, retriever: Retriever, settings: dict) -> str:
+        from memdec_core.components.identity import component_identity
+
+        key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
+                          len(self), retriever.name, component_identity(type(retriever)), settings)
+        return f"{retriever.name}-{key}"
 
 
 def _index_location(store: Datastore, name: str) -> Path:

@@ -24,6 +24,7 @@ from memdec_core.inputs.models import autocast, capture_last_ffn_input, model_de
 from memdec_core.interfaces import Combiner, EvalContext, MemoryModel, Scorer
 from memdec_core.runtime.distributed import World, is_fully_sharded, sharding, sum_across
 from memdec_core.runtime.progress import log, progress_bar
+from memdec_core.runtime.timings import timed
 
 __all__ = ["ScoredBatch", "NLLTotal", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
            "model_scorer", "format_knobs", "bits_per_byte", "scored_bytes"]
@@ -208,6 +209,7 @@ def model_scorer(model, batch_size: int) -> Scorer:
                                                           description=description)
 
 
+@timed("tune")
 def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
                        edges: list[str] | None = None) -> tuple[list, list[NLLTotal], int]:
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.

@@ -22,6 +22,7 @@ import numpy as np
 
 from memdec_core.errors import ConfigError, DataError
 from memdec_core.interfaces import SPLITS
+from memdec_core.runtime.timings import timed
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 
@@ -179,6 +180,7 @@ def tokenization_key(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+@timed("tokenise")
 def cached_stream(tokenizer, documents: list[str], text_hash: str, description: str = "tokenizing") -> np.ndarray:
     """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped
     from the cache, else tokenised once and written there. Where the cache cannot be written (a

@@ -17,6 +17,7 @@ from typing import Any
 
 from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
 from memdec_core.inputs.model_cards import hub_id, looks_like_path
+from memdec_core.runtime.timings import timed
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
 BLOCK_PATHS = {
@@ -124,6 +125,7 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+@timed("load")
 def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
     """Load a model in fp32 on :func:`default_device`, in eval mode."""
     location, gguf_file = resolve_model_location(name)

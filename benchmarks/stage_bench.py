@@ -40,7 +40,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-train-tokens", type=int, default=32_768)
     parser.add_argument("--max-eval-tokens", type=int, default=4_096)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)  # EvalSettings' default
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--profile", choices=("knn", "datastore"), default=None)
     args = parser.parse_args()

@@ -492,16 +492,24 @@ def last_block_mlp(model):
     return decoder_blocks(model)[-1].mlp
 
 
+class ForwardStopped(Exception):
+    """A forward pass ended by ``capture_last_ffn_input(stop=True)`` once it had the hidden states."""
+
+
 @contextlib.contextmanager
-def capture_last_ffn_input(model):
+def capture_last_ffn_input(model, stop: bool = False):
     """Record the input of the last block's MLP (already normalised) on every forward pass.
 
     Yields a dict whose ``"hidden"`` entry holds the latest ``[batch, length, dim]`` tensor.
+    ``stop``: nothing after it is needed (a datastore's keys), so the pass ends there, raising
+    ``ForwardStopped`` for the caller to catch: the last MLP and the final norm are not run.
     """
     captured: dict[str, Any] = {}
 
     def hook(_module, args):
         captured["hidden"] = args[0].detach()
+        if stop:
+            raise ForwardStopped
 
     handle = last_block_mlp(model).register_forward_pre_hook(hook)
     try:

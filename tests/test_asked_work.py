@@ -139,3 +139,45 @@ def test_every_report_says_where_its_seconds_went(corpus_dir, tiny_gpt2):
     assert {"datastore", "index", "tune", "test"} <= set(knn_row["timings"])
     assert sum(knn_row["timings"].values()) == pytest.approx(knn_row["seconds"], abs=0.1)
     assert sum(row["timings"]["test"] for row in report["results"]) <= timings["test"] + 0.02
+
+
+def test_a_datastore_pass_ends_at_the_keys_and_stores_the_full_passs_hidden_states(corpus_dir, tiny_llama, tmp_path):
+    """The keys are the last MLP's input: the pass stops there (that MLP never runs), and the keys
+    are those of a full pass, bit for bit."""
+    import torch
+
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.inputs.data import make_windows
+    from memdec_core.inputs.models import last_block_mlp
+    from memdec_knn.datastore import build_datastore
+
+    ctx = core_api.prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
+    stream = ctx.corpus.streams["train"][:300]
+    calls = []
+    handle = last_block_mlp(ctx.base.model).register_forward_hook(lambda *args: calls.append(1))
+    try:
+        store = build_datastore(ctx.base, stream, tmp_path / "store", context=64, stride=32, batch_size=4,
+                                data_hash="test")
+        assert calls == []
+        full = torch.cat([batch.hidden for batch in iter_scored_batches(
+            ctx.base.model, stream, make_windows(len(stream), 64, 32), batch_size=4, capture_hidden=True)])
+        assert calls  # the full pass does run it
+    finally:
+        handle.remove()
+    assert np.array_equal(np.asarray(store.keys), full.numpy().astype(np.float16))
+
+
+@pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "−inf"), (float("-inf"), "−inf")])
+def test_non_finite_logits_are_still_refused_and_huge_finite_ones_are_not(bad, word):
+    """The one-reduction check of the base's logits: a NaN or an infinity is still found; finite
+    values whose sum overflows fall through to the full scan and pass."""
+    import torch
+
+    from memdec_core.engine.scoring import _check_finite
+    from memdec_core.errors import ResultError
+
+    _check_finite(torch.full((4, 8), 3e38), "the base", "test")  # the sum overflows; every value is finite
+    values = torch.zeros(4, 8)
+    values[2, 5] = bad
+    with pytest.raises(ResultError, match=word):
+        _check_finite(values, "the base", "test")

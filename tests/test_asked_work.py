@@ -49,6 +49,9 @@ def test_with_every_knob_fixed_no_validation_window_is_scored(corpus_dir, tiny_g
     assert _valid_windows(scored_streams, corpus_dir, tiny_gpt2) == 0
     assert row["knobs"] == {"temperature": 10.0, "lam": 0.25} and row["details"]["knobs_from"] == "given"
     assert row["valid_ppl"] is None and row["tuning"] == [] and row["test_ppl"] > 1
+    from memdec_cli.render import evaluation_rows
+
+    assert evaluation_rows(fixed)[0][5] == "temperature=10 lam=0.25 (given)"  # the table says so too
 
     scored_streams.clear()
     tuned = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,

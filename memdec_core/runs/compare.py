@@ -103,7 +103,8 @@ def _compare(domain, bases, methods, settings, combiner, component_settings, dom
     def report() -> dict:
         meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
                         contexts=contexts, config=config, command=command,
-                        extra={"measure": dataclasses.asdict(measure), **protocol.facts(), "timings": timings})
+                        extra={"measure": dataclasses.asdict(measure), **protocol.facts(),
+                               "timings": {stage: round(seconds, 2) for stage, seconds in timings.items()}})
         return {"domain": run.corpus.name, "results": list(results), "meta": meta}
 
     try:

@@ -16,6 +16,7 @@ record is the windows every rank has finished, so a build resumes with any numbe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -222,9 +223,10 @@ def _write_keys_and_values(base, stream, windows, work: Path, first_window: int,
     # windows are done by all.
     batches_everyone_has = -(-len(remaining) // batch_size) // shard.size
     written = 0
-    with RowFile(work / "keys.npy") as keys, RowFile(work / "vals.npy") as vals:
-        batches = iter_scored_batches(base.model, stream, remaining, batch_size=batch_size, capture_hidden=True,
-                                      with_logits=False, sharded=True, description=f"datastore {base.short_name}")
+    # closing(): a failed write ends the pass's inference mode now, not when the traceback is collected.
+    scored = iter_scored_batches(base.model, stream, remaining, batch_size=batch_size, capture_hidden=True,
+                                 with_logits=False, sharded=True, description=f"datastore {base.short_name}")
+    with RowFile(work / "keys.npy") as keys, RowFile(work / "vals.npy") as vals, contextlib.closing(scored) as batches:
         for number, batch in enumerate(batches, 1):
             positions = batch.positions.numpy()
             if not np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):

@@ -369,6 +369,13 @@ class Retriever(Component):
         """Facts about the built or loaded index for its manifest (e.g. a resolved factory string)."""
         return {}
 
+    def index_settings(self, n_items: int, dim: int | None) -> dict[str, Any]:
+        """The build settings that decide the index over ``n_items`` items (of ``dim`` numbers each):
+        ``build_settings()`` with every value that depends on the items resolved (faiss's
+        ``factory="auto"`` is ``"Flat"`` for a small store), so two spellings of one index name,
+        and build, one index."""
+        return self.build_settings()
+
 
 class MemoryStepper(Protocol):
     """A memory's next-token distributions as sequences grow, with its own state (a KV cache).

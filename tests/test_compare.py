@@ -54,6 +54,20 @@ def test_every_method_gets_a_row_with_every_measure(report):
     assert rows["memdec"]["test_bpb"] < rows["base"]["test_bpb"]
 
 
+def test_a_compare_says_where_its_seconds_went(report):
+    """meta.timings for the run, each row's timings: the memdec row trained and measured fidelity,
+    every adapted row was timed and scored general text."""
+    timings = report["meta"]["timings"]
+    assert {"load", "tokenise", "datastore", "index", "targets", "train", "tune", "test", "general", "fidelity",
+            "latency", "other"} <= set(timings)
+    rows = {row["method"]: row for row in report["results"]}
+    assert {"targets", "train", "tune", "test", "fidelity"} <= set(rows["memdec"]["timings"])
+    for name in ALL[1:]:
+        assert rows[name]["timings"]["latency"] > 0 and rows[name]["timings"]["general"] > 0, name
+    assert sum(row["timings"]["train"] for row in rows.values() if "train" in row["timings"]) \
+        == pytest.approx(timings["train"], abs=0.05)
+
+
 def test_the_general_split_is_scored_like_the_domain(report, tiny_llama):
     from memdec_core.engine.scoring import perplexity
     from memdec_core.inputs.data import load_corpus, make_windows, tokenize_documents

@@ -58,12 +58,14 @@ def test_a_method_s_name_sets_its_memory_and_wins_over_the_memory_s_own(corpus_d
 def test_settings_reach_retrievers_and_fix_combiner_knobs(corpus_dir, tiny_gpt2):
     plan = Plan({"faiss": {"nprobe": "7", "factory": "Flat"}})
     assert plan.create("retrievers", "faiss").config.nprobe == 7
+    # Not "Flat": a small store's "auto" is that index already, which a run may have built before.
     rows = evaluate(corpus_dir, tiny_gpt2, ["knn-lm"], {"knn-lm": {"k": 16, "temperatures": (3.0, 10.0)},
-                                                        "faiss": {"factory": "Flat"}, "linear": {"lam": 0.4}})
+                                                        "faiss": {"factory": "IVF16,Flat", "nprobe": 16},
+                                                        "linear": {"lam": 0.4}})
     row = rows["knn-lm"]
     assert row["knobs"]["lam"] == 0.4 and len(row["tuning"]) == 2  # λ fixed, T still tuned
     index = json.loads(open(os.path.join(row["details"]["index"], "memdec.json")).read())
-    assert index["settings"]["factory"] == "Flat"
+    assert index["settings"]["factory"] == "IVF16,Flat"
 
 
 def test_the_default_comparison_is_declared_by_the_methods():

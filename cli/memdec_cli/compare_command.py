@@ -86,6 +86,12 @@ def compare_command(ctx, config_file, domain, bases, methods, memory, combiner, 
     hash: a second run reuses datastores, targets, adapters and memories, and reads back every
     row measured with identical inputs (--fresh measures them again).
 
+    Only the asked-for work runs: a method whose every knob is given (--lam and one value of
+    each memory knob, e.g. --set knn-lm.temperatures=10) scores no validation; the memdec row's
+    fidelity to its teacher is measured once per memory and teacher datastore and cached, or
+    skipped with --set memdec.fidelity=false. The JSON's meta.timings and each row's timings
+    give the seconds per stage (tokenise, datastore, index, targets, train, tune, test, ...).
+
     The defaults are sized for a laptop CPU (the demo family on finance in under 10 minutes):
     the first 32,768 train tokens and 4,096 valid and test tokens. Every method that trains gets
     the compute of the Memory Decoder's own training (the paper's equal-compute protocol). For

@@ -42,7 +42,11 @@ def eval_command(ctx, config_file, domain, bases, methods, memory, combiner, lam
     content hash under $MEMDEC_CACHE (default ~/.cache/memdec), so reruns are fast.
 
     Every setting of every component is reachable with --set NAME.KEY=VALUE; `mixture` mixes any
-    registered memory model (memdec list memory-models) through the combiner.
+    registered memory model (memdec list memory-models) through the combiner. With every knob
+    given (--lam and one value of each memory knob: --set knn-lm.temperatures=10) nothing is
+    tuned and the validation split is not scored; --set memdec.fidelity=false skips the memdec
+    row's fidelity to its teacher (otherwise measured once per memory and teacher datastore,
+    and cached). The JSON report's meta.timings says the seconds spent per stage.
 
     The defaults are those of `memdec compare`, sized for a laptop CPU: the first 32,768 train
     tokens and 4,096 valid and test tokens. For the whole splits: --max-train-tokens 0

@@ -49,7 +49,7 @@ def evaluation_rows(report: dict) -> list[list[str]]:
     from memdec_core.engine.scoring import format_knobs
 
     return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_bpb(r.get("test_bpb")),
-             format_ppl(r["valid_ppl"]), format_knobs(r["knobs"]) or "-", f"{r['seconds']:.1f}"]
+             format_ppl(r["valid_ppl"]), _given(r, format_knobs(r["knobs"]) or "-"), f"{r['seconds']:.1f}"]
             for r in report["results"]]
 
 
@@ -110,6 +110,11 @@ CSV_KEYS = ["base", "method", "test_ppl", "general_ppl", "knobs", "params_added"
 KNOB_LABELS = {"temperature": "T", "lam": "λ", "alpha": "α", "beta": "β", "rank": "r"}
 
 
+def _given(row: dict, knobs: str) -> str:
+    """The knobs as shown, marked when they were given rather than tuned (validation not scored)."""
+    return f"{knobs} (given)" if (row.get("details") or {}).get("knobs_from") == "given" else knobs
+
+
 def compact_knobs(knobs: dict) -> str:
     """``{"lr": 0.002, "rank": 34, "lam": 0.4}`` → ``lr=2e-03 r=34 λ=0.4``."""
     shown = []
@@ -147,7 +152,7 @@ def comparison_rows(report: dict) -> list[list[str]]:
     bpb = mixed_tokenizers(report)
     return [[r["base"], r["method"], *([format_bpb(r.get("test_bpb"))] if bpb else []),
              format_ppl(r.get("test_ppl")), format_ppl(r.get("general_ppl")),
-             compact_knobs(r.get("knobs") or {}), human_count(r.get("params_added")),
+             _given(r, compact_knobs(r.get("knobs") or {})), human_count(r.get("params_added")),
              _number(r.get("bytes_added") and r["bytes_added"] / 1e6, "{:.1f}"),
              _number(r.get("train_seconds"), "{:.0f}"),
              latency_cell(r.get("latency_ratio"), r.get("latency_spread")),

@@ -76,8 +76,11 @@ class Mixture(MixtureMethod):
 def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
     """Tune memory × combiner knobs on validation in one pass, then score test with the best.
 
-    ``memory`` is prepared already; its costs and facts go into the result, with the memory on
-    its own: its test perplexity (same pass) and its fidelity to what it imitates.
+    With every knob given (one setting: ``--lam`` and one temperature, say) nothing is left to
+    tune: validation is not scored, and the result says the knobs were given
+    (``details["knobs_from"]``). ``memory`` is prepared already; its costs and facts go into the
+    result, with the memory on its own: its test perplexity (same pass) and its fidelity to what
+    it imitates.
     """
     # Here, not at the top: registration hooks import this module (a base class), and must not load torch.
     from memdec_core.engine.generation import mixture_generator
@@ -91,28 +94,38 @@ def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
         tune_on_validation,
     )
     from memdec_core.runtime.progress import log
+    from memdec_core.runtime.timings import stage
 
     check_memory_matches(memory, ctx)
     edges: list[str] = []
-    settings, valid, best = tune_on_validation(ctx, memory, edges)
+    settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
+    if len(settings) == 1:  # every knob given: a validation pass would choose among one setting
+        valid, best = None, 0
+        knobs = {**settings[0][0], **ctx.combiner(settings[0][1]).knobs()}
+        log(f"{ctx.base.model_id}: knobs given, not tuned: {format_knobs(knobs) or 'none'}")
+    else:
+        settings, valid, best = tune_on_validation(ctx, memory, edges)
+        knobs = {**settings[best][0], **ctx.combiner(settings[best][1]).knobs()}
+        log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
     memory_knobs, combiner_config = settings[best]
-    knobs = {**memory_knobs, **ctx.combiner(combiner_config).knobs()}
-    log(f"{ctx.base.model_id}: best on validation {format_knobs(knobs)} (ppl {valid[best].perplexity:.3f})")
     alone = MemoryAlone()
-    test = score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [settings[best]], "test",
-                         f"test {ctx.base.short_name}", alone)[0]
-    grid_report = [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
-                   for i, (mem, comb) in enumerate(settings)]
+    with stage("test"):
+        test = score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [settings[best]], "test",
+                             f"test {ctx.base.short_name}", alone)[0]
+    grid_report = [] if valid is None else [{**mem, **ctx.combiner(comb).knobs(), "valid_ppl": valid[i].perplexity}
+                                            for i, (mem, comb) in enumerate(settings)]
 
     def scorer(stream, windows, description):
         return score_stream(ctx, memory, stream, windows, [settings[best]], "other", description)[0]
 
-    details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count}
+    details = {"memory": memory.name, **memory.describe_prepared(), "test_tokens": test.count,
+               "knobs_from": "given" if valid is None else "validation"}
     if edges:
         details["grid_edges"] = edges
     generator = mixture_generator(ctx.base, memory, memory_knobs, ctx.combiner(combiner_config))
-    return MethodResult(test.perplexity, valid[best].perplexity, knobs, costs=memory.costs(), tuning=grid_report,
-                        details=details, scorer=scorer, generator=generator,
+    with stage("fidelity"):
+        fidelity = call_component(memory, "memory", memory.fidelity, ctx, memory_knobs)
+    return MethodResult(test.perplexity, None if valid is None else valid[best].perplexity, knobs,
+                        costs=memory.costs(), tuning=grid_report, details=details, scorer=scorer, generator=generator,
                         loglikelihood=mixture_loglikelihood(ctx, memory, memory_knobs, combiner_config),
-                        memory={**alone.facts(),
-                                **call_component(memory, "memory", memory.fidelity, ctx, memory_knobs)})
+                        memory={**alone.facts(), **fidelity})

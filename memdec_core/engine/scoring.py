@@ -20,10 +20,11 @@ import torch
 from memdec_core.engine.grids import extend, numeric_knobs
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.inputs.data import Window
-from memdec_core.inputs.models import autocast, capture_last_ffn_input, model_device
+from memdec_core.inputs.models import ForwardStopped, autocast, capture_last_ffn_input, model_device
 from memdec_core.interfaces import Combiner, EvalContext, MemoryModel, Scorer
 from memdec_core.runtime.distributed import World, is_fully_sharded, sharding, sum_across
 from memdec_core.runtime.progress import log, progress_bar
+from memdec_core.runtime.timings import timed
 
 __all__ = ["ScoredBatch", "NLLTotal", "tune_on_validation", "iter_scored_batches", "nll_total", "perplexity",
            "model_scorer", "format_knobs", "bits_per_byte", "scored_bytes"]
@@ -138,7 +139,9 @@ def _score_windows(model, stream: np.ndarray, windows: list[Window], capture_hid
     # Keep logits from the earliest scored column of any window to the end of the batch.
     keep = input_ids.shape[1] - min(window.score_from - window.start for window in windows)
     device = model_device(model)
-    with capture_last_ffn_input(model) if capture_hidden else contextlib.nullcontext({}) as captured, autocast():
+    # Keys alone: the pass ends at the last MLP's input (not under FSDP, whose ranks gather every block's weights).
+    stop = capture_hidden and not with_logits and not is_fully_sharded(model)
+    with capture_last_ffn_input(model, stop) if capture_hidden else contextlib.nullcontext({}) as captured, autocast():
         logits = _forward(model, input_ids.to(device), attention_mask.to(device), keep, with_logits)
     rows, columns, positions = _scored_indices(windows, input_ids.shape[1], keep)
     targets = torch.from_numpy(stream[positions + 1].astype(np.int64))
@@ -166,7 +169,10 @@ def _forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep:
              with_logits: bool) -> torch.Tensor | None:
     """Logits of the last ``keep`` columns only: the output layer is the costly part for big vocabularies."""
     if not with_logits:  # the decoder alone: hidden-state hooks still fire, the output layer is skipped
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        try:
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except ForwardStopped:
+            pass  # the hidden states asked for are captured; the rest of the pass was not needed
         return None
     output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
     logits = output.logits
@@ -208,6 +214,7 @@ def model_scorer(model, batch_size: int) -> Scorer:
                                                           description=description)
 
 
+@timed("tune")
 def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
                        edges: list[str] | None = None) -> tuple[list, list[NLLTotal], int]:
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.
@@ -369,6 +376,8 @@ def _check_not_nan(values: torch.Tensor, who: str, split: str) -> None:
 
 def _check_finite(values: torch.Tensor, who: str, split: str) -> None:
     """NaN anywhere, or a gold token given probability 0 (log-prob −inf, an infinite perplexity)."""
+    if torch.isfinite(values.sum()):
+        return  # one reduction: a NaN or an infinity anywhere makes the sum one (an overflow falls through)
     if not torch.isfinite(values).all():
         bad = "NaN" if torch.isnan(values).any() else "−inf (probability 0 for a token that occurs)"
         raise ResultError(f"{who} gave {bad} on the {split} split: a result must be a finite number")

@@ -49,6 +49,7 @@ from memdec_core.runtime.distributed import (
     sum_gradients,
 )
 from memdec_core.runtime.progress import log, progress_bar
+from memdec_core.runtime.timings import timed
 from memdec_core.store.artifacts import replacing_directory
 
 #: The learning rate over the optimizer steps, by transformers' schedule names: decayed to zero
@@ -237,6 +238,7 @@ class Trainer:
         log(f"resuming {self.description} at step {self.state['global_step']} of {self.total_steps} "
             f"(epoch {self.state['epoch'] + 1})")
 
+    @timed("train")
     def run(self) -> dict:
         """Train until the budget is spent or validation stops improving; returns the state."""
         with torch.random.fork_rng(devices=cuda_devices()):

@@ -27,6 +27,7 @@ import numpy as np
 
 from memdec_core.errors import ConfigError, DataError
 from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS
+from memdec_core.runtime.timings import timed
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 
@@ -344,6 +345,7 @@ def tokenization_key(tokenizer) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+@timed("tokenise")
 def cached_stream(tokenizer, documents: list[str], text_hash: str, description: str = "tokenizing",
                   cap: int | None = None) -> np.ndarray:
     """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped

@@ -18,6 +18,7 @@ from typing import Any
 from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
 from memdec_core.inputs.gguf import check_gguf_file
 from memdec_core.inputs.model_cards import hub_id, looks_like_path
+from memdec_core.runtime.timings import timed
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
 BLOCK_PATHS = {
@@ -125,6 +126,7 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+@timed("load")
 def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
     """Load a model in fp32 on :func:`default_device`, in eval mode."""
     location, gguf_file = resolve_model_location(name)
@@ -532,16 +534,24 @@ def last_block_mlp(model):
     return decoder_blocks(model)[-1].mlp
 
 
+class ForwardStopped(Exception):
+    """A forward pass ended by ``capture_last_ffn_input(stop=True)`` once it had the hidden states."""
+
+
 @contextlib.contextmanager
-def capture_last_ffn_input(model):
+def capture_last_ffn_input(model, stop: bool = False):
     """Record the input of the last block's MLP (already normalised) on every forward pass.
 
     Yields a dict whose ``"hidden"`` entry holds the latest ``[batch, length, dim]`` tensor.
+    ``stop``: nothing after it is needed (a datastore's keys), so the pass ends there, raising
+    ``ForwardStopped`` for the caller to catch: the last MLP and the final norm are not run.
     """
     captured: dict[str, Any] = {}
 
     def hook(_module, args):
         captured["hidden"] = args[0].detach()
+        if stop:
+            raise ForwardStopped
 
     handle = last_block_mlp(model).register_forward_pre_hook(hook)
     try:

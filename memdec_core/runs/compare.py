@@ -20,10 +20,11 @@ from memdec_core.components import registry
 from memdec_core.errors import ConfigError, MemdecError
 from memdec_core.inputs.data import cut_corpus, load_corpus, text_bytes
 from memdec_core.runs.meta import call_config, context_entry, run_meta
-from memdec_core.runs.prepare import check_finite, methods_for_base, prepare_run, split_bits_per_byte
+from memdec_core.runs.prepare import check_finite, evaluate_timed, methods_for_base, prepare_run, split_bits_per_byte
 from memdec_core.runs.runconfig import budget_from_fields
 from memdec_core.runtime.progress import log
 from memdec_core.runtime.renames import renamed_keywords
+from memdec_core.runtime.timings import recording, stage
 from memdec_core.store.artifacts import cached_artifact, content_key, write_json
 
 
@@ -77,6 +78,15 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
     ``config`` and ``command`` (the CLI's resolved options and command line) go into the meta;
     from Python the call's own arguments are recorded.
     """
+    with recording() as timings:
+        report = _compare(domain, bases, methods, settings, combiner, component_settings, domain_settings, measure,
+                          config, command, timings)
+    report["meta"]["timings"] = dict(timings)  # closed: rounded, and the time outside any stage added
+    return report
+
+
+def _compare(domain, bases, methods, settings, combiner, component_settings, domain_settings,
+             measure: CompareSettings, config, command, timings: dict) -> dict:
     names = list(methods) or registry.default_methods()
     run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
                       component_settings=_with_budget(names, dict(component_settings or {}), measure.budget()),
@@ -96,7 +106,8 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
         meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
                         contexts=contexts, config=config, command=command,
                         extra={"measure": dataclasses.asdict(measure), **protocol.facts(),
-                               "token_caps": _caps_facts(run, general)})
+                               "token_caps": _caps_facts(run, general),
+                               "timings": {stage: round(seconds, 2) for stage, seconds in timings.items()}})
         return {"domain": run.corpus.name, "results": list(results), "meta": meta}
 
     try:
@@ -212,19 +223,23 @@ def _check_budget_fits(ctx, methods, measure: CompareSettings) -> None:
 
 def _measure(ctx, method, probes: "_Probes") -> dict:
     started = time.perf_counter()
-    result = method.evaluate(ctx)
-    check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
-    seconds = time.perf_counter() - started
+    with recording() as timings:
+        result = evaluate_timed(ctx, method)
+        check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
+        seconds = time.perf_counter() - started
+        with stage("general"):
+            general_ppl = _finite(probes.general_ppl(result), method.name, ctx)
+        with stage("latency"):
+            latency = probes.latency(method, result)
     costs = result.costs
-    general_ppl = _finite(probes.general_ppl(result), method.name, ctx)
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
             "valid_ppl": result.valid_ppl, "general_ppl": general_ppl, **split_bits_per_byte(ctx, result),
             "general_bpb": probes.general_bpb(general_ppl), "knobs": result.knobs,
             "params_added": costs.params_added, "bytes_added": costs.bytes_added,
             "memory_bytes": costs.memory_bytes, "train_seconds": round(costs.train_seconds, 1),
             "train_tokens": costs.train_tokens, "train_flops": costs.train_flops,
-            **probes.latency(method, result), "seconds": round(seconds, 2),
-            **_memory_facts(result), "tuning": result.tuning, "details": result.details}
+            **latency, "seconds": round(seconds, 2),
+            **_memory_facts(result), "tuning": result.tuning, "details": result.details, "timings": timings}
 
 
 #: The memory facts every mixture row carries (None where a memory does not give one).

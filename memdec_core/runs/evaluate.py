@@ -9,6 +9,7 @@ from memdec_core.interfaces import EvalSettings
 from memdec_core.runs.meta import call_config, context_entry, run_meta
 from memdec_core.runs.prepare import combiner_label, evaluate_one, methods_for_base, prepare_run
 from memdec_core.runtime.renames import renamed_keywords
+from memdec_core.runtime.timings import recording
 
 
 @renamed_keywords(method_settings="component_settings")
@@ -26,20 +27,22 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
     ``config`` and ``command`` are the CLI's resolved options and command line for ``meta``; from
     Python, ``meta["config"]`` holds the arguments of this call.
     """
-    run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
-                      component_settings=component_settings, domain_settings=domain_settings)
-    names = [method.name for method in run.methods]
-    results, contexts = [], {}
-    for base_name in run.bases:
-        ctx = run.context(base_name)
-        contexts[ctx.base.model_id] = context_entry(ctx)  # the window each base was actually scored with
-        for method in methods_for_base(ctx, run.methods):
-            results.append(evaluate_one(ctx, method))
+    with recording() as timings:
+        run = prepare_run(domain, bases, methods, settings=settings, combiner=combiner,
+                          component_settings=component_settings, domain_settings=domain_settings)
+        names = [method.name for method in run.methods]
+        results, contexts = [], {}
+        for base_name in run.bases:
+            ctx = run.context(base_name)
+            contexts[ctx.base.model_id] = context_entry(ctx)  # the window each base was actually scored with
+            for method in methods_for_base(ctx, run.methods):
+                results.append(evaluate_one(ctx, method))
     if config is None:
         given = {**(component_settings or {}), **({domain: domain_settings} if domain_settings else {})}
         config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
                              settings=run.settings, component_settings=given)
     meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
-                    contexts=contexts, config=config, command=command, extra={"token_caps": run.caps_facts()})
+                    contexts=contexts, config=config, command=command,
+                    extra={"token_caps": run.caps_facts(), "timings": timings})
     return {"domain": run.corpus.name, "results": results,
             "settings": dataclasses.asdict(run.settings), "combiner": combiner_label(run.combiner), "meta": meta}

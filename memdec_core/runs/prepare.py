@@ -19,6 +19,7 @@ from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes
 from memdec_core.inputs.models import resolve_model_location
 from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS, Combiner, EvalContext, EvalSettings, Method, MethodResult
 from memdec_core.runtime.progress import log
+from memdec_core.runtime.timings import recording
 
 #: How a run applies its token caps (``Run.caps``): each base's first N tokens (its bases share one
 #: tokenizer), the same whole documents for every base (bases of different tokenizers), or none.
@@ -165,14 +166,24 @@ def evaluate_one(ctx: EvalContext, method: Method) -> dict:
     """``method`` on ``ctx``'s base, as ``evaluate`` reports it: perplexities and bits per byte,
     the knobs chosen on validation, costs, the memory's facts, the tuning grid, the wall time."""
     started = time.perf_counter()
-    result = method.evaluate(ctx)
+    with recording() as timings:
+        result = evaluate_timed(ctx, method)
     check_finite(result.test_ppl, f"{method.name} on {ctx.base.model_id}")
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl,
             "valid_ppl": result.valid_ppl, **split_bits_per_byte(ctx, result),
             "knobs": result.knobs, "costs": dataclasses.asdict(result.costs),
             "seconds": round(time.perf_counter() - started, 2),
             "test_tokens": len(ctx.corpus.streams["test"]) - 1, "memory": result.memory, "tuning": result.tuning,
-            "details": result.details}
+            "details": result.details, "timings": timings}
+
+
+def evaluate_timed(ctx: EvalContext, method: Method) -> MethodResult:
+    """``method.evaluate(ctx)``; what its own stages (datastore, train, tune, ...) do not claim
+    is scoring, and counts as ``test``."""
+    from memdec_core.runtime.timings import stage
+
+    with stage("test"):
+        return method.evaluate(ctx)
 
 
 def split_bits_per_byte(ctx: EvalContext, result: MethodResult) -> dict:

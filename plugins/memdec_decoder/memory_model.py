@@ -98,8 +98,8 @@ class DecoderMemory(MemoryModel):
         from memdec_decoder.fidelity import target_fidelity
 
         memory = self._loaded()
-        if ctx.corpus is None or memory.manifest.get("plain"):  # a memory made elsewhere names no teacher
-            return {}
+        if ctx.corpus is None or not self.config.fidelity or memory.manifest.get("plain"):
+            return {}  # no domain, skipped by the user, or a memory made elsewhere (it names no teacher)
         return target_fidelity(ctx, self.config, memory)
 
     def planned_parameters(self, ctx: "EvalContext") -> int | None:

@@ -26,6 +26,7 @@ from memdec_core.inputs.models import (
 )
 from memdec_core.interfaces import EvalContext
 from memdec_core.runtime.progress import log
+from memdec_core.runtime.timings import timed
 from memdec_core.store.artifacts import cached_artifact, content_key
 from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_decoder.memory import MemoryDecoder, open_memory
@@ -77,6 +78,7 @@ def context_with_teacher(ctx: EvalContext, teacher_name: str) -> EvalContext:
     return teacher_ctx
 
 
+@timed("targets")
 def targets_for(teacher_ctx: EvalContext, config: DecoderSettings) -> TargetSet:
     """The teacher's kNN targets over the train split (its datastore is shared with knn-lm)."""
     store = teacher_datastore(teacher_ctx, config)
@@ -216,7 +218,8 @@ def decoder_identity() -> dict:
 
 
 def memory_key(teacher_ctx: EvalContext, init_name: str, config: DecoderSettings) -> str:
-    ignored = ("path", "teacher", "init", "save_every")  # named by the other parts, or no effect on the result
+    ignored = {"path", "teacher", "init"}  # named by the other parts of the key
+    ignored |= {item.name for item in dataclasses.fields(config) if not item.metadata.get("build", True)}
     settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in ignored}
     retriever = teacher_ctx.create("retrievers", config.retriever)
     teacher = teacher_ctx.base

@@ -67,6 +67,9 @@ class DecoderSettings:
     budget_flops: float = setting(0.0, "or a budget in training FLOPs (6 × the memory's parameters per token)")
     save_every: int = setting(100, "optimizer steps between checkpoints (does not change the memory)", build=False)
     seed: int = setting(0, "seed of the epoch order and of fresh weights")
+    fidelity: bool = setting(True, "report the memory's agreement with its kNN teacher on validation (measured "
+                                   "once per memory and teacher datastore, then read from the cache); false: skip "
+                                   "it, no teacher loaded and no datastore searched", build=False)
 
     def __post_init__(self):
         if self.path and (self.teacher or self.init):

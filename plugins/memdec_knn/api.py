@@ -16,6 +16,7 @@ from pathlib import Path
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.interfaces import EvalContext
 from memdec_core.runtime.progress import log
+from memdec_core.runtime.timings import timed
 from memdec_core.store.artifacts import cached_artifact, content_key
 from memdec_core.store.cache_dir import shared_entry_lock
 from memdec_knn.datastore import LAYER, Datastore, open_datastore
@@ -48,6 +49,7 @@ def datastore_for(ctx: EvalContext, folder: str | Path = "") -> Datastore:
         return _build(ctx, location)
 
 
+@timed("datastore")
 def _build(ctx: EvalContext, folder: Path) -> Datastore:
     from memdec_knn.datastore import build_datastore as write_datastore
 
@@ -82,11 +84,12 @@ def check_datastore_matches(store: Datastore, ctx: EvalContext) -> None:
 
 
 def build_datastore(domain, base: str, *, settings=None, output: Path | None = None, retriever: str = "faiss",
-                    component_settings: dict | None = None) -> str:
+                    component_settings: dict | None = None, index: bool = True) -> str:
     """Build (or reuse from the cache) ``base``'s datastore over ``domain``'s train split, indexed
     by ``retriever`` (its settings in ``component_settings``, e.g. ``{"faiss": {"factory": "Flat"}}``).
 
-    With ``output``, write it to that new folder instead of the cache. Returns the folder.
+    With ``output``, write it to that new folder instead of the cache; with ``index=False``, the
+    keys and values only (a search builds its index on first use). Returns the folder.
     """
     from memdec_core.components.plan import Plan
     from memdec_core.inputs.context import prepare_context
@@ -95,8 +98,8 @@ def build_datastore(domain, base: str, *, settings=None, output: Path | None = N
     if output is not None and Path(output).exists():
         raise ConfigError(f"output folder already exists: {output}")
     plan = Plan(component_settings)
-    index = plan.create_use(Use("retrievers", retriever, "--retriever", accepts=("vectors",)))
-    plan.check_all_used([index])
+    retriever_component = plan.create_use(Use("retrievers", retriever, "--retriever", accepts=("vectors",)))
+    plan.check_all_used([retriever_component])
     ctx = prepare_context(domain, base, settings, plan=plan)
     store = _build(ctx, Path(output)) if output else datastore_for(ctx)
-    return str(store.with_index(index).folder)
+    return str((store.with_index(retriever_component) if index else store).folder)

@@ -23,15 +23,17 @@ def datastore():
 @set_option
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Write the datastore to this new folder instead of the cache.")
+@click.option("--no-index", "no_index", is_flag=True,
+              help="Store the keys and values only; the index is built when a search first needs it.")
 @window_options
 # Removed in 0.1.0 (the retriever's settings moved under --set); the hint goes in the next release.
 @removed_option("--factory", "--set faiss.factory={value}")
 @removed_option("--nprobe", "--set faiss.nprobe={value}")
 @removed_option("--train-size", "--set faiss.train_size={value}")
-def build(domain, base, retriever, assignments, output, context, stride, batch_size, max_train_tokens,
+def build(domain, base, retriever, assignments, output, no_index, context, stride, batch_size, max_train_tokens,
           max_eval_tokens):
     """Run BASE over the train split and store (last_ffn_input → next token) for every position,
-    then index the keys with the retriever.
+    then index the keys with the retriever (unless --no-index).
 
     Prints the datastore folder on stdout. Without --output the datastore goes to the cache,
     where `memdec eval --method knn-lm` finds it.
@@ -40,12 +42,13 @@ def build(domain, base, retriever, assignments, output, context, stride, batch_s
     Examples:
       memdec datastore build --domain finance --base memdec-demo-l
       memdec datastore build --domain law --base ./my-model --set faiss.factory=IVF1024,PQ32 --output law-store
+      memdec datastore build --domain finance --base memdec-demo-l --no-index
     """
     from memdec_knn.api import build_datastore
 
     folder = build_datastore(domain, base, settings=eval_settings(
         context, stride, batch_size, max_train_tokens, max_eval_tokens), output=output,
-        retriever=retriever, component_settings=parse_assignments(assignments))
+        retriever=retriever, component_settings=parse_assignments(assignments), index=not no_index)
     click.echo(folder)
 
 

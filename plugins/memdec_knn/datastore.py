@@ -1,8 +1,9 @@
 """The kNN-LM datastore: key = hidden state at position p, value = token p + 1.
 
 On disk: ``keys.npy`` (fp16, memory-mapped), ``vals.npy`` (int32) and ``memdec.json``; beside
-them ``indexes/<retriever>-<key>/``, one search index per retriever and build settings (built
-on first use, written atomically). Row p is the global position p of the train stream: the
+them ``indexes/<retriever>-<key>/``, one search index per retriever and build settings as they
+resolve for the store (``factory=auto`` and the factory it picks are one index), built on first
+use, written atomically. Row p is the global position p of the train stream: the
 windows score consecutive positions, so rows are appended in order (and checked to be).
 
 A build works in ``.NAME.partial`` with ordinary buffered writes (a full disk is an error, not a
@@ -15,6 +16,7 @@ record is the windows every rank has finished, so a build resumes with any numbe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -28,6 +30,7 @@ from memdec_core.errors import ArtifactError
 from memdec_core.inputs.model_cards import write_readme
 from memdec_core.interfaces import Retriever
 from memdec_core.runtime.distributed import barrier, sharding, sum_across
+from memdec_core.runtime.timings import timed
 from memdec_core.store.artifacts import (
     artifact_reference,
     atomic_directory,
@@ -83,13 +86,10 @@ class Datastore:
             raise ArtifactError(f"datastore {self.folder}: vals.npy holds token ids outside [0, {vocab_size}) "
                                 f"(min {int(self.vals.min())}, max {int(self.vals.max())}); delete it to rebuild it")
 
+    @timed("index")
     def with_index(self, retriever: Retriever) -> "Datastore":
         """This datastore searched by ``retriever``: its index opened, or built on first use."""
-        from memdec_core.components.identity import component_identity
-
-        key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
-                          len(self), retriever.name, component_identity(type(retriever)), retriever.build_settings())
-        folder = _index_location(self, f"{retriever.name}-{key}")
+        folder = self._index_folder(retriever)
         with entry_lock(folder):
             if not (folder / "memdec.json").is_file():
                 _build_index(self, retriever, folder)
@@ -99,6 +99,22 @@ class Datastore:
         retriever.load(self.keys, folder)
         self.retriever, self.index_folder, self.index_manifest = retriever, folder, manifest
         return self
+
+    def _index_folder(self, retriever: Retriever) -> Path:
+        """Where ``retriever``'s index of this store is: named by its settings as they resolve for
+        this store (``factory=auto`` and ``factory=Flat`` are one index, built once); an index an
+        earlier memdec named by the settings as given is used where it exists."""
+        resolved = self._index_name(retriever, retriever.index_settings(len(self), self.manifest.get("dim")))
+        given = self._index_name(retriever, retriever.build_settings())
+        folders = [_index_location(self, name) for name in dict.fromkeys((resolved, given))]
+        return next((folder for folder in folders if (folder / "memdec.json").is_file()), folders[0])
+
+    def _index_name(self, retriever: Retriever, settings: dict) -> str:
+        from memdec_core.components.identity import component_identity
+
+        key = content_key("datastore-index", self.manifest["data_hash"], self.manifest["model_fingerprint"],
+                          len(self), retriever.name, component_identity(type(retriever)), settings)
+        return f"{retriever.name}-{key}"
 
 
 def _index_location(store: Datastore, name: str) -> Path:
@@ -207,9 +223,10 @@ def _write_keys_and_values(base, stream, windows, work: Path, first_window: int,
     # windows are done by all.
     batches_everyone_has = -(-len(remaining) // batch_size) // shard.size
     written = 0
-    with RowFile(work / "keys.npy") as keys, RowFile(work / "vals.npy") as vals:
-        batches = iter_scored_batches(base.model, stream, remaining, batch_size=batch_size, capture_hidden=True,
-                                      with_logits=False, sharded=True, description=f"datastore {base.short_name}")
+    # closing(): a failed write ends the pass's inference mode now, not when the traceback is collected.
+    scored = iter_scored_batches(base.model, stream, remaining, batch_size=batch_size, capture_hidden=True,
+                                 with_logits=False, sharded=True, description=f"datastore {base.short_name}")
+    with RowFile(work / "keys.npy") as keys, RowFile(work / "vals.npy") as vals, contextlib.closing(scored) as batches:
         for number, batch in enumerate(batches, 1):
             positions = batch.positions.numpy()
             if not np.array_equal(positions, np.arange(positions[0], positions[0] + len(positions))):

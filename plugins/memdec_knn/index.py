@@ -59,6 +59,10 @@ class FaissRetriever(Retriever):
     def facts(self) -> dict:
         return {"index_factory": self.factory}
 
+    def index_settings(self, n_items: int, dim: int | None) -> dict:
+        """``factory="auto"`` resolved for the store: the same index as its explicit factory string."""
+        return {**self.build_settings(), "factory": resolve_factory(self.config.factory, n_items, dim or 0)}
+
     def build(self, items: np.ndarray, folder: Path) -> None:
         """Index the rows of ``items`` (any float dtype, memory-mapped is fine) into ``folder``."""
         self.factory = resolve_factory(self.config.factory, *items.shape)

@@ -1,0 +1,186 @@
+"""Only the asked-for work runs (issue 32): fixed knobs score no validation, fidelity is measured
+once per memory and teacher datastore (or skipped), one index per datastore and settings, a
+datastore without its index, and every report says where its seconds went."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SMALL_WINDOWS, invoke
+
+from memdec_core import api as core_api
+from memdec_core.interfaces import EvalSettings
+from memdec_core.store.cache_dir import cache_folder
+
+WINDOW = EvalSettings(**SMALL_WINDOWS)
+KNN = {"k": 16}
+
+
+@pytest.fixture
+def scored_streams(monkeypatch):
+    """Every stream the engine ran a model over, with the number of windows: what ran, observed."""
+    from memdec_core.engine import scoring
+
+    seen: list[tuple[bytes, int]] = []
+    original = scoring._score_windows
+
+    def observed(model, stream, windows, *args):
+        seen.append((stream.tobytes(), len(windows)))
+        return original(model, stream, windows, *args)
+
+    monkeypatch.setattr(scoring, "_score_windows", observed)
+    return seen
+
+
+def _valid_windows(seen, corpus_dir, base) -> int:
+    """Windows of ``seen`` that are the validation split's, as ``base`` tokenises it."""
+    valid = core_api.prepare_context(str(corpus_dir), str(base), WINDOW).corpus.streams["valid"].tobytes()
+    return sum(count for stream, count in seen if stream == valid)
+
+
+def test_with_every_knob_fixed_no_validation_window_is_scored(corpus_dir, tiny_gpt2, scored_streams):
+    """λ given and one temperature: nothing to tune, so the validation pass (pure cost) is not run,
+    and the row says its knobs were given; with a grid, validation is scored as before."""
+    fixed = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                              component_settings={"knn-lm": {**KNN, "temperatures": 10}, "linear": {"lam": 0.25}})
+    row = fixed["results"][0]
+    assert _valid_windows(scored_streams, corpus_dir, tiny_gpt2) == 0
+    assert row["knobs"] == {"temperature": 10.0, "lam": 0.25} and row["details"]["knobs_from"] == "given"
+    assert row["valid_ppl"] is None and row["tuning"] == [] and row["test_ppl"] > 1
+    from memdec_cli.render import evaluation_rows
+
+    assert evaluation_rows(fixed)[0][5] == "temperature=10 lam=0.25 (given)"  # the table says so too
+
+    scored_streams.clear()
+    tuned = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                              component_settings={"knn-lm": {**KNN, "temperatures": 10}})["results"][0]
+    assert _valid_windows(scored_streams, corpus_dir, tiny_gpt2) > 0
+    assert tuned["details"]["knobs_from"] == "validation" and tuned["valid_ppl"] > 1
+    # The same knobs give the same test number whether given or chosen.
+    if tuned["knobs"] == row["knobs"]:
+        assert tuned["test_ppl"] == row["test_ppl"]
+
+
+def test_fidelity_is_measured_once_for_two_bases(corpus_dir, tiny_gpt2, tiny_llama, trained_memory, monkeypatch):
+    """One memory, one teacher datastore: the second base reads the figures the first measured."""
+    from memdec_decoder import fidelity
+
+    shutil.rmtree(cache_folder("fidelity"), ignore_errors=True)
+    measured, measure = [], fidelity._measure
+    monkeypatch.setattr(fidelity, "_measure", lambda *args: measured.append(1) or measure(*args))
+    rows = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2), str(tiny_llama)], ["memdec"], settings=WINDOW,
+                             component_settings={"memdec": {"path": str(trained_memory)}})["results"]
+    assert len(measured) == 1 and len(list(cache_folder("fidelity").glob("*.json"))) == 1
+    assert rows[0]["memory"]["target_agreement"] == rows[1]["memory"]["target_agreement"] is not None
+
+
+def test_fidelity_can_be_skipped(corpus_dir, tiny_gpt2, trained_memory, monkeypatch):
+    """``memdec.fidelity=false``: no teacher loaded, no teacher datastore opened, no figures."""
+    from memdec_decoder import fidelity
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fidelity was measured")
+
+    monkeypatch.setattr(fidelity, "target_fidelity", refuse)
+    row = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["memdec"], settings=WINDOW,
+                            component_settings={"memdec": {"path": str(trained_memory),
+                                                           "fidelity": "false"}})["results"][0]
+    assert "target_agreement" not in row["memory"] and row["memory"]["memory_alone_ppl"] > 1
+
+
+@pytest.mark.parametrize("first, second", [("Flat", "auto"), ("auto", "Flat")])
+def test_one_index_for_a_datastore_whatever_the_factory_is_called(corpus_dir, tiny_llama, monkeypatch, first,
+                                                                    second):
+    """``factory=auto`` is ``Flat`` for a small store: the second spelling opens the index the
+    first built (it used to build an identical second one)."""
+    from memdec_knn import api as knn
+    from memdec_knn import datastore
+
+    shutil.rmtree(cache_folder("datastores"), ignore_errors=True)
+    built, build = [], datastore._build_index
+    monkeypatch.setattr(datastore, "_build_index", lambda store, retriever, folder: built.append(folder)
+                        or build(store, retriever, folder))
+    folder = knn.build_datastore(str(corpus_dir), str(tiny_llama), settings=WINDOW,
+                                 component_settings={"faiss": {"factory": first}})
+    row = core_api.evaluate(str(corpus_dir), [str(tiny_llama)], ["knn-lm"], settings=WINDOW,
+                            component_settings={"knn-lm": KNN, "faiss": {"factory": second}})["results"][0]
+    assert len(built) == 1 and row["details"]["datastore"] == folder
+    assert [path.name for path in (cache_folder("datastores") / folder.rsplit("/", 1)[1] / "indexes").iterdir()] \
+        == [built[0].name]
+
+
+def test_a_datastore_built_without_its_index_has_the_same_keys_and_is_indexed_on_first_search(
+        corpus_dir, tiny_llama, tmp_path):
+    from memdec_knn.datastore import open_datastore
+    from memdec_knn.index import FaissRetriever
+
+    bare, indexed = tmp_path / "bare", tmp_path / "indexed"
+    for folder, flags in ((bare, ["--no-index"]), (indexed, [])):
+        result = invoke("datastore", "build", "--domain", corpus_dir, "--base", tiny_llama, "--context", 64,
+                        "--stride", 32, "--batch-size", 4, "--output", folder, *flags)
+        assert result.exit_code == 0, result.output
+    assert not (bare / "indexes").exists() and len(list((indexed / "indexes").iterdir())) == 1
+    for name in ("keys.npy", "vals.npy"):
+        assert (bare / name).read_bytes() == (indexed / name).read_bytes()
+    store = open_datastore(bare).with_index(FaissRetriever())  # on demand
+    assert (store.index_folder / "memdec.json").is_file()
+    distances, ids = store.search(np.asarray(store.keys[:3], dtype=np.float32), 1)
+    assert list(ids[:, 0]) == [0, 1, 2]
+
+
+def test_every_report_says_where_its_seconds_went(corpus_dir, tiny_gpt2):
+    """``meta.timings`` for the run, ``timings`` per row: seconds per stage, stages nested counted once."""
+    shutil.rmtree(cache_folder("datastores"), ignore_errors=True)
+    report = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["base", "knn-lm"], settings=WINDOW,
+                               component_settings={"knn-lm": KNN})
+    timings = report["meta"]["timings"]
+    assert {"load", "tokenise", "datastore", "index", "tune", "test", "other"} <= set(timings)
+    assert all(value >= 0 for value in timings.values())
+    knn_row = report["results"][1]
+    assert {"datastore", "index", "tune", "test"} <= set(knn_row["timings"])
+    assert sum(knn_row["timings"].values()) == pytest.approx(knn_row["seconds"], abs=0.1)
+    assert sum(row["timings"]["test"] for row in report["results"]) <= timings["test"] + 0.02
+
+
+def test_a_datastore_pass_ends_at_the_keys_and_stores_the_full_passs_hidden_states(corpus_dir, tiny_llama, tmp_path):
+    """The keys are the last MLP's input: the pass stops there (that MLP never runs), and the keys
+    are those of a full pass, bit for bit."""
+    import torch
+
+    from memdec_core.engine.scoring import iter_scored_batches
+    from memdec_core.inputs.data import make_windows
+    from memdec_core.inputs.models import last_block_mlp
+    from memdec_knn.datastore import build_datastore
+
+    ctx = core_api.prepare_context(str(corpus_dir), str(tiny_llama), WINDOW)
+    stream = ctx.corpus.streams["train"][:300]
+    calls = []
+    handle = last_block_mlp(ctx.base.model).register_forward_hook(lambda *args: calls.append(1))
+    try:
+        store = build_datastore(ctx.base, stream, tmp_path / "store", context=64, stride=32, batch_size=4,
+                                data_hash="test")
+        assert calls == []
+        full = torch.cat([batch.hidden for batch in iter_scored_batches(
+            ctx.base.model, stream, make_windows(len(stream), 64, 32), batch_size=4, capture_hidden=True)])
+        assert calls  # the full pass does run it
+    finally:
+        handle.remove()
+    assert np.array_equal(np.asarray(store.keys), full.numpy().astype(np.float16))
+
+
+@pytest.mark.parametrize("bad, word", [(float("nan"), "NaN"), (float("inf"), "−inf"), (float("-inf"), "−inf")])
+def test_non_finite_logits_are_still_refused_and_huge_finite_ones_are_not(bad, word):
+    """The one-reduction check of the base's logits: a NaN or an infinity is still found; finite
+    values whose sum overflows fall through to the full scan and pass."""
+    import torch
+
+    from memdec_core.engine.scoring import _check_finite
+    from memdec_core.errors import ResultError
+
+    _check_finite(torch.full((4, 8), 3e38), "the base", "test")  # the sum overflows; every value is finite
+    values = torch.zeros(4, 8)
+    values[2, 5] = bad
+    with pytest.raises(ResultError, match=word):
+        _check_finite(values, "the base", "test")

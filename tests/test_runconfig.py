@@ -245,7 +245,7 @@ def test_a_real_evaluate_reports_the_resolved_window(corpus_dir, tiny_llama):
                           method_settings={"linear": {"lam": 0.5}})
     assert {"domain", "results", "settings", "combiner", "meta"} <= set(report)
     meta = report["meta"]
-    assert set(meta) == META_KEYS | {"token_caps"} and meta["schema_version"] == SCHEMA_VERSION
+    assert set(meta) == META_KEYS | {"token_caps", "timings"} and meta["schema_version"] == SCHEMA_VERSION
     assert meta["token_caps"] == {"applied_as": "none"}  # no cap given: the whole splits
     from memdec_core.inputs.models import load_model
 

@@ -63,7 +63,8 @@ def test_a_compare_says_where_its_seconds_went(report):
     rows = {row["method"]: row for row in report["results"]}
     assert {"targets", "train", "tune", "test", "fidelity"} <= set(rows["memdec"]["timings"])
     for name in ALL[1:]:
-        assert rows[name]["timings"]["latency"] > 0 and rows[name]["timings"]["general"] > 0, name
+        # The stages ran (a stage's seconds are rounded to 0.01: a tiny model's may be 0.0).
+        assert {"latency", "general"} <= set(rows[name]["timings"]), name
     assert sum(row["timings"]["train"] for row in rows.values() if "train" in row["timings"]) \
         == pytest.approx(timings["train"], abs=0.05)
 

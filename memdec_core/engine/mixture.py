@@ -90,6 +90,7 @@ def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
         call_component,
         check_memory_matches,
         format_knobs,
+        knob_settings,
         score_stream,
         tune_on_validation,
     )
@@ -98,7 +99,7 @@ def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
 
     check_memory_matches(memory, ctx)
     edges: list[str] = []
-    settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
+    settings = knob_settings(ctx, memory)
     if len(settings) == 1:  # every knob given: a validation pass would choose among one setting
         valid, best = None, 0
         knobs = {**settings[0][0], **ctx.combiner(settings[0][1]).knobs()}

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -215,6 +215,11 @@ def model_scorer(model, batch_size: int) -> Scorer:
 
 
 @timed("tune")
+def knob_settings(ctx: EvalContext, memory: MemoryModel) -> list[tuple[dict, Any]]:
+    """Every (memory knobs, combiner config) to try: the memory's grid × the combiner's."""
+    return [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
+
+
 def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
                        edges: list[str] | None = None) -> tuple[list, list[NLLTotal], int]:
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.
@@ -222,7 +227,7 @@ def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
     A numeric knob whose best value is an edge of its grid is tried once beyond it
     (``memdec_core.engine.grids``); what happened is appended to ``edges`` and logged.
     """
-    settings = [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
+    settings = knob_settings(ctx, memory)
     valid = _score_mixture(ctx, memory, "valid", settings)
     best = _best(valid)
     extensions, extra = _edge_settings(ctx, memory, settings, best)

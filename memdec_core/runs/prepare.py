@@ -15,11 +15,11 @@ from memdec_core.components.combiner_files import combiner_with_settings, resolv
 from memdec_core.components.plan import Plan
 from memdec_core.errors import ConfigError, ResultError
 from memdec_core.inputs.context import prepare_context
-from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes
-from memdec_core.inputs.models import resolve_model_location
+from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes, tokenization_key
+from memdec_core.inputs.models import load_tokenizer, resolve_model_location
 from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS, Combiner, EvalContext, EvalSettings, Method, MethodResult
 from memdec_core.runtime.progress import log
-from memdec_core.runtime.timings import recording
+from memdec_core.runtime.timings import recording, stage
 
 #: How a run applies its token caps (``Run.caps``): each base's first N tokens (its bases share one
 #: tokenizer), the same whole documents for every base (bases of different tokenizers), or none.
@@ -105,9 +105,6 @@ def count_tokenizations(bases: list[str]) -> int:
     not their weights): bases that share one tokenize every text alike."""
     if len(set(bases)) < 2:
         return 1
-    from memdec_core.inputs.data import tokenization_key
-    from memdec_core.inputs.models import load_tokenizer
-
     return len({tokenization_key(load_tokenizer(name)) for name in dict.fromkeys(bases)})
 
 
@@ -180,8 +177,6 @@ def evaluate_one(ctx: EvalContext, method: Method) -> dict:
 def evaluate_timed(ctx: EvalContext, method: Method) -> MethodResult:
     """``method.evaluate(ctx)``; what its own stages (datastore, train, tune, ...) do not claim
     is scoring, and counts as ``test``."""
-    from memdec_core.runtime.timings import stage
-
     with stage("test"):
         return method.evaluate(ctx)
 

@@ -480,6 +480,25 @@ class MemoryModel(Component):
         """Facts about the prepared memory for the results' details (its folder, its size...)."""
         return {}
 
+    #: Names of per-position facts of the memory's own that ``features`` gives (a kNN store: the
+    #: nearest neighbour's distance); a combiner that learns reads them beside the generic ones.
+    feature_names: ClassVar[tuple[str, ...]] = ()
+    #: True when ``score`` works position by position on ``batch.hidden`` alone (a kNN search), so
+    #: a gate may skip positions: ``score`` is then called on ``batch.select(rows)``.
+    skippable: ClassVar[bool] = False
+
+    def features(self, state: Any, batch: "ScoredBatch") -> "torch.Tensor | None":
+        """``[N, len(feature_names)]`` facts of the memory's own per position (shared by every knob
+        setting), or None when it has none. A stepper gives the same from ``features()``."""
+        return None
+
+    def support(self, state: Any, batch: "ScoredBatch", knobs: dict) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """The memory's distribution kept sparse, ``(token_ids, logprobs)`` each ``[N, S]`` (padding:
+        id −1, log-prob −inf), for a memory that names few tokens per position (a kNN-LM: at most
+        k); None: read ``logprobs`` (whole rows). Features are computed from it without a
+        full-vocabulary row."""
+        return None
+
     def fidelity(self, ctx: EvalContext, knobs: dict) -> dict[str, Any]:
         """How well the prepared memory imitates what it was trained on, for the report: a trained
         memory gives ``target_agreement`` (top-1 agreement with its kNN teacher on validation) and
@@ -504,10 +523,36 @@ class Combiner(Component):
     #: The range of each numeric knob (as ``MemoryModel.knob_bounds``): ``{"lam": (0.0, 1.0)}``.
     knob_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
+    #: True for a combiner that learns from validation: ``fit`` is called once per memory setting
+    #: before it scores, and ``combine`` then reads ``context["features"]`` (``[N, F]``, named by
+    #: ``context["feature_names"]``: the features of ``memdec_core.engine.features`` and the
+    #: memory's own). Its learned state is saved with ``state_dict`` and cached.
+    learns: ClassVar[bool] = False
+
     @abstractmethod
     def combine(self, base_logprobs: "torch.Tensor", memory_logprobs: "torch.Tensor",
                 context: dict[str, Any]) -> "torch.Tensor":
         """Mixed log-probs, same shape as the inputs."""
+
+    def fit(self, data: "FitData") -> dict[str, Any]:
+        """Learn from validation positions (a combiner with ``learns = True``); returns facts for
+        the report (``{"heldout_nll": ..., "flops": ...}``). ``heldout_nll`` (nats per position
+        on the part of ``data`` it did not train on) chooses among memory settings."""
+        raise ConfigError(f"combiner {self.name!r} does not learn (learns = False)")
+
+    def weights(self, context: dict[str, Any]) -> "torch.Tensor | None":
+        """``[N]`` the memory's weight at each position as ``combine`` would use it (for reports
+        and for a retrieval gate), or None when the combiner has no such weight."""
+        return None
+
+    def state_dict(self) -> dict[str, "torch.Tensor"]:
+        """The learned tensors (empty for a combiner that does not learn)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, "torch.Tensor"]) -> None:
+        """Restore what ``fit`` learned from ``state_dict()``'s tensors."""
+        if state:
+            raise ConfigError(f"combiner {self.name!r} has no learned state to load")
 
     @classmethod
     def grid(cls) -> list[Any]:
@@ -516,6 +561,28 @@ class Combiner(Component):
 
     def knobs(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+
+@dataclass
+class FitData:
+    """Validation positions for a combiner that learns, under one setting of the memory's knobs.
+
+    Row ``i`` is one scored position: its features, the gold token's log-prob under the base and
+    under the memory, its global position, and whether a fitter may train on it (``train``) or
+    must keep it for early stopping (the rest; split in blocks of consecutive positions, so
+    neighbouring tokens fall on one side). The test split is never in it.
+    """
+
+    features: "torch.Tensor"  # [N, F] float32
+    feature_names: tuple[str, ...]
+    base_gold: "torch.Tensor"  # [N] log p_base(gold)
+    memory_gold: "torch.Tensor"  # [N] log p_memory(gold), −inf where the memory names no gold
+    positions: "torch.Tensor"  # [N] global positions in the validation stream
+    train: "torch.Tensor"  # [N] bool: may be trained on; the rest is held out
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.base_gold)
 
 
 def combiner(name: str, *, elementwise: bool = False, grid: list[dict] | None = None):

@@ -362,7 +362,10 @@ class MemoryModelContract(ComponentContract):
 
 class CombinerContract(ComponentContract):
     """A combiner's every grid point mixes two distributions into a distribution; one that claims
-    ``elementwise`` gives the same gold entries from gathered columns as from whole rows."""
+    ``elementwise`` gives the same gold entries from gathered columns as from whole rows. One that
+    learns (``learns = True``) is first fitted on validation positions: its fit reports a finite
+    held-out NLL, is the same bits for the same seed, and survives ``state_dict`` /
+    ``load_state_dict``."""
 
     kind = "combiners"
 
@@ -376,14 +379,69 @@ class CombinerContract(ComponentContract):
         memory = torch.log_softmax(memory, -1)
         gold = torch.arange(6)[:, None] * 7 % 40
         for config in component_class.grid():
-            combiner = component_class(config)
-            mixed = combiner.combine(base, memory, {"positions": torch.arange(6), "split": "valid"})
+            combiner = self.fitted(component_class, config)
+            context = self.context(combiner, base, memory, "valid")
+            mixed = combiner.combine(base, memory, context)
             assert mixed.shape == base.shape and not torch.isnan(mixed).any()
             torch.testing.assert_close(mixed.logsumexp(-1), torch.zeros(6), atol=1e-4, rtol=0)
             if component_class.elementwise:
-                columns = combiner.combine(base.gather(1, gold), memory.gather(1, gold), {"positions": None,
-                                                                                          "split": "valid"})
+                columns = combiner.combine(base.gather(1, gold), memory.gather(1, gold), {**context, "positions": None})
                 torch.testing.assert_close(columns, mixed.gather(1, gold), atol=1e-5, rtol=1e-5)
+
+    def test_a_learning_combiner_fits_the_same_bits_and_reloads(self, component_class):
+        if not component_class.learns:
+            return
+        import torch
+
+        first, second = self.fitted(component_class), self.fitted(component_class)
+        state = first.state_dict()
+        assert state and all(torch.equal(state[name], second.state_dict()[name]) for name in state)
+        reloaded = component_class(first.config)
+        reloaded.load_state_dict(state)
+        base = torch.log_softmax(torch.randn(5, 30), -1)
+        memory = torch.log_softmax(torch.randn(5, 30), -1)
+        context = self.context(first, base, memory, "test")
+        torch.testing.assert_close(reloaded.combine(base, memory, context), first.combine(base, memory, context))
+
+    @staticmethod
+    def fit_data(seed: int = 0):
+        """Validation positions where the memory is right where the base is unsure: a combiner that
+        learns has something to find (``features`` as ``memdec_core.engine.features`` computes them)."""
+        import torch
+
+        from memdec_core.engine.features import GENERIC_FEATURES
+        from memdec_core.interfaces import FitData
+
+        generator = torch.Generator().manual_seed(1234)
+        count = 1200
+        features = torch.randn(count, len(GENERIC_FEATURES), generator=generator)
+        unsure = features[:, 0] > 0
+        base_gold = torch.where(unsure, -4.0, -1.0) + 0.1 * torch.randn(count, generator=generator)
+        memory_gold = torch.where(unsure, -0.5, -6.0) + 0.1 * torch.randn(count, generator=generator)
+        positions = torch.arange(count)
+        return FitData(features, GENERIC_FEATURES, base_gold, memory_gold, positions, (positions // 100) % 5 != 4, seed)
+
+    def fitted(self, component_class, config=None):
+        """``component_class(config)``, fitted on ``fit_data()`` when it learns."""
+        import math
+
+        combiner = component_class(config)
+        if component_class.learns:
+            facts = combiner.fit(self.fit_data())
+            assert math.isfinite(facts["heldout_nll"]), "fit() must report a finite heldout_nll"
+        return combiner
+
+    @staticmethod
+    def context(combiner, base, memory, split: str) -> dict:
+        """What the engine gives ``combine``: positions and split, and features for one that learns."""
+        import torch
+
+        from memdec_core.engine.features import GENERIC_FEATURES, token_features
+
+        context = {"positions": torch.arange(len(base)), "split": split}
+        if combiner.learns:
+            context.update(features=token_features(base, memory), feature_names=GENERIC_FEATURES)
+        return context
 
 
 class MethodContract(ComponentContract):

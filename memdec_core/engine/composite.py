@@ -29,6 +29,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memdec_core.components.combiner_files import resolve_combiner
 from memdec_core.components.plan import set_by_shorthand
+from memdec_core.engine.features import feature_names, token_features
 from memdec_core.engine.scoring import check_memory_matches
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.inputs.context import memory_context
@@ -192,8 +193,11 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             cache.rows = input_ids.shape[0]
         stepper = cache.stepper if cache is not None else self.memory.stepper(self.knobs)
         memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep)
-        mixed = self.combiner.combine(base_logprobs, memory_logprobs.to(base_logprobs.device),
-                                      {"positions": None, "split": "generate"})
+        memory_logprobs = memory_logprobs.to(base_logprobs.device)
+        context = {"positions": None, "split": "generate"}
+        if self.combiner.learns:
+            context.update(step_features(base_logprobs, memory_logprobs, stepper, self.memory))
+        mixed = self.combiner.combine(base_logprobs, memory_logprobs, context)
         return CausalLMOutputWithPast(loss=_shifted_nll(mixed, labels) if labels is not None else None,
                                       logits=mixed, cache=cache)
 
@@ -305,6 +309,23 @@ def fixed_knobs(memory: MemoryModel) -> dict[str, Any]:
         raise ConfigError(f"{memory.name} tunes {names} over {len(grid)} settings; generation needs one: "
                           f"fix it with --set {memory.name}.KEY=VALUE (memdec list memory-models)")
     return grid[0]
+
+
+def step_features(base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, stepper,
+                  memory: MemoryModel) -> dict[str, Any]:
+    """The features of every position of a step (``[rows·kept, F]``, as evaluation computes them
+    from the memory's support): from whole rows, and the stepper's own ``features()`` when the
+    memory has features of its own."""
+    width = base_logprobs.shape[-1]
+    own = None
+    if memory.feature_names:
+        own_features = getattr(stepper, "features", None)
+        own = own_features() if callable(own_features) else None
+        if own is None:
+            raise ConfigError(f"memory {memory.name!r} declares features {memory.feature_names} but its "
+                              f"stepper gives none (a stepper's features())")
+    features = token_features(base_logprobs.reshape(-1, width), memory_logprobs.reshape(-1, width), own=own)
+    return {"features": features, "feature_names": feature_names(memory)}
 
 
 def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:

@@ -180,11 +180,12 @@ def _tail_logprobs(model, context: tuple[int, ...], continuations: list[list[int
 
 
 def mixture_loglikelihood(ctx: "EvalContext", memory: "MemoryModel", memory_knobs: dict[str, Any],
-                          combiner_config: Any) -> LogLikelihood:
+                          combiner_config: Any, fitted: "Combiner | None" = None) -> LogLikelihood:
     """The LogLikelihood of the base mixed with ``memory`` (its chosen ``memory_knobs``) by the
     combiner with ``combiner_config``, through the composite model. ``knobs`` overrides any of
     them, memory knobs and combiner knobs alike (``{"lam": 0.3}``); the composite is built on first
-    use, so a method result that is never asked to score continuations pays nothing for it."""
+    use, so a method result that is never asked to score continuations pays nothing for it.
+    ``fitted``: a combiner that learned its weights, used as it is (its knobs are not overridden)."""
     chosen: list = []  # the composite with the chosen memory knobs, once built
     memory_names = sorted({key for point in memory.grid() for key in point} | set(memory_knobs))
     combiner_names = [item.name for item in dataclasses.fields(combiner_config)]
@@ -200,7 +201,13 @@ def mixture_loglikelihood(ctx: "EvalContext", memory: "MemoryModel", memory_knob
 
     def loglikelihood(requests: Sequence[Request], knobs: dict[str, Any] | None = None) -> list[float]:
         memory_part, combiner_part = _split_knobs(knobs or {}, memory_names, combiner_names)
-        combiner = ctx.combiner(dataclasses.replace(combiner_config, **combiner_part))  # its Config checks values
+        if fitted is not None:
+            if any(fitted.knobs().get(key) != value for key, value in combiner_part.items()):
+                raise ConfigError(f"combiner {fitted.name!r} learned its weights on validation; its knobs "
+                                  f"are not overridden per task")
+            combiner = fitted
+        else:
+            combiner = ctx.combiner(dataclasses.replace(combiner_config, **combiner_part))  # its Config checks values
         return base_loglikelihood(ctx.base, ctx.settings.batch_size, composite(memory_part, combiner))(requests)
 
     return loglikelihood

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from memdec_core.engine.features import GENERIC_FEATURES, feature_names, token_features
 from memdec_core.engine.grids import extend, numeric_knobs
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.inputs.data import Window
@@ -45,9 +46,13 @@ class ScoredBatch:
     rows: torch.Tensor | None = None  # [N] window of each scored position
     columns: torch.Tensor | None = None  # [N] column of each scored position in input_ids
     _gold: torch.Tensor | None = field(default=None, repr=False)
+    _logprobs: torch.Tensor | None = field(default=None, repr=False)
 
     def logprobs(self) -> torch.Tensor:
-        return torch.log_softmax(self.logits, dim=-1)
+        """``[N, vocab]`` the base's log-probs; computed once per batch."""
+        if self._logprobs is None:
+            self._logprobs = torch.log_softmax(self.logits, dim=-1)
+        return self._logprobs
 
     def head(self, count: int) -> "ScoredBatch":
         """The first ``count`` scored positions, with only the windows they sit in."""
@@ -330,11 +335,17 @@ def _score_mixture(ctx: EvalContext, memory: MemoryModel, split: str, settings: 
 
 
 def score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
-                  settings: list, split: str, description: str, alone: MemoryAlone | None = None) -> list[NLLTotal]:
+                  settings: list, split: str, description: str, alone: MemoryAlone | None = None,
+                  combiners: list[Combiner] | None = None, weights: "WeightStats | None" = None) -> list[NLLTotal]:
     """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass;
-    and the memory alone under the first setting's knobs, into ``alone`` when given."""
+    and the memory alone under the first setting's knobs, into ``alone`` when given.
+
+    ``combiners``: the combiner of each setting, already made (a fitted one); default: made from
+    the settings' configs. ``weights`` gathers the first combiner's per-position weights.
+    """
     totals = [NLLTotal() for _ in settings]
-    combiners = [ctx.combiner(config) for _, config in settings]
+    combiners = combiners or [ctx.combiner(config) for _, config in settings]
+    learns = any(combiner.learns for combiner in combiners)
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
                                   capture_hidden=memory.needs_hidden, sharded=True, description=description)
     for number, batch in enumerate(batches):
@@ -342,21 +353,82 @@ def score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, wind
         state = call_component(memory, "memory", memory.score, batch)
         if number == 0 and ctx.combiner.elementwise:
             check_elementwise_claim(combiners[0], memory, batch, settings[0][0])
-        by_memory_knobs: dict[str, torch.Tensor] = {}
-        for total, combiner, (memory_knobs, _) in zip(totals, combiners, settings):
+        by_memory_knobs: dict[str, tuple[torch.Tensor, dict]] = {}
+        for index, (total, combiner, (memory_knobs, _)) in enumerate(zip(totals, combiners, settings)):
             key = repr(sorted(memory_knobs.items()))
             if key not in by_memory_knobs:
                 rows = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
                 _check_not_nan(rows, f"memory {memory.name!r} ({format_knobs(memory_knobs) or 'its settings'})", split)
-                by_memory_knobs[key] = rows
+                context = mixing_context(batch, split, memory, state, memory_knobs, learns)
+                by_memory_knobs[key] = rows, context
                 if alone is not None and len(by_memory_knobs) == 1:
                     alone.add(_gold_of(rows, batch))
-            gold = _mixed_gold(combiner, batch, by_memory_knobs[key], split)
+            rows, context = by_memory_knobs[key]
+            gold = _mixed_gold(combiner, batch, rows, context)
             _check_finite(gold, f"combiner {_name(combiner)!r} ({format_knobs(combiner.knobs())})", split)
             total.add(gold)
+            if weights is not None and index == 0:
+                weights.add(call_component(combiner, "combiner", combiner.weights, context), context)
     if alone is not None:
         alone.reduce()
     return reduce_totals(totals)
+
+
+def mixing_context(batch: ScoredBatch, split: str, memory: MemoryModel | None = None, state: Any = None,
+                   knobs: dict | None = None, with_features: bool = False) -> dict[str, Any]:
+    """What ``Combiner.combine`` is given besides the log-probs: the rows' positions and split, and
+    for a combiner that learns, their features (``memdec_core.engine.features``)."""
+    context = {"positions": batch.positions, "split": split}
+    if with_features:
+        context["features"] = batch_features(memory, state, batch, knobs or {})
+        context["feature_names"] = feature_names(memory)
+    return context
+
+
+def batch_features(memory: MemoryModel, state: Any, batch: ScoredBatch, knobs: dict) -> torch.Tensor:
+    """``[N, F]`` the features of every scored position under the memory's ``knobs``: from its
+    sparse support where it keeps one, else from its whole rows; then its own features."""
+    own = call_component(memory, "memory", memory.features, state, batch)
+    support = call_component(memory, "memory", memory.support, state, batch, knobs)
+    if support is not None:
+        return token_features(batch.logprobs(), support=support, own=own)
+    rows = call_component(memory, "memory", memory.logprobs, state, batch, knobs)
+    return token_features(batch.logprobs(), rows, own=own)
+
+
+class WeightStats:
+    """The memory's weight per position, as a combiner applies it: its mean and spread for the
+    report, and (weight, base entropy) pairs for ``--plot`` (a sample: every position, up to a cap)."""
+
+    SAMPLE = 4096
+
+    def __init__(self):
+        self.sum = self.sum_squares = 0.0
+        self.count = 0
+        self.sample: list[tuple[float, float]] = []
+
+    def add(self, weights: torch.Tensor | None, context: dict) -> None:
+        if weights is None:
+            return
+        weights = weights.double().reshape(-1)
+        self.sum += float(weights.sum())
+        self.sum_squares += float((weights * weights).sum())
+        self.count += len(weights)
+        features = context.get("features")
+        if features is not None and len(self.sample) < self.SAMPLE:
+            entropy = features[:, GENERIC_FEATURES.index("base_entropy")]
+            room = self.SAMPLE - len(self.sample)
+            self.sample.extend(zip(weights[:room].tolist(), entropy[:room].tolist()))
+
+    def facts(self) -> dict[str, Any]:
+        """``{"weight_mean", "weight_std", "weight_sample"}``; empty when no weights were given."""
+        values = sum_across([self.sum, self.sum_squares, self.count])
+        total, squares, count = values[0], values[1], int(round(values[2]))
+        if not count:
+            return {}
+        mean = total / count
+        return {"weight_mean": mean, "weight_std": math.sqrt(max(squares / count - mean * mean, 0.0)),
+                "weight_sample": [[round(w, 4), round(h, 4)] for w, h in self.sample]}
 
 
 def _name(component) -> str:
@@ -398,7 +470,7 @@ def check_elementwise_claim(combiner: Combiner, memory: MemoryModel, batch: Scor
     state = call_component(memory, "memory", memory.score, few)
     memory_rows = call_component(memory, "memory", memory.logprobs, state, few, knobs)
     gold = few.targets[:, None]
-    context = {"positions": few.positions, "split": "check"}
+    context = mixing_context(few, "check", memory, state, knobs, combiner.learns)
     whole = call_component(combiner, "combiner", combiner.combine, base, memory_rows, context).gather(1, gold)
     columns = call_component(combiner, "combiner", combiner.combine, base.gather(1, gold),
                              memory_rows.gather(1, gold), context)
@@ -421,8 +493,7 @@ def _gold_of(memory_rows: torch.Tensor, batch: ScoredBatch) -> torch.Tensor:
     return memory_rows.gather(1, batch.targets[:, None])[:, 0]
 
 
-def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, split: str) -> torch.Tensor:
-    context = {"positions": batch.positions, "split": split}
+def _mixed_gold(combiner: Combiner, batch: ScoredBatch, memory_rows: torch.Tensor, context: dict) -> torch.Tensor:
     if memory_rows.shape[1] == 1:  # elementwise: only the gold column is needed
         return call_component(combiner, "combiner", combiner.combine, batch.gold_logprobs()[:, None], memory_rows,
                      context)[:, 0]

@@ -13,7 +13,7 @@ import time
 from typing import Iterator
 
 #: The stages memdec's own work is split into (docs/reports.md); a plugin may name others.
-STAGES = ("load", "tokenise", "datastore", "index", "targets", "train", "tune", "test", "general", "fidelity",
+STAGES = ("load", "tokenise", "datastore", "index", "targets", "train", "tune", "fit", "test", "general", "fidelity",
           "latency")
 
 _recordings: list[dict[str, float]] = []

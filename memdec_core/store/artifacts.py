@@ -188,13 +188,21 @@ def cached_artifact(kind: str, key: str) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     """Write a JSON file atomically (a reader never sees half of it); valid JSON only (no NaN)."""
-    path = Path(path)
     text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable, allow_nan=False) + "\n"
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; what the block writes there becomes ``path`` at
+    once when it succeeds, and is removed when it fails (disk faults as one line)."""
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with disk_errors(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(text)
+            yield temporary
             os.replace(temporary, path)
     except BaseException:
         # On a read-only disk even removing a file that was never made fails: the refusal is the news.

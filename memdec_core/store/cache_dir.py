@@ -50,7 +50,8 @@ MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n" + MARKER_LINE + "
 MANIFEST_KINDS = frozenset({"datastores", "targets", "teacher-targets", "memories", "lora", "dapt",
                             "passage-indexes", "indexes"})
 #: Every kind memdec itself writes (plugins may add theirs).
-KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub", "fidelity"}
+KNOWN_KINDS = MANIFEST_KINDS | {"results", "models", "fingerprints", "domain-stats", "tokens", "hub", "fidelity",
+                                 "combiners"}
 #: Folders that hold no artifacts: the per-entry lock files (empty, reused by the next run).
 INFRASTRUCTURE = frozenset({"locks"})
 #: Every entry memdec writes has a content hash of at least 12 hex digits in its name (``content_key``: 20).

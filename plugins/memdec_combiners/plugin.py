@@ -5,6 +5,7 @@ from memdec_core.hookspecs import hookimpl
 
 @hookimpl
 def memdec_register_combiners():
+    from memdec_combiners.adaptive import Adaptive
     from memdec_combiners.linear import Linear
 
-    return [Linear]
+    return [Linear, Adaptive]

@@ -23,23 +23,30 @@ def gold_logprobs(distances: torch.Tensor, ids: torch.Tensor, values: torch.Tens
 
 
 def sparse_distribution(distances: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        temperature: float, grouping: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the distinct tokens among the neighbours and their summed probability.
 
     Returns ``(token_ids, probs)``, both ``[N, k]``: row r's support is the entries with
-    ``token_ids[r] >= 0``; the remaining slots are padding (id −1, probability 0).
+    ``token_ids[r] >= 0``; the remaining slots are padding (id −1, probability 0). ``grouping``:
+    ``token_groups(ids, values)``, when several temperatures share one search.
     """
-    weights = neighbour_logweights(distances, ids, temperature).exp()
+    order, group, token_ids = grouping or token_groups(ids, values)
+    sorted_weights = neighbour_logweights(distances, ids, temperature).exp().gather(-1, order)
+    probs = torch.zeros_like(sorted_weights).scatter_add_(-1, group, sorted_weights)
+    probs = probs.masked_fill(token_ids < 0, 0.0)
+    return token_ids, probs.float()
+
+
+def token_groups(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which neighbours hold the same token, independent of the temperature: ``(order, group,
+    token_ids)``: the neighbours sorted by token, the output slot of each, the token of each slot."""
     tokens = values.long().masked_fill(ids < 0, -1)
     sorted_tokens, order = tokens.sort(dim=-1)
-    sorted_weights = weights.gather(-1, order)
     starts_group = torch.ones_like(sorted_tokens, dtype=torch.bool)
     starts_group[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
     group = starts_group.long().cumsum(dim=-1) - 1  # slot of each neighbour's token in the output
-    probs = torch.zeros_like(sorted_weights).scatter_add_(-1, group, sorted_weights)
     token_ids = torch.full_like(sorted_tokens, -1).scatter_(-1, group, sorted_tokens)
-    probs = probs.masked_fill(token_ids < 0, 0.0)
-    return token_ids, probs.float()
+    return order, group, token_ids
 
 
 def dense_logprobs(distances: torch.Tensor, ids: torch.Tensor, values: torch.Tensor,

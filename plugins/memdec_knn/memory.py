@@ -30,10 +30,13 @@ class KnnDatastore(MemoryModel):
     artifact_type = "datastore"
     artifact_setting = "datastore"
     knob_bounds = {"temperature": (0.0, float("inf"))}
+    feature_names = ("knn_nearest_distance",)
+    skippable = True
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         self.store: Datastore | None = None
+        self._groups = None  # (the search's ids, their token_groups): the last search's grouping
 
     def uses(self) -> list[Use]:
         return [Use(RETRIEVER_KIND, self.config.retriever, f"{self.name}.retriever", accepts=("vectors",))]
@@ -79,6 +82,19 @@ class KnnDatastore(MemoryModel):
     def logprobs(self, state, batch, knobs: dict):
         return self._dense(state, knobs, batch.logits.shape[1])
 
+    def support(self, state, batch, knobs: dict):
+        from memdec_knn import distribution
+
+        distances, ids, values = state
+        if self._groups is None or self._groups[0] is not ids:  # one sort per search, for every temperature
+            self._groups = ids, distribution.token_groups(ids, values)
+        token_ids, probs = distribution.sparse_distribution(distances, ids, values, knobs["temperature"],
+                                                            self._groups[1])
+        return token_ids, probs.log()
+
+    def features(self, state, batch):
+        return nearest_distance(state[0])
+
     def _dense(self, state, knobs: dict, width: int):
         from memdec_knn import distribution
 
@@ -103,18 +119,30 @@ class KnnDatastore(MemoryModel):
                 "index": str(store.index_folder)}
 
 
+def nearest_distance(distances):
+    """``[N, 1]`` log(1 + the squared distance to the nearest key): how close the store comes."""
+    return distances[:, :1].float().clamp(min=0).log1p()
+
+
 class KnnStepper:
     """kNN-LM in generation: the base's hidden state at each position is the query; no state."""
 
     def __init__(self, memory: KnnDatastore, knobs: dict):
         self.memory, self.knobs = memory, knobs
+        self._features = None
 
     def logprobs(self, input_ids, attention_mask, hidden, width: int, keep: int):
         if hidden is None:
             raise ConfigError("knn-datastore needs the base's hidden states in generation")
         rows, kept, dim = hidden.shape
         queries = hidden.reshape(rows * kept, dim).float().cpu()
-        return self.memory._dense(self.memory.neighbours(queries), self.knobs, width).reshape(rows, kept, width)
+        state = self.memory.neighbours(queries)
+        self._features = nearest_distance(state[0]).reshape(rows, kept, -1)
+        return self.memory._dense(state, self.knobs, width).reshape(rows, kept, width)
+
+    def features(self):
+        """``[rows, keep, 1]`` the memory's own features at the positions of the last call."""
+        return self._features
 
     def select(self, rows) -> None:
         pass  # every query is the base's hidden state: nothing to keep

@@ -213,3 +213,46 @@ def test_memdec_export_writes_a_composite_with_the_fitted_state(tiny_llama, corp
 def test_the_api_refuses_a_learning_combiner_without_a_domain(tiny_llama, trained_memory):
     with pytest.raises(ConfigError, match="learns its weights on a domain's validation split"):
         api.composite_model(str(tiny_llama), str(trained_memory), combiner="adaptive")
+
+
+# ----------------------------------------------------------------------------------------------
+# memdec tasks
+
+
+def test_memdec_tasks_mixes_with_the_fitted_combiner(corpus_dir, tiny_gpt2, tmp_path):
+    from test_tasks import write_tiny_task
+
+    spec = write_tiny_task(tmp_path / "task")
+    result = invoke("tasks", "--domain", corpus_dir, "--base", tiny_gpt2, "--method", "base,knn-lm", "--tasks", spec,
+                    "--combiner", "adaptive", "--context", 64, "--set", "knn-lm.k=16", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    rows = {row["method"]: row for row in json.loads(result.stdout)["results"]}
+    mixed = rows["knn-lm"]["tasks"]["tiny"]
+    assert mixed["knob_source"] == "fit" and mixed["knobs"] == {} and mixed["validation"] == []
+    assert rows["base"]["tasks"]["tiny"]["knob_source"] is None
+    assert 0.0 <= mixed["accuracy"] <= 1.0 and math.isfinite(rows["knn-lm"]["test_ppl"])
+
+
+def test_a_learning_combiner_with_a_grid_is_not_tuned_per_task(corpus_dir, tiny_gpt2, tmp_path):
+    """A learning combiner's configs are fitted on the domain's validation split; a task must not
+    try them again as knobs (the fitted loglikelihood refuses an override)."""
+    from test_tasks import write_tiny_task
+
+    from memdec_core.runs.tasks import evaluate_tasks
+
+    router = load_combiner_file(f"{ROUTER}:LogisticRouter")
+
+    class GridRouter(router):
+        """The router, fitted with two iteration budgets (the best on held-out positions scores)."""
+
+        name = "grid-router"
+
+        @classmethod
+        def grid(cls):
+            return [cls.Config(iterations=5), cls.Config(iterations=50)]
+
+    report = evaluate_tasks(str(corpus_dir), [str(write_tiny_task(tmp_path / "task"))], bases=[str(tiny_gpt2)],
+                            methods=["knn-lm"], settings=EvalSettings(context=64), combiner=GridRouter,
+                            component_settings={"knn-lm": {"k": 16, "temperatures": (3.0,)}})
+    entry = report["results"][0]["tasks"]["tiny"]
+    assert entry["knob_source"] == "fit" and entry["validation"] == [] and 0.0 <= entry["accuracy"] <= 1.0

@@ -3,6 +3,10 @@
     memdec-lm-eval --model memdec --model_args base=memdec-demo-m,memory=finance-memory,lam=0.3 \\
         --tasks hellaswag
     memdec-lm-eval --model memdec --model_args base=...,memory=knn-datastore,domain=finance --tasks ...
+    memdec-lm-eval --model memdec --model_args base=...,memory=finance-memory,domain=finance,combiner=adaptive ...
+
+A combiner that learns (``combiner=adaptive``) is fitted on ``domain``'s validation split when the
+composite is built (``composite_model``; cached, so the next run reads the fit back).
 
 ``MemdecLM`` builds the composite model (``memdec_core.api.composite_model``) and hands it to
 lm-eval's own ``HFLM``, so batching, ``loglikelihood``, ``loglikelihood_rolling`` and

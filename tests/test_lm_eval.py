@@ -140,3 +140,22 @@ def test_a_local_task_with_a_missing_field_or_file_is_one_line(tmp_path, monkeyp
         check_local_tasks(["--tasks", "no_file,other", "--include_path", str(tmp_path)])
     monkeypatch.chdir(TASKS)
     check_local_tasks(["--tasks", TASK, "--include_path", str(TASKS)])  # the good one passes from its folder
+
+
+def test_a_learning_combiner_is_fitted_on_the_domain_and_scores_as_its_composite(tiny_llama, corpus_dir):
+    """``--model_args combiner=adaptive,domain=D``: the composite's combiner is fitted on D's
+    validation split (cached), and lm-eval's accuracy is what the fitted composite gives."""
+    settings = {"knn-datastore": {"k": 8, "temperatures": (3.0,)}}
+    lm = MemdecLM(base=str(tiny_llama), memory="knn-datastore", domain=str(corpus_dir), combiner="adaptive",
+                  component_settings=settings, batch_size=4)
+    composite = lm.model
+    assert composite.combiner.learns and composite.combiner.state_dict()
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(TASKS), include_defaults=False)
+    results = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tasks)
+    again = api.composite_model(str(tiny_llama), "knn-datastore", domain=str(corpus_dir), combiner="adaptive",
+                                component_settings=settings)  # the same fit, read back from the cache
+    assert results["results"][TASK]["acc,none"] == pytest.approx(brute_force(again, again.tokenizer)[0])
+    with pytest.raises(ConfigError, match="give the domain to fit it on"):
+        MemdecLM(base=str(tiny_llama), memory="knn-datastore", combiner="adaptive", component_settings=settings)

@@ -21,11 +21,14 @@ from memdec_core.command_kit import parse_assignments, set_option
               help="Alone: export this memory folder as a portable memory (a plain causal LM over the family's "
                    "full vocabulary). With --base: a composite of both (a memory model or a folder one opens).")
 @click.option("--domain", default=None, help="With --memory: the domain a memory named by its name is built for.")
+@click.option("--combiner", default="linear", show_default=True,
+              help="With --base and --memory: how the composite mixes them, a registered name (one that learns, "
+                   "adaptive, is fitted on --domain's validation split and its state saved in the folder).")
 @click.option("--lam", type=click.FloatRange(0, 1), default=None,
               help="With --memory: the combiner's λ (the memory's weight) [default: the combiner's]; for a "
                    "portable memory, the λ its model card suggests [default: tune it].")
 @set_option
-def export(folder, output, force, base, memory, domain, lam, assignments):
+def export(folder, output, force, base, memory, domain, combiner, lam, assignments):
     """Write FOLDER (a LoRA or DAPT artifact) to --output as a standalone transformers model;
     --memory FOLDER alone as a portable memory; with --base and --memory, a composite model's
     folder of references.
@@ -50,29 +53,31 @@ def export(folder, output, force, base, memory, domain, lam, assignments):
       memdec export --base memdec-demo-m --memory finance-memory --lam 0.6 --output finance-composite
       memdec export --base memdec-demo-l --memory knn-datastore --domain finance \\
                     --set knn-datastore.temperatures=10 --output finance-knn-composite
+      memdec export --base memdec-demo-m --memory finance-memory --combiner adaptive --domain finance \\
+                    --output finance-adaptive-composite
     """
     from memdec_core.runs import export as exports
 
     if memory is None:
-        _check_adapted_usage(folder, domain, lam, assignments)
+        _check_adapted_usage(folder, domain, lam, assignments, combiner)
         written = exports.export_adapted(folder, output, base=base, force=force)
     elif base is None and folder is None:
-        if domain is not None or assignments:
-            raise click.UsageError("--domain and --set apply to a composite (--base and --memory), not to a "
-                                   "portable memory")
+        if domain is not None or assignments or combiner != "linear":
+            raise click.UsageError("--domain, --combiner and --set apply to a composite (--base and --memory), "
+                                   "not to a portable memory")
         written = exports.export_memory(memory, output, lam=lam, force=force)
     else:
         if folder is not None or base is None:
             raise click.UsageError("a composite is exported with --base NAME --memory FOLDER_OR_NAME, without FOLDER; "
                                    "a portable memory with --memory FOLDER alone")
-        written = exports.export_composite(base, memory, output, domain=domain, lam=lam, force=force,
+        written = exports.export_composite(base, memory, output, domain=domain, lam=lam, combiner=combiner, force=force,
                                            component_settings=parse_assignments(assignments))
     click.echo(str(written))
 
 
-def _check_adapted_usage(folder, domain, lam, assignments) -> None:
+def _check_adapted_usage(folder, domain, lam, assignments, combiner) -> None:
     if folder is None:
         raise click.UsageError("give a LoRA or DAPT FOLDER, or --base and --memory for a composite "
                                "(see memdec export --help)")
-    if domain is not None or lam is not None or assignments:
-        raise click.UsageError("--domain, --lam and --set apply to a composite (--memory), not to FOLDER")
+    if domain is not None or lam is not None or assignments or combiner != "linear":
+        raise click.UsageError("--domain, --combiner, --lam and --set apply to a composite (--memory), not to FOLDER")

@@ -51,6 +51,8 @@ def generate(base, memory, domain, combiner, lam, max_new_tokens, sample, temper
     --num-return-sequences) are printed when done, separated by a line of dashes.
     Knobs are fixed here: --lam for the combiner, --set NAME.KEY=VALUE for the memory's own
     (a kNN datastore tunes T over a grid in eval; pick one: --set knn-datastore.temperatures=10).
+    A combiner that learns (--combiner adaptive) is fitted on --domain's validation split first
+    (cached: the next run reads the fit back).
     A prompt longer than the model's (or the memory's) positions keeps its last tokens, and
     generation stops at the last position; stderr says so.
 

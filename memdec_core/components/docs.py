@@ -13,7 +13,9 @@ KIND_INTROS = {
                      "`memdec generate --memory NAME`.",
     "retrievers": "Search backends, chosen by a method's or memory's `retriever` setting; `vectors` retrievers "
                   "search hidden states, `text` retrievers search passages.",
-    "combiners": "How a memory is mixed with the base: `--combiner NAME` (or `path/file.py:Name`).",
+    "combiners": "How a memory is mixed with the base: `--combiner NAME` (or `path/file.py:Name`). One that "
+                 "learns (`adaptive`) is fitted on the validation split, cached, and needs `--domain` in "
+                 "generate and export (docs/plugins.md, a combiner that learns).",
     "domains": "Corpora: `--domain NAME` (or a folder with train/valid/test files).",
     "models": "Named base models: `--base NAME`.",
 }

@@ -12,12 +12,15 @@ or duplicates rows, both follow.
 
 A composite built by ``composite_model`` (names of a base and a memory) knows where its parts come from (a base
 name, a memory folder or name, a domain, the combiner's knobs): ``save_pretrained`` writes a
-folder of references only, and ``from_pretrained`` of that folder rebuilds it.
+folder of references only, and ``from_pretrained`` of that folder rebuilds it. A combiner that
+learns is fitted on the domain's validation split when the composite is built; the folder keeps
+its fitted tensors (``combiner.safetensors``), which ``from_pretrained`` loads instead of fitting again.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -42,6 +45,8 @@ ARTIFACT_TYPE = "memdec-composite"
 REFERENCE_KEYS = ("base", "memory", "domain", "combiner", "lam", "component_settings")
 #: Folders written before the per-component settings took one name call them this.
 LEGACY_KEYS = {"settings": "component_settings"}
+#: The fitted state of a combiner that learns, in a composite's folder.
+COMBINER_STATE = "combiner.safetensors"
 
 
 class MemdecConfig(PretrainedConfig):
@@ -242,7 +247,9 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             config.text_config = None  # the base brings its own config when it is loaded again
             config.save_pretrained(tmp)
             write_manifest(tmp, ARTIFACT_TYPE, parts=self.config.parts)
-            write_model_card(tmp, self.config.parts)
+            if self.combiner.learns:
+                write_combiner_state(tmp / COMBINER_STATE, self.combiner, feature_names(self.memory))
+            write_model_card(tmp, self.config.parts, learned=self.combiner.learns)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MemdecForCausalLM":
@@ -250,7 +257,8 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
         references; a memory or datastore in the cache is reused).
 
         A combiner file named in its config runs only with ``trust_remote_code=True``, which
-        ``AutoModelForCausalLM.from_pretrained`` passes on here (``check_parts``)."""
+        ``AutoModelForCausalLM.from_pretrained`` passes on here (``check_parts``). A combiner that
+        learns gets its fitted state from the folder's ``combiner.safetensors`` (tensors only)."""
         folder = Path(pretrained_model_name_or_path).expanduser()
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -260,19 +268,29 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
             raise ArtifactError(f"{folder} holds a {config.get('model_type')!r} model, not a memdec composite")
         parts = {LEGACY_KEYS.get(key, key): value for key, value in (config.get("parts") or {}).items()}
         check_parts(parts, folder, trusted=kwargs.get("trust_remote_code") is True)
-        return composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts})
+        state, names = read_combiner_state(folder, parts.get("combiner", "linear"))
+        model = composite_model(**{key: parts[key] for key in REFERENCE_KEYS if key in parts},
+                                settings=saved_windows(folder, parts.get("windows")), combiner_state=state)
+        if names is not None and names != feature_names(model.memory):
+            raise ArtifactError(f"{folder / COMBINER_STATE} was fitted on the features {', '.join(names)}; the memory "
+                                f"gives {', '.join(feature_names(model.memory))}: export the composite again")
+        return model
 
 
 def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, domain: str | None = None,
                     lam: float | None = None, combiner: Any = "linear",
                     component_settings: dict[str, dict[str, Any]] | None = None,
-                    settings: EvalSettings | None = None) -> MemdecForCausalLM:
+                    settings: EvalSettings | None = None,
+                    combiner_state: dict[str, torch.Tensor] | None = None) -> MemdecForCausalLM:
     """Base + memory + combiner as one ``transformers`` causal LM (``MemdecForCausalLM``), ready
     for ``generate()``, ``pipeline("text-generation")`` or lm-evaluation-harness; its
     ``.tokenizer`` is the base's. ``lam`` fixes the linear combiner's λ (else ``component_settings``,
     else its default; ``component_settings`` maps a component's name to its settings, as ``--set``).
     ``settings`` are the windows a memory built on first use is built with. A composite built
     from names saves as a folder of references (``save_pretrained``) that ``from_pretrained`` rebuilds.
+    A combiner that learns (``adaptive``) is fitted on ``domain``'s validation split under the
+    memory's knobs (cached: the same fit as ``memdec generate``'s), unless its fitted
+    ``combiner_state`` is given (what ``from_pretrained`` reads from the folder).
     """
     component_settings = {name: dict(values) for name, values in (component_settings or {}).items()}
     combiner_class = resolve_combiner(combiner)
@@ -280,16 +298,20 @@ def composite_model(base: "str | LoadedModel", memory: "str | MemoryModel", *, d
         if "lam" not in combiner_class.Config.__dataclass_fields__:
             raise ConfigError(f"combiner {combiner_class.name!r} has no λ (lam) to set")
         component_settings = set_by_shorthand(component_settings, combiner_class, "lam", lam, "lam")
-    ctx, memory_component = memory_context(base, memory, domain, combiner_class, component_settings, settings)
+    ctx, memory_component = memory_context(base, memory, domain, combiner_class, component_settings, settings,
+                                           fitted=combiner_state is not None)
     if memory_component is None:
         raise ConfigError("a composite model needs a memory (a memory model name or folder)")
     prepare_memory(ctx, memory_component)
-    mixing = fixed_combiner(ctx.combiner)
+    knobs = fixed_knobs(memory_component)
+    mixing = mixing_combiner(ctx, memory_component, knobs, combiner_state)
     parts = None
     if isinstance(base, str) and isinstance(memory, str):
         parts = {"base": base, "memory": memory, "domain": domain, "combiner": combiner_class.name,
                  "lam": mixing.knobs().get("lam"), "component_settings": component_settings}
-    return MemdecForCausalLM.from_parts(ctx.base, memory_component, fixed_knobs(memory_component), mixing, parts=parts)
+        if settings is not None:  # a memory built from the domain (a kNN datastore) depends on its windows
+            parts["windows"] = dataclasses.asdict(settings)
+    return MemdecForCausalLM.from_parts(ctx.base, memory_component, knobs, mixing, parts=parts)
 
 
 def prepare_memory(ctx: EvalContext, memory: MemoryModel) -> None:
@@ -334,6 +356,72 @@ def fixed_combiner(combiner_class: type[Combiner]) -> Combiner:
     return combiner_class(grid[0] if len(grid) == 1 else combiner_class.Config())
 
 
+def mixing_combiner(ctx: EvalContext, memory: MemoryModel, knobs: dict[str, Any],
+                    state: dict[str, torch.Tensor] | None = None) -> Combiner:
+    """The combiner that mixes where nothing is tuned (generation, a composite): ``fixed_combiner``;
+    one that learns is fitted on ``ctx``'s validation split under the memory's ``knobs``
+    (``engine.learning``: cached, so a second run reads the fit back), or given its fitted ``state``."""
+    from memdec_core.engine.learning import fitted_combiner
+
+    combiner = fixed_combiner(ctx.combiner)
+    if not combiner.learns:
+        return combiner
+    if state is None:
+        return fitted_combiner(ctx, memory, knobs, combiner)
+    combiner.load_state_dict(state)
+    return combiner
+
+
+def saved_windows(folder: Path, windows: Any) -> EvalSettings | None:
+    """The windows a composite folder records (``parts["windows"]``: a memory built on first use
+    is built with them again); None where it records none (the defaults)."""
+    if windows is None:
+        return None
+    try:
+        return EvalSettings(**windows)
+    except (TypeError, ConfigError) as error:
+        raise ArtifactError(f"{folder}/config.json records windows memdec cannot read ({error})") from error
+
+
+def write_combiner_state(path: Path, combiner: Combiner, names: tuple[str, ...]) -> None:
+    """A fitted combiner's tensors, with its name and the features it reads (safetensors: loading
+    it runs no code), written atomically."""
+    from safetensors.torch import save_file
+
+    from memdec_core.store.artifacts import atomic_file
+
+    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in combiner.state_dict().items()}
+    with atomic_file(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"combiner": combiner.name, "feature_names": json.dumps(names)})
+
+
+def read_combiner_state(folder: Path, combiner: Any) -> tuple[dict[str, torch.Tensor] | None, tuple[str, ...] | None]:
+    """The fitted state a composite folder keeps for its ``combiner`` and the features it was fitted
+    on; ``(None, None)`` for a combiner that does not learn. A missing or unreadable file, or
+    tensors the combiner cannot load, is one ArtifactError."""
+    from safetensors import safe_open
+
+    combiner_class = resolve_combiner(combiner)
+    if not combiner_class.learns:
+        return None, None
+    path = folder / COMBINER_STATE
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {COMBINER_STATE}, the fitted state of its combiner "
+                            f"{combiner_class.name!r}: export the composite again")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+        names = tuple(json.loads(metadata["feature_names"]))
+        if metadata.get("combiner") != combiner_class.name:
+            raise ValueError(f"it holds the state of combiner {metadata.get('combiner')!r}")
+        fixed_combiner(combiner_class).load_state_dict(state)
+    except Exception as error:  # safetensors' own errors, a bad header, tensors the combiner refuses
+        raise ArtifactError(f"{path} is not a fitted state of combiner {combiner_class.name!r} ({error}); "
+                            f"export the composite again") from error
+    return state, names
+
+
 def check_parts(parts: dict[str, Any], folder: Path, trusted: bool) -> None:
     """Refuse what a composite folder from elsewhere (the hub, a colleague) must not make memdec do
     unasked: run a combiner file its config names (transformers' rule for code that comes with a
@@ -360,14 +448,16 @@ def _shifted_nll(logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.nll_loss(predicted, gold, ignore_index=-100)
 
 
-def write_model_card(folder: Path, parts: dict[str, Any]) -> None:
+def write_model_card(folder: Path, parts: dict[str, Any], learned: bool = False) -> None:
     """The folder's README: model-card front matter and how to load it."""
     from memdec_core.inputs.model_cards import write_readme
 
     memory = parts.get("memory") or "none"
+    weight = f"a weight per token learned on {parts.get('domain')}'s validation split ({COMBINER_STATE})" \
+        if learned else f"λ = {parts.get('lam')}"
     write_readme(folder, f"memdec composite: {parts.get('base')} + {memory}", [
         f"A base model mixed with a memory ({memory}, domain {parts.get('domain') or '-'}) by the "
-        f"`{parts.get('combiner', 'linear')}` combiner (λ = {parts.get('lam')}). This folder holds references, "
+        f"`{parts.get('combiner', 'linear')}` combiner ({weight}). This folder holds references, "
         f"not weights: its parts load from the memdec cache or their folders.", "",
         "```python", "import memdec_core.composite  # registers the model type",
         "from transformers import AutoModelForCausalLM", "",

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from memdec_core.engine.composite import MemdecForCausalLM, fixed_combiner, fixed_knobs, position_limit, prepare_memory
+from memdec_core.engine.composite import (
+    MemdecForCausalLM,
+    fixed_combiner,
+    fixed_knobs,
+    mixing_combiner,
+    position_limit,
+    prepare_memory,
+)
 from memdec_core.errors import ConfigError
 from memdec_core.inputs.models import LoadedModel, autocast, model_device
 from memdec_core.interfaces import Combiner, EvalContext, Generator, MemoryModel
@@ -217,6 +224,7 @@ def generate_texts(ctx: EvalContext, memory: MemoryModel | None, prompts: list[s
     combiner = fixed_combiner(ctx.combiner)
     if memory is not None:
         prepare_memory(ctx, memory)
+        combiner = mixing_combiner(ctx, memory, fixed_knobs(memory))
         log(f"generating with {memory.name} mixed by {combiner.name or type(combiner).__name__} "
             f"({', '.join(f'{k}={v}' for k, v in {**fixed_knobs(memory), **combiner.knobs()}.items())})")
     tokenizer = ctx.base.tokenizer

@@ -21,7 +21,7 @@ import torch
 from memdec_core.components.identity import component_identity
 from memdec_core.engine.features import feature_names
 from memdec_core.engine.scoring import batch_features, call_component, iter_scored_batches
-from memdec_core.errors import ResultError
+from memdec_core.errors import ConfigError, ResultError
 from memdec_core.interfaces import Combiner, EvalContext, FitData, MemoryModel
 from memdec_core.runtime.progress import log
 from memdec_core.store.artifacts import atomic_file, cached_artifact, content_key
@@ -65,6 +65,20 @@ def fit_combiners(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[di
         _write_fit(path, combiners, facts)
     best = min((i for i in range(len(facts)) if facts[i].get("fitted", True)), key=lambda i: facts[i]["heldout_nll"])
     return Fitted(combiners, facts, best, float(facts[best]["seconds"]), cached)
+
+
+def fitted_combiner(ctx: EvalContext, memory: MemoryModel, knobs: dict, combiner: Combiner) -> Combiner:
+    """``combiner`` (one that learns) fitted for the memory's one setting ``knobs`` on ``ctx``'s
+    validation split, where nothing is tuned (generation, a composite): the same fit, and the same
+    cache entry, as an evaluation whose grid is that one setting."""
+    if ctx.corpus is None:
+        raise ConfigError(f"combiner {combiner.name!r} learns its weights on a domain's validation split; "
+                          f"give the domain to fit it on (--domain DOMAIN)")
+    fitted = fit_combiners(ctx, memory, [(knobs, combiner.config)])
+    facts = fitted.facts[fitted.best]
+    log(f"{ctx.base.model_id}: {combiner.name} fitted on {ctx.corpus.corpus.name}'s validation split"
+        f"{' (cached)' if fitted.cached else ''}: held-out ppl {math.exp(facts['heldout_nll']):.3f}")
+    return fitted.combiners[fitted.best]
 
 
 def _candidates(data: list[FitData]) -> list[int]:

@@ -40,9 +40,10 @@ def prepare_context(corpus, base_name: "str | LoadedModel", settings: EvalSettin
 
 def memory_context(base: "str | LoadedModel", memory: "str | MemoryModel | None", domain: str | None,
                    combiner: Any, component_settings: dict[str, dict[str, Any]] | None,
-                   settings: EvalSettings | None) -> "tuple[EvalContext, MemoryModel | None]":
+                   settings: EvalSettings | None, *, fitted: bool = False) -> "tuple[EvalContext, MemoryModel | None]":
     """The context for mixing ``base`` with ``memory`` at fixed knobs (generation, a composite), and
-    the memory component, not yet prepared. Every name and setting is checked first."""
+    the memory component, not yet prepared. Every name and setting is checked first; a combiner
+    that learns needs ``domain`` to fit on, unless its fitted state is given (``fitted``)."""
     if isinstance(settings, dict):  # what generate() and composite_model() called settings= before
         raise ConfigError("settings= are the windows (an EvalSettings); per-component settings are "
                           "component_settings={'NAME': {'KEY': value}}")
@@ -52,6 +53,9 @@ def memory_context(base: "str | LoadedModel", memory: "str | MemoryModel | None"
     used: list[Component] = [component for _, component in plan.resolve([memory_component])] \
         if memory_component is not None and not isinstance(memory, MemoryModel) else []
     plan.check_all_used(used, also=[combiner_class.name] + ([domain] if domain else []))
+    if combiner_class.learns and memory_component is not None and not fitted and domain is None:
+        raise ConfigError(f"combiner {combiner_class.name!r} learns its weights on a domain's validation split; "
+                          f"give the domain to fit it on (--domain DOMAIN)")
     return prepare_context(domain, base, settings, combiner_class, plan=plan), memory_component
 
 

@@ -64,17 +64,19 @@ def _card_lines(folder: Path, manifest: dict) -> list[str]:
 
 
 def export_composite(base: str, memory: str, output: Path | str, *, domain: str | None = None,
-                     lam: float | None = None, component_settings: dict[str, dict[str, Any]] | None = None,
-                     force: bool = False) -> Path:
+                     lam: float | None = None, combiner: Any = "linear",
+                     component_settings: dict[str, dict[str, Any]] | None = None, force: bool = False) -> Path:
     """Write the composite of ``base`` and ``memory`` (``composite_model``) to ``output`` as a
-    folder of references that ``AutoModelForCausalLM.from_pretrained`` rebuilds (memdec installed)."""
+    folder of references that ``AutoModelForCausalLM.from_pretrained`` rebuilds (memdec installed).
+    A ``combiner`` that learns is fitted on ``domain``'s validation split first; the folder keeps its state."""
     from memdec_core.engine.composite import composite_model  # torch: only when a composite is made
 
     output = Path(output).expanduser()
     # A folder named relative to here would mean another folder wherever the composite is opened.
     base, memory = _absolute_if_folder(base), _absolute_if_folder(memory)
     _check_output(output, force, sources=tuple(Path(spec) for spec in (base, memory) if Path(spec).is_absolute()))
-    model = composite_model(base, memory, domain=domain, lam=lam, component_settings=component_settings)
+    model = composite_model(base, memory, domain=domain, lam=lam, combiner=combiner,
+                            component_settings=component_settings)
     with new_folder(output, force) as temporary:
         temporary.rmdir()  # save_pretrained writes this folder itself (atomically), then it moves into place
         model.save_pretrained(temporary)

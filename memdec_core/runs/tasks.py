@@ -483,9 +483,13 @@ def score_requests(requests: Sequence[Request], loglikelihood: LogLikelihood, kn
 def mixing_knobs(combiner_class, chosen: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The combiner's knobs as chosen on perplexity and its grid as knob dicts, when the method mixes
     through the combiner (its chosen knobs name every knob of the combiner); else nothing. The grid
-    is empty when there is nothing to tune (one point: the knob was fixed, ``--lam``)."""
+    is empty when there is nothing to tune (one point: the knob was fixed, ``--lam``). A combiner
+    that learns has nothing to choose per task: the method's loglikelihood mixes with its fitted
+    weights, which a task's knobs must not override."""
     import dataclasses
 
+    if combiner_class.learns:
+        return {}, []
     names = [item.name for item in dataclasses.fields(combiner_class.Config)]
     if not names or not set(names) <= set(chosen):
         return {}, []
@@ -621,6 +625,9 @@ def _method_row(ctx, method, plans) -> dict:
     scored = {task.spec.name: score_task(task, test, validation, result.loglikelihood, chosen, grid,
                                          f"{task.spec.name} {method.name} {ctx.base.short_name}")
               for task, (test, validation) in plans}
+    if (result.details or {}).get("knobs_from") == "fit":  # mixed with the weights fitted on validation
+        for entry in scored.values():
+            entry["knob_source"] = "fit"
     accuracies = [entry["accuracy"] for entry in scored.values()]
     return {"base": ctx.base.model_id, "method": method.name, "test_ppl": result.test_ppl, "knobs": result.knobs,
             "tasks": scored, "mean_accuracy": sum(accuracies) / len(accuracies)}

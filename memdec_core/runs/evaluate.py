@@ -40,8 +40,9 @@ def evaluate(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = ("
             ctx = run.context(base_name)
             contexts[ctx.base.model_id] = context_entry(ctx)  # the window each base was actually scored with
             for method in methods_for_base(ctx, run.methods):
-                for name, mixer in method_rows(run, method):
-                    results.append(named_row(evaluate_one(with_combiner(ctx, mixer), method), name, mixer))
+                for name, row_combiner in method_rows(run, method):
+                    row = evaluate_one(with_combiner(ctx, row_combiner), method)
+                    results.append(named_row(row, name, row_combiner))
     if config is None:
         given = {**(component_settings or {}), **({domain: domain_settings} if domain_settings else {})}
         config = call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiners,

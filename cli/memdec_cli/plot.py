@@ -51,8 +51,15 @@ def check_plot_path(path: Path) -> None:
         raise ConfigError(f"the folder {folder} is not writable")
 
 
+def scored(tuning: list[dict]) -> list[dict]:
+    """The tuning points that have a validation perplexity (a combiner that learns is fitted under a
+    few memory settings only: the others are listed with ``valid_ppl`` null)."""
+    return [point for point in tuning if _finite([point.get("valid_ppl")])]
+
+
 def curve_knob(tuning: list[dict]) -> str | None:
     """The knob a method tuned over the most values (at least three), or None: what its curve shows."""
+    tuning = scored(tuning)
     counts = {key: len({point[key] for point in tuning}) for key in (tuning[0] if tuning else {})
               if key != "valid_ppl" and all(isinstance(point.get(key), (int, float)) for point in tuning)}
     best = max(counts, key=counts.get, default=None)
@@ -124,7 +131,7 @@ def _plot_base_lines(axis, bases: list[str], test_ppl: dict, bar_width: float, b
 def _best_by_knob(row: dict, knob: str) -> dict[float, float]:
     """Validation perplexity at each value of ``knob``, the best over the other knobs tuned with it."""
     best: dict[float, float] = {}
-    for point in row["tuning"]:
+    for point in scored(row["tuning"]):
         best[point[knob]] = min(best.get(point[knob], math.inf), point["valid_ppl"])
     return best
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memdec_cli.eval_command import _combiner
+from memdec_cli.eval_command import COMBINER_HELP, _combiner
 from memdec_cli.options import config_option, memory_option, require_domain, run_config, split_list, write_report
 from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.errors import ConfigError, MemdecError
@@ -49,9 +49,9 @@ def _check_plot(ctx, param, value):
               help="Methods, comma-separated or repeated. Default: every installed method that declares a place "
                    "in the default comparison (memdec list methods).")
 @memory_option
-@click.option("--combiner", default="linear", show_default=True,
-              help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
-@click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None, help="Fix λ instead of tuning it.")
+@click.option("--combiner", default="linear", show_default=True, help=COMBINER_HELP)
+@click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Fix λ instead of tuning it (with several combiners: of each that has one).")
 @click.option("--budget", default=EQUAL_COMPUTE, show_default=True, metavar="equal|0|TOKENS|FLOPS",
               callback=_parse_budget,
               help="Training compute of the methods that train (dapt, lora, memdec). equal: the paper's protocol, "
@@ -72,8 +72,8 @@ def _check_plot(ctx, param, value):
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON to this file.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_check_plot,
-              help="Save a figure: test perplexity per method per base, and each mixture's validation curve of "
-                   "the combiner's knob (needs matplotlib).")
+              help="Save a figure: test perplexity per method per base, each mixture's validation curve of "
+                   "the combiner's knob, and a learned weight against the base's entropy (needs matplotlib).")
 @click.pass_context
 def compare_command(ctx, config_file, domain, bases, methods, memory, combiner, lam, budget, general_tokens,
                     latency_tokens, fresh, assignments, context, stride, batch_size, max_train_tokens, max_eval_tokens,
@@ -106,6 +106,7 @@ def compare_command(ctx, config_file, domain, bases, methods, memory, combiner, 
       memdec compare --domain biomed --base Qwen/Qwen2.5-0.5B --base Qwen/Qwen2.5-1.5B --plot biomed.png
       memdec compare --domain finance --method base,knn-lm,mixture --set mixture.memory=unigram
       memdec compare --config finance.toml --budget 0     # the file's options, its budget overridden
+      memdec compare --domain law --method base,knn-lm,memdec --combiner linear,adaptive --plot law.png
     """
     from memdec_cli.render import print_comparison
     from memdec_core.runs.compare import compare

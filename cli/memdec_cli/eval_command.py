@@ -11,6 +11,11 @@ from memdec_cli.options import config_option, memory_option, require_domain, run
 from memdec_core.command_kit import eval_settings, set_option, window_options
 from memdec_core.runs.runconfig import FORMATS
 
+#: --combiner of eval and compare: one, or several for a head-to-head.
+COMBINER_HELP = ("How a memory is mixed with the base: a registered name or path/to/file.py:Name. Several, "
+                 "comma-separated (linear,adaptive): every method that mixes a memory gets a row per combiner, the "
+                 "first named as the method, the others METHOD+COMBINER (knn-lm+adaptive).")
+
 
 @click.command("eval")
 @config_option("eval")
@@ -23,10 +28,10 @@ from memdec_core.runs.runconfig import FORMATS
 @click.option("--method", "methods", multiple=True, default=("base",), show_default=True,
               help="Methods to run, comma-separated or repeated (memdec list methods).")
 @memory_option
-@click.option("--combiner", default="linear", show_default=True,
-              help="How a memory is mixed with the base: a registered name or path/to/file.py:Name.")
+@click.option("--combiner", default="linear", show_default=True, help=COMBINER_HELP)
 @click.option("--lam", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Fix the combiner's λ instead of tuning it on the validation split.")
+              help="Fix the combiner's λ instead of tuning it on the validation split (with several combiners: "
+                   "of each that has one).")
 @set_option
 @window_options
 @click.option("--format", "output_format", type=click.Choice(FORMATS["eval"]),
@@ -61,6 +66,7 @@ def eval_command(ctx, config_file, domain, bases, methods, memory, combiner, lam
       memdec eval --domain finance --method mixture --set mixture.memory=knn-datastore --set faiss.nprobe=64
       memdec eval --domain biomed --set biomed.source=hub --base Qwen/Qwen2.5-0.5B --method base,knn-lm
       memdec eval --config finance-knn.yaml --max-eval-tokens 0
+      memdec eval --domain finance --method knn-lm --combiner linear,adaptive   # fixed vs learned weight
     """
     from memdec_cli.render import print_evaluation
     from memdec_core import api
@@ -78,17 +84,30 @@ def eval_command(ctx, config_file, domain, bases, methods, memory, combiner, lam
 
 
 def _combiner(spec: str, lam: float | None, component_settings: dict[str, dict]):
-    """The combiner spec, or an instance with λ fixed when --lam is given (a --set of that λ must agree)."""
-    if lam is None:
-        return spec
+    """The combiner spec, or a list of them for a head-to-head (``linear,adaptive``: a row per combiner
+    for every method that mixes a memory). With --lam, each combiner that has a λ becomes an
+    instance with λ fixed (a --set of that λ must agree); a learned weight has none to fix."""
+    specs = split_list((spec,))
+    if lam is not None:
+        specs = _with_lam(specs, lam, component_settings)
+    return specs[0] if len(specs) == 1 else specs
+
+
+def _with_lam(specs: list[str], lam: float, component_settings: dict[str, dict]) -> list:
     from memdec_core.components.combiner_files import resolve_combiner
     from memdec_core.components.plan import set_by_shorthand
     from memdec_core.errors import ConfigError
 
-    combiner_class = resolve_combiner(spec)
-    try:
-        instance = combiner_class(lam=lam)
-    except ConfigError as error:
-        raise ConfigError(f"--lam does not apply to combiner {spec!r}: {error}") from error
-    set_by_shorthand(component_settings, combiner_class, "lam", lam, "--lam")
-    return instance
+    fixed, refusals = [], []
+    for spec in specs:
+        combiner_class = resolve_combiner(spec)
+        try:
+            fixed.append(combiner_class(lam=lam))
+        except ConfigError as error:
+            refusals.append(f"{spec!r}: {error}")
+            fixed.append(spec)
+            continue
+        set_by_shorthand(component_settings, combiner_class, "lam", lam, "--lam")
+    if len(refusals) == len(specs):
+        raise ConfigError(f"--lam does not apply to combiner {'; '.join(refusals)}")
+    return fixed

@@ -52,7 +52,8 @@ def config_option(command_name: str):
 
         values = load_run_config(path, command_name)
         ctx.meta[_CONFIG_VALUES] = values
-        defaults = {PARAM_NAMES.get(key, key): value for key, value in values.items() if key != "settings"}
+        defaults = {PARAM_NAMES.get(key, key): _option_value(key, value) for key, value in values.items()
+                    if key != "settings"}
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
         return path
 
@@ -103,6 +104,11 @@ def _from_command_line(ctx: click.Context, key: str) -> bool:
     return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
 
+def _option_value(key: str, value: Any) -> Any:
+    """A config file's value as its option takes it: a list of combiners as --combiner's comma-separated text."""
+    return ",".join(value) if key == "combiner" and isinstance(value, list) else value
+
+
 def _config_value(ctx: click.Context, key: str) -> Any:
     """An option's effective value, as a config file would write it (lists, text, --budget's text)."""
     from memdec_core.runs.runconfig import budget_from_fields
@@ -114,6 +120,9 @@ def _config_value(ctx: click.Context, key: str) -> Any:
         return split_list(value) if value else []
     if key == "bases":
         return list(value)
+    if key == "combiner":  # one name, or the list of a head-to-head
+        names = split_list((value,))
+        return names[0] if len(names) == 1 else names
     return str(value) if isinstance(value, Path) else value
 
 

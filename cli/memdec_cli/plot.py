@@ -1,5 +1,6 @@
 """``memdec compare --plot``: a paper-ready figure of the test perplexity per method per base (bars on an
-axis that shows the differences, the base as a reference line) and each mixture's validation curve."""
+axis that shows the differences, the base as a reference line), each mixture's validation curve, and,
+where a combiner learned its weight, that weight against the base's entropy per test position."""
 
 from __future__ import annotations
 
@@ -50,8 +51,15 @@ def check_plot_path(path: Path) -> None:
         raise ConfigError(f"the folder {folder} is not writable")
 
 
+def scored(tuning: list[dict]) -> list[dict]:
+    """The tuning points that have a validation perplexity (a combiner that learns is fitted under a
+    few memory settings only: the others are listed with ``valid_ppl`` null)."""
+    return [point for point in tuning if _finite([point.get("valid_ppl")])]
+
+
 def curve_knob(tuning: list[dict]) -> str | None:
     """The knob a method tuned over the most values (at least three), or None: what its curve shows."""
+    tuning = scored(tuning)
     counts = {key: len({point[key] for point in tuning}) for key in (tuning[0] if tuning else {})
               if key != "valid_ppl" and all(isinstance(point.get(key), (int, float)) for point in tuning)}
     best = max(counts, key=counts.get, default=None)
@@ -123,7 +131,7 @@ def _plot_base_lines(axis, bases: list[str], test_ppl: dict, bar_width: float, b
 def _best_by_knob(row: dict, knob: str) -> dict[float, float]:
     """Validation perplexity at each value of ``knob``, the best over the other knobs tuned with it."""
     best: dict[float, float] = {}
-    for point in row["tuning"]:
+    for point in scored(row["tuning"]):
         best[point[knob]] = min(best.get(point[knob], math.inf), point["valid_ppl"])
     return best
 
@@ -159,8 +167,46 @@ def _plot_curves(axis, curves: list[tuple[dict, str]], colours: dict[str, str]) 
                 loc="upper center", bbox_to_anchor=(0.5, -0.14))
 
 
+def weight_sample(row: dict) -> list:
+    """The (weight, base entropy) pairs a row's learned weight was sampled at (``details.weights``), or []."""
+    weights = (row.get("details") or {}).get("weights") or {}
+    return weights.get("weight_sample") or []
+
+
+def fixed_lam(row: dict) -> float | None:
+    """The one λ a mixture row used for every token (its ``lam`` knob), when it learned none."""
+    lam = (row.get("knobs") or {}).get("lam")
+    return lam if isinstance(lam, (int, float)) and not weight_sample(row) else None
+
+
+def _plot_weights(axis, results: list[dict], colours: dict[str, str]) -> None:
+    """Each learned weight against the base's entropy at the same test positions (one series per
+    row: the method's colour, the base's marker), and each fixed λ as a horizontal line."""
+    bases = list(dict.fromkeys(row["base"] for row in results))
+    for row in results:
+        line, marker = BASE_STYLES[bases.index(row["base"]) % len(BASE_STYLES)]
+        label = f"{Path(row['base']).name} · {row['method']}"
+        colour = colours.get(row["method"], "black")
+        sample = weight_sample(row)
+        if sample:
+            axis.scatter([entropy for _, entropy in sample], [weight for weight, _ in sample], s=4, alpha=0.35,
+                         marker=marker, color=colour, linewidths=0, label=label, rasterized=True)
+        elif fixed_lam(row) is not None:
+            axis.axhline(fixed_lam(row), color=colour, linestyle=line, linewidth=1.0, label=f"{label} (fixed λ)")
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("base model's entropy at the position (nats)")
+    axis.set_ylabel("memory's weight λ")
+    axis.set_title("Learned weight per test position")
+    legend = axis.legend(ncol=2, fontsize="x-small", frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+                         markerscale=3)
+    # the points in the legend opaque, whatever they are in the plot (legendHandles before matplotlib 3.7)
+    for handle in getattr(legend, "legend_handles", None) or legend.legendHandles:
+        handle.set_alpha(1)
+
+
 def comparison_figure(report: dict):
-    """The matplotlib Figure of ``report``: bars of test perplexity, and the validation curves if any."""
+    """The matplotlib Figure of ``report``: bars of test perplexity, the validation curves and the
+    learned weights if any."""
     check_plotting()
     import matplotlib
     from matplotlib.figure import Figure
@@ -168,13 +214,17 @@ def comparison_figure(report: dict):
     results = report["results"]
     colours = method_colours(list(dict.fromkeys(row["method"] for row in results)))
     curves = [(row, knob) for row in results for knob in [curve_knob(row.get("tuning") or [])] if knob]
+    learned = any(weight_sample(row) for row in results)
+    panels = 1 + bool(curves) + learned
     with matplotlib.rc_context(PAPER_STYLE):
         # A Figure without pyplot: no global state and no GUI backend, whatever the caller's environment.
-        figure = Figure(figsize=(11 if curves else 6.5, 4.2), layout="constrained")
-        axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
-        _plot_bars(axes[0], report, colours)
+        figure = Figure(figsize=(6.5 + 4.5 * (panels - 1), 4.2), layout="constrained")
+        axes = list(figure.subplots(1, panels, squeeze=False)[0])
+        _plot_bars(axes.pop(0), report, colours)
         if curves:
-            _plot_curves(axes[1], curves, colours)
+            _plot_curves(axes.pop(0), curves, colours)
+        if learned:
+            _plot_weights(axes.pop(0), results, colours)
     return figure
 
 

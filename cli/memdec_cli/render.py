@@ -48,12 +48,46 @@ def format_ppl(value) -> str:
 def evaluation_rows(report: dict) -> list[list[str]]:
     from memdec_core.engine.scoring import format_knobs
 
+    weights = learned_weights(report)
     return [[r["base"], r["method"], format_ppl(r["test_ppl"]), format_bpb(r.get("test_bpb")),
-             format_ppl(r["valid_ppl"]), _given(r, format_knobs(r["knobs"]) or "-"), f"{r['seconds']:.1f}"]
-            for r in report["results"]]
+             format_ppl(r["valid_ppl"]), _given(r, format_knobs(r["knobs"]) or "-"),
+             *([weight_cell(r)] if weights else []), f"{r['seconds']:.1f}"] for r in report["results"]]
 
 
 EVAL_COLUMNS = ["base", "method", "test ppl ↓", "test bits/byte ↓", "valid ppl ↓", "tuned knobs", "seconds"]
+#: The column of a learned weight (``details.weights``), beside the knobs; only in a report that has one.
+WEIGHT_COLUMN = "learned λ (mean ±sd)"
+
+
+def evaluation_columns(report: dict) -> list[str]:
+    return _with_weights(EVAL_COLUMNS, report)
+
+
+def _with_weights(columns: list[str], report: dict) -> list[str]:
+    """``columns`` with the learned weight's column after the knobs, where some row learned one."""
+    if not learned_weights(report):
+        return columns
+    at = columns.index("tuned knobs") + 1
+    return [*columns[:at], WEIGHT_COLUMN, *columns[at:]]
+
+
+def row_weights(row: dict) -> dict:
+    """A row's learned weight per position (``details.weights``: mean, spread, a sample), or {}."""
+    weights = (row.get("details") or {}).get("weights")
+    return weights if isinstance(weights, dict) and weights.get("weight_mean") is not None else {}
+
+
+def learned_weights(report: dict) -> bool:
+    return any(row_weights(row) for row in report["results"])
+
+
+def weight_cell(row: dict) -> str:
+    """``0.23 ±0.27``: the memory's mean weight over the test positions and its standard deviation
+    (the sample drawn by ``--plot`` stays in the JSON)."""
+    weights = row_weights(row)
+    if not weights:
+        return "-"
+    return f"{weights['weight_mean']:.2f}" + _number(weights.get("weight_std"), " ±{:.2f}")
 
 
 def format_bpb(value) -> str:
@@ -70,18 +104,20 @@ def mixed_tokenizers(report: dict) -> bool:
 
 def compare_columns(report: dict) -> list[str]:
     """The comparison's columns; bits per byte first where bases of different tokenizers are compared."""
+    columns = _with_weights(COMPARE_COLUMNS, report)
     if not mixed_tokenizers(report):
-        return COMPARE_COLUMNS
-    return [*COMPARE_COLUMNS[:2], "test bits/byte ↓", *COMPARE_COLUMNS[2:]]
+        return columns
+    return [*columns[:2], "test bits/byte ↓", *columns[2:]]
 
 
 def print_evaluation(report: dict, output_format: str) -> None:
     if output_format == "json":
         print(json.dumps(report, indent=2, default=str, allow_nan=False))
     elif output_format == "markdown":
-        _print_markdown(EVAL_COLUMNS, evaluation_rows(report))
+        _print_markdown(evaluation_columns(report), evaluation_rows(report))
     else:
-        print_table(f"{report['domain']}: perplexity on the test split", EVAL_COLUMNS, evaluation_rows(report))
+        print_table(f"{report['domain']}: perplexity on the test split", evaluation_columns(report),
+                    evaluation_rows(report))
     note = caps_note(report.get("meta") or {}) if output_format != "json" else None
     if note:
         print("\n" + note)
@@ -103,7 +139,9 @@ FIDELITY_KEYS = ("memory_alone_ppl", "target_agreement", "target_kl")
 #: The csv columns: the row's keys, raw; the last ones are absent (empty) in reports written before them.
 CSV_KEYS = ["base", "method", "test_ppl", "general_ppl", "knobs", "params_added", "bytes_added", "train_seconds",
             "latency_ratio", "latency_spread", "generation_ratio", *FIDELITY_KEYS, "memory_coverage", "test_bpb",
-            "valid_bpb", "general_bpb"]
+            "valid_bpb", "general_bpb", "combiner", "weight_mean", "weight_std"]
+#: The csv columns read from ``details.weights`` rather than from the row.
+WEIGHT_KEYS = ("weight_mean", "weight_std")
 
 
 #: How the table abbreviates common knob names (the JSON keeps the full names).
@@ -149,10 +187,11 @@ def latency_cell(ratio, spread) -> str:
 
 
 def comparison_rows(report: dict) -> list[list[str]]:
-    bpb = mixed_tokenizers(report)
+    bpb, weights = mixed_tokenizers(report), learned_weights(report)
     return [[r["base"], r["method"], *([format_bpb(r.get("test_bpb"))] if bpb else []),
              format_ppl(r.get("test_ppl")), format_ppl(r.get("general_ppl")),
-             _given(r, compact_knobs(r.get("knobs") or {})), human_count(r.get("params_added")),
+             _given(r, compact_knobs(r.get("knobs") or {})), *([weight_cell(r)] if weights else []),
+             human_count(r.get("params_added")),
              _number(r.get("bytes_added") and r["bytes_added"] / 1e6, "{:.1f}"),
              _number(r.get("train_seconds"), "{:.0f}"),
              latency_cell(r.get("latency_ratio"), r.get("latency_spread")),
@@ -262,7 +301,15 @@ def _print_comparison_csv(report: dict) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(CSV_KEYS)
     for r in report["results"]:
-        writer.writerow([json.dumps(r.get("knobs") or {}) if key == "knobs" else r.get(key) for key in CSV_KEYS])
+        writer.writerow([_csv_value(r, key) for key in CSV_KEYS])
+
+
+def _csv_value(row: dict, key: str):
+    if key == "knobs":
+        return json.dumps(row.get("knobs") or {})
+    if key in WEIGHT_KEYS:
+        return row_weights(row).get(key)
+    return row.get(key)
 
 
 def _print_comparison_markdown(report: dict) -> None:

@@ -20,7 +20,16 @@ from memdec_core.components import registry
 from memdec_core.errors import ConfigError, MemdecError
 from memdec_core.inputs.data import cut_corpus, load_corpus, text_bytes
 from memdec_core.runs.meta import call_config, context_entry, run_meta
-from memdec_core.runs.prepare import check_finite, evaluate_timed, methods_for_base, prepare_run, split_bits_per_byte
+from memdec_core.runs.prepare import (
+    check_finite,
+    evaluate_timed,
+    method_rows,
+    methods_for_base,
+    named_row,
+    prepare_run,
+    split_bits_per_byte,
+    with_combiner,
+)
 from memdec_core.runs.runconfig import budget_from_fields
 from memdec_core.runtime.progress import log
 from memdec_core.runtime.renames import renamed_keywords
@@ -74,7 +83,9 @@ def compare(domain: str, bases: Iterable[str] = (), methods: Iterable[str] = (),
 
     ``methods`` defaults to those that declare a place in the default comparison
     (``Method.compare_rank``); ``component_settings`` maps any component's name to its settings
-    (``--set NAME.KEY=VALUE``); ``settings`` are the windows (EvalSettings).
+    (``--set NAME.KEY=VALUE``); ``settings`` are the windows (EvalSettings). ``combiner`` is one
+    combiner or a list of them (``["linear", "adaptive"]``): then every method that mixes a memory
+    gets a row per combiner, the first named as the method, the others ``method+combiner``.
     ``config`` and ``command`` (the CLI's resolved options and command line) go into the meta;
     from Python the call's own arguments are recorded.
     """
@@ -90,7 +101,7 @@ def _compare(domain, bases, methods, settings, combiner, component_settings, dom
     names = list(methods) or registry.default_methods()
     run = prepare_run(domain, bases, names, settings=settings, combiner=combiner,
                       component_settings=_with_budget(names, dict(component_settings or {}), measure.budget()),
-                      domain_settings=domain_settings)
+                      domain_settings=domain_settings, head_to_head=True)
     names = [method.name for method in run.methods]  # each once
     general = load_corpus(measure.general) if measure.general else None
     if general is not None and run.tokenizations > 1:  # the general text too is the same for every base
@@ -98,12 +109,12 @@ def _compare(domain, bases, methods, settings, combiner, component_settings, dom
     results: list[dict] = []
     protocol = _Protocol(measure, run.methods)
     contexts: dict[str, dict] = {}
-    config = config or call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiner,
+    config = config or call_config(domain=domain, bases=run.bases, methods=names, combiner=run.combiners,
                                    settings=run.settings, component_settings=component_settings,
                                    options=_measure_options(measure))
 
     def report() -> dict:
-        meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiner,
+        meta = run_meta(settings=run.settings, bases=run.bases, methods=names, combiner=run.combiners,
                         contexts=contexts, config=config, command=command,
                         extra={"measure": dataclasses.asdict(measure), **protocol.facts(),
                                "token_caps": _caps_facts(run, general),
@@ -189,18 +200,22 @@ def _compare_base(run, base_name: str, general, measure: CompareSettings, protoc
     first, reference_row = len(results), None
     for method in protocol.order(methods):
         method = protocol.apply(base_name, method, reference_row)
-        cached = _cached_row(ctx, method, general, measure)
-        row = _read_row(cached) if measure.reuse_results else None
-        if row is None:
-            log(f"{ctx.base.model_id}: {method.name}")
-            results.append(_measure(ctx, method, probes))
-            write_json(cached, results[-1])  # after the append: a row that cannot be saved is still reported
-        else:
-            log(f"{ctx.base.model_id}: {method.name}: reusing the row measured in {cached.parent}")
-            results.append(row)
-        if method.compute_reference:
-            reference_row = results[-1]
-    rank = {method.name: number for number, method in enumerate(methods)}
+        for name, combiner in method_rows(run, method):
+            row_ctx = with_combiner(ctx, combiner)
+            cached = _cached_row(row_ctx, method, general, measure)
+            row = _read_row(cached) if measure.reuse_results else None
+            if row is None:
+                log(f"{ctx.base.model_id}: {name}")
+                results.append(named_row(_measure(row_ctx, method, probes), name, combiner))
+                write_json(cached, results[-1])  # after the append: a row that cannot be saved is still reported
+            else:
+                log(f"{ctx.base.model_id}: {name}: reusing the row measured in {cached.parent}")
+                results.append(named_row(row, name, combiner))
+            # The first combiner's row sets the budget: a learned weight's fit is not the memory's training.
+            if method.compute_reference and reference_row is None:
+                reference_row = results[-1]
+    names = [name for method in methods for name, _ in method_rows(run, method)]
+    rank = {name: number for number, name in enumerate(names)}
     results[first:] = sorted(results[first:], key=lambda row: rank[row["method"]])
 
 
@@ -273,7 +288,8 @@ def _cached_row(ctx, method, general, measure: CompareSettings) -> Path:
     """Where the row of ``method`` on this base, data and settings is kept (a rerun reads it back).
 
     The key holds everything that made the row: every component the method uses (plugin,
-    version or code hash, settings), the combiner's code and grid, the base, the data, the windows.
+    version or code hash, settings), the combiner's code and grid (``ctx.combiner``: the row's own,
+    one of a head-to-head's), the base, the data, the windows.
     """
     from memdec_core.components.identity import component_identity
     from memdec_core.components.plan import identity

@@ -28,7 +28,8 @@ def run_meta(*, settings, bases: Sequence[str], methods: Sequence[str], combiner
              command: Sequence[str] | None = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``meta`` of a report, JSON-serialisable.
 
-    ``settings`` is the run's EvalSettings; ``combiner`` its combiner class (or its name);
+    ``settings`` is the run's EvalSettings; ``combiner`` its combiner class (or its name), or the
+    list of a head-to-head's;
     ``contexts`` maps each base's model id to ``context_entry(ctx)`` (the resolved window and
     dtype); ``config`` is ``{"file", "overridden", "values"}`` (the CLI's, or ``call_config``'s);
     ``command`` the command line (``sys.argv``; None from Python); ``extra`` is merged in last.
@@ -89,7 +90,12 @@ def _bare_config(settings, bases, methods, combiner) -> dict[str, Any]:
     return {"file": None, "overridden": [], "values": values}
 
 
-def combiner_name(combiner: Any) -> str:
+def combiner_name(combiner: Any) -> str | list[str]:
+    """A combiner's name (of a spec, a class or an instance); a list of names for a head-to-head's
+    list of several (``["linear", "adaptive"]``), as a config file gives them."""
+    if isinstance(combiner, (list, tuple)):
+        names = [combiner_name(item) for item in combiner]
+        return names[0] if len(names) == 1 else names
     if isinstance(combiner, str):
         return combiner
     cls = combiner if isinstance(combiner, type) else type(combiner)

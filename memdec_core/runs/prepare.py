@@ -33,7 +33,9 @@ class Run:
     Under ``caps == TEXT_CAPS`` the corpus is already cut to the caps' text (``cut_corpus``), and
     the bases' streams are not cut again by tokens (``context``). ``tokenizations``: how many
     different tokenizers the bases have (text that a command caps itself is cut as text when
-    that is more than one, as ``compare`` does with its general text).
+    that is more than one, as ``compare`` does with its general text). ``combiners``: every
+    combiner of a head-to-head (``--combiner linear,adaptive``), ``combiner`` first; a method that
+    mixes a memory gets a row per combiner (``method_rows``).
     """
 
     corpus: Corpus
@@ -44,6 +46,10 @@ class Run:
     settings: EvalSettings
     caps: str = TOKEN_CAPS
     tokenizations: int = 1
+    combiners: list[type[Combiner]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        self.combiners = self.combiners or [self.combiner]
 
     def context(self, base_name: str) -> EvalContext:
         """The EvalContext of one base of the run: the base loaded, the corpus tokenised for it."""
@@ -64,17 +70,20 @@ class Run:
 
 def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, settings: EvalSettings | None = None,
                 combiner: Any = "linear", component_settings: dict[str, dict[str, Any]] | None = None,
-                domain_settings: dict[str, Any] | None = None) -> Run:
+                domain_settings: dict[str, Any] | None = None, head_to_head: bool = False) -> Run:
     """Resolve every name of a run and check every setting (``component_settings``: each component's,
-    as ``--set NAME.KEY=VALUE`` gives them), then load the corpus."""
+    as ``--set NAME.KEY=VALUE`` gives them), then load the corpus.
+
+    ``combiner`` is one combiner (a name, ``file.py:Name``, a class or an instance) or, where the
+    command measures a head-to-head (``head_to_head``: evaluate and compare), a list of them."""
     plan = Plan(component_settings)
     names = once_each(methods, "method")
     if not names:
         raise ConfigError("give at least one method")
     instances = [plan.create("methods", name) for name in names]
-    combiner_class = combiner_with_settings(resolve_combiner(combiner), plan)
+    combiners = _combiners(combiner, plan, head_to_head)
     used = [component for _, component in plan.resolve(instances)]
-    plan.check_all_used(used, also=[combiner_class.name, domain])
+    plan.check_all_used(used, also=[*(cls.name for cls in combiners), domain])
     bases = list(bases) or registry.default_bases()
     # Every base is resolved now: a typo in the last base should not surface after an hour of work.
     locations = {base_name: _where(base_name) for base_name in bases}
@@ -88,7 +97,21 @@ def prepare_run(domain: str, bases: Iterable[str], methods: Iterable[str], *, se
         corpus = cut_corpus(corpus, settings.max_tokens())
         log(f"the bases have different tokenizers: the token caps are read as text, the same whole documents "
             f"for every base ({_budget_text(corpus)})")
-    return Run(corpus, bases, instances, combiner_class, plan, settings, caps, tokenizations)
+    return Run(corpus, bases, instances, combiners[0], plan, settings, caps, tokenizations, combiners)
+
+
+def _combiners(combiner: Any, plan: Plan, head_to_head: bool) -> list[type[Combiner]]:
+    """The run's combiner classes, each with its ``--set`` knobs; one unless the run is a head-to-head."""
+    specs = list(combiner) if isinstance(combiner, (list, tuple)) else [combiner]
+    if not specs:
+        raise ConfigError("give at least one combiner")
+    classes = [combiner_with_settings(resolve_combiner(spec), plan) for spec in specs]
+    labels = once_each([combiner_label(cls) for cls in classes], "combiner")
+    classes = [next(cls for cls in classes if combiner_label(cls) == label) for label in labels]
+    if len(classes) > 1 and not head_to_head:
+        raise ConfigError(f"this command mixes with one combiner, given {len(classes)} ({', '.join(labels)}); "
+                          f"a row per combiner is for memdec eval and memdec compare")
+    return classes
 
 
 def caps_for(tokenizations: int, settings: EvalSettings) -> str:
@@ -199,6 +222,29 @@ def check_finite(value: float | None, what: str) -> None:
 def combiner_label(combiner_class: type[Combiner]) -> str:
     """How reports name a combiner: its registered name, or its class's for one from a file."""
     return combiner_class.name or combiner_class.__name__
+
+
+def method_rows(run: Run, method: Method) -> list[tuple[str, type[Combiner] | None]]:
+    """The rows ``method`` gets in ``run``, as (row name, combiner): a method that mixes a memory one
+    per combiner of the run, the first named as the method (``knn-lm``), each other one after its
+    combiner (``knn-lm+adaptive``); any other method one row, with no combiner (it mixes nothing)."""
+    from memdec_core.engine.mixture import MixtureMethod
+
+    if not isinstance(method, MixtureMethod):
+        return [(method.name, None)]
+    return [(method.name if index == 0 else f"{method.name}+{combiner_label(combiner)}", combiner)
+            for index, combiner in enumerate(run.combiners)]
+
+
+def with_combiner(ctx: EvalContext, combiner: type[Combiner] | None) -> EvalContext:
+    """``ctx`` mixing through ``combiner`` (None, or the context's own: ``ctx`` itself)."""
+    return ctx if combiner is None or combiner is ctx.combiner else dataclasses.replace(ctx, combiner=combiner)
+
+
+def named_row(row: dict, name: str, combiner: type[Combiner] | None) -> dict:
+    """``row`` under its row name, with the ``combiner`` it mixed through (None: it mixes nothing)."""
+    rest = {key: value for key, value in row.items() if key not in ("base", "method", "combiner")}
+    return {"base": row["base"], "method": name, "combiner": combiner and combiner_label(combiner), **rest}
 
 
 def with_memory(memory: str | None, methods: Iterable[str],

@@ -24,9 +24,13 @@ def quick_settings(model) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report(corpus_dir, tiny_llama):
-    return compare(str(corpus_dir), [str(tiny_llama)], ALL, settings=WINDOW, method_settings=quick_settings(tiny_llama),
-                   measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0))
+def report(corpus_dir, tiny_llama, tmp_path_factory):
+    # A cache of its own: every stage runs (a datastore another test built would not be built, nor timed).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEMDEC_CACHE", str(tmp_path_factory.mktemp("compare-cache")))
+        yield compare(str(corpus_dir), [str(tiny_llama)], ALL, settings=WINDOW,
+                      method_settings=quick_settings(tiny_llama),
+                      measure=CompareSettings(general_tokens=300, latency_tokens=200, latency_seconds=0))
 
 
 def test_every_method_gets_a_row_with_every_measure(report):

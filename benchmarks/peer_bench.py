@@ -166,24 +166,30 @@ def knnt_save(args) -> int:
 
 
 def knnt_index(args) -> int:
-    """The exact index knn-transformers' ``KNNWrapper`` reads (its own ``build_index`` trains an
-    IVFPQ): faiss's ``IndexFlatL2`` over the fp16 keys, at the path its ``get_index_path`` names."""
+    """knn-transformers' ``run_clm.py --build_index`` path: the model loaded and a ``KNNSaver``
+    hooked into it (it opens the stored keys), then its ``build_index`` loop, with the exact
+    ``IndexFlatL2`` knn-transformers' ``KNNWrapper`` searches in place of the IVFPQ it trains, at
+    the path its ``get_index_path`` names. (run_clm.py also loads the dataset and a Trainer
+    first; not done here.)"""
     import faiss
     import numpy as np
+    import torch
 
     knnlm = _knnlm(args)
-    size, dim = _store_size(args), _base_dim(args)
-    prefix = knnlm.get_dstore_path(str(args.work / "knnt"), "llama", size, dim)
-    keys = np.memmap(f"{prefix}_keys.npy", dtype=np.float16, mode="r", shape=(size, dim))
-    index = faiss.IndexFlatL2(dim)
-    index.add(np.array(keys, dtype=np.float32))  # a plain array: its torch_utils patch rejects a memmap
-    faiss.write_index(index, knnlm.get_index_path(str(args.work / "knnt"), "llama", size, dim))
+    model = _peer_model(args)
+    store = str(args.work / "knnt")
+    saver = knnlm.KNNSaver(dstore_size=_store_size(args), dstore_dir=store, dimension=model.config.hidden_size,
+                           knn_keytype=knnlm.KEY_TYPE.last_ffn_input)
+    saver.break_into(model)
+    index = faiss.IndexFlatL2(saver.dimension)
+    for start in range(0, saver.dstore_size, 1_000_000):  # its build_index's loop, keys converted per chunk
+        chunk = saver.dstore_keys[start:start + 1_000_000].copy()
+        index.add(torch.tensor(chunk.astype(np.float32)))
+    faiss.write_index(index, knnlm.get_index_path(store, model.config.model_type, saver.dstore_size,
+                                                  saver.dimension))
+    saver.break_out()
     print(f"indexed {index.ntotal} keys")
     return 0
-
-
-def _base_dim(args) -> int:
-    return json.loads((Path(args.base) / "config.json").read_text())["hidden_size"]
 
 
 def knnt_eval(args) -> int:

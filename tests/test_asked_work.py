@@ -212,3 +212,18 @@ def test_non_finite_logits_are_still_refused_and_huge_finite_ones_are_not(bad, w
     values[2, 5] = bad
     with pytest.raises(ResultError, match=word):
         _check_finite(values, "the base", "test")
+
+
+def test_the_reported_package_versions_import_none_of_the_packages():
+    """``meta.versions`` names peft, faiss and bm25s from their installed metadata: a run that does not
+    use them does not import them to ask (peft alone took 0.2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from memdec_core.runs.meta import versions; found = versions(); "
+            "print([n for n in ('peft', 'faiss', 'bm25s') if n in sys.modules], found['peft'], found['faiss'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    import faiss
+    import peft
+
+    assert out == ["[]", peft.__version__, faiss.__version__]

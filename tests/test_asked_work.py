@@ -130,6 +130,34 @@ def test_a_datastore_built_without_its_index_has_the_same_keys_and_is_indexed_on
     assert list(ids[:, 0]) == [0, 1, 2]
 
 
+def test_indexing_a_stored_datastore_reads_no_weights(corpus_dir, tiny_llama, monkeypatch):
+    """``datastore build`` of keys already in the cache builds their index without the base's weights;
+    the keys themselves are computed with them, by a base loaded on first use."""
+    from memdec_core.inputs import models
+    from memdec_knn.api import build_datastore
+
+    shutil.rmtree(cache_folder("datastores"), ignore_errors=True)
+    loads = []
+    original = models._from_pretrained
+    monkeypatch.setattr(models, "_from_pretrained", lambda *args, **kw: loads.append(args[0]) or original(*args, **kw))
+    build_datastore(str(corpus_dir), str(tiny_llama), settings=WINDOW, index=False)
+    assert len(loads) == 1  # the keys needed the model
+    folder = build_datastore(str(corpus_dir), str(tiny_llama), settings=WINDOW)
+    assert len(loads) == 1 and len(list((cache_folder("datastores") / folder.rsplit("/", 1)[1] / "indexes")
+                                        .iterdir())) == 1
+
+
+def test_a_lazily_loaded_base_is_the_loaded_one(tiny_llama, tiny_gpt2):
+    from memdec_core.inputs.models import load_model
+
+    for name in (tiny_llama, tiny_gpt2):
+        lazy, eager = load_model(str(name), lazy=True), load_model(str(name))
+        assert lazy._model is None and lazy.max_positions == eager.max_positions  # from config.json, unloaded
+        assert (lazy.fingerprint, lazy.tokenizer_fingerprint) == (eager.fingerprint, eager.tokenizer_fingerprint)
+        assert lazy.vocab_size == eager.vocab_size and lazy._model is not None  # loaded on first use
+        assert all(a.equal(b) for a, b in zip(lazy.model.state_dict().values(), eager.model.state_dict().values()))
+
+
 def test_every_report_says_where_its_seconds_went(corpus_dir, tiny_gpt2):
     """``meta.timings`` for the run, ``timings`` per row: seconds per stage, stages nested counted once."""
     shutil.rmtree(cache_folder("datastores"), ignore_errors=True)
@@ -184,3 +212,18 @@ def test_non_finite_logits_are_still_refused_and_huge_finite_ones_are_not(bad, w
     values[2, 5] = bad
     with pytest.raises(ResultError, match=word):
         _check_finite(values, "the base", "test")
+
+
+def test_the_reported_package_versions_import_none_of_the_packages():
+    """``meta.versions`` names peft, faiss and bm25s from their installed metadata: a run that does not
+    use them does not import them to ask (peft alone took 0.2 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from memdec_core.runs.meta import versions; found = versions(); "
+            "print([n for n in ('peft', 'faiss', 'bm25s') if n in sys.modules], found['peft'], found['faiss'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    import faiss
+    import peft
+
+    assert out == ["[]", peft.__version__, faiss.__version__]

@@ -224,6 +224,32 @@ def test_knn_memory_dense_rows_match_gold(store, ctx):
     assert torch.allclose(gold[finite], from_dense[finite], atol=1e-5)
 
 
+@pytest.mark.parametrize("n_queries", [1, 300, 5000])  # the widened block: 16,384 keys, then 4,096 (64 MiB)
+def test_an_exact_search_in_wide_key_blocks_finds_faiss_own_neighbours_and_distances(tmp_path, n_queries):
+    import faiss
+
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(20_000, 24)).astype(np.float16)  # > 16,384: several blocks either way
+    queries = np.concatenate([keys[:n_queries // 2].astype(np.float32),  # exact hits (distance 0) and ties
+                              rng.normal(size=(n_queries - n_queries // 2, 24)).astype(np.float32)])
+    retriever = FaissRetriever(factory="Flat")
+    retriever.build(keys, tmp_path)
+    default, index, blocks = faiss.cvar.distance_compute_blas_database_bs, retriever.index, []
+
+    class Recording:  # the block of keys faiss is told to use while memdec searches
+        def search(self, *args):
+            blocks.append(faiss.cvar.distance_compute_blas_database_bs)
+            return index.search(*args)
+
+    retriever.index = Recording()
+    for k in (10, 1024):  # a heap below faiss's reservoir threshold (100), the reservoir above
+        expected = index.search(queries, k)  # faiss's own blocks of 1,024 keys
+        distances, ids = retriever.search(queries, k)
+        assert blocks[-1] == (16_384 if n_queries <= 1024 else 4_096)
+        assert faiss.cvar.distance_compute_blas_database_bs == default  # the global is put back
+        assert np.array_equal(distances, expected[0]) and np.array_equal(ids, expected[1])
+
+
 def test_auto_factory_is_exact_for_small_stores_and_inverted_for_large():
     from memdec_knn.index import resolve_factory
 

@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 def prepare_context(corpus, base_name: "str | LoadedModel", settings: EvalSettings | None = None,
-                    combiner: Any = "linear", *, plan: Plan | None = None) -> EvalContext:
+                    combiner: Any = "linear", *, plan: Plan | None = None, lazy: bool = False) -> EvalContext:
     """Load ``base_name`` (or take a LoadedModel as it is) and tokenise ``corpus`` (a Corpus,
-    domain name, folder or None) for it."""
+    domain name, folder or None) for it. ``lazy``: the base's weights are read on the first use
+    of ``ctx.base.model`` (``load_model``), for a run that may find all it needs built."""
     settings = settings or EvalSettings()
     if corpus is not None and not isinstance(corpus, Corpus):
         corpus = load_corpus(corpus)
@@ -31,7 +32,7 @@ def prepare_context(corpus, base_name: "str | LoadedModel", settings: EvalSettin
         base = base_name
     else:
         log(f"loading {base_name}")
-        base = load_model(base_name)
+        base = load_model(base_name, lazy=lazy)
     context, stride = settings.resolve_window(base)
     tokenized = None if corpus is None else tokenize_corpus(
         corpus, base.tokenizer, base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())

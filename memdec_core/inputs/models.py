@@ -11,9 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
 from memdec_core.inputs.gguf import check_gguf_file
@@ -36,13 +36,30 @@ BLOCK_PATHS = {
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready to score, with what identifies it."""
+    """A causal LM ready to score, with what identifies it.
 
-    model: Any
+    ``load_model(..., lazy=True)`` reads the weights on the first use of ``model``: a run that
+    finds its artifacts built (an index of a stored datastore) never imports the architecture's
+    code or reads a weight.
+    """
+
+    _model: Any
     tokenizer: Any
     model_id: str  # what the user named
     fingerprint: str  # changes when the weights change; part of artifact cache keys
     tokenizer_fingerprint: str
+    _loader: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+    _positions: int | None = field(default=None, repr=False, compare=False)  # its config's, before the model
+
+    @property
+    def model(self) -> Any:
+        if self._model is None and self._loader is not None:
+            self._model, self._loader = self._loader(), None
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model, self._loader = model, None
 
     @property
     def short_name(self) -> str:
@@ -56,6 +73,8 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int | None:
+        if self._model is None and self._positions is not None:
+            return self._positions
         config = self.model.config
         config = getattr(config, "text_config", None) or config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -127,15 +146,56 @@ def model_device(model):
 
 
 @timed("load")
-def load_model(name: str, cache_dir: Path | None = None) -> LoadedModel:
-    """Load a model in fp32 on :func:`default_device`, in eval mode."""
+def load_model(name: str, cache_dir: Path | None = None, *, lazy: bool = False) -> LoadedModel:
+    """Load a model in fp32 on :func:`default_device`, in eval mode.
+
+    ``lazy``: the tokenizer now, the weights on the first use of ``.model`` (checked then), where
+    the folder's config.json names the model's positions; otherwise everything now.
+    """
     location, gguf_file = resolve_model_location(name)
     if gguf_file:
         location, gguf_file = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir), None
+    positions = _configured_positions(location) if lazy else None
+    if positions is not None:
+        tokenizer = _tokenizer(location, name)
+        return LoadedModel(None, tokenizer, name, _model_fingerprint(name, location), tokenizer_fingerprint(tokenizer),
+                           _loader=lambda: _load_weights(location, name, tokenizer), _positions=positions)
     model, tokenizer = _from_pretrained(location, name)
     model.to(default_device()).eval()
     return LoadedModel(model, tokenizer, name, _model_fingerprint(name, location),
                        tokenizer_fingerprint(tokenizer))
+
+
+@timed("load")
+def _load_weights(location: str, name: str, tokenizer):
+    """The model of a lazily loaded base, checked against the tokenizer it was given."""
+    model, _ = _from_pretrained(location, name, tokenizer=tokenizer)
+    return model.to(default_device()).eval()
+
+
+def _configured_positions(location: str) -> int | None:
+    """The positions a local folder's config.json names (its text model's, for a multimodal one), as
+    ``LoadedModel.max_positions`` reads them from the loaded config; None where it names none (a
+    value left at its class's default is not written) or there is no local config."""
+    try:
+        config = json.loads((Path(location) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    config = config.get("text_config") or config
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _tokenizer(location: str, name: str):
+    from transformers import AutoTokenizer
+
+    _check_tokenizer_files(location, name)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
 
 
 def resolve_model_location(name: str) -> tuple[str, str | None]:
@@ -243,17 +303,18 @@ def load_tokenizer(name: str, cache_dir: Path | None = None):
         raise ModelError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from error
 
 
-def _from_pretrained(location: str, name: str, **kwargs):
+def _from_pretrained(location: str, name: str, tokenizer=None, **kwargs):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # memdec shows its own progress
-    if not kwargs.get("gguf_file"):  # a GGUF file carries its tokenizer inside
+    if not kwargs.get("gguf_file") and tokenizer is None:  # a GGUF file carries its tokenizer inside
         _check_tokenizer_files(location, name)
     try:
         with _held_logs() as held:  # transformers' load report reaches stderr only if memdec keeps the model
-            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             # Mismatched shapes are reported below, not raised with a pointer to a report left unshown.
             model, info = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, output_loading_info=True,
                                                                ignore_mismatched_sizes=True, **kwargs)

@@ -109,12 +109,33 @@ def versions() -> dict[str, str | None]:
     from memdec_core import __version__
 
     found = {"memdec": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transformers", "peft", "faiss", "bm25s"):
-        try:
-            found[package] = __import__(package).__version__
-        except (ImportError, AttributeError):
-            found[package] = None
+    for package, distributions in VERSIONED.items():
+        found[package] = _version(package, distributions)
     return found
+
+
+#: The packages whose versions a report names, and the distributions that install each.
+VERSIONED = {"transformers": ("transformers",), "peft": ("peft",), "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+             "bm25s": ("bm25s",)}
+
+
+def _version(package: str, distributions: tuple[str, ...]) -> str | None:
+    """A package's version from its installed metadata: importing it to ask would cost a run that
+    does not use it its start-up (peft alone, about 0.2 s). Imported already, or installed
+    without metadata (a conda build), the module says."""
+    import importlib.metadata
+    import sys
+
+    if package not in sys.modules:
+        for distribution in distributions:
+            try:
+                return importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    try:
+        return __import__(package).__version__
+    except (ImportError, AttributeError):
+        return None
 
 
 def device() -> str:

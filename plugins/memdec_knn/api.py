@@ -100,6 +100,6 @@ def build_datastore(domain, base: str, *, settings=None, output: Path | None = N
     plan = Plan(component_settings)
     retriever_component = plan.create_use(Use("retrievers", retriever, "--retriever", accepts=("vectors",)))
     plan.check_all_used([retriever_component])
-    ctx = prepare_context(domain, base, settings, plan=plan)
+    ctx = prepare_context(domain, base, settings, plan=plan, lazy=True)  # the weights only if the keys are computed
     store = _build(ctx, Path(output)) if output else datastore_for(ctx)
     return str((store.with_index(retriever_component) if index else store).folder)

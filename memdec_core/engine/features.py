@@ -30,6 +30,17 @@ def base_features(base_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return _entropy(base_logprobs), top, token
 
 
+#: The base-only features a retrieval gate reads (``Combiner.gate``): the first columns of
+#: ``GENERIC_FEATURES``, computed the same way, so a gate fitted on ``FitData.features`` reads the same numbers.
+GATE_FEATURES = GENERIC_FEATURES[:2]
+
+
+def gate_features(base_logprobs: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` the base's entropy and top log-prob (``GATE_FEATURES``), known before any search."""
+    entropy, top, _ = base_features(base_logprobs.float())
+    return torch.stack([entropy.float().clamp(min=LOGPROB_FLOOR), top.float().clamp(min=LOGPROB_FLOOR)], dim=1)
+
+
 def token_features(base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor | None = None, *,
                    support: tuple[torch.Tensor, torch.Tensor] | None = None,
                    own: torch.Tensor | None = None) -> torch.Tensor:

@@ -114,13 +114,13 @@ def collect_fit_data(ctx: EvalContext, memory: MemoryModel, memory_settings: lis
             features = batch_features(memory, state, batch, knobs)
             memory_gold = call_component(memory, "memory", memory.gold_logprobs, state, batch, knobs).float()
             parts[number].append((features, base_gold, memory_gold, torch.as_tensor(batch.positions)))
-    return [_fit_data(part, names, ctx.settings.seed) for part in parts]
+    return [_fit_data(part, names, ctx.settings.seed, memory.skippable) for part in parts]
 
 
-def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int) -> FitData:
+def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int, skippable: bool) -> FitData:
     features, base_gold, memory_gold, positions = (torch.cat(column) for column in zip(*parts))
     train = (positions // HOLDOUT_BLOCK) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
-    return FitData(features, names, base_gold, memory_gold, positions, train, seed)
+    return FitData(features, names, base_gold, memory_gold, positions, train, seed, skippable)
 
 
 def fit_key(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[dict, Any]]) -> str:

@@ -31,8 +31,13 @@ class AdaptiveConfig:
     steps: int = setting(1000, "full-batch Adam steps at most (early stopping on held-out validation positions)")
     lr: float = setting(0.01, "Adam's learning rate")
     weight_decay: float = setting(1e-3, "L2 penalty on the MLP's weights (not its biases)")
+    gate: float = setting(0.0, "adaptive retrieval: the held-out perplexity increase allowed for skipping a "
+                               "skippable memory (kNN search) where a base-only predictor of the weight is low "
+                               "(0: no gate; 0.01: at most 1 % on held-out validation positions)")
 
     def __post_init__(self):
+        if not 0 <= self.gate < 1:
+            raise ConfigError(f"adaptive: gate must be in [0, 1), got {self.gate}")
         if self.hidden < 0 or self.steps < 0:
             raise ConfigError(f"adaptive: hidden and steps must be ≥ 0, got {self.hidden}, {self.steps}")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -77,6 +82,14 @@ class Adaptive(Combiner):
 
     def fit(self, data):
         return fit_adaptive(self, data)
+
+    def gate(self, base_features):
+        """Where the memory is needed: the base-only predictor of the weight at or above the
+        threshold chosen on held-out validation positions (None: no gate was fitted)."""
+        parameters = self.parameters or {}
+        if "gate_w" not in parameters or float(parameters["gate_threshold"]) == -math.inf:
+            return None
+        return gate_scores(parameters, base_features.float()) >= parameters["gate_threshold"]
 
     def state_dict(self):
         return dict(self.parameters or {})
@@ -197,10 +210,89 @@ def _fit(combiner: Adaptive, data) -> dict:
     combiner.parameters = {name: tensor.float() for name, tensor in {**parameters, **best_state}.items()}
     n_train = int(train.sum())
     per_position = 2 * width * config.hidden + 2 * (config.hidden or width) + 10
-    return {"heldout_nll": best, "constant_heldout_nll": constant, "constant_lam": 1 / (1 + math.exp(-z0)),
-            "steps": best_step, "steps_run": step, "train_positions": n_train, "heldout_positions": int(held.sum()),
-            "flops": float(3 * per_position * n_train * step)}
+    facts = {"heldout_nll": best, "constant_heldout_nll": constant, "constant_lam": 1 / (1 + math.exp(-z0)),
+             "steps": best_step, "steps_run": step, "train_positions": n_train, "heldout_positions": int(held.sum()),
+             "flops": float(3 * per_position * n_train * step)}
+    if config.gate > 0 and data.skippable:
+        gate, facts["gate"] = fit_gate(combiner.parameters, data, config.gate)
+        combiner.parameters.update(gate)
+    return facts
 
 
 def _frozen(trained: dict) -> dict:
     return {name: tensor.detach().clone() for name, tensor in trained.items()}
+
+
+def gate_terms(parameters: dict, base_features):
+    """``[N, 6]`` the gate's inputs: the standardised base-only features, their squares and
+    product (the weight is not monotone in the entropy), and a constant."""
+    import torch
+
+    x = torch.nan_to_num((base_features - parameters["gate_mean"]) / parameters["gate_std"], nan=0.0,
+                         posinf=0.0, neginf=0.0)
+    h, t = x[:, 0], x[:, 1]
+    return torch.stack([h, t, h * h, t * t, h * t, torch.ones_like(h)], dim=1)
+
+
+def gate_scores(parameters: dict, base_features):
+    """``[N]`` the gate's predicted logit of the weight, from base-only features."""
+    return gate_terms(parameters, base_features) @ parameters["gate_w"]
+
+
+def fit_gate(parameters: dict, data, allowance: float) -> tuple[dict, dict]:
+    """A base-only predictor of the fitted weight (least squares on its logit, over the training
+    positions), and the largest threshold on it whose skipping keeps the held-out NLL within
+    log(1 + ``allowance``) of the ungated one (positions skipped: the base's log-prob). Returns
+    its tensors and its facts."""
+    import torch
+
+    from memdec_core.engine.features import GATE_FEATURES
+
+    columns = [data.feature_names.index(name) for name in GATE_FEATURES]
+    train, held = data.train, ~data.train
+    base_features = data.features[:, columns].float()
+    mean, std = base_features[train].mean(0), base_features[train].std(0)
+    gate = {"gate_mean": mean, "gate_std": torch.where(std > 1e-6, std, torch.ones_like(std))}
+    logits = mlp_logits(parameters, data.features.float()).clamp(-12, 12)
+    terms = gate_terms(gate, base_features).double()
+    gate["gate_w"] = torch.linalg.lstsq(terms[train], logits[train].double()[:, None]).solution[:, 0].float()
+    scores = gate_scores(gate, base_features)[held]
+    mixed = -mixture_nll_each(logits[held], data.base_gold[held].double(), data.memory_gold[held].double())
+    threshold, skipped = choose_threshold(scores, mixed, data.base_gold[held].double(), math.log1p(allowance))
+    gate["gate_threshold"] = torch.tensor(threshold)
+    keep = scores >= threshold
+    gated = torch.where(keep, mixed, data.base_gold[held].double())
+    return gate, {"allowance": allowance, "threshold_weight": 1 / (1 + math.exp(-threshold)),
+                  "heldout_skipped_share": skipped, "heldout_ppl": math.exp(-float(gated.mean())),
+                  "heldout_ppl_ungated": math.exp(-float(mixed.mean()))}
+
+
+def mixture_nll_each(logits, base_gold, memory_gold):
+    """``[N]`` −log((1−σ(z))·p_base + σ(z)·p_memory) per position."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = logits.to(base_gold.dtype)
+    return -torch.logaddexp(base_gold + F.logsigmoid(-logits), memory_gold + F.logsigmoid(logits))
+
+
+def choose_threshold(scores, mixed_gold, base_gold, allowed_nll: float) -> tuple[float, float]:
+    """``(threshold, share skipped)``: the largest threshold t such that skipping the positions
+    whose score is below t (their log-prob: the base's) raises the mean NLL by at most
+    ``allowed_nll``; −inf (skip none) when no threshold does, +inf when every position may go."""
+    import torch
+
+    order = torch.argsort(scores)
+    ordered = scores[order]
+    increase = torch.cat([torch.zeros(1, dtype=torch.float64),
+                          torch.cumsum((mixed_gold - base_gold)[order], 0)]) / len(scores)
+    # Skipping the first j sorted positions is a threshold only between two different scores.
+    boundary = torch.ones(len(scores) + 1, dtype=torch.bool)
+    boundary[1:-1] = ordered[1:] > ordered[:-1]
+    allowed = (increase <= allowed_nll) & boundary
+    j = int(allowed.nonzero()[-1])  # j = 0 is always allowed
+    if j == 0:
+        return -math.inf, 0.0
+    if j == len(scores):
+        return math.inf, 1.0
+    return float((ordered[j - 1] + ordered[j]) / 2), j / len(scores)

@@ -549,7 +549,8 @@ class Combiner(Component):
 
     def gate(self, base_features: "torch.Tensor") -> "torch.Tensor | None":
         """Adaptive retrieval: ``[N]`` bool, True where the memory is needed, from base-only
-        features ``[N, len(GATE_FEATURES)]`` (``memdec_core.engine.features.gate_features``: known
+        features ``[N, 2 (+ dim)]`` (``memdec_core.engine.features.gate_features``: the base's
+        entropy and top log-prob, then its hidden state where the memory reads one; all known
         before the memory runs); None: every position. Where it is False and the memory is
         ``skippable``, the memory is not run and the mixture is the base's log-probs exactly."""
         return None
@@ -592,6 +593,9 @@ class FitData:
     #: The memory may be skipped position by position (``MemoryModel.skippable``): a combiner may
     #: learn a ``gate`` from the base-only columns of ``features`` (``GATE_FEATURES``).
     skippable: bool = False
+    #: ``[N, dim]`` the base's hidden state at each position where the memory reads it (the kNN
+    #: query), else None: the last columns of ``gate_features``.
+    hidden: "torch.Tensor | None" = None
 
     def __len__(self) -> int:
         return len(self.base_gold)

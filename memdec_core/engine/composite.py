@@ -192,7 +192,7 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.rows = input_ids.shape[0]
         stepper = cache.stepper if cache is not None else self.memory.stepper(self.knobs)
-        needed = self._needed(base_logprobs)
+        needed = self._needed(base_logprobs, hidden)
         gated = {} if needed is None else {"needed": needed}
         memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep, **gated)
         memory_logprobs = memory_logprobs.to(base_logprobs.device)
@@ -205,13 +205,14 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=_shifted_nll(mixed, labels) if labels is not None else None,
                                       logits=mixed, cache=cache)
 
-    def _needed(self, base_logprobs: torch.Tensor) -> torch.Tensor | None:
+    def _needed(self, base_logprobs: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor | None:
         """``[rows, keep]`` bool: where the combiner's retrieval gate needs a ``skippable`` memory
         (from base-only features, before the memory runs); None: everywhere."""
         if not self.memory.skippable or type(self.combiner).gate is Combiner.gate:
             return None
         rows, keep, width = base_logprobs.shape
-        needed = self.combiner.gate(gate_features(base_logprobs.reshape(-1, width)).cpu())  # gates run on the CPU
+        queries = None if hidden is None else hidden.reshape(rows * keep, -1)
+        needed = self.combiner.gate(gate_features(base_logprobs.reshape(-1, width), queries).cpu())  # on the CPU
         return None if needed is None else needed.bool().reshape(rows, keep)
 
     def _mixture_cache(self, cache, use_cache: bool | None) -> MixtureCache | None:

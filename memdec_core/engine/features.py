@@ -35,10 +35,15 @@ def base_features(base_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 GATE_FEATURES = GENERIC_FEATURES[:2]
 
 
-def gate_features(base_logprobs: torch.Tensor) -> torch.Tensor:
-    """``[N, 2]`` the base's entropy and top log-prob (``GATE_FEATURES``), known before any search."""
+def gate_features(base_logprobs: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, 2 (+ dim)]`` what a retrieval gate knows before any search: the base's entropy and
+    top log-prob (``GATE_FEATURES``), then its hidden state (``[N, dim]``, the kNN query) where
+    the memory reads one."""
     entropy, top, _ = base_features(base_logprobs.float())
-    return torch.stack([entropy.float().clamp(min=LOGPROB_FLOOR), top.float().clamp(min=LOGPROB_FLOOR)], dim=1)
+    columns = [entropy.float().clamp(min=LOGPROB_FLOOR)[:, None], top.float().clamp(min=LOGPROB_FLOOR)[:, None]]
+    if hidden is not None:
+        columns.append(hidden.float().reshape(len(entropy), -1).to(entropy.device))
+    return torch.cat(columns, dim=1)
 
 
 def token_features(base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor | None = None, *,

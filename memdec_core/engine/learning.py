@@ -113,14 +113,16 @@ def collect_fit_data(ctx: EvalContext, memory: MemoryModel, memory_settings: lis
         for number, knobs in enumerate(memory_settings):
             features = batch_features(memory, state, batch, knobs)
             memory_gold = call_component(memory, "memory", memory.gold_logprobs, state, batch, knobs).float()
-            parts[number].append((features, base_gold, memory_gold, torch.as_tensor(batch.positions)))
+            parts[number].append((features, base_gold, memory_gold, torch.as_tensor(batch.positions), batch.hidden))
     return [_fit_data(part, names, ctx.settings.seed, memory.skippable) for part in parts]
 
 
 def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int, skippable: bool) -> FitData:
-    features, base_gold, memory_gold, positions = (torch.cat(column) for column in zip(*parts))
+    columns = list(zip(*parts))
+    features, base_gold, memory_gold, positions = (torch.cat(column) for column in columns[:4])
+    hidden = torch.cat(columns[4]) if skippable and columns[4][0] is not None else None
     train = (positions // HOLDOUT_BLOCK) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
-    return FitData(features, names, base_gold, memory_gold, positions, train, seed, skippable)
+    return FitData(features, names, base_gold, memory_gold, positions, train, seed, skippable, hidden)
 
 
 def fit_key(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[dict, Any]]) -> str:

@@ -402,7 +402,7 @@ def _gates(memory: MemoryModel, combiners: list[Combiner], batch: ScoredBatch) -
     # A combiner without a gate of its own costs nothing here (no full-vocabulary log-softmax).
     if not memory.skippable or all(type(combiner).gate is Combiner.gate for combiner in combiners):
         return None
-    features = gate_features(batch.logprobs())
+    features = gate_features(batch.logprobs(), batch.hidden)
     masks = []
     for combiner in combiners:
         mask = call_component(combiner, "combiner", combiner.gate, features)

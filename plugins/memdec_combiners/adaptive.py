@@ -34,10 +34,13 @@ class AdaptiveConfig:
     gate: float = setting(0.0, "adaptive retrieval: the held-out perplexity increase allowed for skipping a "
                                "skippable memory (kNN search) where a base-only predictor of the weight is low "
                                "(0: no gate; 0.01: at most 1 % on held-out validation positions)")
+    gate_ridge: float = setting(1000.0, "the gate's ridge penalty (its predictor reads the base's hidden state: "
+                                        "hundreds of inputs fitted on a few thousand positions)")
 
     def __post_init__(self):
-        if not 0 <= self.gate < 1:
-            raise ConfigError(f"adaptive: gate must be in [0, 1), got {self.gate}")
+        if not 0 <= self.gate < 1 or self.gate_ridge < 0:
+            raise ConfigError(f"adaptive: gate must be in [0, 1) and gate_ridge ≥ 0, "
+                              f"got {self.gate}, {self.gate_ridge}")
         if self.hidden < 0 or self.steps < 0:
             raise ConfigError(f"adaptive: hidden and steps must be ≥ 0, got {self.hidden}, {self.steps}")
         if not self.lr > 0 or self.weight_decay < 0:
@@ -89,6 +92,9 @@ class Adaptive(Combiner):
         parameters = self.parameters or {}
         if "gate_w" not in parameters or float(parameters["gate_threshold"]) == -math.inf:
             return None
+        if base_features.shape[-1] != len(parameters["gate_mean"]):
+            raise ConfigError(f"combiner 'adaptive': its gate was fitted on {len(parameters['gate_mean'])} base-only "
+                              f"features, given {base_features.shape[-1]}: fit it with this base and memory")
         return gate_scores(parameters, base_features.float()) >= parameters["gate_threshold"]
 
     def state_dict(self):
@@ -214,7 +220,7 @@ def _fit(combiner: Adaptive, data) -> dict:
              "steps": best_step, "steps_run": step, "train_positions": n_train, "heldout_positions": int(held.sum()),
              "flops": float(3 * per_position * n_train * step)}
     if config.gate > 0 and data.skippable:
-        gate, facts["gate"] = fit_gate(combiner.parameters, data, config.gate)
+        gate, facts["gate"] = fit_gate(combiner.parameters, data, config.gate, config.gate_ridge)
         combiner.parameters.update(gate)
     return facts
 
@@ -224,14 +230,15 @@ def _frozen(trained: dict) -> dict:
 
 
 def gate_terms(parameters: dict, base_features):
-    """``[N, 6]`` the gate's inputs: the standardised base-only features, their squares and
-    product (the weight is not monotone in the entropy), and a constant."""
+    """``[N, 6 (+ dim)]`` the gate's inputs: the standardised entropy and top log-prob of the base,
+    their squares and product (the weight is not monotone in the entropy), its hidden state where
+    there is one, and a constant."""
     import torch
 
     x = torch.nan_to_num((base_features - parameters["gate_mean"]) / parameters["gate_std"], nan=0.0,
                          posinf=0.0, neginf=0.0)
     h, t = x[:, 0], x[:, 1]
-    return torch.stack([h, t, h * h, t * t, h * t, torch.ones_like(h)], dim=1)
+    return torch.cat([torch.stack([h, t, h * h, t * t, h * t], dim=1), x[:, 2:], torch.ones_like(h)[:, None]], dim=1)
 
 
 def gate_scores(parameters: dict, base_features):
@@ -239,10 +246,11 @@ def gate_scores(parameters: dict, base_features):
     return gate_terms(parameters, base_features) @ parameters["gate_w"]
 
 
-def fit_gate(parameters: dict, data, allowance: float) -> tuple[dict, dict]:
-    """A base-only predictor of the fitted weight (least squares on its logit, over the training
-    positions), and the largest threshold on it whose skipping keeps the held-out NLL within
-    log(1 + ``allowance``) of the ungated one (positions skipped: the base's log-prob). Returns
+def fit_gate(parameters: dict, data, allowance: float, ridge: float) -> tuple[dict, dict]:
+    """A base-only predictor of the fitted weight (ridge regression on its logit over the training
+    positions, from ``gate_features``: the base's entropy, top log-prob and hidden state), and the
+    largest threshold on it whose skipping keeps the NLL of the held-out positions within
+    log(1 + ``allowance``) of the ungated one (a skipped position: the base's log-prob). Returns
     its tensors and its facts."""
     import torch
 
@@ -251,20 +259,24 @@ def fit_gate(parameters: dict, data, allowance: float) -> tuple[dict, dict]:
     columns = [data.feature_names.index(name) for name in GATE_FEATURES]
     train, held = data.train, ~data.train
     base_features = data.features[:, columns].float()
+    if data.hidden is not None:
+        base_features = torch.cat([base_features, data.hidden.float()], dim=1)
     mean, std = base_features[train].mean(0), base_features[train].std(0)
     gate = {"gate_mean": mean, "gate_std": torch.where(std > 1e-6, std, torch.ones_like(std))}
     logits = mlp_logits(parameters, data.features.float()).clamp(-12, 12)
-    terms = gate_terms(gate, base_features).double()
-    gate["gate_w"] = torch.linalg.lstsq(terms[train], logits[train].double()[:, None]).solution[:, 0].float()
+    terms = gate_terms(gate, base_features).double()[train]
+    penalty = torch.eye(terms.shape[1], dtype=torch.float64) * ridge
+    penalty[-1, -1] = 0.0  # the constant is not shrunk
+    gate["gate_w"] = torch.linalg.solve(terms.T @ terms + penalty, terms.T @ logits[train].double()).float()
     scores = gate_scores(gate, base_features)[held]
-    mixed = -mixture_nll_each(logits[held], data.base_gold[held].double(), data.memory_gold[held].double())
-    threshold, skipped = choose_threshold(scores, mixed, data.base_gold[held].double(), math.log1p(allowance))
+    base_gold = data.base_gold[held].double()
+    mixed = -mixture_nll_each(logits[held], base_gold, data.memory_gold[held].double())
+    threshold, skipped = choose_threshold(scores, mixed, base_gold, math.log1p(allowance))
     gate["gate_threshold"] = torch.tensor(threshold)
-    keep = scores >= threshold
-    gated = torch.where(keep, mixed, data.base_gold[held].double())
+    gated = torch.where(scores >= threshold, mixed, base_gold)
     return gate, {"allowance": allowance, "threshold_weight": 1 / (1 + math.exp(-threshold)),
                   "heldout_skipped_share": skipped, "heldout_ppl": math.exp(-float(gated.mean())),
-                  "heldout_ppl_ungated": math.exp(-float(mixed.mean()))}
+                  "heldout_ppl_ungated": math.exp(-float(mixed.mean())), "inputs": base_features.shape[1]}
 
 
 def mixture_nll_each(logits, base_gold, memory_gold):

@@ -172,8 +172,9 @@ def test_adaptive_gate_extremes_and_a_threshold_chosen_on_validation_only(ctx, m
     settings = [(KNOBS, gated_ctx.combiner.grid()[0])]
     combiner = fit_combiners(gated_ctx, memory, settings).combiners[0]
     facts = evaluate_mixture(gated_ctx, memory).details["gate"]
-    assert 0 < facts["heldout_skipped_share"] < 1 and 0 <= facts["test_skipped_share"] <= 1
-    assert facts["heldout_ppl"] <= facts["heldout_ppl_ungated"] * 1.05 + 1e-9
+    assert 0 < facts["valid_skipped_share"] < 1 and 0 <= facts["test_skipped_share"] <= 1
+    assert facts["inputs"] == 2 + ctx.base.model.config.n_embd  # entropy, top log-prob and the kNN query
+    assert facts["valid_ppl"] <= facts["valid_ppl_ungated"] * 1.05 + 1e-9
     # The threshold at +inf skips everything: the base's numbers; at −inf, none: the ungated ones.
     stream, windows = ctx.corpus.streams["test"], ctx.windows("test")
 
@@ -193,8 +194,8 @@ def test_adaptive_gate_extremes_and_a_threshold_chosen_on_validation_only(ctx, m
     shutil.rmtree(tmp_path / "cache" / "combiners")
     corpus = dataclasses.replace(ctx.corpus, streams={**ctx.corpus.streams, "test": stream[: len(stream) // 2]})
     again = evaluate_mixture(dataclasses.replace(gated_ctx, corpus=corpus), memory).details["gate"]
-    assert {key: again[key] for key in ("threshold_weight", "heldout_skipped_share", "heldout_ppl")} == \
-        {key: facts[key] for key in ("threshold_weight", "heldout_skipped_share", "heldout_ppl")}
+    assert {key: again[key] for key in ("threshold_weight", "valid_skipped_share", "valid_ppl")} == \
+        {key: facts[key] for key in ("threshold_weight", "valid_skipped_share", "valid_ppl")}
 
 
 def test_no_gate_without_an_allowance(ctx, memory, tmp_path, monkeypatch):
@@ -202,3 +203,17 @@ def test_no_gate_without_an_allowance(ctx, memory, tmp_path, monkeypatch):
     plain = dataclasses.replace(ctx, combiner=resolve_combiner(Adaptive(steps=50)))
     combiner = fit_combiners(plain, memory, [(KNOBS, plain.combiner.grid()[0])]).combiners[0]
     assert combiner.gate(torch.zeros(3, 2)) is None and "gate_w" not in combiner.state_dict()
+
+
+def test_a_fit_is_keyed_by_the_code_of_its_combiner_with_knobs_fixed(ctx, memory, monkeypatch):
+    """``--set adaptive.gate=...`` makes a subclass in the core; an edit of adaptive.py must still refit."""
+    from memdec_core.components import identity
+    from memdec_core.engine.learning import fit_key
+
+    fixed = dataclasses.replace(ctx, combiner=resolve_combiner(Adaptive(gate=0.01)))
+    settings = [(KNOBS, fixed.combiner.grid()[0])]
+    before = fit_key(fixed, memory, settings)
+    hash_of = identity.source_hash
+    monkeypatch.setattr(identity, "source_hash",
+                        lambda path: "edited" if "memdec_combiners" in str(path) else hash_of(path))
+    assert fit_key(fixed, memory, settings) != before

@@ -128,7 +128,9 @@ def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int, skippable: 
 def fit_key(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[dict, Any]]) -> str:
     """What a fit depends on: the base, the memory (its build and prepared artifact), the
     validation tokens and windows, the combiner's code and every setting fitted, the seed."""
-    combiner = ctx.combiner
+    # A combiner with fixed knobs (an instance, ``--set adaptive.gate=...``) is a subclass made in
+    # components/combiner_files: the key names the class that defines ``combine``, whose code the fit is.
+    combiner = next((cls for cls in ctx.combiner.__mro__ if "combine" in vars(cls)), ctx.combiner)
     return content_key("combiner-fit", ctx.base.fingerprint, memory.name, component_identity(type(memory)),
                        memory.build_settings(), memory.describe_prepared(), ctx.corpus.hashes["valid"],
                        ctx.context, ctx.stride, ctx.settings.batch_size, ctx.settings.seed,

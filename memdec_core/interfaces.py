@@ -484,7 +484,9 @@ class MemoryModel(Component):
     #: nearest neighbour's distance); a combiner that learns reads them beside the generic ones.
     feature_names: ClassVar[tuple[str, ...]] = ()
     #: True when ``score`` works position by position on ``batch.hidden`` alone (a kNN search), so
-    #: a gate may skip positions: ``score`` is then called on ``batch.select(rows)``.
+    #: a gate may skip positions (``Combiner.gate``): ``score`` is then called on
+    #: ``batch.select(rows)``, and in generation its stepper's ``logprobs`` gets ``needed=``
+    #: ``[rows, keep]`` bool (positions not needed: not searched, any finite or −inf row).
     skippable: ClassVar[bool] = False
 
     def features(self, state: Any, batch: "ScoredBatch") -> "torch.Tensor | None":
@@ -545,6 +547,14 @@ class Combiner(Component):
         and for a retrieval gate), or None when the combiner has no such weight."""
         return None
 
+    def gate(self, base_features: "torch.Tensor") -> "torch.Tensor | None":
+        """Adaptive retrieval: ``[N]`` bool, True where the memory is needed, from base-only
+        features ``[N, 2 (+ dim)]`` (``memdec_core.engine.features.gate_features``: the base's
+        entropy and top log-prob, then its hidden state where the memory reads one; all known
+        before the memory runs); None: every position. Where it is False and the memory is
+        ``skippable``, the memory is not run and the mixture is the base's log-probs exactly."""
+        return None
+
     def state_dict(self) -> dict[str, "torch.Tensor"]:
         """The learned tensors (empty for a combiner that does not learn)."""
         return {}
@@ -580,6 +590,12 @@ class FitData:
     positions: "torch.Tensor"  # [N] global positions in the validation stream
     train: "torch.Tensor"  # [N] bool: may be trained on; the rest is held out
     seed: int = 0
+    #: The memory may be skipped position by position (``MemoryModel.skippable``): a combiner may
+    #: learn a ``gate`` from the base-only columns of ``features`` (``GATE_FEATURES``).
+    skippable: bool = False
+    #: ``[N, dim]`` the base's hidden state at each position where the memory reads it (the kNN
+    #: query), else None: the last columns of ``gate_features``.
+    hidden: "torch.Tensor | None" = None
 
     def __len__(self) -> int:
         return len(self.base_gold)

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from memdec_core.components.combiner_files import resolve_combiner
 from memdec_core.components.plan import set_by_shorthand
-from memdec_core.engine.features import feature_names, token_features
+from memdec_core.engine.features import feature_names, gate_features, token_features
 from memdec_core.engine.scoring import check_memory_matches
 from memdec_core.errors import ArtifactError, ConfigError
 from memdec_core.inputs.context import memory_context
@@ -197,14 +197,28 @@ class MemdecForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.rows = input_ids.shape[0]
         stepper = cache.stepper if cache is not None else self.memory.stepper(self.knobs)
-        memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep)
+        needed = self._needed(base_logprobs, hidden)
+        gated = {} if needed is None else {"needed": needed}
+        memory_logprobs = stepper.logprobs(input_ids, attention_mask, hidden, base_logprobs.shape[-1], keep, **gated)
         memory_logprobs = memory_logprobs.to(base_logprobs.device)
         context = {"positions": None, "split": "generate"}
         if self.combiner.learns:
             context.update(step_features(base_logprobs, memory_logprobs, stepper, self.memory))
         mixed = self.combiner.combine(base_logprobs, memory_logprobs, context)
+        if needed is not None:  # where the memory was skipped, the base's log-probs exactly
+            mixed = torch.where(needed.to(mixed.device)[..., None], mixed, base_logprobs)
         return CausalLMOutputWithPast(loss=_shifted_nll(mixed, labels) if labels is not None else None,
                                       logits=mixed, cache=cache)
+
+    def _needed(self, base_logprobs: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """``[rows, keep]`` bool: where the combiner's retrieval gate needs a ``skippable`` memory
+        (from base-only features, before the memory runs); None: everywhere."""
+        if not self.memory.skippable or type(self.combiner).gate is Combiner.gate:
+            return None
+        rows, keep, width = base_logprobs.shape
+        queries = None if hidden is None else hidden.reshape(rows * keep, -1)
+        needed = self.combiner.gate(gate_features(base_logprobs.reshape(-1, width), queries).cpu())  # on the CPU
+        return None if needed is None else needed.bool().reshape(rows, keep)
 
     def _mixture_cache(self, cache, use_cache: bool | None) -> MixtureCache | None:
         """The cache to run with: generate's fresh DynamicCache becomes a MixtureCache (generate

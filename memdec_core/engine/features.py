@@ -30,6 +30,22 @@ def base_features(base_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return _entropy(base_logprobs), top, token
 
 
+#: The base-only features a retrieval gate reads (``Combiner.gate``): the first columns of
+#: ``GENERIC_FEATURES``, computed the same way, so a gate fitted on ``FitData.features`` reads the same numbers.
+GATE_FEATURES = GENERIC_FEATURES[:2]
+
+
+def gate_features(base_logprobs: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, 2 (+ dim)]`` what a retrieval gate knows before any search: the base's entropy and
+    top log-prob (``GATE_FEATURES``), then its hidden state (``[N, dim]``, the kNN query) where
+    the memory reads one."""
+    entropy, top, _ = base_features(base_logprobs.float())
+    columns = [entropy.float().clamp(min=LOGPROB_FLOOR)[:, None], top.float().clamp(min=LOGPROB_FLOOR)[:, None]]
+    if hidden is not None:
+        columns.append(hidden.float().reshape(len(entropy), -1).to(entropy.device))
+    return torch.cat(columns, dim=1)
+
+
 def token_features(base_logprobs: torch.Tensor, memory_logprobs: torch.Tensor | None = None, *,
                    support: tuple[torch.Tensor, torch.Tensor] | None = None,
                    own: torch.Tensor | None = None) -> torch.Tensor:

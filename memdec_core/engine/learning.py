@@ -127,20 +127,24 @@ def collect_fit_data(ctx: EvalContext, memory: MemoryModel, memory_settings: lis
         for number, knobs in enumerate(memory_settings):
             features = batch_features(memory, state, batch, knobs)
             memory_gold = call_component(memory, "memory", memory.gold_logprobs, state, batch, knobs).float()
-            parts[number].append((features, base_gold, memory_gold, torch.as_tensor(batch.positions)))
-    return [_fit_data(part, names, ctx.settings.seed) for part in parts]
+            parts[number].append((features, base_gold, memory_gold, torch.as_tensor(batch.positions), batch.hidden))
+    return [_fit_data(part, names, ctx.settings.seed, memory.skippable) for part in parts]
 
 
-def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int) -> FitData:
-    features, base_gold, memory_gold, positions = (torch.cat(column) for column in zip(*parts))
+def _fit_data(parts: list[tuple], names: tuple[str, ...], seed: int, skippable: bool) -> FitData:
+    columns = list(zip(*parts))
+    features, base_gold, memory_gold, positions = (torch.cat(column) for column in columns[:4])
+    hidden = torch.cat(columns[4]) if skippable and columns[4][0] is not None else None
     train = (positions // HOLDOUT_BLOCK) % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
-    return FitData(features, names, base_gold, memory_gold, positions, train, seed)
+    return FitData(features, names, base_gold, memory_gold, positions, train, seed, skippable, hidden)
 
 
 def fit_key(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[dict, Any]]) -> str:
     """What a fit depends on: the base, the memory (its build and prepared artifact), the
     validation tokens and windows, the combiner's code and every setting fitted, the seed."""
-    combiner = ctx.combiner
+    # A combiner with fixed knobs (an instance, ``--set adaptive.gate=...``) is a subclass made in
+    # components/combiner_files: the key names the class that defines ``combine``, whose code the fit is.
+    combiner = next((cls for cls in ctx.combiner.__mro__ if "combine" in vars(cls)), ctx.combiner)
     return content_key("combiner-fit", ctx.base.fingerprint, memory.name, component_identity(type(memory)),
                        memory.build_settings(), memory.describe_prepared(), ctx.corpus.hashes["valid"],
                        ctx.context, ctx.stride, ctx.settings.batch_size, ctx.settings.seed,

@@ -84,16 +84,23 @@ def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
     perplexity (same pass) and its fidelity to what it imitates.
     """
     # Here, not at the top: registration hooks import this module (a base class), and must not load torch.
-    from memdec_core.engine.scoring import MemoryAlone, WeightStats, call_component, check_memory_matches, score_stream
+    from memdec_core.engine.scoring import (
+        GateStats,
+        MemoryAlone,
+        WeightStats,
+        call_component,
+        check_memory_matches,
+        score_stream,
+    )
     from memdec_core.runtime.timings import stage
 
     check_memory_matches(memory, ctx)
     chosen = _learn(ctx, memory) if ctx.combiner.learns else _tune(ctx, memory)
     setting, combiner = chosen.setting, chosen.combiner
-    alone, weights = MemoryAlone(), WeightStats()
+    alone, weights, gate = MemoryAlone(), WeightStats(), GateStats()
     with stage("test"):
         test = score_stream(ctx, memory, ctx.corpus.streams["test"], ctx.windows("test"), [setting], "test",
-                            f"test {ctx.base.short_name}", alone, combiners=[combiner], weights=weights)[0]
+                            f"test {ctx.base.short_name}", alone, combiners=[combiner], weights=weights, gate=gate)[0]
 
     def scorer(stream, windows, description):
         return score_stream(ctx, memory, stream, windows, [setting], "other", description, combiners=[combiner])[0]
@@ -103,6 +110,9 @@ def evaluate_mixture(ctx: "EvalContext", memory: "MemoryModel") -> MethodResult:
     weight_facts = weights.facts()
     if weight_facts:
         details["weights"] = weight_facts
+    gate_fit = chosen.details.get("fit", {}).get("gate")
+    if gate_fit:  # adaptive retrieval: what the gate skipped on test, beside what it chose on validation
+        details["gate"] = {**gate_fit, "test_skipped_share": gate.facts()["skipped_share"]}
     with stage("fidelity"):
         fidelity = call_component(memory, "memory", memory.fidelity, ctx, setting[0])
     return MethodResult(test.perplexity, chosen.valid_ppl, chosen.knobs, costs=chosen.costs(memory),

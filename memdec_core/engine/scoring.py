@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from memdec_core.engine.features import GENERIC_FEATURES, feature_names, token_features
+from memdec_core.engine.features import GENERIC_FEATURES, feature_names, gate_features, token_features
 from memdec_core.engine.grids import extend, numeric_knobs
 from memdec_core.errors import ConfigError, MemdecError, ModelError, PluginError, ResultError
 from memdec_core.inputs.data import Window
@@ -64,6 +64,17 @@ class ScoredBatch:
         return ScoredBatch(self.positions[:count], self.targets[:count], cut(self.logits), cut(self.hidden),
                            cut(self.input_ids, windows), cut(self.attention_mask, windows), cut(self.rows),
                            cut(self.columns))
+
+    def select(self, keep: torch.Tensor) -> "ScoredBatch":
+        """The scored positions where ``keep`` (``[N]`` bool) is True, in the same windows (a
+        skippable memory runs on these only)."""
+
+        def cut(tensor):
+            return None if tensor is None else tensor[keep]
+
+        return ScoredBatch(self.positions[keep], self.targets[keep], cut(self.logits), cut(self.hidden),
+                           self.input_ids, self.attention_mask, cut(self.rows), cut(self.columns),
+                           cut(self._gold), cut(self._logprobs))
 
     def gold_logprobs(self) -> torch.Tensor:
         """``[N]`` log p(gold); computed once per batch, however many knob settings read it."""
@@ -336,25 +347,36 @@ def _score_mixture(ctx: EvalContext, memory: MemoryModel, split: str, settings: 
 
 def score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, windows: list[Window],
                   settings: list, split: str, description: str, alone: MemoryAlone | None = None,
-                  combiners: list[Combiner] | None = None, weights: "WeightStats | None" = None) -> list[NLLTotal]:
+                  combiners: list[Combiner] | None = None, weights: "WeightStats | None" = None,
+                  gate: "GateStats | None" = None) -> list[NLLTotal]:
     """NLL of the mixture under each (memory knobs, combiner config) of ``settings``, in one pass;
     and the memory alone under the first setting's knobs, into ``alone`` when given.
 
     ``combiners``: the combiner of each setting, already made (a fitted one); default: made from
-    the settings' configs. ``weights`` gathers the first combiner's per-position weights.
+    the settings' configs. ``weights`` gathers the first combiner's per-position weights (at the
+    positions the memory ran on). A combiner's ``gate`` lets a ``skippable`` memory skip positions:
+    it runs on those some combiner needs, and a combiner's mixture is the base's exactly where its
+    gate says no; ``gate`` counts the positions skipped.
     """
     totals = [NLLTotal() for _ in settings]
     combiners = combiners or [ctx.combiner(config) for _, config in settings]
     learns = any(combiner.learns for combiner in combiners)
     batches = iter_scored_batches(ctx.base.model, stream, windows, batch_size=ctx.settings.batch_size,
                                   capture_hidden=memory.needs_hidden, sharded=True, description=description)
-    for number, batch in enumerate(batches):
-        _check_finite(batch.logits, f"the base {ctx.base.model_id}", split)
-        state = call_component(memory, "memory", memory.score, batch)
-        if number == 0 and ctx.combiner.elementwise:
+    for number, whole in enumerate(batches):
+        _check_finite(whole.logits, f"the base {ctx.base.model_id}", split)
+        needed = _gates(memory, combiners, whole)
+        batch = whole if needed is None else whole.select(needed[0])
+        if gate is not None:
+            gate.add(len(whole.targets), len(batch.targets))
+        state = call_component(memory, "memory", memory.score, batch) if len(batch.targets) else None
+        if number == 0 and ctx.combiner.elementwise and len(batch.targets):
             check_elementwise_claim(combiners[0], memory, batch, settings[0][0])
         by_memory_knobs: dict[str, tuple[torch.Tensor, dict]] = {}
         for index, (total, combiner, (memory_knobs, _)) in enumerate(zip(totals, combiners, settings)):
+            if not len(batch.targets):  # every search skipped: the base's numbers
+                total.add(whole.gold_logprobs())
+                continue
             key = repr(sorted(memory_knobs.items()))
             if key not in by_memory_knobs:
                 rows = _memory_rows(memory, state, batch, memory_knobs, ctx.combiner.elementwise)
@@ -366,12 +388,58 @@ def score_stream(ctx: EvalContext, memory: MemoryModel, stream: np.ndarray, wind
             rows, context = by_memory_knobs[key]
             gold = _mixed_gold(combiner, batch, rows, context)
             _check_finite(gold, f"combiner {_name(combiner)!r} ({format_knobs(combiner.knobs())})", split)
-            total.add(gold)
+            total.add(gold if needed is None else _ungated(whole, needed, index, gold))
             if weights is not None and index == 0:
                 weights.add(call_component(combiner, "combiner", combiner.weights, context), context)
     if alone is not None:
         alone.reduce()
     return reduce_totals(totals)
+
+
+def _gates(memory: MemoryModel, combiners: list[Combiner], batch: ScoredBatch) -> torch.Tensor | None:
+    """``[1 + settings, N]`` bool: the positions the memory runs on (needed by any combiner), then
+    each combiner's own; None when no gate applies (the memory is not skippable, or no combiner gates)."""
+    # A combiner without a gate of its own costs nothing here (no full-vocabulary log-softmax).
+    if not memory.skippable or all(type(combiner).gate is Combiner.gate for combiner in combiners):
+        return None
+    features = gate_features(batch.logprobs(), batch.hidden)
+    masks = []
+    for combiner in combiners:
+        mask = call_component(combiner, "combiner", combiner.gate, features)
+        if mask is not None and tuple(mask.shape) != (len(batch.targets),):
+            raise PluginError(f"combiner {_name(combiner)!r}: gate() gave shape {tuple(mask.shape)}, "
+                              f"not [{len(batch.targets)}]")
+        masks.append(torch.ones(len(batch.targets), dtype=torch.bool) if mask is None else mask.bool().cpu())
+    if all(mask.all() for mask in masks):
+        return None
+    return torch.stack([torch.stack(masks).any(dim=0), *masks])
+
+
+def _ungated(whole: ScoredBatch, needed: torch.Tensor, index: int, gold: torch.Tensor) -> torch.Tensor:
+    """``[N]`` the gold log-probs of setting ``index`` over every position: the mixture's where its
+    gate needs the memory, the base's exactly elsewhere."""
+    mixed = whole.gold_logprobs().clone()
+    searched = needed[0]
+    own = needed[1 + index][searched]  # of the searched positions, those this combiner mixes
+    mixed[searched.nonzero()[:, 0][own]] = gold[own]
+    return mixed
+
+
+class GateStats:
+    """How many positions a retrieval gate let the memory skip."""
+
+    def __init__(self):
+        self.positions = self.searched = 0
+
+    def add(self, positions: int, searched: int) -> None:
+        self.positions += positions
+        self.searched += searched
+
+    def facts(self) -> dict[str, Any]:
+        """``{"positions", "searched", "skipped_share"}`` summed over the ranks."""
+        positions, searched = (int(round(value)) for value in sum_across([self.positions, self.searched]))
+        return {"positions": positions, "searched": searched,
+                "skipped_share": 1 - searched / positions if positions else 0.0}
 
 
 def mixing_context(batch: ScoredBatch, split: str, memory: MemoryModel | None = None, state: Any = None,

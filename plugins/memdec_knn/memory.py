@@ -131,14 +131,28 @@ class KnnStepper:
         self.memory, self.knobs = memory, knobs
         self._features = None
 
-    def logprobs(self, input_ids, attention_mask, hidden, width: int, keep: int):
+    def logprobs(self, input_ids, attention_mask, hidden, width: int, keep: int, needed=None):
+        """``needed`` ``[rows, keep]`` bool (a retrieval gate): only those positions are searched;
+        the others get −inf rows and feature 0 (the composite gives them the base's log-probs)."""
+        import torch
+
         if hidden is None:
             raise ConfigError("knn-datastore needs the base's hidden states in generation")
         rows, kept, dim = hidden.shape
         queries = hidden.reshape(rows * kept, dim).float().cpu()
-        state = self.memory.neighbours(queries)
-        self._features = nearest_distance(state[0]).reshape(rows, kept, -1)
-        return self.memory._dense(state, self.knobs, width).reshape(rows, kept, width)
+        if needed is None:
+            state = self.memory.neighbours(queries)
+            self._features = nearest_distance(state[0]).reshape(rows, kept, -1)
+            return self.memory._dense(state, self.knobs, width).reshape(rows, kept, width)
+        searched = needed.reshape(-1).cpu()
+        dense = torch.full((rows * kept, width), float("-inf"))
+        features = torch.zeros(rows * kept, len(self.memory.feature_names))
+        if searched.any():
+            state = self.memory.neighbours(queries[searched])
+            features[searched] = nearest_distance(state[0])
+            dense[searched] = self.memory._dense(state, self.knobs, width)
+        self._features = features.reshape(rows, kept, -1)
+        return dense.reshape(rows, kept, width)
 
     def features(self):
         """``[rows, keep, 1]`` the memory's own features at the positions of the last call."""

@@ -173,6 +173,12 @@ def weight_sample(row: dict) -> list:
     return weights.get("weight_sample") or []
 
 
+def fitted(row: dict) -> bool:
+    """Whether a row's combiner learned its weight: its tuning holds held-out NLLs of a fit, not a
+    validation curve of a knob, so it is not drawn with the curves."""
+    return (row.get("details") or {}).get("knobs_from") == "fit"
+
+
 def fixed_lam(row: dict) -> float | None:
     """The one λ a mixture row used for every token (its ``lam`` knob), when it learned none."""
     lam = (row.get("knobs") or {}).get("lam")
@@ -213,7 +219,8 @@ def comparison_figure(report: dict):
 
     results = report["results"]
     colours = method_colours(list(dict.fromkeys(row["method"] for row in results)))
-    curves = [(row, knob) for row in results for knob in [curve_knob(row.get("tuning") or [])] if knob]
+    curves = [(row, knob) for row in results if not fitted(row) for knob in [curve_knob(row.get("tuning") or [])]
+              if knob]
     learned = any(weight_sample(row) for row in results)
     panels = 1 + bool(curves) + learned
     with matplotlib.rc_context(PAPER_STYLE):

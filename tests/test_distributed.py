@@ -66,6 +66,27 @@ def test_two_processes_give_the_report_of_one(corpus_dir, tiny_llama, tmp_path):
     assert result.stdout.count('"results"') == 1  # rank 0 alone prints the report
 
 
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_processes_fit_the_learned_weight_and_gate_of_one(corpus_dir, tiny_gpt2, tmp_path):
+    """A combiner that learns is fitted by every rank on the whole validation split (the same
+    positions, the same seed: the same weights), then test is scored half by each rank and
+    reduced: the report of one process, its learned weight's mean and its gate's skipped share."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    learned = ["--combiner", "adaptive", "--set", "adaptive.gate=0.05", "--set", "knn-lm.temperatures=3,10"]
+    single = invoke("--world-size", 1, *eval_args(corpus_dir, tiny_gpt2, one), *learned)
+    assert single.exit_code == 0, single.stderr
+    torchrun(2, "--world-size", 2, *eval_args(corpus_dir, tiny_gpt2, two), *learned, cache=tmp_path / "cache-two")
+    first, second = json.loads(one.read_text()), json.loads(two.read_text())
+    assert first["meta"]["world_size"] == 1 and second["meta"]["world_size"] == 2
+    alone, shared = first["results"][1], second["results"][1]
+    assert alone["method"] == shared["method"] == "knn-lm" and alone["details"]["knobs_from"] == "fit"
+    assert shared["test_ppl"] == pytest.approx(alone["test_ppl"], rel=1e-9)
+    assert shared["knobs"] == alone["knobs"]
+    weights = alone["details"]["weights"]
+    assert shared["details"]["weights"]["weight_mean"] == pytest.approx(weights["weight_mean"], rel=1e-9)
+    assert shared["details"]["gate"]["test_skipped_share"] == alone["details"]["gate"]["test_skipped_share"]
+
+
 BUILD_SCRIPT = """
 import dataclasses, json, os, signal, sys
 from memdec_core.runtime import distributed

@@ -227,3 +227,22 @@ def test_the_reported_package_versions_import_none_of_the_packages():
     import peft
 
     assert out == ["[]", peft.__version__, faiss.__version__]
+
+
+def test_the_validation_pass_is_timed_as_tune(corpus_dir, tiny_gpt2, monkeypatch):
+    """The seconds of scoring the knob grid on validation land in ``tune`` (a timer on the grid's
+    construction alone reported 0.0 for a pass of minutes)."""
+    import time
+
+    from memdec_core.engine import scoring
+
+    real = scoring._score_mixture
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_score_mixture", slow)
+    report = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                               component_settings={"knn-lm": KNN})
+    assert report["results"][0]["timings"]["tune"] >= 0.3

@@ -230,12 +230,12 @@ def model_scorer(model, batch_size: int) -> Scorer:
                                                           description=description)
 
 
-@timed("tune")
 def knob_settings(ctx: EvalContext, memory: MemoryModel) -> list[tuple[dict, Any]]:
     """Every (memory knobs, combiner config) to try: the memory's grid × the combiner's."""
     return [(mem, comb) for mem in memory.grid() for comb in ctx.combiner.grid()]
 
 
+@timed("tune")
 def tune_on_validation(ctx: EvalContext, memory: MemoryModel,
                        edges: list[str] | None = None) -> tuple[list, list[NLLTotal], int]:
     """Every (memory knobs, combiner config) scored on validation in one pass; and the best one's index.

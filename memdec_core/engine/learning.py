@@ -57,8 +57,9 @@ def fit_combiners(ctx: EvalContext, memory: MemoryModel, settings: list[tuple[di
     cached = facts is not None
     if not cached:
         data = collect_fit_data(ctx, memory, [knobs for knobs, _ in settings])
-        candidates = set(_candidates(data))
-        facts = [_fit_one(combiner, one) if number in candidates else _not_fitted(one)
+        scores = [fixed_lambda_nll(one.base_gold, one.memory_gold) for one in data]
+        candidates = set(_candidates(scores))
+        facts = [_fit_one(combiner, one) if number in candidates else _not_fitted(scores[number])
                  for number, (combiner, one) in enumerate(zip(combiners, data))]
         seconds = time.perf_counter() - started  # the validation pass and every fit
         facts = [{**one, "seconds": seconds, "positions": len(data[0])} for one in facts]
@@ -81,12 +82,11 @@ def fitted_combiner(ctx: EvalContext, memory: MemoryModel, knobs: dict, combiner
     return fitted.combiners[fitted.best]
 
 
-def _candidates(data: list[FitData]) -> list[int]:
+def _candidates(scores: list[float]) -> list[int]:
     """The memory settings worth fitting: the ``FIT_CANDIDATES`` best under the best fixed λ of
-    each (the paper's mixture, found in a few evaluations per setting). A learned weight refines
-    a mixture; it does not rescue a memory setting that mixes badly at every fixed weight."""
-    scores = [fixed_lambda_nll(one.base_gold, one.memory_gold) for one in data]
-    return sorted(range(len(data)), key=lambda i: scores[i])[:FIT_CANDIDATES]
+    each (``scores``: ``fixed_lambda_nll``, the paper's mixture). A learned weight refines a
+    mixture; it does not rescue a memory setting that mixes badly at every fixed weight."""
+    return sorted(range(len(scores)), key=lambda i: scores[i])[:FIT_CANDIDATES]
 
 
 def fixed_lambda_nll(base_gold: torch.Tensor, memory_gold: torch.Tensor) -> float:
@@ -96,10 +96,9 @@ def fixed_lambda_nll(base_gold: torch.Tensor, memory_gold: torch.Tensor) -> floa
     return float(-mixed.mean(dim=1).max())
 
 
-def _not_fitted(data: FitData) -> dict[str, Any]:
+def _not_fitted(fixed_nll: float) -> dict[str, Any]:
     """The facts of a setting not fitted (never chosen): its best fixed λ's NLL on all positions."""
-    return {"heldout_nll": None, "fitted": False,
-            "fixed_lambda_nll": fixed_lambda_nll(data.base_gold, data.memory_gold)}
+    return {"heldout_nll": None, "fitted": False, "fixed_lambda_nll": fixed_nll}
 
 
 def _fit_one(combiner: Combiner, data: FitData) -> dict[str, Any]:

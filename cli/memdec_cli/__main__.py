@@ -1,6 +1,6 @@
 """``python -m memdec_cli``: the memdec command, for launchers that start modules
 (``torchrun -m memdec_cli ...``, ``accelerate launch -m memdec_cli ...``)."""
 
-from memdec_cli.main import main
+from memdec_cli.program import run
 
-main()
+run()

@@ -246,3 +246,96 @@ def test_the_validation_pass_is_timed_as_tune(corpus_dir, tiny_gpt2, monkeypatch
     report = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
                                component_settings={"knn-lm": KNN})
     assert report["results"][0]["timings"]["tune"] >= 0.3
+
+
+def test_a_local_tokenizer_is_loaded_on_first_use_with_the_facts_it_would_give(tiny_llama, tiny_gpt2):
+    """The second load of a folder names its tokenizer from remembered facts without loading it;
+    those facts are the loaded tokenizer's, and the tokenizer it loads on first use is the same."""
+    from memdec_core.inputs.data import tokenization_key
+    from memdec_core.inputs.models import TokenizerFacts, load_model
+
+    for name in (tiny_llama, tiny_gpt2):
+        load_model(str(name), lazy=True)  # remembers the facts (if no earlier test did)
+        base = load_model(str(name), lazy=True)
+        assert base._tokenizer is None
+        remembered = (base.tokenizer_fingerprint, base.tokenization_key)
+        tokenizer = base.tokenizer  # loaded now
+        assert base._tokenizer is not None and TokenizerFacts.of(tokenizer).fingerprint == remembered[0]
+        assert remembered == (TokenizerFacts.of(tokenizer).fingerprint, tokenization_key(tokenizer))
+        eager = load_model(str(name))
+        assert eager.tokenizer(["a test"])["input_ids"] == tokenizer(["a test"])["input_ids"]
+
+
+def test_the_remembered_facts_follow_the_tokenizer_files(tiny_gpt2, tmp_path):
+    """Facts are remembered by the folder's contents: a changed tokenizer is loaded again, and a
+    damaged memo is recomputed, never trusted."""
+    import json
+
+    from memdec_core.inputs.models import TokenizerFacts, load_model, load_tokenizer
+    from memdec_core.store.memo import memo_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, folder)
+    before = load_model(str(folder), lazy=True)
+    definition = json.loads((folder / "tokenizer.json").read_text())
+    definition["added_tokens"].append({"id": max(load_tokenizer(str(folder)).get_vocab().values()) + 1,
+                                       "content": "<added>", "single_word": False, "lstrip": False,
+                                       "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(definition))
+    after = load_model(str(folder), lazy=True)
+    assert after._tokenizer is not None  # not remembered: loaded to learn its facts
+    assert after.tokenizer_fingerprint != before.tokenizer_fingerprint
+    assert after.tokenization_key != before.tokenization_key
+    memos = sorted(memo_path("x").parent.glob("tokenizer-*.json"), key=lambda path: path.stat().st_mtime)
+    memos[-1].write_text("{not json")  # the newest: this folder's
+    again = load_model(str(folder), lazy=True)
+    assert again._tokenizer is not None and again.tokenizer_fingerprint == after.tokenizer_fingerprint
+    assert TokenizerFacts(**json.loads(memos[-1].read_text())) == TokenizerFacts.of(again.tokenizer)
+
+
+def test_a_run_whose_token_streams_are_cached_never_loads_the_tokenizer(corpus_dir, tiny_gpt2, monkeypatch):
+    """Streams, fingerprints and bits per byte come from the cache on the second run: its numbers
+    are the first run's, and transformers' tokenizer was never loaded."""
+    from memdec_core.inputs import models
+
+    knobs = {"knn-lm": {**KNN, "temperatures": 10}, "linear": {"lam": 0.3}}
+    first = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                              component_settings=knobs)
+    loads = []
+    original = models._tokenizer
+    monkeypatch.setattr(models, "_tokenizer", lambda *args: loads.append(args) or original(*args))
+    second = core_api.evaluate(str(corpus_dir), [str(tiny_gpt2)], ["knn-lm"], settings=WINDOW,
+                               component_settings=knobs)
+    assert loads == []
+    row, again = first["results"][0], second["results"][0]
+    assert (again["test_ppl"], again["test_bpb"]) == (row["test_ppl"], row["test_bpb"]) and row["test_bpb"] > 0
+
+
+def test_the_bytes_of_a_stream_are_remembered_as_decoded(tiny_gpt2):
+    from memdec_core.engine.scoring import scored_bytes
+    from memdec_core.inputs.data import TokenizerRef
+    from memdec_core.inputs.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    stream = np.asarray(tokenizer("Prices rose by 4 % in the quarter, and then fell.")["input_ids"], dtype=np.int32)
+    text = tokenizer.decode(stream[1:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert scored_bytes(tokenizer, stream) == len(text.encode("utf-8"))
+    never = TokenizerRef(TokenizerRef.of(tokenizer).key, lambda: pytest.fail("the tokenizer was loaded"))
+    assert scored_bytes(never, stream) == len(text.encode("utf-8"))  # remembered
+
+
+def test_indexing_stored_keys_imports_neither_torch_nor_transformers(corpus_dir, tiny_llama):
+    """``memdec datastore build`` of keys in the cache: faiss and numpy only (torch alone is 1.2 s)."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["datastore", "build", "--domain", str(corpus_dir), "--base", str(tiny_llama),
+            "--context", str(SMALL_WINDOWS["context"]), "--stride", str(SMALL_WINDOWS["stride"])]
+    assert invoke(*args, "--no-index").exit_code == 0
+    probe = ("import sys; from memdec_cli.main import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+             "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules], code, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, *args, "--set", "faiss.factory=Flat"], capture_output=True,
+                            text=True, timeout=300, env=os.environ)
+    assert "HEAVY [] 0" in result.stderr, result.stderr

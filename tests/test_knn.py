@@ -152,8 +152,10 @@ def test_k_must_be_positive():
 
 
 def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
+    from memdec_core.engine import scoring  # the datastore pass imports its batches from here when it runs
+
     monkeypatch.setenv("MEMDEC_CACHE", str(tmp_path / "own-cache"))
-    real = datastore_module.iter_scored_batches
+    real = scoring.iter_scored_batches
 
     def interrupted(*args, **kwargs):
         for number, batch in enumerate(real(*args, **kwargs)):
@@ -161,7 +163,7 @@ def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(datastore_module, "iter_scored_batches", interrupted)
+    monkeypatch.setattr(scoring, "iter_scored_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
         datastore_for(ctx)
     from memdec_core.store.artifacts import cached_artifact
@@ -170,7 +172,7 @@ def test_interrupted_build_is_never_reused(ctx, monkeypatch, tmp_path):
     folder = cached_artifact("datastores", datastore_key(ctx))
     assert not folder.exists()
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
-    monkeypatch.setattr(datastore_module, "iter_scored_batches", real)
+    monkeypatch.setattr(scoring, "iter_scored_batches", real)
     store = datastore_for(ctx)
     assert store.folder == folder and len(store) == len(ctx.corpus.streams["train"]) - 1
 

@@ -198,9 +198,18 @@ def _ppl(nll: float | None) -> float | None:
 
 
 def _generator(ctx: "EvalContext", memory: "MemoryModel", memory_knobs: dict, combiner):
+    """The mixture's generator, its composite built on the first call (as ``_loglikelihood``'s):
+    a run that only scores pays nothing for it, and never loads the base's tokenizer."""
     from memdec_core.engine.generation import mixture_generator
 
-    return mixture_generator(ctx.base, memory, memory_knobs, combiner)
+    built: list = []
+
+    def generate(prompt_ids, new_tokens: int):
+        if not built:
+            built.append(mixture_generator(ctx.base, memory, memory_knobs, combiner))
+        return built[0](prompt_ids, new_tokens)
+
+    return generate
 
 
 def _loglikelihood(ctx: "EvalContext", memory: "MemoryModel", setting: tuple, combiner):

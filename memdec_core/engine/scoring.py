@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -102,9 +103,20 @@ class NLLTotal:
 def scored_bytes(tokenizer, stream: np.ndarray) -> int:
     """UTF-8 bytes of the text a split's perplexity scores: every token of ``stream`` but the first
     (each window predicts the token after each position), decoded at once; the documents'
-    separators count no bytes."""
-    text = tokenizer.decode(stream[1:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return len(text.encode("utf-8"))
+    separators count no bytes. Remembered (``store.memo``) by the tokenizer's ``tokenization_key``
+    and the stream's tokens: ``tokenizer`` may be a ``TokenizerRef``, loaded only the first time."""
+    from memdec_core.inputs.data import TokenizerRef
+    from memdec_core.store.memo import remembered
+
+    ref = TokenizerRef.of(tokenizer)
+
+    def decoded_bytes() -> int:
+        text = ref.load().decode(stream[1:].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return len(text.encode("utf-8"))
+
+    tokens = hashlib.sha256(np.ascontiguousarray(stream, dtype=np.int64).tobytes()).hexdigest()
+    return int(remembered(f"bytes-{hashlib.sha256(f'{ref.key}|{tokens}'.encode()).hexdigest()[:32]}.json",
+                          decoded_bytes))
 
 
 def bits_per_byte(perplexity: float | None, tokenizer, stream: np.ndarray) -> float | None:

@@ -10,7 +10,7 @@ from memdec_core.components import registry
 from memdec_core.components.combiner_files import combiner_with_settings, resolve_combiner
 from memdec_core.components.plan import Plan
 from memdec_core.errors import ConfigError
-from memdec_core.inputs.data import Corpus, load_corpus, tokenize_corpus
+from memdec_core.inputs.data import Corpus, TokenizerRef, load_corpus, tokenize_corpus
 from memdec_core.inputs.models import LoadedModel, load_model
 from memdec_core.interfaces import Component, EvalContext, EvalSettings, MemoryModel
 from memdec_core.runtime.progress import log
@@ -35,8 +35,15 @@ def prepare_context(corpus, base_name: "str | LoadedModel", settings: EvalSettin
         base = load_model(base_name, lazy=lazy)
     context, stride = settings.resolve_window(base)
     tokenized = None if corpus is None else tokenize_corpus(
-        corpus, base.tokenizer, base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())
+        corpus, tokenizer_ref(base), base.tokenizer_fingerprint, context=context, max_tokens=settings.max_tokens())
     return EvalContext(base, tokenized, context, stride, settings, resolve_combiner(combiner), plan or Plan())
+
+
+def tokenizer_ref(base: LoadedModel) -> TokenizerRef:
+    """``base``'s tokenizer as a TokenizerRef: named by its remembered key, loaded only if used."""
+    if base.tokenization_key is None:
+        return TokenizerRef.of(base.tokenizer)
+    return TokenizerRef(base.tokenization_key, lambda: base.tokenizer)
 
 
 def memory_context(base: "str | LoadedModel", memory: "str | MemoryModel | None", domain: str | None,

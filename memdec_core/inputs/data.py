@@ -22,6 +22,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -336,6 +337,21 @@ def _separator(tokenizer) -> int | None:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
 
 
+@dataclass(frozen=True)
+class TokenizerRef:
+    """A tokenizer that may not be loaded yet (``LoadedModel.tokenizer`` is loaded on first use):
+    its ``key`` (``tokenization_key``) names its token streams in the cache, and ``load()`` gives
+    it, called only when a text must be tokenised or decoded."""
+
+    key: str
+    load: Callable[[], Any]
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenizerRef":
+        """A tokenizer (or a TokenizerRef, as it is) as a TokenizerRef."""
+        return tokenizer if isinstance(tokenizer, TokenizerRef) else cls(tokenization_key(tokenizer), lambda: tokenizer)
+
+
 def tokenization_key(tokenizer) -> str:
     """What decides a text's tokens: the whole tokenizer definition (normaliser and pre-tokeniser
     too, which the vocabulary's fingerprint does not cover) and the document separator."""
@@ -350,7 +366,8 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
                   cap: int | None = None) -> np.ndarray:
     """The token stream of ``documents`` (whose text hash is ``text_hash``): read memory-mapped
     from the cache, else tokenised once and written there. Where the cache cannot be written (a
-    read-only or full disk), the stream is tokenised in memory for this run.
+    read-only or full disk), the stream is tokenised in memory for this run. ``tokenizer`` may be
+    a ``TokenizerRef``: it is loaded only when the stream is not cached.
 
     With ``cap``, its first ``cap`` tokens (``capped_stream``): the same ids, without tokenising
     the documents past the cap.
@@ -361,17 +378,18 @@ def cached_stream(tokenizer, documents: list[str], text_hash: str, description: 
     from memdec_core.runtime.progress import log
     from memdec_core.store.cache_dir import entry_lock
 
-    path = _stream_path(tokenizer, text_hash)
+    ref = TokenizerRef.of(tokenizer)
+    path = _stream_path(ref, text_hash)
     try:
         with entry_lock(path):
             stream = _read_stream(path)
             if stream is None:
-                _write_stream(path, tokenize_with_progress(tokenizer, documents, description))
+                _write_stream(path, tokenize_with_progress(ref.load(), documents, description))
                 stream = _read_stream(path)
             return stream
     except DiskError as error:
         log(f"token streams are not cached ({error}); tokenizing in memory")
-        return tokenize_with_progress(tokenizer, documents, description)
+        return tokenize_with_progress(ref.load(), documents, description)
 
 
 def capped_stream(tokenizer, documents: list[str], text_hash: str, cap: int,
@@ -387,7 +405,8 @@ def capped_stream(tokenizer, documents: list[str], text_hash: str, cap: int,
     from memdec_core.runtime.progress import log
     from memdec_core.store.cache_dir import entry_lock
 
-    whole_path, head_path = _stream_path(tokenizer, text_hash), _stream_path(tokenizer, text_hash, cap)
+    ref = TokenizerRef.of(tokenizer)
+    whole_path, head_path = _stream_path(ref, text_hash), _stream_path(ref, text_hash, cap)
     try:
         with entry_lock(whole_path):
             stream = _read_stream(whole_path)
@@ -397,7 +416,7 @@ def capped_stream(tokenizer, documents: list[str], text_hash: str, cap: int,
             stream = _read_stream(head_path, expected=cap)
             if stream is not None:
                 return stream
-            stream, whole = tokenize_head_with_progress(tokenizer, documents, cap, description)
+            stream, whole = tokenize_head_with_progress(ref.load(), documents, cap, description)
             if whole:  # every document was tokenised: this is the whole split's stream
                 with entry_lock(whole_path):
                     _write_stream(whole_path, stream)
@@ -406,14 +425,14 @@ def capped_stream(tokenizer, documents: list[str], text_hash: str, cap: int,
             return _read_stream(head_path, expected=cap)
     except DiskError as error:
         log(f"token streams are not cached ({error}); tokenizing in memory")
-        return tokenize_head_with_progress(tokenizer, documents, cap, description)[0][:cap]
+        return tokenize_head_with_progress(ref.load(), documents, cap, description)[0][:cap]
 
 
-def _stream_path(tokenizer, text_hash: str, cap: int | None = None) -> Path:
+def _stream_path(ref: TokenizerRef, text_hash: str, cap: int | None = None) -> Path:
     """Where the cache keeps a split's stream, or (``cap``) its first ``cap`` tokens only."""
     from memdec_core.store.artifacts import cached_artifact, content_key
 
-    parts = ("tokens", text_hash, tokenization_key(tokenizer)) + (({"first": cap},) if cap else ())
+    parts = ("tokens", text_hash, ref.key) + (({"first": cap},) if cap else ())
     return cached_artifact("tokens", content_key(*parts) + ".npy")
 
 
@@ -568,7 +587,8 @@ class TokenizedCorpus:
 
 def tokenize_corpus(corpus: Corpus, tokenizer, tokenizer_fingerprint: str, *, context: int,
                     max_tokens: dict[str, int] | None = None) -> TokenizedCorpus:
-    """Tokenise every split; each must hold at least one full window of ``context`` tokens."""
+    """Tokenise every split; each must hold at least one full window of ``context`` tokens.
+    ``tokenizer`` may be a ``TokenizerRef`` (loaded only for a split not cached)."""
     max_tokens = max_tokens or {}
     streams = {}
     for split in SPLITS:

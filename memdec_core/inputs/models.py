@@ -8,6 +8,7 @@ last block's MLP (``last_ffn_input``), the key of a kNN-LM datastore.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from memdec_core.errors import ArtifactError, ConfigError, DiskError, ModelError, UnknownComponentError
+from memdec_core.errors import ArtifactError, ConfigError, ModelError, UnknownComponentError
 from memdec_core.inputs.gguf import check_gguf_file
 from memdec_core.inputs.model_cards import hub_id, looks_like_path
 from memdec_core.runtime.timings import timed
@@ -40,16 +41,20 @@ class LoadedModel:
 
     ``load_model(..., lazy=True)`` reads the weights on the first use of ``model``: a run that
     finds its artifacts built (an index of a stored datastore) never imports the architecture's
-    code or reads a weight.
+    code or reads a weight. The tokenizer of a local folder is loaded on the first use of
+    ``tokenizer`` too: what memdec reads from it (``TokenizerFacts``) is remembered by the
+    folder's files, so a run whose token streams are cached never loads it.
     """
 
     _model: Any
-    tokenizer: Any
+    _tokenizer: Any
     model_id: str  # what the user named
     fingerprint: str  # changes when the weights change; part of artifact cache keys
     tokenizer_fingerprint: str
     _loader: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
     _positions: int | None = field(default=None, repr=False, compare=False)  # its config's, before the model
+    _tokenizer_loader: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+    tokenization_key: str | None = field(default=None, compare=False)  # names its token streams (inputs.data)
 
     @property
     def model(self) -> Any:
@@ -60,6 +65,16 @@ class LoadedModel:
     @model.setter
     def model(self, model: Any) -> None:
         self._model, self._loader = model, None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer, self._tokenizer_loader = self._tokenizer_loader(), None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer, self._tokenizer_loader = tokenizer, None
 
     @property
     def short_name(self) -> str:
@@ -149,28 +164,92 @@ def model_device(model):
 def load_model(name: str, cache_dir: Path | None = None, *, lazy: bool = False) -> LoadedModel:
     """Load a model in fp32 on :func:`default_device`, in eval mode.
 
-    ``lazy``: the tokenizer now, the weights on the first use of ``.model`` (checked then), where
-    the folder's config.json names the model's positions; otherwise everything now.
+    ``lazy``: the weights on the first use of ``.model`` (checked then), where the folder's
+    config.json names the model's positions; otherwise now. The tokenizer of a local folder whose
+    facts are remembered (``remembered_tokenizer``) is loaded on the first use of ``.tokenizer``.
     """
     location, gguf_file = resolve_model_location(name)
     if gguf_file:
         location, gguf_file = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir), None
+    facts, tokenizer = remembered_tokenizer(location, name)
+    identity = dict(model_id=name, fingerprint=_model_fingerprint(name, location),
+                    tokenizer_fingerprint=facts.fingerprint, tokenization_key=facts.tokenization_key,
+                    _tokenizer_loader=None if tokenizer is not None else lambda: _tokenizer(location, name))
     positions = _configured_positions(location) if lazy else None
     if positions is not None:
-        tokenizer = _tokenizer(location, name)
-        return LoadedModel(None, tokenizer, name, _model_fingerprint(name, location), tokenizer_fingerprint(tokenizer),
-                           _loader=lambda: _load_weights(location, name, tokenizer), _positions=positions)
-    model, tokenizer = _from_pretrained(location, name)
-    model.to(default_device()).eval()
-    return LoadedModel(model, tokenizer, name, _model_fingerprint(name, location),
-                       tokenizer_fingerprint(tokenizer))
+        return LoadedModel(None, tokenizer, _loader=lambda: _load_weights(location, name, facts),
+                           _positions=positions, **identity)
+    return LoadedModel(_load_weights(location, name, facts), tokenizer, **identity)
 
 
 @timed("load")
-def _load_weights(location: str, name: str, tokenizer):
-    """The model of a lazily loaded base, checked against the tokenizer it was given."""
-    model, _ = _from_pretrained(location, name, tokenizer=tokenizer)
+def _load_weights(location: str, name: str, facts: "TokenizerFacts"):
+    """The model of a base, checked against the facts of its tokenizer."""
+    model, _ = _from_pretrained(location, name, facts=facts)
     return model.to(default_device()).eval()
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What memdec reads from a tokenizer, so that it need not be loaded to be named: its
+    fingerprint (vocabulary and merges), the key of its token streams (``data.tokenization_key``),
+    the ids it can give and whether it holds special tokens only (``_check_tokenizer_fits``)."""
+
+    fingerprint: str
+    tokenization_key: str
+    ids: int
+    special_only: bool
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenizerFacts":
+        from memdec_core.inputs.data import tokenization_key
+
+        vocab = tokenizer.get_vocab()
+        return cls(tokenizer_fingerprint(tokenizer), tokenization_key(tokenizer),
+                   max(len(tokenizer), max(vocab.values(), default=-1) + 1),
+                   len(vocab) <= len(set(tokenizer.all_special_tokens)))
+
+
+#: Bumped when TokenizerFacts or what it is computed from changes: older memos are not read.
+TOKENIZER_MEMO_FORMAT = 1
+#: Files of a model folder that do not decide its tokenizer (the weights): left out of the memo's name.
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx"}
+
+
+def remembered_tokenizer(location: str, name: str) -> "tuple[TokenizerFacts, Any]":
+    """``(facts, tokenizer)`` of ``location``'s tokenizer: for a local folder whose facts were
+    remembered, ``(facts, None)`` without loading it; otherwise it is loaded, and a folder's facts
+    remembered (``store.memo``) under the contents of every file of the folder but the weights,
+    with the versions of transformers and tokenizers."""
+    from memdec_core.store.memo import recall, remember
+
+    _check_tokenizer_files(location, name)  # before any memo: a folder that lost its files is refused
+    memo = _tokenizer_memo_name(Path(location))
+    known = recall(memo) if memo is not None else None
+    if isinstance(known, dict):
+        with contextlib.suppress(TypeError):  # a memo of another shape: the tokenizer itself below
+            return TokenizerFacts(**known), None
+    tokenizer = _tokenizer(location, name)
+    facts = TokenizerFacts.of(tokenizer)
+    if memo is not None and not facts.special_only:  # an empty tokenizer is refused, never remembered
+        remember(memo, dataclasses.asdict(facts))
+    return facts, tokenizer
+
+
+def _tokenizer_memo_name(folder: Path) -> str | None:
+    """The memo's name for a local folder's tokenizer; None for a hub id or an unreadable folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not folder.is_dir():
+        return None
+    try:
+        versions = [version(package) for package in ("transformers", "tokenizers")]
+        files = [f"{file.name}:{_file_digest(file)}" for file in sorted(folder.iterdir())
+                 if file.is_file() and file.suffix not in WEIGHT_SUFFIXES]
+    except (OSError, PackageNotFoundError):
+        return None
+    payload = "|".join([str(TOKENIZER_MEMO_FORMAT), *versions, *files])
+    return f"tokenizer-{hashlib.sha256(payload.encode()).hexdigest()[:32]}.json"
 
 
 def _configured_positions(location: str) -> int | None:
@@ -195,6 +274,10 @@ def _tokenizer(location: str, name: str):
     try:
         return AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
+    except Exception as error:  # a local folder's broken file (a corrupt tokenizer.json) raises what its reader raises
+        if not Path(location).is_dir():
+            raise
         raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
 
 
@@ -289,6 +372,15 @@ def model_skeleton(name: str, cache_dir: Path | None = None):
         return AutoModelForCausalLM.from_config(config), tokenizer
 
 
+def tokenizer_facts(name: str, cache_dir: Path | None = None) -> TokenizerFacts:
+    """The facts of the tokenizer ``load_model(name)`` would give (remembered for a local folder,
+    which is then not loaded)."""
+    location, gguf_file = resolve_model_location(name)
+    if gguf_file:  # a GGUF file carries its tokenizer inside (converted once, then cached)
+        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    return remembered_tokenizer(location, name)[0]
+
+
 def load_tokenizer(name: str, cache_dir: Path | None = None):
     """The tokenizer ``load_model(name)`` would give, without reading the weights."""
     from transformers import AutoTokenizer
@@ -303,17 +395,22 @@ def load_tokenizer(name: str, cache_dir: Path | None = None):
         raise ModelError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from error
 
 
-def _from_pretrained(location: str, name: str, tokenizer=None, **kwargs):
+def _from_pretrained(location: str, name: str, facts: TokenizerFacts | None = None, **kwargs):
+    """``(model, tokenizer)``; with the tokenizer's ``facts`` given, ``(model, None)``: the
+    tokenizer is not loaded, the model is checked against its facts."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # memdec shows its own progress
-    if not kwargs.get("gguf_file") and tokenizer is None:  # a GGUF file carries its tokenizer inside
+    if not kwargs.get("gguf_file") and facts is None:  # a GGUF file carries its tokenizer inside
         _check_tokenizer_files(location, name)
+    tokenizer = None
     try:
         with _held_logs() as held:  # transformers' load report reaches stderr only if memdec keeps the model
-            if tokenizer is None:
+            if facts is None:  # (transformers' tokenizer code is imported only then: 0.1 s)
+                from transformers import AutoTokenizer
+
                 tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
             # Mismatched shapes are reported below, not raised with a pointer to a report left unshown.
             model, info = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, output_loading_info=True,
@@ -327,7 +424,7 @@ def _from_pretrained(location: str, name: str, tokenizer=None, **kwargs):
             raise
         raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
     _check_loaded_weights(model, info, name)
-    _check_tokenizer_fits(model, tokenizer, name)
+    _check_tokenizer_fits(model, facts or TokenizerFacts.of(tokenizer), name)
     for handler, record in held:  # unexpected extra weights and the like stay warnings
         handler.handle(record)
     return model, tokenizer
@@ -350,19 +447,18 @@ def _check_tokenizer_files(location: str, name: str) -> None:
                      f"and merges.txt, or a SentencePiece tokenizer.model); copy in the tokenizer it was trained with")
 
 
-def _check_tokenizer_fits(model, tokenizer, name: str) -> None:
+def _check_tokenizer_fits(model, facts: TokenizerFacts, name: str) -> None:
     """Refuse a tokenizer that is empty, or has ids past the model's embedding rows (each such id
     would be an IndexError in the middle of a run)."""
-    vocab = tokenizer.get_vocab()
-    if len(vocab) <= len(set(tokenizer.all_special_tokens)):  # a hub repo without tokenizer files loads so
+    if facts.special_only:  # a hub repo without tokenizer files loads so
         raise ModelError(f"cannot load model {name!r}: its tokenizer holds special tokens only "
                          f"(are its tokenizer files missing?)")
-    ids = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     rows = min(layer.weight.shape[0] for layer in (model.get_input_embeddings(), model.get_output_embeddings())
                if layer is not None)
-    if ids > rows:
-        raise ModelError(f"cannot load model {name!r}: its tokenizer has {ids:,} ids but the model only {rows:,} "
-                         f"embedding rows; use the tokenizer the model was trained with, or resize its embeddings")
+    if facts.ids > rows:
+        raise ModelError(f"cannot load model {name!r}: its tokenizer has {facts.ids:,} ids but the model only "
+                         f"{rows:,} embedding rows; use the tokenizer the model was trained with, or resize its "
+                         f"embeddings")
 
 
 @contextlib.contextmanager
@@ -540,29 +636,19 @@ def _model_fingerprint(name: str, location: str) -> str:
 
 
 def _file_digest(file: Path) -> str:
-    from memdec_core.store.cache_dir import cache_folder
+    """The sha256 of a file's contents, remembered (``store.memo``) by its path, size and mtime."""
+    from memdec_core.store.memo import memo_path, write_memo
 
     stat = file.stat()
-    name = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    try:
-        memo = cache_folder("fingerprints") / name
-    except DiskError:  # a new cache on a read-only disk: no memo, the hash costs the same next time
-        memo = None
+    memo = memo_path(hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32])
     if memo is not None and memo.is_file():
         return memo.read_text().strip()
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    if memo is None:
-        return digest.hexdigest()
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        temporary = memo.with_name(f".{memo.name}.{os.getpid()}")
-        temporary.write_text(digest.hexdigest())
-        temporary.replace(memo)
-    except OSError:  # a read-only cache only costs the hash next time
-        pass
+    if memo is not None:
+        write_memo(memo, digest.hexdigest())
     return digest.hexdigest()
 
 

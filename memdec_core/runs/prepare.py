@@ -14,9 +14,9 @@ from memdec_core.components import registry
 from memdec_core.components.combiner_files import combiner_with_settings, resolve_combiner
 from memdec_core.components.plan import Plan
 from memdec_core.errors import ConfigError, ResultError
-from memdec_core.inputs.context import prepare_context
-from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes, tokenization_key
-from memdec_core.inputs.models import load_tokenizer, resolve_model_location
+from memdec_core.inputs.context import prepare_context, tokenizer_ref
+from memdec_core.inputs.data import Corpus, cut_corpus, load_corpus, text_bytes
+from memdec_core.inputs.models import resolve_model_location, tokenizer_facts
 from memdec_core.interfaces import BYTES_PER_TOKEN, SPLITS, Combiner, EvalContext, EvalSettings, Method, MethodResult
 from memdec_core.runtime.progress import log
 from memdec_core.runtime.timings import recording, stage
@@ -128,7 +128,7 @@ def count_tokenizations(bases: list[str]) -> int:
     not their weights): bases that share one tokenize every text alike."""
     if len(set(bases)) < 2:
         return 1
-    return len({tokenization_key(load_tokenizer(name)) for name in dict.fromkeys(bases)})
+    return len({tokenizer_facts(name).tokenization_key for name in dict.fromkeys(bases)})
 
 
 def _budget_text(corpus: Corpus) -> str:
@@ -208,7 +208,7 @@ def split_bits_per_byte(ctx: EvalContext, result: MethodResult) -> dict:
     """``test_bpb`` and ``valid_bpb`` of a result: its perplexities in bits per byte of the text."""
     from memdec_core.engine.scoring import bits_per_byte  # torch: only once a number exists
 
-    tokenizer, streams = ctx.base.tokenizer, ctx.corpus.streams
+    tokenizer, streams = tokenizer_ref(ctx.base), ctx.corpus.streams  # the tokenizer only if a count is new
     return {"test_bpb": bits_per_byte(result.test_ppl, tokenizer, streams["test"]),
             "valid_bpb": bits_per_byte(result.valid_ppl, tokenizer, streams["valid"])}
 

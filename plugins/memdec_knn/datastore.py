@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from memdec_core.engine.scoring import iter_scored_batches
 from memdec_core.errors import ArtifactError
 from memdec_core.inputs.model_cards import write_readme
 from memdec_core.interfaces import Retriever
@@ -217,6 +216,9 @@ def _progress(work: Path) -> dict:
 def _write_keys_and_values(base, stream, windows, work: Path, first_window: int, n_rows: int, dim: int,
                            batch_size: int, started: float) -> None:
     """This rank's batches of ``windows[first_window:]``, each batch's rows at their positions."""
+    # Here, not at the top: an index of stored keys is built without torch (1.2 s of imports).
+    from memdec_core.engine.scoring import iter_scored_batches
+
     shard = sharding()
     remaining = windows[first_window:]
     # Records only where every rank has finished the same number of batches, so a record's

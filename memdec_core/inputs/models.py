@@ -168,9 +168,7 @@ def load_model(name: str, cache_dir: Path | None = None, *, lazy: bool = False) 
     config.json names the model's positions; otherwise now. The tokenizer of a local folder whose
     facts are remembered (``remembered_tokenizer``) is loaded on the first use of ``.tokenizer``.
     """
-    location, gguf_file = resolve_model_location(name)
-    if gguf_file:
-        location, gguf_file = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir), None
+    location = loadable_location(name, cache_dir)
     facts, tokenizer = remembered_tokenizer(location, name)
     identity = dict(model_id=name, fingerprint=_model_fingerprint(name, location),
                     tokenizer_fingerprint=facts.fingerprint, tokenization_key=facts.tokenization_key,
@@ -281,6 +279,13 @@ def _tokenizer(location: str, name: str):
         raise ModelError(f"cannot load model {name!r}: {_first_line(error)}") from error
 
 
+def loadable_location(name: str, cache_dir: Path | None = None) -> str:
+    """The folder (or hub id) transformers loads ``name`` from: a GGUF file, which carries its
+    tokenizer inside, is dequantised into a folder once (``_gguf_as_hf_folder``, then cached)."""
+    location, gguf_file = resolve_model_location(name)
+    return _gguf_as_hf_folder(Path(location), gguf_file, cache_dir) if gguf_file else location
+
+
 def resolve_model_location(name: str) -> tuple[str, str | None]:
     """``(folder or hub id, gguf file name or None)`` for what a user typed."""
     from memdec_core.components import registry
@@ -359,9 +364,7 @@ def model_skeleton(name: str, cache_dir: Path | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    location, gguf_file = resolve_model_location(name)
-    if gguf_file:  # a GGUF file tells its shapes once dequantised (converted once, then cached)
-        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    location = loadable_location(name, cache_dir)  # a GGUF file tells its shapes once dequantised
     _check_tokenizer_files(location, name)
     try:
         config = AutoConfig.from_pretrained(location)
@@ -375,19 +378,14 @@ def model_skeleton(name: str, cache_dir: Path | None = None):
 def tokenizer_facts(name: str, cache_dir: Path | None = None) -> TokenizerFacts:
     """The facts of the tokenizer ``load_model(name)`` would give (remembered for a local folder,
     which is then not loaded)."""
-    location, gguf_file = resolve_model_location(name)
-    if gguf_file:  # a GGUF file carries its tokenizer inside (converted once, then cached)
-        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
-    return remembered_tokenizer(location, name)[0]
+    return remembered_tokenizer(loadable_location(name, cache_dir), name)[0]
 
 
 def load_tokenizer(name: str, cache_dir: Path | None = None):
     """The tokenizer ``load_model(name)`` would give, without reading the weights."""
     from transformers import AutoTokenizer
 
-    location, gguf_file = resolve_model_location(name)
-    if gguf_file:  # a GGUF file carries its tokenizer inside (converted once, then cached)
-        location = _gguf_as_hf_folder(Path(location), gguf_file, cache_dir)
+    location = loadable_location(name, cache_dir)
     _check_tokenizer_files(location, name)
     try:
         return AutoTokenizer.from_pretrained(location)

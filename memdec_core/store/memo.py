@@ -56,6 +56,7 @@ def memo_path(name: str) -> Path | None:
 
 
 def write_memo(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file; an unwritable cache is left as it is."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}")

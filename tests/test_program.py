@@ -70,3 +70,43 @@ def test_a_profiler_still_gets_the_full_shutdown(tmp_path):
     result = _python("-m", "cProfile", "-o", str(profile), "-m", "memdec_cli", "--version")
     assert result.returncode == 0 and "memdec, version" in result.stdout
     assert profile.stat().st_size > 0
+
+
+REPORT_COLLECTOR = textwrap.dedent("""
+    import atexit, gc, sys
+    atexit.register(lambda: print("collector", gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr))
+    sys.argv = ["memdec", *sys.argv[1:]]
+    from memdec_cli.program import run
+    run()
+""")
+
+
+def test_the_program_collects_no_garbage_until_a_model_is_loaded(tiny_llama):
+    """``memdec`` defers Python's cyclic collector through start-up (memdec_core/runtime/collector.py);
+    loading a model's weights ends that: the collector runs again, over what was made since."""
+    generated = _python("-c", REPORT_COLLECTOR, "generate", "--base", str(tiny_llama), "--max-new-tokens", "2",
+                        "The bank")
+    assert generated.returncode == 0, generated.stderr
+    assert "collector True True" in generated.stderr
+    listed = _python("-c", REPORT_COLLECTOR, "list", "methods")  # no model: start-up never ended
+    assert listed.returncode == 0 and "collector False False" in listed.stderr
+
+
+def test_a_library_caller_keeps_its_collector(tiny_llama):
+    """Without the program's ``defer``, loading a model leaves the collector as it was."""
+    import gc
+
+    from memdec_core.inputs.models import load_model
+    from memdec_core.runtime import collector
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    load_model(str(tiny_llama))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    collector.defer()
+    try:
+        assert not gc.isenabled()
+        load_model(str(tiny_llama))
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.enable()

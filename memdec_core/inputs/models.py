@@ -19,6 +19,7 @@ from typing import Any, Callable
 from memdec_core.errors import ArtifactError, ConfigError, ModelError, UnknownComponentError
 from memdec_core.inputs.gguf import check_gguf_file
 from memdec_core.inputs.model_cards import hub_id, looks_like_path
+from memdec_core.runtime import collector
 from memdec_core.runtime.timings import timed
 
 #: model_type → dotted path of the list of decoder blocks, whose last one holds the MLP.
@@ -184,7 +185,9 @@ def load_model(name: str, cache_dir: Path | None = None, *, lazy: bool = False) 
 def _load_weights(location: str, name: str, facts: "TokenizerFacts"):
     """The model of a base, checked against the facts of its tokenizer."""
     model, _ = _from_pretrained(location, name, facts=facts)
-    return model.to(default_device()).eval()
+    model = model.to(default_device()).eval()
+    collector.settle()  # start-up's imports and the model are in: they need no more collecting
+    return model
 
 
 @dataclass(frozen=True)

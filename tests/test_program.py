@@ -107,6 +107,6 @@ def test_a_library_caller_keeps_its_collector(tiny_llama):
         assert not gc.isenabled()
         load_model(str(tiny_llama))
         assert gc.isenabled() and gc.get_freeze_count() > 0
-    finally:
+    finally:  # the collector as it was, whatever failed
+        collector.settle()
         gc.unfreeze()
-        gc.enable()

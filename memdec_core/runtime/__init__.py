@@ -1,4 +1,5 @@
-"""Runtime: how a run reports progress and which process of a launch (torchrun, accelerate) it is.
+"""Runtime: how a run reports progress, which process of a launch (torchrun, accelerate) it is, and
+when Python's cyclic garbage collector runs.
 
 Imports only the contracts below it (``memdec_core.errors``).
 """

@@ -638,19 +638,19 @@ def _model_fingerprint(name: str, location: str) -> str:
 
 def _file_digest(file: Path) -> str:
     """The sha256 of a file's contents, remembered (``store.memo``) by its path, size and mtime."""
-    from memdec_core.store.memo import memo_path, write_memo
+    from memdec_core.store.memo import remembered
+
+    def contents_digest() -> str:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
 
     stat = file.stat()
-    memo = memo_path(hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32])
-    if memo is not None and memo.is_file():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    if memo is not None:
-        write_memo(memo, digest.hexdigest())
-    return digest.hexdigest()
+    key = hashlib.sha256(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    value = remembered(f"file-{key}.json", contents_digest)
+    return value if isinstance(value, str) else contents_digest()  # a memo of another shape: not trusted
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from memdec_core.errors import DiskError
 
-#: The cache's folder of memos (with ``models._file_digest``'s digests).
+#: The cache's folder of memos.
 MEMO_KIND = "fingerprints"
 
 

@@ -38,7 +38,8 @@ def test_given_settings_win_over_the_recipe_one_by_one():
     assert fixed.temperature == 30.0 and not fixed.tune_temperature
     whole = DecoderSettings().with_recipe(RECIPES["whole"], 512)
     assert (whole.init_layers, whole.lr, whole.temperature, whole.epochs, whole.batch_size) == (0, 1e-3, 16.0, 3, 8)
-    assert whole.train_settings().lr == 1e-3 and whole.min_steps == 0
+    assert whole.train_settings().lr == 1e-3 and whole.min_steps == 48  # 6 epochs of 32k tokens in 512s
+    assert DecoderSettings(epochs=1).with_recipe(RECIPES["whole"], 512).min_steps == 0  # 1 epoch asked, 1 given
 
 
 def test_the_paper_recipe_trains_the_whole_init_at_the_paper_s_lr_for_qwen():
